@@ -1,0 +1,605 @@
+"""Reading and writing Hugging Face checkpoint folders, one tensor at a time.
+
+A Hugging Face model folder holds ``config.json`` (plus tokenizer files) and its
+weights either in one ``model.safetensors`` or in several shards listed by
+``model.safetensors.index.json``.  Merging a 7B model must not need 7B × (T+1)
+parameters in memory, so everything here works tensor by tensor:
+
+* :func:`list_tensors` / :class:`CheckpointFolder` read only the safetensors
+  *headers* (a few kB) and give every tensor's name, dtype, shape and byte range.
+* :func:`read_tensor` reads one tensor lazily with ``safetensors.safe_open``.
+* :meth:`CheckpointFolder.read` reads one tensor with a plain ``pread`` into a
+  fresh buffer: one copy from the page cache, no memory map that stays resident
+  (with a memory map every page touched counts in the process's RSS until the
+  file is closed) and safe to call from a prefetch thread.
+* :class:`ShardedSafetensorsWriter` writes a sharded safetensors checkpoint whose
+  layout (shards, headers, offsets) is planned up front from the names, dtypes and
+  shapes, so each tensor is written at its final offset as soon as it is ready and
+  nothing is buffered.  Everything is written into a temporary folder next to the
+  target and moved into place with ``os.replace`` at the very end: an exception
+  leaves no output folder and no partial file.
+
+Pickled checkpoints (``pytorch_model.bin``, ``*.pt``) are read only with
+``torch.load(weights_only=True)``, which refuses arbitrary Python objects; a
+warning says that safetensors is preferred.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import struct
+import tempfile
+import warnings
+from dataclasses import dataclass
+from fnmatch import fnmatch
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import torch
+
+__all__ = [
+    "SAFETENSORS_FILE",
+    "SAFETENSORS_INDEX",
+    "TensorInfo",
+    "CheckpointFolder",
+    "list_tensors",
+    "read_tensor",
+    "read_config",
+    "load_state_dict",
+    "parse_size",
+    "check_output_path",
+    "ShardedSafetensorsWriter",
+    "save_state_dict",
+]
+
+SAFETENSORS_FILE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN_FILES = ("pytorch_model.bin", "model.bin", "model.pt", "pytorch_model.pt")
+BIN_INDEX = "pytorch_model.bin.index.json"
+
+# Files copied from the base folder into a merged checkpoint (configs and tokenizer).
+COPY_PATTERNS = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.*",
+    "merges.txt",
+    "*.model",
+    "chat_template*",
+    "preprocessor_config.json",
+)
+
+_ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
+    if hasattr(torch, _attr):
+        _ST_DTYPES[_name] = getattr(torch, _attr)
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+
+_MAX_IO = 1 << 30  # bytes per pread/pwrite call (Linux caps one call at ~2 GiB)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: file, absolute byte range, dtype and shape."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    file: Path
+    start: int  # absolute byte offset in ``file`` (safetensors); -1 for pickles
+    end: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * _itemsize(self.dtype)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _read_safetensors_header(path: Path) -> tuple[dict, int]:
+    """Return (header dict, byte offset where the data section starts)."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise ValueError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > 100_000_000:
+            raise ValueError(f"{path}: implausible safetensors header length {n}")
+        header = json.loads(f.read(n))
+    return header, 8 + n
+
+
+def _weight_files(folder: Path) -> tuple[str, list[Path]]:
+    """Find the weight files of a folder: ('safetensors'|'bin', [files])."""
+    index = folder / SAFETENSORS_INDEX
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = list(dict.fromkeys(weight_map.values()))  # keep order, dedupe
+        missing = [f for f in files if not (folder / f).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index} lists missing shard(s): {missing}")
+        return "safetensors", [folder / f for f in files]
+    if (folder / SAFETENSORS_FILE).is_file():
+        return "safetensors", [folder / SAFETENSORS_FILE]
+    st = sorted(folder.glob("*.safetensors"))
+    if len(st) == 1:
+        return "safetensors", st
+    bin_index = folder / BIN_INDEX
+    if bin_index.is_file():
+        weight_map = json.loads(bin_index.read_text())["weight_map"]
+        return "bin", [folder / f for f in dict.fromkeys(weight_map.values())]
+    for name in BIN_FILES:
+        if (folder / name).is_file():
+            return "bin", [folder / name]
+    if len(st) > 1:
+        raise FileNotFoundError(
+            f"{folder}: several *.safetensors files but no {SAFETENSORS_INDEX}"
+        )
+    raise FileNotFoundError(
+        f"{folder}: no {SAFETENSORS_FILE}, {SAFETENSORS_INDEX} or pytorch_model.bin found"
+    )
+
+
+def _torch_load_weights_only(path: Path) -> dict[str, torch.Tensor]:
+    warnings.warn(
+        f"{path.name}: reading a pickled checkpoint with torch.load(weights_only=True); "
+        "safetensors is preferred (no pickle, lazy per-tensor reads). "
+        "Convert once with merging_helpers.checkpoints.save_state_dict.",
+        UserWarning,
+        stacklevel=3,
+    )
+    sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if not isinstance(sd, Mapping):
+        raise TypeError(f"{path}: expected a state dict, got {type(sd).__name__}")
+    if "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
+        sd = sd["state_dict"]
+    return dict(sd)
+
+
+class CheckpointFolder:
+    """Tensor-by-tensor access to a Hugging Face model folder.
+
+    Only headers are read at construction.  ``tensors`` maps name → :class:`TensorInfo`
+    in on-disk order (file, then offset), which is the order that reads sequentially.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise FileNotFoundError(f"checkpoint folder not found: {self.path}")
+        self.format, self.files = _weight_files(self.path)
+        self._fds: dict[Path, int] = {}
+        self._pickles: dict[Path, dict[str, torch.Tensor]] = {}
+        infos: list[TensorInfo] = []
+        if self.format == "safetensors":
+            for file in self.files:
+                header, data_start = _read_safetensors_header(file)
+                for name, meta in header.items():
+                    if name == "__metadata__":
+                        continue
+                    if meta["dtype"] not in _ST_DTYPES:
+                        raise ValueError(f"{file}: tensor {name!r} has unsupported dtype {meta['dtype']}")
+                    a, b = meta["data_offsets"]
+                    infos.append(
+                        TensorInfo(name, _ST_DTYPES[meta["dtype"]], tuple(meta["shape"]),
+                                   file, data_start + a, data_start + b)
+                    )
+            infos.sort(key=lambda i: (self.files.index(i.file), i.start))
+        else:
+            for file in self.files:
+                sd = self._pickle(file)
+                for name, t in sd.items():
+                    if not isinstance(t, torch.Tensor):
+                        continue
+                    infos.append(TensorInfo(name, t.dtype, tuple(t.shape), file, -1, -1))
+        self.tensors: dict[str, TensorInfo] = {}
+        for info in infos:
+            if info.name in self.tensors:
+                raise ValueError(f"{self.path}: tensor {info.name!r} stored twice")
+            self.tensors[info.name] = info
+
+    # -- metadata
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(i.nbytes for i in self.tensors.values())
+
+    def config(self) -> dict:
+        return read_config(self.path)
+
+    # -- reading
+    def _pickle(self, file: Path) -> dict[str, torch.Tensor]:
+        if file not in self._pickles:
+            self._pickles[file] = _torch_load_weights_only(file)
+        return self._pickles[file]
+
+    def _fd(self, file: Path) -> int:
+        fd = self._fds.get(file)
+        if fd is None:
+            fd = os.open(file, os.O_RDONLY)
+            self._fds[file] = fd
+        return fd
+
+    def read(self, name: str) -> torch.Tensor:
+        """Read one tensor into a new, owned CPU tensor (one copy, no memory map)."""
+        info = self.tensors[name]
+        if self.format == "bin":
+            return self._pickle(info.file)[name].clone()
+        nbytes = info.end - info.start
+        if nbytes != info.nbytes:
+            raise ValueError(f"{info.file}: tensor {name!r} byte range does not match its shape")
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        if nbytes:
+            view = memoryview(buf.numpy())
+            fd, pos, done = self._fd(info.file), info.start, 0
+            while done < nbytes:
+                n = os.preadv(fd, [view[done : done + min(_MAX_IO, nbytes - done)]], pos + done)
+                if n <= 0:
+                    raise IOError(f"{info.file}: unexpected end of file reading {name!r}")
+                done += n
+        return buf.view(info.dtype).view(info.shape) if info.shape else buf.view(info.dtype).reshape(())
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        self._pickles.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):  # pragma: no cover - best effort
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        return f"CheckpointFolder({str(self.path)!r}, {len(self)} tensors, {self.format}, {len(self.files)} file(s))"
+
+
+def list_tensors(folder: str | os.PathLike) -> dict[str, TensorInfo]:
+    """Name → :class:`TensorInfo` for every tensor of a folder (reads headers only)."""
+    cf = CheckpointFolder(folder)
+    try:
+        return dict(cf.tensors)
+    finally:
+        cf.close()
+
+
+def read_tensor(folder: str | os.PathLike, name: str, device: str = "cpu") -> torch.Tensor:
+    """Read one tensor lazily with ``safetensors.safe_open`` (framework "pt")."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    fmt, files = _weight_files(folder)
+    if fmt == "bin":
+        for file in files:
+            sd = _torch_load_weights_only(file)
+            if name in sd:
+                return sd[name].to(device)
+        raise KeyError(f"{folder}: no tensor named {name!r}")
+    index = folder / SAFETENSORS_INDEX
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        if name not in weight_map:
+            raise KeyError(f"{folder}: no tensor named {name!r}")
+        files = [folder / weight_map[name]]
+    for file in files:
+        with safe_open(str(file), framework="pt", device=str(device)) as f:
+            if name in f.keys():
+                return f.get_tensor(name)
+    raise KeyError(f"{folder}: no tensor named {name!r}")
+
+
+def read_config(folder: str | os.PathLike) -> dict:
+    """``config.json`` of a folder as a dict ({} if there is none)."""
+    p = Path(folder) / "config.json"
+    return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def load_state_dict(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of a folder in memory (for small models and tests)."""
+    with CheckpointFolder(folder) as cf:
+        return {name: cf.read(name) for name in cf.names()}
+
+
+# --------------------------------------------------------------------------- writing
+
+_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]?I?B?)\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
+          "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+
+def parse_size(size: int | str) -> int:
+    """'2GB' → 2_000_000_000, '500MiB' → 524_288_000, ints pass through (as in HF)."""
+    if isinstance(size, int):
+        if size <= 0:
+            raise ValueError(f"size must be positive, got {size}")
+        return size
+    m = _SIZE_RE.match(str(size))
+    if not m or m.group(2).upper() not in _UNITS:
+        raise ValueError(f"cannot parse size {size!r} (use e.g. '2GB', '500MB', 1000000)")
+    n = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    if n <= 0:
+        raise ValueError(f"size must be positive, got {size!r}")
+    return n
+
+
+def check_output_path(out_dir: str | os.PathLike, input_dirs: Iterable[str | os.PathLike],
+                      overwrite: bool = False) -> Path:
+    """Refuse an output folder equal to, inside, or containing an input folder, and
+    an existing non-empty output unless ``overwrite``.  Returns the resolved path."""
+    out = Path(os.path.realpath(out_dir))
+    for inp in input_dirs:
+        src = Path(os.path.realpath(inp))
+        if out == src:
+            raise ValueError(f"output folder {out} is an input folder")
+        if src in out.parents:
+            raise ValueError(f"output folder {out} is inside input folder {src}")
+        if out in src.parents:
+            raise ValueError(f"output folder {out} contains input folder {src}")
+    if out.exists():
+        if not out.is_dir():
+            raise FileExistsError(f"output path {out} exists and is not a folder")
+        if any(out.iterdir()) and not overwrite:
+            raise FileExistsError(
+                f"output folder {out} exists and is not empty; pass overwrite=True to replace it"
+            )
+    return out
+
+
+@dataclass
+class _Slot:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    shard: int
+    offset: int  # absolute offset in the shard file
+    nbytes: int
+
+
+class ShardedSafetensorsWriter:
+    """Write a sharded safetensors checkpoint tensor by tensor, atomically.
+
+    The layout is planned from ``specs`` = [(name, dtype, shape), ...] in the order
+    given: tensors are packed into shards of at most ``max_shard_size`` bytes (a
+    tensor larger than that gets a shard of its own), each shard's header is written
+    first and every tensor later goes straight to its offset (``os.pwrite``), in any
+    order, from any thread.  Use as a context manager::
+
+        with ShardedSafetensorsWriter(out, specs, "2GB", copy_from=base) as w:
+            for name, t in ...:
+                w.write(name, t)
+
+    On success the temporary folder (``.<out>.tmp-*`` next to ``out``) gets
+    ``model.safetensors.index.json`` (when there is more than one shard), the base's
+    config/tokenizer files, and is moved into place with ``os.replace``.  On an
+    exception it is deleted and ``out`` is untouched.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, specs: Sequence[tuple[str, torch.dtype, Sequence[int]]],
+                 max_shard_size: int | str = "2GB", *, copy_from: str | os.PathLike | None = None,
+                 input_dirs: Iterable[str | os.PathLike] = (), overwrite: bool = False,
+                 metadata: Mapping[str, str] | None = None,
+                 extra_files: Mapping[str, str] | None = None):
+        inputs = list(input_dirs) + ([copy_from] if copy_from is not None else [])
+        self.out_dir = check_output_path(out_dir, inputs, overwrite)
+        self.copy_from = Path(copy_from) if copy_from is not None else None
+        self.overwrite = overwrite
+        self.extra_files = dict(extra_files or {})  # file name -> text, written last
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self.max_shard_size = parse_size(max_shard_size)
+        self._plan(specs)
+        self._tmp: Path | None = None
+        self._fds: list[int] = []
+        self._written: set[str] = set()
+
+    # -- planning
+    def _plan(self, specs) -> None:
+        shards: list[list[tuple[str, torch.dtype, tuple[int, ...], int]]] = [[]]
+        size = 0
+        seen = set()
+        for name, dtype, shape in specs:
+            if name in seen:
+                raise ValueError(f"tensor {name!r} listed twice")
+            seen.add(name)
+            if dtype not in _ST_NAMES:
+                raise ValueError(f"tensor {name!r}: dtype {dtype} cannot be stored in safetensors")
+            shape = tuple(int(s) for s in shape)
+            n = 1
+            for s in shape:
+                n *= s
+            nbytes = n * _itemsize(dtype)
+            if shards[-1] and size + nbytes > self.max_shard_size:
+                shards.append([])
+                size = 0
+            shards[-1].append((name, dtype, shape, nbytes))
+            size += nbytes
+        if shards == [[]]:
+            raise ValueError("nothing to write: no tensors")
+        self.n_shards = len(shards)
+        if self.n_shards == 1:
+            self.shard_names = [SAFETENSORS_FILE]
+        else:
+            self.shard_names = [f"model-{i + 1:05d}-of-{self.n_shards:05d}.safetensors"
+                                for i in range(self.n_shards)]
+        self.slots: dict[str, _Slot] = {}
+        self._headers: list[bytes] = []
+        self.total_size = 0
+        for si, entries in enumerate(shards):
+            # Inside a shard order the data by alignment (largest item first), then by
+            # name, like safetensors' own serializer, so every tensor stays aligned.
+            ordered = sorted(entries, key=lambda e: (-_itemsize(e[1]), e[0]))
+            header: dict[str, object] = {"__metadata__": dict(self.metadata)}
+            rel = 0
+            rel_offsets = {}
+            for name, dtype, shape, nbytes in ordered:
+                header[name] = {"dtype": _ST_NAMES[dtype], "shape": list(shape),
+                                "data_offsets": [rel, rel + nbytes]}
+                rel_offsets[name] = rel
+                rel += nbytes
+            raw = json.dumps(header, separators=(",", ":")).encode()
+            raw += b" " * (-(len(raw)) % 8)  # pad so the data section is 8-byte aligned
+            self._headers.append(struct.pack("<Q", len(raw)) + raw)
+            data_start = 8 + len(raw)
+            for name, dtype, shape, nbytes in entries:
+                self.slots[name] = _Slot(name, dtype, shape, si, data_start + rel_offsets[name], nbytes)
+            self.total_size += rel
+        self._shard_bytes = [len(h) + sum(s.nbytes for s in self.slots.values() if s.shard == i)
+                             for i, h in enumerate(self._headers)]
+
+    @property
+    def weight_map(self) -> dict[str, str]:
+        return {name: self.shard_names[s.shard] for name, s in self.slots.items()}
+
+    # -- lifecycle
+    def __enter__(self):
+        parent = self.out_dir.parent
+        parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-", dir=parent))
+        for name, header, total in zip(self.shard_names, self._headers, self._shard_bytes):
+            fd = os.open(self._tmp / name, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._fds.append(fd)
+            os.pwrite(fd, header, 0)
+            os.ftruncate(fd, total)
+        return self
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write one planned tensor (dtype and shape must match the plan)."""
+        if self._tmp is None:
+            raise RuntimeError("use ShardedSafetensorsWriter as a context manager")
+        slot = self.slots.get(name)
+        if slot is None:
+            raise KeyError(f"tensor {name!r} is not in the planned layout")
+        if name in self._written:
+            raise ValueError(f"tensor {name!r} written twice")
+        if tensor.dtype != slot.dtype or tuple(tensor.shape) != slot.shape:
+            raise ValueError(f"tensor {name!r}: got {tensor.dtype} {tuple(tensor.shape)}, "
+                             f"planned {slot.dtype} {slot.shape}")
+        t = tensor.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        t = t.contiguous().reshape(-1)
+        if slot.nbytes:
+            view = memoryview(t.view(torch.uint8).numpy())
+            fd, done = self._fds[slot.shard], 0
+            while done < slot.nbytes:
+                n = os.pwrite(fd, view[done : done + min(_MAX_IO, slot.nbytes - done)], slot.offset + done)
+                if n <= 0:
+                    raise IOError(f"short write for {name!r}")
+                done += n
+        self._written.add(name)
+
+    def _close_fds(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            self._abort()
+            return False
+        try:
+            missing = [n for n in self.slots if n not in self._written]
+            if missing:
+                raise RuntimeError(f"{len(missing)} planned tensor(s) never written, e.g. {missing[:3]}")
+            for fd in self._fds:
+                os.fsync(fd)
+            self._close_fds()
+            if self.n_shards > 1:
+                index = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}
+                (self._tmp / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            if self.copy_from is not None:
+                copy_support_files(self.copy_from, self._tmp)
+            for fname, text in self.extra_files.items():
+                (self._tmp / fname).write_text(text)
+            self._finalize()
+        except BaseException:
+            self._abort()
+            raise
+        return False
+
+    def _finalize(self) -> None:
+        out = self.out_dir
+        old = None
+        if out.exists() and any(out.iterdir()):
+            if not self.overwrite:  # someone created it meanwhile
+                raise FileExistsError(f"output folder {out} appeared and is not empty")
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / "x")
+        os.replace(self._tmp, out)  # atomic; an existing *empty* folder is replaced
+        self._tmp = None
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _abort(self) -> None:
+        self._close_fds()
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+
+def copy_support_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
+    """Copy config and tokenizer files (see ``COPY_PATTERNS``) from ``src`` to ``dst``."""
+    copied = []
+    for p in sorted(Path(src).iterdir()):
+        if p.is_file() and any(fnmatch(p.name, pat) for pat in COPY_PATTERNS):
+            if p.name.endswith((".safetensors", ".bin", ".pt", ".index.json")):
+                continue
+            shutil.copy2(p, Path(dst) / p.name)
+            copied.append(p.name)
+    return copied
+
+
+def save_state_dict(state_dict: Mapping[str, torch.Tensor], out_dir: str | os.PathLike,
+                    max_shard_size: int | str = "2GB", *, copy_from: str | os.PathLike | None = None,
+                    config: Mapping | None = None, overwrite: bool = False) -> Path:
+    """Save an in-memory state dict as a (sharded) safetensors folder, atomically."""
+    specs = [(k, v.dtype, tuple(v.shape)) for k, v in state_dict.items()]
+    extra = {"config.json": json.dumps(dict(config), indent=2) + "\n"} if config is not None else None
+    with ShardedSafetensorsWriter(out_dir, specs, max_shard_size, copy_from=copy_from,
+                                  overwrite=overwrite, extra_files=extra) as w:
+        for k, v in state_dict.items():
+            w.write(k, v)
+    return w.out_dir
