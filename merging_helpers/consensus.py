@@ -1,0 +1,93 @@
+"""Combining several (dropped, rescaled) deltas of one tensor into one.
+
+Introduced in chapter 2 (:func:`weighted_sum`, Task Arithmetic) and chapter 3
+(TIES: :func:`elect_sign` then :func:`disjoint_merge`).
+
+Deltas are stacked along a new dim 0: ``deltas[t]`` is expert t's delta.
+
+Two established implementations of TIES differ in *where the weights enter*:
+
+* ``election_weights="peft"`` (peft ``merge_utils.ties``/``dare_ties``): the sign is
+  elected on the **unweighted** deltas; then each agreeing delta is multiplied by
+  its weight and the sum is divided by the **number** of agreeing experts
+  (``mode="mean"``).
+* ``election_weights="mergekit"`` (mergekit's generalized task arithmetic): the sign
+  is elected on the **weighted** deltas w_t Δ_t; its ``ties`` and ``della`` then
+  divide by the **sum of the weights** of the agreeing experts
+  (``mode="weighted_mean"``, mergekit's ``normalize: true``) while ``dare_ties``
+  just sums (``mode="sum"``).
+
+With equal weights of 1 all three divisions reduce to peft's, except ``"sum"``.
+Zero sign: an elected sign of 0 (the deltas cancel exactly, or all are 0) becomes
++1, as in peft and mergekit. Zero deltas never "agree" with any sign, so experts
+that dropped an entry do not count in its mean.
+"""
+import torch
+
+ELECTIONS = ("total", "frequency")
+MODES = ("mean", "weighted_mean", "sum")
+
+
+def stack(deltas) -> torch.Tensor:
+    """A list of equally shaped tensors → one float32 tensor with the experts on dim 0."""
+    return deltas.float() if isinstance(deltas, torch.Tensor) else torch.stack([d.float() for d in deltas])
+
+
+def _weights_like(weights, deltas: torch.Tensor) -> torch.Tensor:
+    """Weights (None → all 1) as a float32 tensor broadcastable against ``deltas``."""
+    if weights is None:
+        weights = [1.0] * deltas.shape[0]
+    w = torch.as_tensor(weights, dtype=torch.float32, device=deltas.device).reshape(-1)
+    if w.numel() != deltas.shape[0]:
+        raise ValueError(f"weights: expected one weight per expert ({deltas.shape[0]}), got {w.numel()}")
+    return w.reshape((-1,) + (1,) * (deltas.dim() - 1))
+
+
+def weighted_sum(deltas, weights=None) -> torch.Tensor:
+    """Task Arithmetic: Σ_t w_t Δ_t (weights default to 1)."""
+    deltas = stack(deltas)
+    return (deltas * _weights_like(weights, deltas)).sum(dim=0)
+
+
+def elect_sign(deltas, method: str = "total", weights=None) -> torch.Tensor:
+    """TIES step 2: the elected sign γ ∈ {+1, −1} of every entry.
+
+    ``"total"`` (the paper): γ = sign(Σ_t w_t Δ_t); ``"frequency"``: γ = sign(Σ_t sign(w_t Δ_t)).
+    ``weights=None`` elects on unweighted deltas (peft); pass the weights to elect
+    on weighted deltas (mergekit). A sum of exactly 0 elects +1.
+    """
+    if method not in ELECTIONS:
+        raise ValueError(f"elect_sign: method must be one of {ELECTIONS}, got {method!r}")
+    deltas = stack(deltas)
+    if weights is not None:
+        deltas = deltas * _weights_like(weights, deltas)
+    votes = deltas if method == "total" else deltas.sign()
+    return torch.where(votes.sum(dim=0) >= 0, 1.0, -1.0)
+
+
+def agreement_mask(deltas, signs: torch.Tensor) -> torch.Tensor:
+    """True where expert t's delta is nonzero and has the elected sign."""
+    return stack(deltas).sign() == signs
+
+
+def disjoint_merge(deltas, signs: torch.Tensor, mode: str = "mean", weights=None) -> torch.Tensor:
+    """TIES step 3: combine only the deltas that agree with the elected sign.
+
+    Numerator Σ_{t agrees} w_t Δ_t, divided by
+    ``"mean"``: the number of agreeing experts (peft);
+    ``"weighted_mean"``: the sum of their weights (mergekit ``normalize``);
+    ``"sum"``: nothing (mergekit ``dare_ties``).
+    Entries no expert agrees on (all dropped) stay 0.
+    """
+    if mode not in MODES:
+        raise ValueError(f"disjoint_merge: mode must be one of {MODES}, got {mode!r}")
+    deltas = stack(deltas)
+    agree = agreement_mask(deltas, signs)
+    w = _weights_like(weights, deltas)
+    total = (deltas * w * agree).sum(dim=0)
+    if mode == "mean":
+        return total / agree.sum(dim=0).clamp_min(1)
+    if mode == "weighted_mean":
+        divisor = (w * agree).sum(dim=0)
+        return total / torch.where(divisor.abs() < 1e-8, 1.0, divisor)  # same guard as mergekit
+    return total

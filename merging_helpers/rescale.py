@@ -1,0 +1,57 @@
+"""Rescaling the kept delta entries after a drop.
+
+Introduced in chapter 2. Dropping a fraction p of Δ shrinks the delta; DARE
+multiplies the survivors by 1/(1 − p) so that every entry keeps its expected value,
+E[(1 − m_i) Δ_i / (1 − p)] = Δ_i. Alternatives the book compares:
+
+* ``"inverse"``: 1/(1 − p) (DARE paper, peft);
+* ``"l1"``: ‖Δ‖₁ / ‖kept‖₁, so the L1 norm of the tensor is unchanged (mergekit >= 0.1.0);
+* ``"keep_prob"``: per entry 1/p_i (DELLA, whose keep probabilities vary);
+* ``"factor"``: a given factor (e.g. one per partition, DPPA's amplification);
+* ``None``: no rescale (APL Eq. 12, DPPA's dynamic pruning).
+"""
+import torch
+
+RESCALES = ("inverse", "l1", "keep_prob", "factor", None)
+
+
+def rescale_inverse_keep(delta_kept: torch.Tensor, drop_rate: float) -> torch.Tensor:
+    """DARE: multiply by 1/(1 − drop_rate)."""
+    if not 0 <= drop_rate < 1:
+        raise ValueError(f"rescale_inverse_keep: drop_rate must be in [0, 1), got {drop_rate}")
+    return delta_kept / (1.0 - drop_rate)
+
+
+def rescale_l1_match(original: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """Scale ``kept`` so that its L1 norm equals that of ``original`` (nothing kept → zeros)."""
+    kept_l1 = kept.abs().sum()
+    if kept_l1 == 0:
+        return kept
+    return kept * (original.abs().sum() / kept_l1)
+
+
+def rescale_by_keep_prob(kept: torch.Tensor, keep_prob: torch.Tensor) -> torch.Tensor:
+    """DELLA: divide each kept entry by its own keep probability."""
+    if (keep_prob <= 0).any():
+        raise ValueError("rescale_by_keep_prob: every keep probability must be > 0")
+    return kept / keep_prob
+
+
+def rescale_by_factor(kept: torch.Tensor, factor: float) -> torch.Tensor:
+    """Multiply by a given factor (per partition: look it up with ``partitions.rate_for``)."""
+    return kept * factor
+
+
+def rescale(kept, how, *, original=None, drop_rate=None, keep_prob=None, factor=None):
+    """Dispatch on ``how`` (one of ``RESCALES``)."""
+    if how == "inverse":
+        return rescale_inverse_keep(kept, drop_rate)
+    if how == "l1":
+        return rescale_l1_match(original, kept)
+    if how == "keep_prob":
+        return rescale_by_keep_prob(kept, keep_prob)
+    if how == "factor":
+        return rescale_by_factor(kept, factor)
+    if how is None:
+        return kept
+    raise ValueError(f"rescale: how must be one of {RESCALES}, got {how!r}")
