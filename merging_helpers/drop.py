@@ -37,10 +37,7 @@ def global_magnitude_threshold(deltas, density: float) -> float:
     Apply it with :func:`threshold_keep_mask` (keeps |Δ| >= threshold: at least k).
     """
     validate_rates(density, "density")
-    each = deltas if callable(deltas) else (lambda: deltas.values() if isinstance(deltas, dict) else deltas)
-    n = sum(t.numel() for t in each())
-    k = round(density * n)
-    return float("inf") if k == 0 else global_kth_largest_abs(deltas, k)
+    return global_kth_largest_abs(deltas, fraction=density)
 
 
 def threshold_keep_mask(delta: torch.Tensor, threshold: float) -> torch.Tensor:

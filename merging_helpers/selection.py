@@ -98,13 +98,16 @@ def top_k_mask(x: torch.Tensor, k: int, method: str = "auto") -> torch.Tensor:
     return mask
 
 
-def global_kth_largest_abs(tensors, k: int) -> float:
+def global_kth_largest_abs(tensors, k: int | None = None, fraction: float | None = None) -> float:
     """The k-th largest |x| over many tensors (the whole model), in two passes.
 
     ``tensors``: a re-iterable collection of tensors (list, dict values) or a
     zero-argument callable returning a fresh iterable (to stream them from disk).
+    Give ``k``, or ``fraction`` for k = round(fraction · total entries) (k = 0 → inf).
     Only two histograms (32K + 64K counts) are kept in memory.
     """
+    if (k is None) == (fraction is None):
+        raise ValueError("global_kth_largest_abs: give exactly one of k and fraction")
     def each():
         return tensors() if callable(tensors) else (tensors.values() if isinstance(tensors, dict) else tensors)
 
@@ -115,5 +118,9 @@ def global_kth_largest_abs(tensors, k: int) -> float:
         return total
 
     hist_high = summed(_high_hist, _HI_BINS)
+    if fraction is not None:
+        k = round(fraction * int(hist_high.sum()))
+        if k == 0:
+            return float("inf")
     _check_k(k, int(hist_high.sum()), "global_kth_largest_abs")
     return _radix_kth(hist_high, lambda b: summed(lambda bits: _low_hist(bits, b), _LO_BINS), k)
