@@ -1,0 +1,208 @@
+"""Invariants of the merge engine: unbiased DARE, honoured per-partition rates, exact
+top-k, dtype round trips, identity merges, reproducible and order-free randomness."""
+import math
+
+import pytest
+import torch
+
+from merging_helpers import recipes
+from merging_helpers.drop import global_magnitude_threshold, magnitude_keep_mask, magprune_keep, magprune_keep_prob
+from merging_helpers.partitions import partition_key
+from merging_helpers.recipes import MERGE_METHODS, merge_state_dicts, merge_tensor
+from merging_helpers.rng import BLOCK, EntryRandoms, derive_seed, generator_for
+from merging_helpers.selection import global_kth_largest_abs, kth_largest_abs, top_k_mask
+
+
+def bert_like(n_layers=2, hidden=16, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"embeddings.word_embeddings.weight": (50, hidden), "embeddings.LayerNorm.weight": (hidden,)}
+    for i in range(n_layers):
+        p = f"encoder.layer.{i}."
+        shapes |= {p + "attention.self.query.weight": (hidden, hidden), p + "attention.self.query.bias": (hidden,),
+                   p + "attention.output.dense.weight": (hidden, hidden), p + "intermediate.dense.weight": (4 * hidden, hidden),
+                   p + "output.dense.weight": (hidden, 4 * hidden), p + "output.LayerNorm.weight": (hidden,)}
+    sd = {name: torch.randn(shape, generator=g).to(dtype) for name, shape in shapes.items()}
+    sd["embeddings.position_ids"] = torch.arange(8)
+    return sd
+
+
+def expert_of(base, seed, scale=0.05):
+    g = torch.Generator().manual_seed(seed)
+    return {k: (v.float() + scale * torch.randn(v.shape, generator=g)).to(v.dtype) if v.is_floating_point() else v.clone()
+            for k, v in base.items()}
+
+
+# ---- DARE is unbiased; rates are honoured ---------------------------------------------
+
+
+@pytest.mark.parametrize("p", [0.3, 0.9])
+def test_dare_preserves_expected_delta_per_entry(p):
+    delta = torch.linspace(-1, 1, 64)
+    runs = 3000
+    total = sum(recipes.drop_and_rescale([delta], "random", [1 - p], name="t", seed=s)[0] for s in range(runs))
+    # Δ̂_i = Δ_i · Bernoulli(1−p)/(1−p): variance Δ_i² p/(1−p); 5 standard errors
+    tolerance = 5 * delta.abs() * math.sqrt(p / (1 - p) / runs) + 1e-6
+    assert ((total / runs - delta).abs() <= tolerance).all()
+
+
+def test_della_keep_prob_and_unbiased_rescale():
+    delta = torch.randn(4, 101, generator=torch.Generator().manual_seed(0))
+    prob = magprune_keep_prob(delta, 0.5, 0.2)
+    assert torch.allclose(prob.min(1).values, torch.full((4,), 0.3)) and torch.allclose(prob.max(1).values, torch.full((4,), 0.7))
+    assert torch.allclose(prob.mean(1), torch.full((4,), 0.5))
+    assert torch.equal(prob.argmax(1), delta.abs().argmax(1))  # largest |Δ| is the most likely kept
+    runs = 2000
+    mean = sum(recipes.drop_and_rescale([delta], "magprune", [0.5], name="d", seed=s, epsilon=0.2)[0] for s in range(runs)) / runs
+    tolerance = 5 * delta.abs() * torch.sqrt((1 - prob) / prob / runs) + 1e-6
+    assert ((mean - delta).abs() <= tolerance).all()
+    mask, _ = magprune_keep(delta, 0.5, 0.2, EntryRandoms(0, "d", 0))
+    assert abs(mask.float().mean() - 0.5) < 5 * math.sqrt(0.25 / mask.numel())
+
+
+def test_per_partition_drop_rates_are_honoured():
+    base = bert_like(hidden=32)
+    expert = expert_of(base, 1)
+    rates = {"layer.0.attention": 0.9, "layer.0.ffn": 0.5, "layer.0.norm": 0.0, "layer.1.attention": 0.1,
+             "layer.1.ffn": 0.0, "layer.1.norm": 0.2, "embedding": 0.3, "norm": 0.6}
+    merged = merge_state_dicts(base, [expert], "dare_linear", drop_rate=rates, rate_level="layer_role", progress=False)
+    dropped, counts = {}, {}
+    for name, b in base.items():
+        if b.is_floating_point():
+            key = partition_key(name, "layer_role")
+            dropped[key] = dropped.get(key, 0) + int((merged[name] == b).sum())
+            counts[key] = counts.get(key, 0) + b.numel()
+    for key, p in rates.items():
+        n = counts[key]
+        assert abs(dropped[key] / n - p) <= 5 * math.sqrt(p * (1 - p) / n) + 1 / n, key
+
+
+def test_per_expert_rates_list():
+    base = bert_like()
+    experts = [expert_of(base, 1), expert_of(base, 2)]
+    merged = merge_tensor("encoder.layer.0.intermediate.dense.weight", base["encoder.layer.0.intermediate.dense.weight"],
+                          [e["encoder.layer.0.intermediate.dense.weight"] for e in experts], "dare_linear",
+                          drop_rate=[0.0, {"layer.0.ffn": 0.5}], weights=[1.0, 0.0])
+    torch.testing.assert_close(merged, experts[0]["encoder.layer.0.intermediate.dense.weight"])  # expert 0: no drop
+
+
+# ---- magnitude selection -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1000, 200_000])  # topk path and radix path
+def test_topk_and_radix_agree_and_keep_exactly_k(n):
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n))
+    for k in (1, n // 3, n):
+        assert kth_largest_abs(x, k, "topk") == kth_largest_abs(x, k, "radix") == torch.sort(x.abs(), descending=True).values[k - 1]
+        assert int(top_k_mask(x, k).sum()) == k
+
+
+def test_ties_at_threshold_keep_exactly_k_lowest_indices_first():
+    x = torch.tensor([0.5, -2.0, 1.0, -1.0, 1.0, 3.0, 1.0])  # three |x| = 1 tie for 2 places
+    for method in ("topk", "radix"):
+        assert top_k_mask(x, 4, method).tolist() == [False, True, True, True, False, True, False]
+    many_ties = torch.randint(-3, 4, (100_000,), generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    assert int(magnitude_keep_mask(many_ties, 0.37).sum()) == round(0.37 * 100_000)
+
+
+def test_global_threshold_matches_concatenation_and_keeps_at_least_k():
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"t{i}": torch.randn(shape, generator=g) * (i + 1) for i, shape in enumerate([(300, 200), (7,), (1000, 90)])}
+    flat = torch.cat([t.reshape(-1) for t in tensors.values()])
+    k = round(0.2 * flat.numel())
+    assert global_kth_largest_abs(tensors, k) == torch.sort(flat.abs(), descending=True).values[k - 1]
+    threshold = global_magnitude_threshold(lambda: iter(tensors.values()), 0.2)  # a callable streams passes
+    assert sum(int((t.abs() >= threshold).sum()) for t in tensors.values()) == k  # no ties in random floats
+    ties = [torch.ones(10), torch.ones(10)]
+    assert sum(int((t.abs() >= global_magnitude_threshold(ties, 0.3)).sum()) for t in ties) == 20  # ties: at least k
+
+
+def test_whole_model_magnitude_scope_keeps_the_global_fraction():
+    base = bert_like(hidden=32)
+    expert = expert_of(base, 1)
+    merged = merge_state_dicts(base, [expert], "magnitude", density=0.25, magnitude_scope="model", progress=False)
+    floats = [n for n, b in base.items() if b.is_floating_point()]
+    kept = sum(int((merged[n] != base[n]).sum()) for n in floats)
+    total = sum(base[n].numel() for n in floats)
+    assert kept == round(0.25 * total)
+    fractions = [float((merged[n] != base[n]).float().mean()) for n in floats]
+    assert max(fractions) - min(fractions) > 0.1  # per-tensor densities vary under a global threshold
+
+
+# ---- identity, dtypes, reproducibility -----------------------------------------------
+
+
+NO_DROP = {"task_arithmetic": {}, "magnitude": {"density": 1.0}, "dare_linear": {"drop_rate": 0.0},
+           "ties": {"density": 1.0}, "dare_ties": {"drop_rate": 0.0}, "della": {"density": 1.0, "epsilon": 0.0}}
+
+
+@pytest.mark.parametrize("method", sorted(MERGE_METHODS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_one_expert_without_dropping_returns_the_expert(method, dtype):
+    base = bert_like(dtype=dtype)
+    expert = expert_of(base, 3)
+    merged = merge_state_dicts(base, [expert], method, progress=False, **NO_DROP[method])
+    for name in base:
+        assert merged[name].dtype == base[name].dtype
+        if dtype == torch.float32:  # (θ_e − θ_b) + θ_b can differ from θ_e by a rounding in float32
+            torch.testing.assert_close(merged[name], expert[name], rtol=0, atol=1e-6)
+        else:  # half precision inputs are exact in float32 arithmetic
+            assert torch.equal(merged[name], expert[name]), name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_output_dtype_and_device_follow_the_input(dtype):
+    base = bert_like(dtype=dtype)
+    merged = merge_state_dicts(base, [expert_of(base, 1), expert_of(base, 2)], "dare_ties", drop_rate=0.5, progress=False)
+    assert all(merged[n].dtype == base[n].dtype and merged[n].device == base[n].device for n in base)
+
+
+def test_inputs_are_not_modified():
+    base = bert_like()
+    experts = [expert_of(base, 1), expert_of(base, 2)]
+    copies = [{k: v.clone() for k, v in sd.items()} for sd in [base] + experts]
+    merge_state_dicts(base, experts, "ties", density=0.3, progress=False)
+    for sd, copy in zip([base] + experts, copies):
+        assert all(torch.equal(sd[k], copy[k]) for k in sd)
+
+
+@pytest.mark.parametrize("method,rate", [("dare_ties", {"drop_rate": 0.7}), ("della", {"density": 0.4, "epsilon": 0.1})])
+def test_random_masks_do_not_depend_on_tensor_order(method, rate):
+    base = bert_like()
+    experts = [expert_of(base, 1), expert_of(base, 2)]
+    forward = merge_state_dicts(base, experts, method, seed=5, progress=False, **rate)
+    rev = lambda sd: dict(reversed(list(sd.items())))  # noqa: E731
+    backward = merge_state_dicts(rev(base), [rev(e) for e in experts], method, seed=5, progress=False, **rate)
+    assert all(torch.equal(forward[n], backward[n]) for n in base)
+    other_seed = merge_state_dicts(base, experts, method, seed=6, progress=False, **rate)
+    assert not torch.equal(forward["encoder.layer.0.intermediate.dense.weight"], other_seed["encoder.layer.0.intermediate.dense.weight"])
+
+
+def test_chunks_see_the_same_random_mask_as_the_whole_tensor():
+    base = torch.randn(300, 7)
+    experts = [base + torch.randn(300, 7), base - torch.randn(300, 7)]
+    whole = merge_tensor("w", base, experts, "dare_ties", drop_rate=0.6, seed=1)
+    top = merge_tensor("w", base[:120], [e[:120] for e in experts], "dare_ties", drop_rate=0.6, seed=1)
+    rest = merge_tensor("w", base[120:], [e[120:] for e in experts], "dare_ties", drop_rate=0.6, seed=1, offset=120 * 7)
+    assert torch.equal(torch.cat([top, rest]), whole)
+
+
+def test_block_randoms_are_chunk_invariant_and_seeds_stable():
+    x = torch.zeros(2 * BLOCK + 3)
+    whole = EntryRandoms(0, "a", 1).uniform_like(x)
+    chunk = EntryRandoms(0, "a", 1, offset=BLOCK - 5).uniform_like(torch.zeros(BLOCK + 7))
+    assert torch.equal(whole[BLOCK - 5:2 * BLOCK + 2], chunk)
+    # torch.rand(m) is a prefix of torch.rand(BLOCK) for the same generator (rng relies on it)
+    for m in (1, 17, 1000, 65_537):
+        assert torch.equal(torch.rand(m, generator=generator_for(0, "a", 0)), torch.rand(BLOCK, generator=generator_for(0, "a", 0))[:m])
+    assert derive_seed(0, "a", 0) == derive_seed(0, "a", 0) != derive_seed(0, "a", 1)
+    assert derive_seed(0, "encoder.layer.0.attention.self.query.weight", 0) == 4869231532230289971  # hashlib: stable across runs
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_masks_identical_on_cpu_and_cuda():
+    base = torch.randn(64, 64)
+    experts = [base + torch.randn(64, 64), base + torch.randn(64, 64)]
+    cpu = merge_tensor("w", base, experts, "dare_ties", drop_rate=0.5)
+    cuda = merge_tensor("w", base.cuda(), [e.cuda() for e in experts], "dare_ties", drop_rate=0.5)
+    assert cuda.device.type == "cuda"
+    torch.testing.assert_close(cuda.cpu(), cpu)
