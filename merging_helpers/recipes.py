@@ -175,9 +175,11 @@ def merge_tensor(name, base, experts_tensors, method, *, density=None, drop_rate
                  offset=0, _validated=False):
     """Merge one tensor: θ_b + λ · recipe(Δ_1..Δ_T), returned in ``base``'s dtype and device.
 
-    ``name`` seeds the random masks and picks per-partition rates; ``offset`` is the
-    flat position of this chunk in the full tensor (streaming); ``thresholds`` (one
-    per expert) replace per-tensor top-k in magnitude/ties by |Δ| >= threshold.
+    ``name`` seeds the random masks and picks per-partition rates. Chunks (streaming):
+    ``offset`` is the chunk's flat position in the full tensor, which makes DARE masks
+    (and DELLA's, for whole-row chunks) equal to the whole tensor's; ``thresholds``
+    (one per expert, e.g. the tensor's or the model's k-th |Δ|) replace per-call top-k
+    in magnitude/ties by |Δ| >= threshold. The "l1" rescale always uses this call's entries.
     ``rescale``: "auto" (the recipe's own), "inverse", "l1", "keep_prob", "factor"
     (with ``rescale_factor``, float or per-partition dict) or None.
     ``election_weights``/``merge_mode``: see ``consensus``.
