@@ -206,3 +206,24 @@ def test_masks_identical_on_cpu_and_cuda():
     cuda = merge_tensor("w", base.cuda(), [e.cuda() for e in experts], "dare_ties", drop_rate=0.5)
     assert cuda.device.type == "cuda"
     torch.testing.assert_close(cuda.cpu(), cpu)
+
+
+def test_magnitude_chunks_with_the_tensor_threshold_match_the_whole_tensor():
+    base = torch.randn(200, 9)
+    experts = [base + torch.randn(200, 9), base - torch.randn(200, 9)]
+    whole = merge_tensor("w", base, experts, "ties", density=0.3)
+    thresholds = [kth_largest_abs(e - base, round(0.3 * base.numel())) for e in experts]
+    chunks = [merge_tensor("w", base[r], [e[r] for e in experts], "ties", density=0.3, thresholds=thresholds)
+              for r in (slice(0, 77), slice(77, 200))]
+    assert torch.equal(torch.cat(chunks), whole)
+
+
+def test_rescale_factor_per_partition():
+    base = bert_like()
+    expert = expert_of(base, 1)
+    factors = {"layer.0.ffn": 2.0}  # other partitions default to 1
+    merged = merge_state_dicts(base, [expert], "magnitude", density=1.0, rescale="factor", rescale_factor=factors,
+                               progress=False)
+    for name in ("encoder.layer.0.intermediate.dense.weight", "encoder.layer.1.intermediate.dense.weight"):
+        factor = 2.0 if "layer.0" in name else 1.0
+        torch.testing.assert_close(merged[name], base[name] + factor * (expert[name] - base[name]))
