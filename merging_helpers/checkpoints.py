@@ -176,7 +176,12 @@ def _torch_load_weights_only(path: Path) -> dict[str, torch.Tensor]:
         UserWarning,
         stacklevel=3,
     )
-    sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    try:  # memory-map zip-format checkpoints (tensors are paged in when used)
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):
+            raise
+        sd = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     if not isinstance(sd, Mapping):
         raise TypeError(f"{path}: expected a state dict, got {type(sd).__name__}")
     if "state_dict" in sd and isinstance(sd["state_dict"], Mapping):

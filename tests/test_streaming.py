@@ -1,0 +1,367 @@
+"""Streaming merges of HF folders (merging_helpers.checkpoints / .streaming).
+
+Tiny Llama- and BERT-shaped folders are written into tmp_path in fp32, fp16 and
+bf16, sharded and unsharded.  The streaming merge must equal the in-memory merge
+(recipes.merge_state_dicts) bit for bit, keep the input dtype, write a correct
+index, write atomically and refuse dangerous paths and mismatched inputs.
+"""
+
+import json
+import os
+import pickle
+import warnings
+
+import pytest
+import torch
+
+from merging_helpers import checkpoints as ckpt
+from merging_helpers.checkpoints import (
+    SAFETENSORS_INDEX,
+    CheckpointFolder,
+    ShardedSafetensorsWriter,
+    load_state_dict,
+    read_tensor,
+    save_state_dict,
+)
+from merging_helpers.streaming import merge_folders
+
+from merging_helpers.recipes import merge_state_dicts, merge_tensor
+
+METHOD_KWARGS = {
+    "task_arithmetic": dict(weights=[0.6, 0.4], lam=1.0),
+    "ties": dict(density=0.3),
+    "dare_linear": dict(drop_rate=0.7),
+    "dare_ties": dict(drop_rate=0.7),
+    "magnitude": dict(density=0.5),
+}
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+def _llama_sd(seed):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg).state_dict(), cfg.to_dict()
+
+
+def _bert_sd(seed):
+    from transformers import BertConfig, BertModel
+
+    cfg = BertConfig(vocab_size=80, hidden_size=24, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=40, max_position_embeddings=32)
+    torch.manual_seed(seed)
+    sd = dict(BertModel(cfg).state_dict())
+    sd["embeddings.position_ids"] = torch.arange(32).unsqueeze(0)  # an integer buffer
+    return sd, cfg.to_dict()
+
+
+def make_family(root, arch="llama", dtype=torch.float32, shard_size=None, n_experts=2, seed=0):
+    """Base + experts folders; expert deltas ~ N(0, 0.02) with a few large entries."""
+    sd, cfg = (_llama_sd if arch == "llama" else _bert_sd)(seed)
+    sd = {k: v.contiguous() for k, v in sd.items()}
+    size = shard_size or "10GB"
+    base = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
+    dirs = [save_state_dict(base, root / "base", size, config=cfg)]
+    (root / "base" / "tokenizer_config.json").write_text("{}")
+    g = torch.Generator().manual_seed(seed + 1)
+    for t in range(n_experts):
+        ex = {}
+        for k, v in sd.items():
+            if v.is_floating_point():
+                d = torch.randn(v.shape, generator=g) * 0.002 * (t + 1)
+                d[torch.rand(v.shape, generator=g) < 0.01] *= 10
+                ex[k] = (v + d).to(dtype)
+            else:
+                ex[k] = v
+        dirs.append(save_state_dict(ex, root / f"expert{t}", size, config=cfg))
+    return dirs[0], dirs[1:]
+
+
+CASES = [
+    pytest.param("llama", torch.float32, None, id="llama-fp32-single"),
+    pytest.param("llama", torch.bfloat16, 6000, id="llama-bf16-sharded"),
+    pytest.param("bert", torch.float16, 9000, id="bert-fp16-sharded"),
+    pytest.param("bert", torch.bfloat16, None, id="bert-bf16-single"),
+]
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory):
+    out = {}
+    for p in CASES:
+        arch, dtype, shard = p.values
+        root = tmp_path_factory.mktemp(p.id)
+        out[p.id] = make_family(root, arch, dtype, shard)
+    return out
+
+
+# --------------------------------------------------------------------------- equality
+
+
+@pytest.mark.parametrize("case", [p.id for p in CASES])
+@pytest.mark.parametrize("method", list(METHOD_KWARGS))
+def test_streaming_equals_in_memory(families, tmp_path, case, method):
+    base_dir, expert_dirs = families[case]
+    base_sd = load_state_dict(base_dir)
+    expert_sds = [load_state_dict(d) for d in expert_dirs]
+    seeds = [0, 7] if method.startswith("dare") else [0]
+    for seed in seeds:
+        kw = dict(METHOD_KWARGS[method], seed=seed)
+        out = merge_folders(base_dir, expert_dirs, tmp_path / f"m{seed}", method, progress=False,
+                            chunk_elems=256, prefetch_bytes=4096, **kw)
+        merged = load_state_dict(out)
+        ref = merge_state_dicts(base_sd, expert_sds, method, **kw)
+        assert set(merged) == set(base_sd)
+        for name, t in base_sd.items():
+            assert merged[name].dtype == t.dtype, name  # output dtype = input dtype
+            assert torch.equal(merged[name], ref[name].to(t.dtype)), (method, seed, name)
+        if method.startswith("dare"):
+            moved = [n for n in base_sd if base_sd[n].is_floating_point() and not torch.equal(merged[n], base_sd[n])]
+            assert moved, "a DARE merge should change the weights"
+    if method.startswith("dare"):  # different seeds give different masks
+        a, b = load_state_dict(tmp_path / "m0"), load_state_dict(tmp_path / "m7")
+        assert any(not torch.equal(a[n], b[n]) for n in a if a[n].is_floating_point())
+
+
+def test_chunked_task_arithmetic_equals_whole(families, tmp_path):
+    base_dir, expert_dirs = families["llama-bf16-sharded"]
+    kw = METHOD_KWARGS["task_arithmetic"]
+    a = merge_folders(base_dir, expert_dirs, tmp_path / "chunked", "task_arithmetic", progress=False,
+                      chunk_elems=100, **kw)
+    b = merge_folders(base_dir, expert_dirs, tmp_path / "whole", "task_arithmetic", progress=False,
+                      chunk_elems=1 << 30, **kw)
+    sa, sb = load_state_dict(a), load_state_dict(b)
+    assert all(torch.equal(sa[n], sb[n]) for n in sa)
+
+
+# --------------------------------------------------------------------------- output format
+
+
+def test_index_and_shards(families, tmp_path):
+    base_dir, expert_dirs = families["llama-bf16-sharded"]
+    out = merge_folders(base_dir, expert_dirs, tmp_path / "out", "ties", density=0.3,
+                        max_shard_size=5000, progress=False)
+    index = json.loads((out / SAFETENSORS_INDEX).read_text())
+    infos = ckpt.list_tensors(out)
+    base_infos = ckpt.list_tensors(base_dir)
+    assert set(index["weight_map"]) == set(base_infos) == set(infos)
+    assert index["metadata"]["total_size"] == sum(i.nbytes for i in infos.values())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1
+    assert sorted(p.name for p in out.glob("*.safetensors")) == shards
+    n = len(shards)
+    assert shards == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    for name, file in index["weight_map"].items():
+        assert infos[name].file.name == file
+        assert infos[name].shape == base_infos[name].shape and infos[name].dtype == torch.bfloat16
+        # the standard reader agrees with ours
+        assert torch.equal(read_tensor(out, name), CheckpointFolder(out).read(name))
+    # each shard is at most max_shard_size of data (unless a single tensor is larger)
+    for shard in shards:
+        sizes = [infos[k].nbytes for k, f in index["weight_map"].items() if f == shard]
+        assert sum(sizes) <= 5000 or len(sizes) == 1
+    assert (out / "config.json").read_text() == (base_dir / "config.json").read_text()
+    assert (out / "tokenizer_config.json").exists()
+    # transformers loads the merged folder
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
+    sd = model.state_dict()
+    merged = load_state_dict(out)
+    assert all(torch.equal(sd[k], merged[k]) for k in merged)
+
+
+def test_single_shard_has_no_index(families, tmp_path):
+    base_dir, expert_dirs = families["llama-fp32-single"]
+    out = merge_folders(base_dir, expert_dirs, tmp_path / "o", "dare_linear", drop_rate=0.5, progress=False)
+    assert (out / "model.safetensors").is_file() and not (out / SAFETENSORS_INDEX).exists()
+
+
+def test_integer_buffer_copied_from_base(families, tmp_path):
+    base_dir, expert_dirs = families["bert-fp16-sharded"]
+    out = merge_folders(base_dir, expert_dirs, tmp_path / "o", "ties", density=0.5, progress=False)
+    t = read_tensor(out, "embeddings.position_ids")
+    assert t.dtype == torch.int64 and torch.equal(t, torch.arange(32).unsqueeze(0))
+
+
+# --------------------------------------------------------------------------- safety
+
+
+def _listing(path):
+    return sorted(os.listdir(path))
+
+
+def test_atomic_write_on_error(families, tmp_path):
+    base_dir, expert_dirs = families["llama-bf16-sharded"]
+    calls = {"n": 0}
+
+    def failing(name, base, experts, method, **kw):
+        calls["n"] += 1
+        if calls["n"] > 4:  # the 1st call is the argument probe; fail mid-model
+            raise RuntimeError("boom")
+        return merge_tensor(name, base, experts, method, **kw)
+
+    before = _listing(tmp_path)
+    with pytest.raises(RuntimeError, match="boom"):
+        merge_folders(base_dir, expert_dirs, tmp_path / "out", "ties", density=0.3, progress=False,
+                      max_shard_size=5000, merge_fn=failing)
+    assert calls["n"] == 5
+    assert _listing(tmp_path) == before  # no output folder, no temp folder, no partial shard
+
+    # an existing output survives a failed overwrite untouched
+    out = tmp_path / "keep"
+    out.mkdir()
+    (out / "marker").write_text("x")
+    calls["n"] = 0
+    with pytest.raises(RuntimeError, match="boom"):
+        merge_folders(base_dir, expert_dirs, out, "ties", density=0.3, progress=False,
+                      overwrite=True, merge_fn=failing)
+    assert _listing(out) == ["marker"] and _listing(tmp_path) == sorted(before + ["keep"])
+
+
+def test_writer_refuses_incomplete(tmp_path):
+    specs = [("a", torch.float32, (2,)), ("b", torch.float32, (3,))]
+    with pytest.raises(RuntimeError, match="never written"):
+        with ShardedSafetensorsWriter(tmp_path / "o", specs) as w:
+            w.write("a", torch.zeros(2))
+    assert _listing(tmp_path) == []
+    with pytest.raises(ValueError, match="planned"):
+        with ShardedSafetensorsWriter(tmp_path / "o", specs) as w:
+            w.write("a", torch.zeros(3))
+    assert _listing(tmp_path) == []
+
+
+def test_refuses_output_that_is_or_touches_an_input(families, tmp_path):
+    base_dir, expert_dirs = families["llama-fp32-single"]
+    for bad in (base_dir, expert_dirs[1], expert_dirs[0] / "sub", base_dir.parent):
+        with pytest.raises(ValueError, match="input folder"):
+            merge_folders(base_dir, expert_dirs, bad, "ties", density=0.3, progress=False, overwrite=True)
+    assert not (expert_dirs[0] / "sub").exists()
+
+
+def test_refuses_non_empty_output_unless_overwrite(families, tmp_path):
+    base_dir, expert_dirs = families["llama-fp32-single"]
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        merge_folders(base_dir, expert_dirs, out, "ties", density=0.3, progress=False)
+    merge_folders(base_dir, expert_dirs, out, "ties", density=0.3, progress=False, overwrite=True)
+    assert not (out / "old.txt").exists() and (out / "model.safetensors").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()  # an existing empty folder is fine
+    merge_folders(base_dir, expert_dirs, empty, "ties", density=0.3, progress=False)
+    assert (empty / "model.safetensors").exists()
+
+
+def _copy_family(src_base, src_experts, root, edit):
+    """Copy a family, applying edit(expert_index, state_dict) to the expert state dicts."""
+    base = save_state_dict(load_state_dict(src_base), root / "base", copy_from=src_base)
+    experts = []
+    for t, d in enumerate(src_experts):
+        sd = load_state_dict(d)
+        edit(t, sd)
+        experts.append(save_state_dict(sd, root / f"e{t}"))
+    return base, experts
+
+
+def test_mismatch_names_tensor_and_expert(families, tmp_path):
+    base_dir, expert_dirs = families["llama-fp32-single"]
+    name = "model.layers.1.mlp.up_proj.weight"
+
+    def bad_shape(t, sd):
+        if t == 1:
+            sd[name] = sd[name][:-1].contiguous()
+
+    base, experts = _copy_family(base_dir, expert_dirs, tmp_path / "shape", bad_shape)
+    with pytest.raises(ValueError, match=rf"expert 1 .*{name}.*shape"):
+        merge_folders(base, experts, tmp_path / "o1", "ties", density=0.3, progress=False)
+
+    def bad_dtype(t, sd):
+        if t == 0:
+            sd[name] = sd[name].half()
+
+    base, experts = _copy_family(base_dir, expert_dirs, tmp_path / "dtype", bad_dtype)
+    with pytest.raises(TypeError, match=rf"expert 0 .*{name}.*dtype"):
+        merge_folders(base, experts, tmp_path / "o2", "ties", density=0.3, progress=False)
+
+    def missing(t, sd):
+        if t == 1:
+            del sd[name]
+
+    base, experts = _copy_family(base_dir, expert_dirs, tmp_path / "missing", missing)
+    with pytest.raises(ValueError, match=rf"expert 1 .*missing.*{name}"):
+        merge_folders(base, experts, tmp_path / "o3", "ties", density=0.3, progress=False)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        merge_folders(base, [experts[0], tmp_path / "nope"], tmp_path / "o4", "ties", density=0.3, progress=False)
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 5))
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(density=1.5), "density"),
+    (dict(density=0.0), "density"),
+    (dict(drop_rate=1.0), "drop_rate"),
+    (dict(density=0.3, weights=[1.0]), "weights"),
+    (dict(density=0.3, lam=float("nan")), "lam"),
+])
+def test_bad_arguments_rejected_before_any_work(families, tmp_path, kw, match):
+    base_dir, expert_dirs = families["llama-fp32-single"]
+    calls = []
+
+    def spy(name, *a, **k):
+        calls.append(name)
+        return merge_tensor(name, *a, **k)
+
+    method = "dare_ties" if "drop_rate" in kw else "ties"
+    with pytest.raises(ValueError, match=match):
+        merge_folders(base_dir, expert_dirs, tmp_path / "o", method, progress=False, merge_fn=spy, **kw)
+    assert calls == [] and not (tmp_path / "o").exists()
+    with pytest.raises(ValueError, match="method"):
+        merge_folders(base_dir, expert_dirs, tmp_path / "o", "nonsense", progress=False)
+
+
+# --------------------------------------------------------------------------- pickles
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_bin_loaded_only_with_weights_only(families, tmp_path, monkeypatch):
+    base_dir, expert_dirs = families["llama-fp32-single"]
+    dirs = []
+    for i, d in enumerate([base_dir, *expert_dirs]):
+        folder = tmp_path / f"bin{i}"
+        folder.mkdir()
+        torch.save(load_state_dict(d), folder / "pytorch_model.bin")
+        (folder / "config.json").write_text((base_dir / "config.json").read_text())
+        dirs.append(folder)
+    seen = []
+    real_load = torch.load
+
+    def spy(*a, **k):
+        seen.append(k.get("weights_only"))
+        return real_load(*a, **k)
+
+    monkeypatch.setattr(torch, "load", spy)
+    with pytest.warns(UserWarning, match="safetensors is preferred"):
+        out = merge_folders(dirs[0], dirs[1:], tmp_path / "o", "ties", density=0.3, progress=False)
+    assert seen and all(w is True for w in seen)
+    ref = merge_folders(base_dir, expert_dirs, tmp_path / "ref", "ties", density=0.3, progress=False)
+    a, b = load_state_dict(out), load_state_dict(ref)
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    with open(evil / "pytorch_model.bin", "wb") as f:
+        pickle.dump({"w": _Evil()}, f)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(pickle.UnpicklingError):
+            CheckpointFolder(evil)
