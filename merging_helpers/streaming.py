@@ -50,7 +50,8 @@ import torch
 
 from .checkpoints import CheckpointFolder, ShardedSafetensorsWriter, check_output_path
 
-__all__ = ["merge_folders", "validate_folders", "validate_merge_kwargs", "ELEMENTWISE_METHODS", "METHODS"]
+__all__ = ["merge_folders", "validate_folders", "validate_merge_kwargs", "fused_supported",
+           "ELEMENTWISE_METHODS", "FUSED_METHODS", "METHODS"]
 
 METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude", "della")
 # Methods whose result at an entry depends only on the inputs at that entry (no
@@ -193,6 +194,304 @@ class _Prefetcher:
         self.thread.join(timeout=60)
 
 
+# --------------------------------------------------------------------------- fused CPU path
+#
+# recipes.merge_tensor is written for clarity: every step makes whole-tensor float32
+# temporaries (T deltas, masks, stacks), ~100 ns per parameter on a 2-core CPU.  For
+# the common options the fused path below gives the *same numbers* (tests compare it
+# with merge_tensor bit for bit) in a few ns per parameter:
+#
+# * the flat tensor is cut into pieces of rng.BLOCK entries (so a DARE piece draws
+#   exactly one block of its random stream) and pieces into sub-chunks of ``SUB``
+#   entries whose (T, SUB) float32 buffers stay in cache; every op writes into
+#   preallocated buffers (no allocation, no page faults);
+# * pieces run in parallel on ``workers`` threads, each op single-threaded (torch
+#   releases the GIL), which also avoids OpenMP barrier stalls on a busy machine;
+# * the exact per-tensor top-k threshold (TIES, magnitude) is found in one pass:
+#   a strided sample brackets the k-th largest |Δ| in [lo, hi]; the pass counts the
+#   entries above hi and collects those inside the bracket (a few %), whose k-th
+#   largest (selection.kth_largest_abs) is the exact threshold.  Ties at the threshold
+#   are kept in increasing flat-index order, as in selection.top_k_mask.  If the
+#   bracket misses (never seen; it is checked), the exact whole-tensor rule is used.
+#
+# Everything else (per-partition rates dicts, "l1"/"keep_prob"/"factor" rescales,
+# della, thresholds/offset given by the caller, CUDA) goes through merge_tensor.
+
+FUSED_METHODS = ("task_arithmetic", "magnitude", "ties", "dare_linear", "dare_ties")
+_FUSED_KWARGS = {"density", "drop_rate", "weights", "lam", "seed", "rescale", "election", "election_weights",
+                 "merge_mode", "rate_level", "rate_default", "epsilon"}
+SUB = 1 << 16  # entries per sub-chunk: (T+2) float32 rows of 256 kB stay in L2/L3
+EXACT_MAX = 1 << 20  # tensors up to this size find their top-k threshold on the whole tensor
+_SAMPLE = 1 << 16
+_BRACKET_SIGMAS = 6.0  # half-width of the sample bracket in binomial standard deviations
+
+
+def fused_supported(method: str, kwargs: Mapping, device) -> bool:
+    """True if :class:`_Fused` reproduces ``merge_tensor`` for these arguments."""
+    if torch.device(device).type != "cpu" or method not in FUSED_METHODS or set(kwargs) - _FUSED_KWARGS:
+        return False
+    if kwargs.get("rescale", "auto") not in ("auto", "inverse", None):
+        return False
+    if kwargs.get("election", "total") not in ("total", "frequency"):
+        return False
+    if kwargs.get("election_weights", "peft") not in ("peft", "mergekit"):
+        return False
+    return kwargs.get("merge_mode") in (None, "mean", "weighted_mean", "sum")
+
+
+class _Buffers:
+    def __init__(self, T: int, m: int):
+        self.bf = torch.empty(m)
+        self.D = torch.empty(T, m)
+        self.A = torch.empty(T, m)
+        self.K = torch.empty(T, m, dtype=torch.bool)
+        self.M = torch.empty(m)
+        self.signs = torch.empty(m)
+        self.sg = torch.empty(m, dtype=torch.bool)
+        self.cnt = torch.empty(m, dtype=torch.int64)
+        self.div = torch.empty(m)
+
+
+class _TopK:
+    """Per expert: threshold, and per piece how to treat entries equal to it."""
+
+    def __init__(self, thr: float, missing: int, ties_per_piece: list[int]):
+        self.thr = thr
+        self.strict = torch.tensor(thr, dtype=torch.float32)
+        # |Δ| >= thr  <=>  |Δ| > the float32 just below thr
+        self.inclusive = torch.nextafter(self.strict, torch.tensor(float("-inf")))
+        self.allow = []  # per piece: number of threshold ties to keep (in flat order)
+        left = missing
+        for c in ties_per_piece:
+            a = min(left, c)
+            self.allow.append((a, c))
+            left -= a
+
+
+class _Fused:
+    """Merge one CPU tensor like ``recipes.merge_tensor`` (same arguments), fused."""
+
+    def __init__(self, method: str, n_experts: int, kwargs: Mapping, workers: int):
+        from . import rng
+        from .recipes import _densities_for
+
+        self._densities_for, self.rng = _densities_for, rng
+        self.method, self.T, self.kw = method, n_experts, dict(kwargs)
+        self.lam = float(kwargs.get("lam", 1.0))
+        self.seed = kwargs.get("seed", 0)
+        w = kwargs.get("weights")
+        self.wcol = None if w is None else torch.as_tensor(w, dtype=torch.float32).reshape(-1, 1)
+        self.drop = {"task_arithmetic": None, "magnitude": "magnitude", "ties": "magnitude",
+                     "dare_linear": "random", "dare_ties": "random"}[method]
+        rescale = kwargs.get("rescale", "auto")
+        default = {"magnitude": None, "random": "inverse", None: None}[self.drop]
+        self.how = None if self.drop is None else (default if rescale == "auto" else rescale)
+        self.ties = method in ("ties", "dare_ties")
+        self.election = kwargs.get("election", "total")
+        mode = kwargs.get("merge_mode")
+        if kwargs.get("election_weights", "peft") == "peft":
+            self.elect_w, self.mode = None, mode or "mean"
+        else:
+            self.elect_w = self.wcol
+            self.mode = mode or ("sum" if method == "dare_ties" else "weighted_mean")
+        self.piece = rng.BLOCK
+        self.workers = max(1, int(workers))
+        self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="merge-fused") if self.workers > 1 else None
+        self.local = threading.local()
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.shutdown()
+
+    def _buf(self) -> _Buffers:
+        b = getattr(self.local, "buf", None)
+        if b is None:
+            b = self.local.buf = _Buffers(self.T, SUB)
+        return b
+
+    def _map(self, fn, items):
+        items = list(items)
+        if self.pool is None or len(items) <= 1:
+            return [fn(i) for i in items]
+        return list(self.pool.map(fn, items))
+
+    # -- top-k thresholds -------------------------------------------------------
+    def _pieces(self, n):
+        return [(s, min(n, s + self.piece)) for s in range(0, n, self.piece)]
+
+    def _exact_topk(self, b, e, k, pieces) -> _TopK:
+        from .selection import kth_largest_abs
+
+        if k == 0:
+            return _TopK(float("inf"), 0, [0] * len(pieces))
+        if k >= b.numel():  # keep everything (|Δ| > -1)
+            return _TopK(-1.0, 0, [0] * len(pieces))
+        a = (e.float() - b.float()).abs_()
+        thr = kth_largest_abs(a, k)
+        missing = k - int((a > thr).sum())
+        return _TopK(thr, missing, [int((a[s:t] == thr).sum()) for s, t in pieces])
+
+    def _topk(self, b, es, ks, pieces) -> list[_TopK]:
+        n = b.numel()
+        if n <= EXACT_MAX:
+            return [self._exact_topk(b, e, k, pieces) for e, k in zip(es, ks)]
+        from .selection import kth_largest_abs
+
+        # 1. bracket the k-th largest |Δ| of every expert with a strided sample
+        idx = torch.arange(_SAMPLE, dtype=torch.int64) * (n // _SAMPLE)
+        bs = b[idx].float()
+        lo, hi = [], []
+        for e, k in zip(es, ks):
+            srt = (e[idx].float() - bs).abs_().sort(descending=True).values
+            r = k / n * _SAMPLE
+            q = k / n
+            margin = _BRACKET_SIGMAS * math.sqrt(_SAMPLE * q * (1 - q)) + 16
+            i_hi, i_lo = int(r - margin), int(math.ceil(r + margin))
+            hi.append(float(srt[min(i_hi, _SAMPLE - 1)]) if i_hi >= 0 else float("inf"))
+            lo.append(float(srt[max(i_lo, 0)]) if i_lo < _SAMPLE else 0.0)
+        hi_col = torch.tensor(hi, dtype=torch.float32).reshape(-1, 1)
+        lo_col = torch.tensor(lo, dtype=torch.float32).reshape(-1, 1)
+
+        # 2. one pass: count |Δ| > hi, collect lo <= |Δ| <= hi (per piece, in order)
+        def scan(piece):
+            s0, s1 = piece
+            buf = self._buf()
+            above = torch.zeros(self.T, dtype=torch.int64)
+            cands = [[] for _ in range(self.T)]
+            for c0 in range(s0, s1, SUB):
+                c1 = min(s1, c0 + SUB)
+                m = c1 - c0
+                bf, D, A, K = buf.bf[:m], buf.D[:, :m], buf.A[:, :m], buf.K[:, :m]
+                bf.copy_(b[c0:c1])
+                for t in range(self.T):
+                    torch.sub(es[t][c0:c1], bf, out=D[t])
+                torch.abs(D, out=A)
+                torch.gt(A, hi_col, out=K)
+                above += K.sum(1)
+                torch.ge(A, lo_col, out=K)
+                K &= torch.le(A, hi_col)
+                for t in range(self.T):
+                    cands[t].append(A[t][K[t]])
+            return above, [torch.cat(c) for c in cands]
+
+        results = self._map(scan, pieces)
+        out = []
+        for t, k in enumerate(ks):
+            if k == 0 or k >= n:
+                out.append(self._exact_topk(b, es[t], k, pieces))
+                continue
+            above = sum(int(r[0][t]) for r in results)
+            per_piece = [r[1][t] for r in results]
+            cands = torch.cat(per_piece)
+            k2 = k - above
+            if not 1 <= k2 <= cands.numel():  # the bracket missed: exact rule on the whole tensor
+                out.append(self._exact_topk(b, es[t], k, pieces))
+                continue
+            thr = kth_largest_abs(cands, k2)
+            missing = k - above - int((cands > thr).sum())
+            out.append(_TopK(thr, missing, [int((c == thr).sum()) for c in per_piece]))
+        return out
+
+    # -- merge -------------------------------------------------------------------
+    def __call__(self, name: str, b: torch.Tensor, es: Sequence[torch.Tensor], out: torch.Tensor) -> None:
+        T, n = self.T, b.numel()
+        kw = self.kw
+        dens = self._densities_for(name, kw.get("density"), kw.get("drop_rate"), T,
+                                   kw.get("rate_level", "layer_role"), kw.get("rate_default"))
+        b, out = b.reshape(-1), out.reshape(-1)
+        es = [e.reshape(-1) for e in es]
+        pieces = self._pieces(n)
+        topk = None
+        if self.drop == "magnitude":
+            topk = self._topk(b, es, [round(d * n) for d in dens], pieces)
+        drop_rates = [1.0 - d for d in dens]  # as recipes.drop_and_rescale
+        divisors = [1.0 - p for p in drop_rates]  # as rescale.rescale_inverse_keep
+
+        def run(ip):
+            s0, s1 = pieces[ip]
+            buf = self._buf()
+            U = None
+            if self.drop == "random":
+                U = [self.rng.EntryRandoms(self.seed, name, t, s0).uniform_like(torch.empty(s1 - s0))
+                     for t in range(T)]
+            thr_col, partial = None, []
+            if topk is not None:
+                cols = []
+                for t, tk in enumerate(topk):
+                    allow, ties = tk.allow[ip]
+                    cols.append(tk.inclusive if (allow == ties and ties > 0) else tk.strict)
+                    if 0 < allow < ties:
+                        partial.append([t, tk.thr, allow])
+                thr_col = torch.stack(cols).reshape(-1, 1)
+            for c0 in range(s0, s1, SUB):
+                c1 = min(s1, c0 + SUB)
+                self._sub(buf, b[c0:c1], [e[c0:c1] for e in es], None if U is None else [u[c0 - s0:c1 - s0] for u in U],
+                          thr_col, partial, drop_rates, divisors, out[c0:c1])
+
+        self._map(run, range(len(pieces)))
+
+    def _sub(self, buf, bs, es, us, thr_col, partial, drop_rates, divisors, out):
+        T, m = self.T, bs.numel()
+        bf, D = buf.bf[:m], buf.D[:, :m]
+        bf.copy_(bs)  # base.float()
+        for t in range(T):
+            torch.sub(es[t], bf, out=D[t])  # expert.float() - base.float()
+        if self.drop is not None:
+            K = buf.K[:, :m]
+            if self.drop == "magnitude":
+                A = buf.A[:, :m]
+                torch.abs(D, out=A)
+                torch.gt(A, thr_col, out=K)
+                for p in partial:  # keep the first `allow` ties at the threshold, in flat order
+                    t, thr, allow = p
+                    if allow > 0:
+                        idx = (A[t] == thr).nonzero().reshape(-1)[:allow]
+                        K[t][idx] = True
+                        p[2] = allow - idx.numel()
+            else:
+                for t in range(T):
+                    torch.ge(us[t], drop_rates[t], out=K[t])  # uniform >= drop_rate: keep
+            D.mul_(K)  # kept = delta * mask
+            if self.how == "inverse":
+                for t in range(T):
+                    D[t].div_(divisors[t])
+        M = buf.M[:m]
+        if not self.ties:  # weighted_sum
+            if self.wcol is not None:
+                D.mul_(self.wcol)
+            torch.sum(D, 0, out=M)
+        else:
+            A, K = buf.A[:, :m], buf.K[:, :m]
+            V = D
+            if self.elect_w is not None:
+                V = torch.mul(D, self.elect_w, out=A)
+            if self.election == "frequency":
+                V = torch.sign(V, out=A)
+            torch.sum(V, 0, out=M)
+            sg, signs = buf.sg[:m], buf.signs[:m]
+            torch.ge(M, 0, out=sg)
+            signs.copy_(sg).mul_(2.0).sub_(1.0)  # +1 / -1 (0 elects +1)
+            torch.sign(D, out=A)
+            torch.eq(A, signs, out=K)  # agree
+            if self.wcol is not None:
+                D.mul_(self.wcol)
+            D.mul_(K)
+            torch.sum(D, 0, out=M)
+            if self.mode == "mean":
+                cnt = buf.cnt[:m]
+                torch.sum(K, 0, out=cnt)
+                M.div_(cnt.clamp_min_(1))
+            elif self.mode == "weighted_mean":
+                w = self.wcol if self.wcol is not None else torch.ones(T, 1)
+                div = buf.div[:m]
+                torch.sum(torch.mul(w, K, out=A), 0, out=div)
+                M.div_(torch.where(div.abs() < 1e-8, 1.0, div))
+        if self.lam != 1.0:
+            M.mul_(self.lam)
+        M.add_(bf)
+        out.copy_(M)
+
+
 # --------------------------------------------------------------------------- merge
 
 
@@ -217,6 +516,8 @@ def merge_folders(
     progress: bool = True,
     overwrite: bool = False,
     prefetch_bytes: int = 1 << 29,
+    fused: bool = True,
+    workers: int | None = None,
     merge_fn: Callable | None = None,
     **merge_kwargs,
 ) -> Path:
@@ -236,11 +537,17 @@ def merge_folders(
         progress: show a tqdm bar over input bytes.
         overwrite: replace an existing non-empty ``out_dir``.
         prefetch_bytes: read-ahead budget of the prefetch thread.
-        merge_fn: replaces ``recipes.merge_tensor`` (same signature); for tests.
+        fused: on the CPU, use the fused chunked path for the options it supports
+            (see ``fused_supported``); it gives the same numbers as ``merge_tensor``.
+        workers: threads of the fused path (default: torch's intra-op thread count);
+            while it runs, torch ops are single-threaded (``torch.set_num_threads(1)``).
+        merge_fn: replaces ``recipes.merge_tensor`` (same signature; disables the
+            fused path); for tests.
 
     Returns: the output folder (resolved). Integer tensors are copied from the base.
     Output dtypes equal the input dtypes; config and tokenizer files come from the base.
     """
+    use_fused = fused and merge_fn is None and fused_supported(method, merge_kwargs, device)
     merge_fn = merge_fn or _default_merge_fn()
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -273,13 +580,19 @@ def merge_folders(
             from tqdm.auto import tqdm
 
             bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"merge {method}")
-        chunkable = method in ELEMENTWISE_METHODS
+        chunkable = method in ELEMENTWISE_METHODS or (
+            method in ("dare_linear", "dare_ties") and merge_kwargs.get("rescale", "auto") != "l1")
         pin = device.type == "cuda"
 
         def to_device(t):
             if device.type == "cpu":
                 return t
             return (t.pin_memory() if pin else t).to(device, non_blocking=pin)
+
+        fusedm, threads = None, torch.get_num_threads()
+        if use_fused:
+            fusedm = _Fused(method, len(dirs), merge_kwargs, workers or threads)
+            torch.set_num_threads(1)  # parallel over pieces instead (see the fused path)
 
         # ---- 2.-4. stream: prefetch -> merge -> write
         with ShardedSafetensorsWriter(out_dir, specs, max_shard_size, copy_from=base_dir,
@@ -292,11 +605,14 @@ def merge_folders(
                     dtype = b.dtype
                     if not dtype.is_floating_point:
                         out = b  # integer buffers (e.g. position_ids) are copied from the base
+                    elif fusedm is not None:
+                        out = torch.empty_like(b)
+                        fusedm(name, b, ex, out)
                     elif chunkable and b.dim() >= 1 and b.numel() > chunk_elems:
                         out = torch.empty_like(b)
                         for r0, r1 in _row_chunks(tuple(b.shape), chunk_elems):
                             m = merge_fn(name, to_device(b[r0:r1]), [to_device(e[r0:r1]) for e in ex],
-                                         method, **merge_kwargs)
+                                         method, offset=r0 * (b.numel() // b.shape[0]), **merge_kwargs)
                             out[r0:r1].copy_(m)
                             del m
                     else:
@@ -317,6 +633,9 @@ def merge_folders(
                     fut.result()
             finally:
                 prefetch.close()
+                if fusedm is not None:
+                    fusedm.close()
+                    torch.set_num_threads(threads)
         if bar is not None:
             bar.close()
         return writer.out_dir

@@ -365,3 +365,95 @@ def test_bin_loaded_only_with_weights_only(families, tmp_path, monkeypatch):
         warnings.simplefilter("ignore")
         with pytest.raises(pickle.UnpicklingError):
             CheckpointFolder(evil)
+
+
+# --------------------------------------------------------------------------- fused CPU path
+
+
+from merging_helpers import streaming  # noqa: E402
+
+
+def _tensors(shape, dtype, seed, n_experts=3):
+    """Base + experts whose deltas have heavy tails and, in 16-bit dtypes, many exact
+    ties in |Δ| (so the top-k tie rule is exercised)."""
+    g = torch.Generator().manual_seed(seed)
+    base = 0.02 * torch.randn(shape, generator=g)
+    experts = []
+    for t in range(n_experts):
+        d = torch.randn(shape, generator=g) * 0.002 * (1 + 0.3 * t)
+        d[torch.rand(shape, generator=g) < 0.02] *= 5
+        experts.append((base + d).to(dtype))
+    return base.to(dtype), experts
+
+
+FUSED_CASES = [
+    ("ties", dict(density=0.3)),
+    ("ties", dict(density=0.3, election_weights="mergekit")),
+    ("ties", dict(density=[0.2, 0.5, 0.9], weights=[0.5, 1.2, 0.8], lam=0.7, election="frequency")),
+    ("ties", dict(drop_rate=0.8, weights=[0.5, 1.2, 0.8], election_weights="mergekit", rescale="inverse")),
+    ("ties", dict(density=0.3, merge_mode="sum")),
+    ("ties", dict(density=0.3, weights=[0.5, 1.2, 0.8], merge_mode="weighted_mean")),
+    ("magnitude", dict(density=0.5, weights=[1.0, -0.5, 0.3])),
+    ("magnitude", dict(density=1e-7)),  # k = 0: nothing kept
+    ("magnitude", dict(density=1.0)),
+    ("dare_ties", dict(drop_rate=0.9, seed=3)),
+    ("dare_ties", dict(density=0.3, election_weights="mergekit", weights=[1.0, 0.6, 1.4])),
+    ("dare_ties", dict(density=0.3, rescale=None, election="frequency")),
+    ("dare_linear", dict(density=[0.5, 0.3, 0.2], lam=1.3)),
+    ("task_arithmetic", dict(weights=[0.3, 0.3, 0.4])),
+]
+
+
+@pytest.mark.parametrize("shape, dtype", [((1030, 1024), torch.bfloat16), ((300, 70), torch.float32),
+                                          ((300, 70), torch.float16), ((257,), torch.bfloat16)],
+                         ids=["bracket-bf16", "exact-fp32", "exact-fp16", "1d-bf16"])
+def test_fused_equals_merge_tensor(shape, dtype):
+    base, experts = _tensors(shape, dtype, seed=sum(shape))
+    threads = torch.get_num_threads()
+    for method, kw in FUSED_CASES:
+        assert streaming.fused_supported(method, kw, "cpu")
+        ref = merge_tensor("model.layers.0.mlp.up_proj.weight", base, experts, method, **kw)
+        fused = streaming._Fused(method, len(experts), kw, workers=2)
+        out = torch.empty_like(base)
+        try:
+            torch.set_num_threads(1)
+            fused("model.layers.0.mlp.up_proj.weight", base, experts, out)
+        finally:
+            torch.set_num_threads(threads)
+            fused.close()
+        assert torch.equal(out, ref), (method, kw, int((out != ref).sum()))
+
+
+def test_fused_bracket_miss_falls_back_to_exact(monkeypatch):
+    base, experts = _tensors((1030, 1024), torch.bfloat16, seed=5)
+    monkeypatch.setattr(streaming, "_BRACKET_SIGMAS", -1000.0)  # an empty bracket: always misses
+    kw = dict(density=0.3)
+    ref = merge_tensor("w", base, experts, "ties", **kw)
+    fused = streaming._Fused("ties", 3, kw, workers=1)
+    out = torch.empty_like(base)
+    fused("w", base, experts, out)
+    assert torch.equal(out, ref)
+
+
+def test_fused_path_is_used_and_threads_restored(families, tmp_path, monkeypatch):
+    base_dir, expert_dirs = families["llama-bf16-sharded"]
+    import merging_helpers.recipes as recipes
+
+    real = recipes.merge_tensor
+    calls = []
+
+    def spy(name, *a, **k):
+        calls.append(name)
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(recipes, "merge_tensor", spy)
+    threads = torch.get_num_threads()
+    merge_folders(base_dir, expert_dirs, tmp_path / "o", "ties", density=0.3, progress=False)
+    assert calls == ["__validation_probe__"]  # every real tensor went through the fused path
+    assert torch.get_num_threads() == threads
+    assert not streaming.fused_supported("ties", dict(density=0.3, rescale="l1"), "cpu")
+    assert not streaming.fused_supported("della", dict(density=0.3), "cpu")
+    assert not streaming.fused_supported("ties", dict(density=0.3), "cuda")
+    calls.clear()
+    merge_folders(base_dir, expert_dirs, tmp_path / "o2", "dare_ties", density=0.3, rescale="l1", progress=False)
+    assert len(calls) > 1  # not fusable: merge_tensor per tensor
