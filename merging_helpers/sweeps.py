@@ -13,7 +13,8 @@ task), accuracy as a fraction in [0, 1], ready for ``seaborn`` (``hue="task"``) 
 * :func:`pruned_expert` / :func:`pruning_curve` / :func:`pruning_curves` — one expert
   pruned at several drop rates, scored on its own task;
 * :func:`dare_layer_outputs` — a linear layer's output under many random DARE masks;
-* :func:`rescale_factors` — DARE's 1/(1 − p) vs mergekit's L1 rescale, per tensor.
+* :func:`rescale_factors` — DARE's 1/(1 − p) vs mergekit's L1 rescale, per tensor;
+* :func:`seed_summary` / :func:`mean_std_table` — mean ± std over seeds, per setting.
 
 Seeds: random recipes (``RANDOM_METHODS``) are merged once per seed; deterministic ones
 (magnitude, TIES, Task Arithmetic) are merged once per setting and get ``seed = <NA>``.
@@ -193,3 +194,31 @@ def rescale_factors(base, expert, drop_rate, seed=0, expert_index=0, min_numel=1
         rows.append({"name": name, "numel": b.numel(), "kept_fraction": float(keep.float().mean()),
                      "inverse": inverse, "l1": l1, "ratio": l1 / inverse})
     return pd.DataFrame(rows)
+
+
+def seed_summary(frame: pd.DataFrame, by, percent: bool = True) -> pd.DataFrame:
+    """Introduced in chapter 2: mean and standard deviation over seeds of each task's
+    accuracy, plus a task ``"mean"`` (the mean over tasks, taken per seed first, so its
+    std is the spread of the average). ``by``: the column(s) that name a setting (e.g.
+    ``["method", "drop_rate"]``). Returns columns ``*by, task, mean, std, n_seeds``
+    (in percent when ``percent``; std is NaN for a single run, e.g. a deterministic method)."""
+    by = [by] if isinstance(by, str) else list(by)
+    scale = 100.0 if percent else 1.0
+    frame = frame.assign(accuracy=frame["accuracy"] * scale)
+    per_seed_mean = (frame.groupby(by + ["seed"], dropna=False, sort=False)["accuracy"].mean()
+                     .reset_index().assign(task="mean"))
+    both = pd.concat([frame[by + ["seed", "task", "accuracy"]], per_seed_mean], ignore_index=True)
+    out = (both.groupby(by + ["task"], dropna=False, sort=False)["accuracy"]
+           .agg(mean="mean", std="std", n_seeds="count").reset_index())
+    return out
+
+
+def mean_std_table(summary: pd.DataFrame, by, digits: int = 1) -> pd.DataFrame:
+    """Introduced in chapter 2: a wide table of ``"mean ± std"`` strings (one row per
+    setting, one column per task, ``mean`` last) from :func:`seed_summary`'s output."""
+    by = [by] if isinstance(by, str) else list(by)
+    text = summary.apply(lambda r: f"{r['mean']:.{digits}f}" if pd.isna(r["std"])
+                         else f"{r['mean']:.{digits}f} ± {r['std']:.{digits}f}", axis=1)
+    wide = summary.assign(text=text).pivot(index=by, columns="task", values="text")
+    tasks = [t for t in dict.fromkeys(summary["task"]) if t != "mean"] + ["mean"]
+    return wide[tasks]

@@ -170,3 +170,19 @@ def test_rescale_factors_hand_worked():
     f = sweeps.rescale_factors(base, experts[0], 0.0)
     assert f["l1"].tolist() == pytest.approx([1.0, 1.0]) and f["ratio"].tolist() == pytest.approx([1.0, 1.0])
     assert not math.isnan(f["l1"].sum())
+
+
+def test_seed_summary_hand_worked():
+    frame = pd.DataFrame({"method": ["x"] * 4 + ["y"] * 2,
+                          "seed": pd.array([0, 0, 1, 1, None, None], dtype="Int64"),
+                          "task": ["a", "b"] * 3,
+                          "accuracy": [0.5, 0.7, 0.7, 0.9, 0.4, 0.6]})
+    s = sweeps.seed_summary(frame, "method").set_index(["method", "task"])
+    assert s.loc[("x", "a"), "mean"] == pytest.approx(60.0)
+    assert s.loc[("x", "a"), "std"] == pytest.approx(math.sqrt(200.0))  # sample std of 50, 70
+    assert s.loc[("x", "mean"), "mean"] == pytest.approx(70.0)  # per-seed means 60 and 80
+    assert s.loc[("x", "mean"), "std"] == pytest.approx(math.sqrt(200.0))
+    assert s.loc[("y", "mean"), "mean"] == pytest.approx(50.0) and math.isnan(s.loc[("y", "a"), "std"])
+    table = sweeps.mean_std_table(sweeps.seed_summary(frame, "method"), "method")
+    assert list(table.columns) == ["a", "b", "mean"]
+    assert table.loc["x", "mean"] == "70.0 ± 14.1" and table.loc["y", "b"] == "60.0"
