@@ -261,15 +261,25 @@ class CheckpointFolder:
             self._fds[file] = fd
         return fd
 
-    def read(self, name: str) -> torch.Tensor:
-        """Read one tensor into a new, owned CPU tensor (one copy, no memory map)."""
+    def read(self, name: str, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """Read one tensor into a new, owned CPU tensor (one copy, no memory map).
+
+        ``buffer``: optional contiguous uint8 CPU tensor of exactly the tensor's byte size
+        to read into (reusing buffers avoids page-faulting fresh memory); the result is
+        a view of it. Ignored for pickled checkpoints.
+        """
         info = self.tensors[name]
         if self.format == "bin":
             return self._pickle(info.file)[name].clone()
         nbytes = info.end - info.start
         if nbytes != info.nbytes:
             raise ValueError(f"{info.file}: tensor {name!r} byte range does not match its shape")
-        buf = torch.empty(nbytes, dtype=torch.uint8)
+        if buffer is not None:
+            if buffer.dtype != torch.uint8 or buffer.numel() != nbytes or not buffer.is_contiguous():
+                raise ValueError(f"read({name!r}): buffer must be a contiguous uint8 tensor of {nbytes} bytes")
+            buf = buffer
+        else:
+            buf = torch.empty(nbytes, dtype=torch.uint8)
         if nbytes:
             view = memoryview(buf.numpy())
             fd, pos, done = self._fd(info.file), info.start, 0

@@ -46,6 +46,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 
 from .checkpoints import CheckpointFolder, ShardedSafetensorsWriter, check_output_path
@@ -141,14 +142,44 @@ def _default_merge_fn() -> Callable:
 # --------------------------------------------------------------------------- prefetch
 
 
+class _BufferPool:
+    """Reusable uint8 buffers by exact size (a model repeats the same shapes layer
+    after layer), so reads and outputs do not page-fault fresh memory every time.
+    Keeps at most ``cap`` bytes of idle buffers."""
+
+    def __init__(self, cap: int = 1 << 29):
+        self.cap, self.idle, self.free = cap, 0, {}
+        self.lock = threading.Lock()
+
+    def get(self, nbytes: int) -> torch.Tensor:
+        with self.lock:
+            lst = self.free.get(nbytes)
+            if lst:
+                self.idle -= nbytes
+                return lst.pop()
+        return torch.empty(nbytes, dtype=torch.uint8)
+
+    def put(self, buf: torch.Tensor) -> None:
+        n = buf.numel()
+        with self.lock:
+            if self.idle + n <= self.cap:
+                self.free.setdefault(n, []).append(buf)
+                self.idle += n
+
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
+
+
 class _Prefetcher:
     """Reads (base, *experts) tensors in a background thread, ahead of use, keeping at
     most ``budget`` bytes of read-ahead (always at least the next tensor)."""
 
     _DONE = object()
 
-    def __init__(self, folders: Sequence[CheckpointFolder], names: Sequence[str], budget: int):
-        self.folders, self.names, self.budget = folders, list(names), budget
+    def __init__(self, folders: Sequence[CheckpointFolder], names: Sequence[str], budget: int,
+                 pool: _BufferPool | None = None):
+        self.folders, self.names, self.budget, self.pool = folders, list(names), budget, pool
         self.q: queue.Queue = queue.Queue()
         self.cv = threading.Condition()
         self.pending = 0  # bytes read but not yet released by the consumer
@@ -168,11 +199,16 @@ class _Prefetcher:
                     if self.stop:
                         return
                     self.pending += size
-                self.q.put((name, [f.read(name) for f in self.folders], size))
+                self.q.put((name, [self._read(f, name) for f in self.folders], size))
         except BaseException as e:  # hand the error to the consumer
             self.q.put((self._DONE, e, 0))
             return
         self.q.put((self._DONE, None, 0))
+
+    def _read(self, folder: CheckpointFolder, name: str) -> torch.Tensor:
+        if self.pool is None or folder.format != "safetensors" or not folder.tensors[name].nbytes:
+            return folder.read(name)
+        return folder.read(name, buffer=self.pool.get(folder.tensors[name].nbytes))
 
     def __iter__(self):
         while True:
@@ -226,9 +262,11 @@ _SAMPLE = 1 << 16
 _BRACKET_SIGMAS = 6.0  # half-width of the sample bracket in binomial standard deviations
 
 
-def fused_supported(method: str, kwargs: Mapping, device) -> bool:
+def fused_supported(method: str, kwargs: Mapping, device, n_experts: int = 2) -> bool:
     """True if :class:`_Fused` reproduces ``merge_tensor`` for these arguments."""
     if torch.device(device).type != "cpu" or method not in FUSED_METHODS or set(kwargs) - _FUSED_KWARGS:
+        return False
+    if not _sum_order_ok(n_experts):
         return False
     if kwargs.get("rescale", "auto") not in ("auto", "inverse", None):
         return False
@@ -240,27 +278,58 @@ def fused_supported(method: str, kwargs: Mapping, device) -> bool:
 
 
 class _Buffers:
+    """Per-thread scratch space for one sub-chunk (allocated once, reused)."""
+
     def __init__(self, T: int, m: int):
         self.bf = torch.empty(m)
         self.D = torch.empty(T, m)
         self.A = torch.empty(T, m)
-        self.K = torch.empty(T, m, dtype=torch.bool)
+        self.Kf = torch.empty(T, m)  # float masks: mask * delta is a plain float multiply
         self.M = torch.empty(m)
         self.signs = torch.empty(m)
-        self.sg = torch.empty(m, dtype=torch.bool)
-        self.cnt = torch.empty(m, dtype=torch.int64)
-        self.div = torch.empty(m)
+        self.cnt = torch.empty(m)
+        self.tmp = torch.empty(m)
+
+
+def _rowsum(rows, out):
+    """rows[0] + rows[1] + ... in that order: the same numbers as ``stack(rows).sum(0)``
+    for up to ``_MAX_T`` rows (checked by :func:`_sum_order_ok`)."""
+    if len(rows) == 1:
+        return out.copy_(rows[0])
+    torch.add(rows[0], rows[1], out=out)
+    for r in rows[2:]:
+        out.add_(r)
+    return out
+
+
+_MAX_T = 4
+_SUM_ORDER_OK: dict[int, bool] = {}
+
+
+def _sum_order_ok(T: int) -> bool:
+    """torch's ``sum(0)`` over T rows equals row-by-row addition (true for T <= 4 on the
+    builds we know; beyond that its order depends on the shape, so chunked results
+    could differ from the whole tensor's and the fused path is not used)."""
+    if T > _MAX_T:
+        return False
+    if T not in _SUM_ORDER_OK:
+        g = torch.Generator().manual_seed(T)
+        ok = True
+        for m in (1000, 4099, 1 << 17):
+            x = torch.randn(T, m, generator=g) * torch.logspace(-3, 3, T).reshape(-1, 1)
+            ok &= torch.equal(x.sum(0), _rowsum(list(x), torch.empty(m)))
+        _SUM_ORDER_OK[T] = bool(ok)
+    return _SUM_ORDER_OK[T]
 
 
 class _TopK:
-    """Per expert: threshold, and per piece how to treat entries equal to it."""
+    """Per expert: the threshold, and per piece which comparison keeps the right entries."""
 
     def __init__(self, thr: float, missing: int, ties_per_piece: list[int]):
         self.thr = thr
-        self.strict = torch.tensor(thr, dtype=torch.float32)
         # |Δ| >= thr  <=>  |Δ| > the float32 just below thr
-        self.inclusive = torch.nextafter(self.strict, torch.tensor(float("-inf")))
-        self.allow = []  # per piece: number of threshold ties to keep (in flat order)
+        self.below = float(torch.nextafter(torch.tensor(thr, dtype=torch.float32), torch.tensor(float("-inf"))))
+        self.allow = []  # per piece: (threshold ties to keep in flat order, ties in the piece)
         left = missing
         for c in ties_per_piece:
             a = min(left, c)
@@ -280,7 +349,8 @@ class _Fused:
         self.lam = float(kwargs.get("lam", 1.0))
         self.seed = kwargs.get("seed", 0)
         w = kwargs.get("weights")
-        self.wcol = None if w is None else torch.as_tensor(w, dtype=torch.float32).reshape(-1, 1)
+        # the engine multiplies by float32 weights: use their float32 values as scalars
+        self.w = None if w is None else [float(x) for x in torch.as_tensor(w, dtype=torch.float32).reshape(-1)]
         self.drop = {"task_arithmetic": None, "magnitude": "magnitude", "ties": "magnitude",
                      "dare_linear": "random", "dare_ties": "random"}[method]
         rescale = kwargs.get("rescale", "auto")
@@ -292,8 +362,10 @@ class _Fused:
         if kwargs.get("election_weights", "peft") == "peft":
             self.elect_w, self.mode = None, mode or "mean"
         else:
-            self.elect_w = self.wcol
+            self.elect_w = self.w
             self.mode = mode or ("sum" if method == "dare_ties" else "weighted_mean")
+        if self.mode == "weighted_mean" and self.w is None:
+            self.mode = "mean"  # Σ 1·agree = the count; where(|count| < 1e-8, 1, count) = max(count, 1)
         self.piece = rng.BLOCK
         self.workers = max(1, int(workers))
         self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="merge-fused") if self.workers > 1 else None
@@ -315,10 +387,21 @@ class _Fused:
             return [fn(i) for i in items]
         return list(self.pool.map(fn, items))
 
-    # -- top-k thresholds -------------------------------------------------------
     def _pieces(self, n):
         return [(s, min(n, s + self.piece)) for s in range(0, n, self.piece)]
 
+    def _deltas(self, buf, bs, es):
+        """buf.D[:, :m] = expert.float() - base.float() (converting first: a mixed
+        bf16 - float32 op is ~10x slower than the conversion plus a float32 op)."""
+        m = bs.numel()
+        bf, D = buf.bf[:m], buf.D[:, :m]
+        bf.copy_(bs)
+        for t, e in enumerate(es):
+            D[t].copy_(e)
+            D[t].sub_(bf)
+        return bf, D
+
+    # -- top-k thresholds -------------------------------------------------------
     def _exact_topk(self, b, e, k, pieces) -> _TopK:
         from .selection import kth_largest_abs
 
@@ -342,37 +425,35 @@ class _Fused:
         bs = b[idx].float()
         lo, hi = [], []
         for e, k in zip(es, ks):
-            srt = (e[idx].float() - bs).abs_().sort(descending=True).values
-            r = k / n * _SAMPLE
+            sample = (e[idx].float() - bs).abs_().numpy()
             q = k / n
+            r = q * _SAMPLE  # rank (from the top) of the k-th largest, in the sample
             margin = _BRACKET_SIGMAS * math.sqrt(_SAMPLE * q * (1 - q)) + 16
-            i_hi, i_lo = int(r - margin), int(math.ceil(r + margin))
-            hi.append(float(srt[min(i_hi, _SAMPLE - 1)]) if i_hi >= 0 else float("inf"))
-            lo.append(float(srt[max(i_lo, 0)]) if i_lo < _SAMPLE else 0.0)
-        hi_col = torch.tensor(hi, dtype=torch.float32).reshape(-1, 1)
-        lo_col = torch.tensor(lo, dtype=torch.float32).reshape(-1, 1)
+            i_hi, i_lo = int(r - margin), int(math.ceil(r + margin))  # ranks from the top
+            j_hi = _SAMPLE - 1 - min(max(i_hi, 0), _SAMPLE - 1)  # ascending positions
+            j_lo = _SAMPLE - 1 - min(max(i_lo, 0), _SAMPLE - 1)
+            part = np.partition(sample, sorted({j_hi, j_lo}))
+            hi.append(float(part[j_hi]) if i_hi >= 0 else float("inf"))
+            lo.append(float(part[j_lo]) if i_lo < _SAMPLE else 0.0)
 
         # 2. one pass: count |Δ| > hi, collect lo <= |Δ| <= hi (per piece, in order)
         def scan(piece):
             s0, s1 = piece
             buf = self._buf()
-            above = torch.zeros(self.T, dtype=torch.int64)
+            above = [0] * self.T
             cands = [[] for _ in range(self.T)]
             for c0 in range(s0, s1, SUB):
                 c1 = min(s1, c0 + SUB)
                 m = c1 - c0
-                bf, D, A, K = buf.bf[:m], buf.D[:, :m], buf.A[:, :m], buf.K[:, :m]
-                bf.copy_(b[c0:c1])
-                for t in range(self.T):
-                    torch.sub(es[t][c0:c1], bf, out=D[t])
+                _, D = self._deltas(buf, b[c0:c1], [e[c0:c1] for e in es])
+                A = buf.A[:, :m]
                 torch.abs(D, out=A)
-                torch.gt(A, hi_col, out=K)
-                above += K.sum(1)
-                torch.ge(A, lo_col, out=K)
-                K &= torch.le(A, hi_col)
                 for t in range(self.T):
-                    cands[t].append(A[t][K[t]])
-            return above, [torch.cat(c) for c in cands]
+                    # numpy: its boolean comparisons and compaction are ~4x cheaper than torch's here
+                    a = A[t].numpy()
+                    above[t] += int(np.count_nonzero(a > hi[t]))
+                    cands[t].append(a[(a >= lo[t]) & (a <= hi[t])])
+            return above, [torch.from_numpy(np.concatenate(c)) for c in cands]
 
         results = self._map(scan, pieces)
         out = []
@@ -380,7 +461,7 @@ class _Fused:
             if k == 0 or k >= n:
                 out.append(self._exact_topk(b, es[t], k, pieces))
                 continue
-            above = sum(int(r[0][t]) for r in results)
+            above = sum(r[0][t] for r in results)
             per_piece = [r[1][t] for r in results]
             cands = torch.cat(per_piece)
             k2 = k - above
@@ -412,83 +493,85 @@ class _Fused:
             buf = self._buf()
             U = None
             if self.drop == "random":
-                U = [self.rng.EntryRandoms(self.seed, name, t, s0).uniform_like(torch.empty(s1 - s0))
+                # = rng.EntryRandoms(seed, name, t, s0).uniform_like(...) for a block-aligned piece
+                block = s0 // self.piece
+                U = [torch.rand(s1 - s0, generator=self.rng.generator_for(self.seed, name, t, block=block))
                      for t in range(T)]
-            thr_col, partial = None, []
+            thr, partial = None, []
             if topk is not None:
-                cols = []
+                thr = []
                 for t, tk in enumerate(topk):
                     allow, ties = tk.allow[ip]
-                    cols.append(tk.inclusive if (allow == ties and ties > 0) else tk.strict)
+                    thr.append(tk.below if (allow == ties and ties > 0) else tk.thr)
                     if 0 < allow < ties:
                         partial.append([t, tk.thr, allow])
-                thr_col = torch.stack(cols).reshape(-1, 1)
             for c0 in range(s0, s1, SUB):
                 c1 = min(s1, c0 + SUB)
                 self._sub(buf, b[c0:c1], [e[c0:c1] for e in es], None if U is None else [u[c0 - s0:c1 - s0] for u in U],
-                          thr_col, partial, drop_rates, divisors, out[c0:c1])
+                          thr, partial, drop_rates, divisors, out[c0:c1])
 
         self._map(run, range(len(pieces)))
 
-    def _sub(self, buf, bs, es, us, thr_col, partial, drop_rates, divisors, out):
+    def _sub(self, buf, bs, es, us, thr, partial, drop_rates, divisors, out):
         T, m = self.T, bs.numel()
-        bf, D = buf.bf[:m], buf.D[:, :m]
-        bf.copy_(bs)  # base.float()
-        for t in range(T):
-            torch.sub(es[t], bf, out=D[t])  # expert.float() - base.float()
+        bf, D = self._deltas(buf, bs, es)
+        A, Kf, M = buf.A[:, :m], buf.Kf[:, :m], buf.M[:m]
         if self.drop is not None:
-            K = buf.K[:, :m]
             if self.drop == "magnitude":
-                A = buf.A[:, :m]
                 torch.abs(D, out=A)
-                torch.gt(A, thr_col, out=K)
+                for t in range(T):
+                    torch.gt(A[t], thr[t], out=Kf[t])
                 for p in partial:  # keep the first `allow` ties at the threshold, in flat order
-                    t, thr, allow = p
+                    t, value, allow = p
                     if allow > 0:
-                        idx = (A[t] == thr).nonzero().reshape(-1)[:allow]
-                        K[t][idx] = True
-                        p[2] = allow - idx.numel()
+                        idx = np.flatnonzero(A[t].numpy() == value)[:allow]
+                        Kf[t][torch.from_numpy(idx)] = 1.0
+                        p[2] = allow - len(idx)
             else:
                 for t in range(T):
-                    torch.ge(us[t], drop_rates[t], out=K[t])  # uniform >= drop_rate: keep
-            D.mul_(K)  # kept = delta * mask
+                    torch.ge(us[t], drop_rates[t], out=Kf[t])  # keep where uniform >= drop_rate
+            D.mul_(Kf)  # kept = delta * mask
             if self.how == "inverse":
                 for t in range(T):
                     D[t].div_(divisors[t])
-        M = buf.M[:m]
-        if not self.ties:  # weighted_sum
-            if self.wcol is not None:
-                D.mul_(self.wcol)
-            torch.sum(D, 0, out=M)
+        if not self.ties:  # weighted_sum: Σ w_t Δ_t
+            if self.w is not None:
+                for t in range(T):
+                    D[t].mul_(self.w[t])
+            _rowsum(list(D), M)
         else:
-            A, K = buf.A[:, :m], buf.K[:, :m]
             V = D
-            if self.elect_w is not None:
-                V = torch.mul(D, self.elect_w, out=A)
+            if self.elect_w is not None:  # elect on weighted deltas (mergekit)
+                for t in range(T):
+                    torch.mul(D[t], self.elect_w[t], out=A[t])
+                V = A
             if self.election == "frequency":
                 V = torch.sign(V, out=A)
-            torch.sum(V, 0, out=M)
-            sg, signs = buf.sg[:m], buf.signs[:m]
-            torch.ge(M, 0, out=sg)
-            signs.copy_(sg).mul_(2.0).sub_(1.0)  # +1 / -1 (0 elects +1)
-            torch.sign(D, out=A)
-            torch.eq(A, signs, out=K)  # agree
-            if self.wcol is not None:
-                D.mul_(self.wcol)
-            D.mul_(K)
-            torch.sum(D, 0, out=M)
+            _rowsum(list(V), M)
+            signs = buf.signs[:m]
+            torch.ge(M, 0, out=signs)
+            signs.mul_(2.0).sub_(1.0)  # elected sign: +1 / -1 (a sum of 0 elects +1)
+            torch.mul(D, signs, out=A)
+            torch.gt(A, 0, out=Kf)  # agree: nonzero with the elected sign
+            if self.w is not None:
+                for t in range(T):
+                    D[t].mul_(self.w[t])
+            D.mul_(Kf)
+            _rowsum(list(D), M)  # Σ_{t agrees} w_t Δ_t
             if self.mode == "mean":
-                cnt = buf.cnt[:m]
-                torch.sum(K, 0, out=cnt)
-                M.div_(cnt.clamp_min_(1))
+                cnt = _rowsum(list(Kf), buf.cnt[:m])
+                M.div_(cnt.clamp_min_(1.0))
             elif self.mode == "weighted_mean":
-                w = self.wcol if self.wcol is not None else torch.ones(T, 1)
-                div = buf.div[:m]
-                torch.sum(torch.mul(w, K, out=A), 0, out=div)
-                M.div_(torch.where(div.abs() < 1e-8, 1.0, div))
+                for t in range(T):
+                    Kf[t].mul_(self.w[t])
+                div = _rowsum(list(Kf), buf.cnt[:m])
+                tiny = torch.lt(torch.abs(div, out=buf.tmp[:m]), 1e-8)
+                if bool(tiny.any()):  # same guard as mergekit / consensus.disjoint_merge
+                    div[tiny] = 1.0
+                M.div_(div)
         if self.lam != 1.0:
             M.mul_(self.lam)
-        M.add_(bf)
+        M.add_(bf)  # base.float() + lam * merged
         out.copy_(M)
 
 
@@ -547,7 +630,8 @@ def merge_folders(
     Returns: the output folder (resolved). Integer tensors are copied from the base.
     Output dtypes equal the input dtypes; config and tokenizer files come from the base.
     """
-    use_fused = fused and merge_fn is None and fused_supported(method, merge_kwargs, device)
+    use_fused = (fused and merge_fn is None and not isinstance(expert_dirs, (str, os.PathLike))
+                 and fused_supported(method, merge_kwargs, device, len(expert_dirs)))
     merge_fn = merge_fn or _default_merge_fn()
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -597,16 +681,22 @@ def merge_folders(
         # ---- 2.-4. stream: prefetch -> merge -> write
         with ShardedSafetensorsWriter(out_dir, specs, max_shard_size, copy_from=base_dir,
                                       input_dirs=dirs, overwrite=overwrite) as writer, \
-                ThreadPoolExecutor(1, thread_name_prefix="merge-write") as pool:
+                ThreadPoolExecutor(1, thread_name_prefix="merge-write") as wpool:
             pending: list = []
-            prefetch = _Prefetcher(folders, names, prefetch_bytes)
+            pool = _BufferPool()
+            prefetch = _Prefetcher(folders, names, prefetch_bytes, pool)
+
+            def write(name, out, release):
+                writer.write(name, out)
+                for buf in release:  # the buffers are free once written
+                    pool.put(buf)
             try:
                 for name, (b, *ex) in prefetch:
                     dtype = b.dtype
                     if not dtype.is_floating_point:
                         out = b  # integer buffers (e.g. position_ids) are copied from the base
                     elif fusedm is not None:
-                        out = torch.empty_like(b)
+                        out = pool.get(b.numel() * b.element_size()).view(dtype).view(b.shape)
                         fusedm(name, b, ex, out)
                     elif chunkable and b.dim() >= 1 and b.numel() > chunk_elems:
                         out = torch.empty_like(b)
@@ -621,11 +711,17 @@ def merge_folders(
                         del m
                     if tuple(out.shape) != tuple(b.shape):
                         raise RuntimeError(f"merge of {name!r} returned shape {tuple(out.shape)}, expected {tuple(b.shape)}")
+                    # input buffers go back to the pool now, the output's once it is written
+                    # (an output that aliases an input, e.g. a copied integer buffer, waits too)
+                    release = [_as_bytes(out)] if out.numel() and out.is_contiguous() else []
+                    for t in (b, *ex):
+                        if t.numel() and t.data_ptr() != out.data_ptr():
+                            pool.put(_as_bytes(t))
                     del b, ex
                     # at most two writes in flight: bounds memory, keeps the disk busy
                     while len(pending) >= 2:
                         pending.pop(0).result()
-                    pending.append(pool.submit(writer.write, name, out))
+                    pending.append(wpool.submit(write, name, out, release))
                     del out
                     if bar is not None:
                         bar.update(sum(f.tensors[name].nbytes for f in folders))
