@@ -147,7 +147,7 @@ class _BufferPool:
     after layer), so reads and outputs do not page-fault fresh memory every time.
     Keeps at most ``cap`` bytes of idle buffers."""
 
-    def __init__(self, cap: int = 1 << 29):
+    def __init__(self, cap: int = 1 << 28):
         self.cap, self.idle, self.free = cap, 0, {}
         self.lock = threading.Lock()
 
@@ -256,7 +256,7 @@ class _Prefetcher:
 FUSED_METHODS = ("task_arithmetic", "magnitude", "ties", "dare_linear", "dare_ties")
 _FUSED_KWARGS = {"density", "drop_rate", "weights", "lam", "seed", "rescale", "election", "election_weights",
                  "merge_mode", "rate_level", "rate_default", "epsilon"}
-SUB = 1 << 16  # entries per sub-chunk: (T+2) float32 rows of 256 kB stay in L2/L3
+SUB = 1 << 17  # entries per sub-chunk: ~14 float32 rows of 512 kB per worker stay in L3
 EXACT_MAX = 1 << 20  # tensors up to this size find their top-k threshold on the whole tensor
 _SAMPLE = 1 << 16
 _BRACKET_SIGMAS = 6.0  # half-width of the sample bracket in binomial standard deviations
