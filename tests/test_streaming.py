@@ -404,35 +404,61 @@ FUSED_CASES = [
 ]
 
 
-@pytest.mark.parametrize("shape, dtype", [((1030, 1024), torch.bfloat16), ((300, 70), torch.float32),
-                                          ((300, 70), torch.float16), ((257,), torch.bfloat16)],
-                         ids=["bracket-bf16", "exact-fp32", "exact-fp16", "1d-bf16"])
-def test_fused_equals_merge_tensor(shape, dtype):
-    base, experts = _tensors(shape, dtype, seed=sum(shape))
+def _fused_merge(method, kw, base, experts, piece=None):
+    fused = streaming._Fused(method, len(experts), kw, workers=2)
+    if piece is not None:
+        fused.piece = piece  # smaller pieces: only for methods without random numbers
+    out = torch.empty_like(base)
     threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        fused("model.layers.0.mlp.up_proj.weight", base, experts, out)
+    finally:
+        torch.set_num_threads(threads)
+        fused.close()
+    return out
+
+
+@pytest.mark.parametrize("path", ["exact", "bracket"])
+@pytest.mark.parametrize("shape, dtype", [((300, 70), torch.bfloat16), ((300, 70), torch.float32),
+                                          ((210, 50), torch.float16), ((2570,), torch.bfloat16)],
+                         ids=["bf16", "fp32", "fp16", "1d-bf16"])
+def test_fused_equals_merge_tensor(shape, dtype, path, monkeypatch):
+    """The fused path gives merge_tensor's numbers exactly. "bracket": the one-pass
+    sampled top-k threshold over several pieces (made small here), "exact": whole tensor."""
+    if path == "bracket":
+        monkeypatch.setattr(streaming, "EXACT_MAX", 1000)
+        monkeypatch.setattr(streaming, "_SAMPLE", 512)
+    base, experts = _tensors(shape, dtype, seed=sum(shape))
     for method, kw in FUSED_CASES:
-        assert streaming.fused_supported(method, kw, "cpu")
+        assert streaming.fused_supported(method, kw, "cpu", len(experts))
         ref = merge_tensor("model.layers.0.mlp.up_proj.weight", base, experts, method, **kw)
-        fused = streaming._Fused(method, len(experts), kw, workers=2)
-        out = torch.empty_like(base)
-        try:
-            torch.set_num_threads(1)
-            fused("model.layers.0.mlp.up_proj.weight", base, experts, out)
-        finally:
-            torch.set_num_threads(threads)
-            fused.close()
+        piece = 1536 if path == "bracket" and not method.startswith("dare") else None
+        out = _fused_merge(method, kw, base, experts, piece)
         assert torch.equal(out, ref), (method, kw, int((out != ref).sum()))
 
 
+def test_fused_dare_over_several_random_blocks():
+    from merging_helpers.rng import BLOCK
+
+    base, experts = _tensors((BLOCK // 1000 + 30, 1000), torch.bfloat16, seed=1)  # > 1 block
+    for method, kw in [("dare_ties", dict(drop_rate=0.9, seed=3)), ("dare_linear", dict(density=[0.5, 0.3, 0.2]))]:
+        ref = merge_tensor("model.layers.0.mlp.up_proj.weight", base, experts, method, **kw)
+        assert torch.equal(_fused_merge(method, kw, base, experts), ref), method
+
+
 def test_fused_bracket_miss_falls_back_to_exact(monkeypatch):
-    base, experts = _tensors((1030, 1024), torch.bfloat16, seed=5)
+    base, experts = _tensors((300, 70), torch.bfloat16, seed=5)
+    monkeypatch.setattr(streaming, "EXACT_MAX", 1000)
+    monkeypatch.setattr(streaming, "_SAMPLE", 512)
     monkeypatch.setattr(streaming, "_BRACKET_SIGMAS", -1000.0)  # an empty bracket: always misses
     kw = dict(density=0.3)
-    ref = merge_tensor("w", base, experts, "ties", **kw)
-    fused = streaming._Fused("ties", 3, kw, workers=1)
-    out = torch.empty_like(base)
-    fused("w", base, experts, out)
-    assert torch.equal(out, ref)
+    ref = merge_tensor("model.layers.0.mlp.up_proj.weight", base, experts, "ties", **kw)
+    assert torch.equal(_fused_merge("ties", kw, base, experts, piece=4000), ref)
+
+
+def test_numpy_words_are_torch_rand():
+    assert streaming._numpy_rng_ok()  # else the fused path silently uses torch.rand (slower, same numbers)
 
 
 def test_fused_path_is_used_and_threads_restored(families, tmp_path, monkeypatch):
@@ -449,7 +475,7 @@ def test_fused_path_is_used_and_threads_restored(families, tmp_path, monkeypatch
     monkeypatch.setattr(recipes, "merge_tensor", spy)
     threads = torch.get_num_threads()
     merge_folders(base_dir, expert_dirs, tmp_path / "o", "ties", density=0.3, progress=False)
-    assert calls == ["__validation_probe__"]  # every real tensor went through the fused path
+    assert len(calls) == 1  # the argument probe; every real tensor went through the fused path
     assert torch.get_num_threads() == threads
     assert not streaming.fused_supported("ties", dict(density=0.3, rescale="l1"), "cpu")
     assert not streaming.fused_supported("della", dict(density=0.3), "cpu")
@@ -457,3 +483,33 @@ def test_fused_path_is_used_and_threads_restored(families, tmp_path, monkeypatch
     calls.clear()
     merge_folders(base_dir, expert_dirs, tmp_path / "o2", "dare_ties", density=0.3, rescale="l1", progress=False)
     assert len(calls) > 1  # not fusable: merge_tensor per tensor
+
+
+def test_per_partition_rates_and_model_scope_match_in_memory(families, tmp_path):
+    base_dir, expert_dirs = families["llama-bf16-sharded"]
+    base_sd = load_state_dict(base_dir)
+    expert_sds = [load_state_dict(d) for d in expert_dirs]
+    cases = [
+        ("ties", dict(density={"attention": 0.3, "ffn": 0.5}, rate_level="role", rate_default=0.8)),
+        ("dare_ties", dict(drop_rate=[{"attention": 0.9}, 0.5], rate_level="role", rate_default=0.7, seed=2)),
+        ("ties", dict(density=0.3, magnitude_scope="model")),
+        ("magnitude", dict(density=[0.2, 0.4], magnitude_scope="model", weights=[1.0, 0.5])),
+    ]
+    for i, (method, kw) in enumerate(cases):
+        for fused in (True, False):
+            out = merge_folders(base_dir, expert_dirs, tmp_path / f"o{i}{fused}", method, progress=False,
+                                fused=fused, chunk_elems=300, **kw)
+            ref = merge_state_dicts(base_sd, expert_sds, method, progress=False, **kw)
+            merged = load_state_dict(out)
+            for name, t in ref.items():
+                assert torch.equal(merged[name], t.to(base_sd[name].dtype)), (method, kw, fused, name)
+    with pytest.raises(KeyError):  # a tensor without a rate fails before any work
+        merge_folders(base_dir, expert_dirs, tmp_path / "bad", "ties", density={"attention": 0.3},
+                      rate_level="role", progress=False)
+    with pytest.raises(ValueError, match="match no tensor"):
+        merge_folders(base_dir, expert_dirs, tmp_path / "bad", "ties", density={"atention": 0.3},
+                      rate_level="role", rate_default=0.5, progress=False)
+    with pytest.raises(ValueError, match="magnitude_scope"):
+        merge_folders(base_dir, expert_dirs, tmp_path / "bad", "dare_ties", density=0.3,
+                      magnitude_scope="model", progress=False)
+    assert not (tmp_path / "bad").exists()
