@@ -12,7 +12,7 @@ uses int(), i.e. floor; the two agree whenever density · n is an integer).
 import torch
 
 from .partitions import validate_rates
-from .rng import uniform_like
+from .rng import EntryRandoms, keep_threshold, uniform_like
 from .selection import global_kth_largest_abs, top_k_mask
 
 
@@ -48,14 +48,20 @@ def threshold_keep_mask(delta: torch.Tensor, threshold: float) -> torch.Tensor:
     return delta.abs() >= threshold
 
 
-def random_keep_mask(delta: torch.Tensor, drop_rate: float, generator: torch.Generator) -> torch.Tensor:
+def random_keep_mask(delta: torch.Tensor, drop_rate: float, generator) -> torch.Tensor:
     """DARE: drop each entry independently with probability ``drop_rate``.
 
-    Uniform numbers come from ``generator`` on the CPU (see ``rng``), so the mask
-    is the same on every device; entry i is kept when u_i >= drop_rate.
+    Entry i is kept when u_i >= drop_rate. Numbers come from ``generator`` on the CPU
+    (see ``rng``), so the mask is the same on every device. With an ``EntryRandoms``
+    (what the recipes use) the test is done on the 32-bit words, w_i >= ceil(p · 2^32),
+    which is the same test as u_i >= p for u_i = w_i / 2^32; with a ``torch.Generator``,
+    u_i is ``torch.rand``'s float32.
     """
     _check_tensor(delta, "random_keep_mask")
     validate_rates(drop_rate, "drop_rate")
+    if isinstance(generator, EntryRandoms):
+        keep = generator.words(delta.numel()) >= keep_threshold(drop_rate)
+        return torch.from_numpy(keep).reshape(delta.shape).to(delta.device)
     return uniform_like(delta, generator) >= drop_rate
 
 
@@ -84,7 +90,9 @@ def magprune_keep_prob(delta: torch.Tensor, density: float, epsilon: float) -> t
     return ((density - epsilon) + epsilon * 2 * ranks / (n - 1)).reshape(delta.shape)
 
 
-def magprune_keep(delta: torch.Tensor, density: float, epsilon: float, generator: torch.Generator):
-    """DELLA MagPrune: returns ``(keep_mask, keep_prob)``; rescale kept entries by 1/keep_prob."""
+def magprune_keep(delta: torch.Tensor, density: float, epsilon: float, generator):
+    """DELLA MagPrune: returns ``(keep_mask, keep_prob)``; rescale kept entries by 1/keep_prob.
+    Entry i is kept when u_i < keep_prob_i (with an ``EntryRandoms``, u_i = w_i / 2^32 in
+    float64 and keep_prob_i is compared at its float32 value, exactly)."""
     keep_prob = magprune_keep_prob(delta, density, epsilon)
     return uniform_like(delta, generator) < keep_prob, keep_prob

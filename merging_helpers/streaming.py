@@ -306,7 +306,6 @@ class _Buffers:
         self.signs = torch.empty(m)
         self.cnt = torch.empty(m)
         self.tmp = torch.empty(m)
-        self.low = np.empty(m, dtype=np.uint32)
 
 
 def _rowsum(rows, out):
@@ -338,27 +337,6 @@ def _sum_order_ok(T: int) -> bool:
             ok &= torch.equal(x.sum(0), _rowsum(list(x), torch.empty(m)))
         _SUM_ORDER_OK[T] = bool(ok)
     return _SUM_ORDER_OK[T]
-
-
-_NUMPY_RNG_OK: list[bool] = []
-
-
-def _numpy_rng_ok() -> bool:
-    """torch.rand(n, generator) on the CPU is mt19937 seeded with the low 32 bits of
-    the seed, one 32-bit word per float: u = (word & 0xFFFFFF) / 2**24.  numpy's
-    legacy RandomState is the same mt19937 and fills words faster; use it only if
-    this process's torch still produces exactly those numbers."""
-    if not _NUMPY_RNG_OK:
-        from . import rng
-
-        ok = True
-        for seed, name, t, block in ((0, "a", 0, 0), (7, "model.layers.3.mlp.up_proj.weight", 2, 5)):
-            u = torch.rand(5000, generator=rng.generator_for(seed, name, t, block=block)).numpy()
-            words = np.random.RandomState(rng.derive_seed(seed, name, t, block) & 0xFFFFFFFF).randint(
-                0, 1 << 32, size=5000, dtype=np.uint32)
-            ok &= bool(np.array_equal(u, (words & 0xFFFFFF).astype(np.float32) * np.float32(2.0 ** -24)))
-        _NUMPY_RNG_OK.append(ok)
-    return _NUMPY_RNG_OK[0]
 
 
 class _TopK:
@@ -407,8 +385,6 @@ class _Fused:
         if self.mode == "weighted_mean" and self.w is None:
             self.mode = "mean"  # Σ 1·agree = the count; where(|count| < 1e-8, 1, count) = max(count, 1)
         self.piece = rng.BLOCK
-        self.np_rng = self.drop == "random" and _numpy_rng_ok()
-        self._keep_cache: dict[float, int] = {}
         self.workers = max(1, int(workers))
         self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="merge-fused") if self.workers > 1 else None
         self.local = threading.local()
@@ -416,18 +392,6 @@ class _Fused:
     def close(self):
         if self.pool is not None:
             self.pool.shutdown()
-
-    def _keep_from(self, drop_rate: float) -> int:
-        """Smallest 24-bit j whose torch uniform j / 2**24 passes ``uniform >= drop_rate``
-        (asked from torch itself, so the scalar's rounding is torch's)."""
-        j = self._keep_cache.get(drop_rate)
-        if j is None:
-            j0 = int(drop_rate * (1 << 24))
-            cands = torch.arange(max(0, j0 - 4), min(1 << 24, j0 + 5), dtype=torch.int64)
-            ok = (cands.to(torch.float32) * (2.0 ** -24)) >= drop_rate
-            j = int(cands[ok][0]) if bool(ok.any()) else 1 << 24
-            self._keep_cache[drop_rate] = j
-        return j
 
     def _buf(self) -> _Buffers:
         b = getattr(self.local, "buf", None)
@@ -550,14 +514,8 @@ class _Fused:
             buf = self._buf()
             U = None
             if self.drop == "random":
-                # = rng.EntryRandoms(seed, name, t, s0).uniform_like(...) for a block-aligned piece
-                block = s0 // self.piece
-                if self.np_rng:  # the same mt19937 words from numpy, ~1.5x cheaper (see _numpy_rng_ok)
-                    U = [np.random.RandomState(self.rng.derive_seed(self.seed, name, t, block) & 0xFFFFFFFF)
-                         .randint(0, 1 << 32, size=s1 - s0, dtype=np.uint32) for t in range(T)]
-                else:
-                    U = [torch.rand(s1 - s0, generator=self.rng.generator_for(self.seed, name, t, block=block))
-                         for t in range(T)]
+                # = rng.EntryRandoms(seed, name, t, s0).words(s1 - s0) for a block-aligned piece
+                U = [self.rng.block_words(self.seed, name, t, s0 // self.piece, s1 - s0) for t in range(T)]
             thr, partial = None, []
             if topk is not None:
                 thr = []
@@ -588,14 +546,9 @@ class _Fused:
                         idx = np.flatnonzero(A[t].numpy() == value)[:allow]
                         Kf[t][torch.from_numpy(idx)] = 1.0
                         p[2] = allow - len(idx)
-            elif self.np_rng:  # uniform = (word & 0xFFFFFF) / 2**24 >= drop_rate  <=>  (word & 0xFFFFFF) >= J
-                low = buf.low[:m]
+            else:  # DARE: keep where word >= ceil(p · 2^32), as drop.random_keep_mask (float mask)
                 for t in range(T):
-                    np.bitwise_and(us[t], 0xFFFFFF, out=low)
-                    np.greater_equal(low, self._keep_from(drop_rates[t]), out=Kf[t].numpy(), casting="unsafe")
-            else:
-                for t in range(T):
-                    torch.ge(us[t], drop_rates[t], out=Kf[t])  # keep where uniform >= drop_rate
+                    np.greater_equal(us[t], self.rng.keep_threshold(drop_rates[t]), out=Kf[t].numpy(), casting="unsafe")
             D.mul_(Kf)  # kept = delta * mask
             if self.how == "inverse":
                 for t in range(T):

@@ -10,7 +10,7 @@ from merging_helpers.deltas import (apply_delta, check_compatible, cosine_simila
 from merging_helpers.drop import magnitude_keep_mask, magprune_keep_prob, random_keep_mask, threshold_keep_mask
 from merging_helpers.partitions import LEVELS, ParamInfo, describe, group_by, partition_key, rate_for, validate_rates
 from merging_helpers.recipes import merge_state_dicts, merge_tensor
-from merging_helpers.rng import generator_for
+from merging_helpers.rng import EntryRandoms
 from merging_helpers.selection import kth_largest_abs
 
 BERT = {
@@ -152,7 +152,7 @@ def test_check_compatible_errors_name_the_problem():
 def test_drop_rules_reject_bad_rates():
     x = torch.randn(10)
     with pytest.raises(ValueError, match=r"drop_rate = 1.0 .*\[0, 1\)"):
-        random_keep_mask(x, 1.0, generator_for(0, "x", 0))
+        random_keep_mask(x, 1.0, EntryRandoms(0, "x", 0))
     with pytest.raises(ValueError, match=r"density = 0 .*\(0, 1\]"):
         magnitude_keep_mask(x, 0)
     with pytest.raises(ValueError, match="epsilon = 0.3"):

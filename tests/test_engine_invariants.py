@@ -2,14 +2,15 @@
 top-k, dtype round trips, identity merges, reproducible and order-free randomness."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from merging_helpers import recipes
-from merging_helpers.drop import global_magnitude_threshold, magnitude_keep_mask, magprune_keep, magprune_keep_prob
+from merging_helpers.drop import global_magnitude_threshold, magnitude_keep_mask, magprune_keep, magprune_keep_prob, random_keep_mask
 from merging_helpers.partitions import partition_key
 from merging_helpers.recipes import MERGE_METHODS, merge_state_dicts, merge_tensor
-from merging_helpers.rng import BLOCK, EntryRandoms, derive_seed, generator_for
+from merging_helpers.rng import BLOCK, EntryRandoms, block_words, derive_seed, keep_threshold
 from merging_helpers.selection import global_kth_largest_abs, kth_largest_abs, top_k_mask
 
 
@@ -177,6 +178,18 @@ def test_random_masks_do_not_depend_on_tensor_order(method, rate):
     assert not torch.equal(forward["encoder.layer.0.intermediate.dense.weight"], other_seed["encoder.layer.0.intermediate.dense.weight"])
 
 
+def test_dare_keeps_exactly_the_words_at_or_above_the_threshold():
+    delta = torch.ones(5000)
+    words = EntryRandoms(4, "w", 2).words(5000)
+    u = EntryRandoms(4, "w", 2).uniform_like(delta)
+    for p in (0.0, 0.3, 0.7, 0.9, 1 - 2**-40):
+        keep = random_keep_mask(delta, p, EntryRandoms(4, "w", 2))
+        assert torch.equal(keep, torch.from_numpy(words >= keep_threshold(p)))
+        assert torch.equal(keep, u >= p)  # the same test on u = w / 2^32 (float64, exact)
+    assert keep_threshold(0.0) == 0 and keep_threshold(0.5) == 2**31 and keep_threshold(1 - 2**-40) == 2**32
+    assert not random_keep_mask(delta, 1 - 2**-40, EntryRandoms(4, "w", 2)).any()
+
+
 def test_chunks_see_the_same_random_mask_as_the_whole_tensor():
     base = torch.randn(300, 7)
     experts = [base + torch.randn(300, 7), base - torch.randn(300, 7)]
@@ -191,10 +204,14 @@ def test_block_randoms_are_chunk_invariant_and_seeds_stable():
     whole = EntryRandoms(0, "a", 1).uniform_like(x)
     chunk = EntryRandoms(0, "a", 1, offset=BLOCK - 5).uniform_like(torch.zeros(BLOCK + 7))
     assert torch.equal(whole[BLOCK - 5:2 * BLOCK + 2], chunk)
-    # torch.rand(m) is a prefix of torch.rand(BLOCK) for the same generator (rng relies on it)
+    # fewer words are a prefix of the full block (odd counts too: rng relies on it)
+    full = block_words(0, "a", 0, 0)
     for m in (1, 17, 1000, 65_537):
-        assert torch.equal(torch.rand(m, generator=generator_for(0, "a", 0)), torch.rand(BLOCK, generator=generator_for(0, "a", 0))[:m])
+        assert np.array_equal(block_words(0, "a", 0, 0, m), full[:m])
+    assert torch.equal(whole[:BLOCK], torch.from_numpy(block_words(0, "a", 1, 0) * 2.0**-32))
     assert derive_seed(0, "a", 0) == derive_seed(0, "a", 0) != derive_seed(0, "a", 1)
+    # the stream itself: PCG64(derive_seed).random_raw, each 64-bit word low half first (numpy keeps it stable)
+    assert block_words(0, "a", 0, 0, 4).tolist() == [706438434, 2709776336, 320714499, 3202770920]
     assert derive_seed(0, "encoder.layer.0.attention.self.query.weight", 0) == 4869231532230289971  # hashlib: stable across runs
 
 

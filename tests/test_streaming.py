@@ -457,8 +457,21 @@ def test_fused_bracket_miss_falls_back_to_exact(monkeypatch):
     assert torch.equal(_fused_merge("ties", kw, base, experts, piece=4000), ref)
 
 
-def test_numpy_words_are_torch_rand():
-    assert streaming._numpy_rng_ok()  # else the fused path silently uses torch.rand (slower, same numbers)
+def test_fused_dare_does_not_depend_on_worker_count():
+    from merging_helpers.rng import BLOCK
+
+    base, experts = _tensors((2 * BLOCK // 1000 + 7, 1000), torch.bfloat16, seed=2)  # 3 random blocks
+    kw = dict(drop_rate=0.7, seed=5)
+    outs = []
+    for workers in (1, 2, 3):
+        fused = streaming._Fused("dare_ties", len(experts), kw, workers=workers)
+        out = torch.empty_like(base)
+        try:
+            fused("model.layers.0.mlp.up_proj.weight", base, experts, out)
+        finally:
+            fused.close()
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
 
 def test_fused_path_is_used_and_threads_restored(families, tmp_path, monkeypatch):
