@@ -84,8 +84,15 @@ def check_compatible(base_sd: dict, experts, expert_names=None) -> None:
 # ---- statistics plotted in chapter 1 -------------------------------------------------
 
 
-def delta_quantiles(delta: dict, qs, max_exact: int = 1 << 24, sample_size: int = 1 << 22, seed: int = 0) -> torch.Tensor:
-    """Quantiles ``qs`` of |Δ| over the whole model.
+def _magnitude(values: torch.Tensor, signed: bool) -> torch.Tensor:
+    return values if signed else values.abs()
+
+
+def delta_quantiles(delta: dict, qs, max_exact: int = 1 << 24, sample_size: int = 1 << 22, seed: int = 0,
+                    signed: bool = False) -> torch.Tensor:
+    """Quantiles ``qs`` of |Δ| over the whole model (of the signed Δ with ``signed=True``,
+    as in DPPA's offset table, whose 0 and 1 quantiles are the most negative and the
+    most positive entry).
 
     Exact up to ``max_exact`` entries; above, estimated from ``sample_size`` entries
     drawn uniformly over the model (each tensor contributes in proportion to its size;
@@ -96,14 +103,14 @@ def delta_quantiles(delta: dict, qs, max_exact: int = 1 << 24, sample_size: int 
         raise ValueError(f"delta_quantiles: qs must lie in [0, 1], got {qs.tolist()}")
     total = sum(t.numel() for t in delta.values())
     if total <= max_exact:
-        values = torch.cat([t.detach().reshape(-1).float().abs().cpu() for t in delta.values()])
+        values = torch.cat([_magnitude(t.detach().reshape(-1).float(), signed).cpu() for t in delta.values()])
     else:
         generator = torch.Generator().manual_seed(seed)
         parts = []
         for t in delta.values():
             m = math.ceil(sample_size * t.numel() / total)
             index = torch.randint(t.numel(), (m,), generator=generator)
-            parts.append(t.detach().reshape(-1)[index.to(t.device)].float().abs().cpu())
+            parts.append(_magnitude(t.detach().reshape(-1)[index.to(t.device)].float(), signed).cpu())
         values = torch.cat(parts)
     values = values.sort().values.double()
     position = qs * (len(values) - 1)  # linear interpolation, like torch.quantile
@@ -121,15 +128,24 @@ def cosine_similarity_matrix(deltas: list[dict]) -> torch.Tensor:
     return (gram / norms[:, None] / norms[None, :]).float()
 
 
-def sign_disagreement(deltas: list[dict]) -> float:
-    """Fraction of entries, among those where at least two experts have a nonzero
-    delta, on which some nonzero deltas are positive and others negative (chapter 3's
-    "interference"). For dense deltas the denominator is every entry."""
+def sign_disagreement_counts(deltas: list[dict]) -> tuple[int, int]:
+    """The two counts behind :func:`sign_disagreement`: (entries where some nonzero deltas
+    are positive and others negative, entries where at least two experts are nonzero).
+    Counts of disjoint parts of a model add up, fractions do not (chapter 1 sums them
+    over layer × role cells)."""
     disagree = contested = 0
     for name in deltas[0]:
         signs = torch.stack([d[name].detach().sign() for d in deltas])
         disagree += int(((signs > 0).any(0) & (signs < 0).any(0)).sum())
         contested += int(((signs != 0).sum(0) >= 2).sum())
+    return disagree, contested
+
+
+def sign_disagreement(deltas: list[dict]) -> float:
+    """Fraction of entries, among those where at least two experts have a nonzero
+    delta, on which some nonzero deltas are positive and others negative (chapter 3's
+    "interference"). For dense deltas the denominator is every entry."""
+    disagree, contested = sign_disagreement_counts(deltas)
     return disagree / contested if contested else 0.0
 
 
