@@ -38,6 +38,16 @@ def apply_delta(base_sd: dict, delta: dict, scale: float = 1.0) -> dict:
     return out
 
 
+def check_like_base(who: str, name: str, tensor, base) -> None:
+    """Raise, naming ``who`` and tensor ``name``, unless ``tensor`` is a torch.Tensor of the base's shape and dtype."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{who}: {name!r} is a {type(tensor).__name__}, not a torch.Tensor")
+    if tensor.shape != base.shape:
+        raise ValueError(f"{who}: tensor {name!r} has shape {tuple(tensor.shape)}, base has {tuple(base.shape)}")
+    if tensor.dtype != base.dtype:
+        raise TypeError(f"{who}: tensor {name!r} has dtype {tensor.dtype}, base has {base.dtype}")
+
+
 def check_compatible(base_sd: dict, experts, expert_names=None) -> None:
     """Check that the experts can be merged onto ``base_sd``, before any long work.
 
@@ -60,12 +70,7 @@ def check_compatible(base_sd: dict, experts, expert_names=None) -> None:
         far = 0
         for name, base in base_sd.items():
             tensor = expert[name]
-            if not isinstance(tensor, torch.Tensor):
-                raise TypeError(f"{who}: {name!r} is a {type(tensor).__name__}, not a torch.Tensor")
-            if tensor.shape != base.shape:
-                raise ValueError(f"{who}: tensor {name!r} has shape {tuple(tensor.shape)}, base has {tuple(base.shape)}")
-            if tensor.dtype != base.dtype:
-                raise TypeError(f"{who}: tensor {name!r} has dtype {tensor.dtype}, base has {base.dtype}")
+            check_like_base(who, name, tensor, base)
             if not _floating(base):
                 continue
             delta = tensor.float() - base.float().to(tensor.device)

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .consensus import ELECTIONS, MODES, disjoint_merge, elect_sign, weighted_sum
-from .deltas import check_compatible
+from .deltas import check_compatible, check_like_base
 from .drop import global_magnitude_threshold, magnitude_keep_mask, magprune_keep, random_keep_mask, threshold_keep_mask
 from .partitions import rate_for, unused_rate_keys, validate_rates
 from .rescale import RESCALES, rescale as apply_rescale
@@ -206,12 +206,7 @@ def _check_tensors(name, base, experts_tensors):
     if not experts_tensors:
         raise ValueError(f"{name}: no expert tensors to merge")
     for t, expert in enumerate(experts_tensors):
-        if not isinstance(expert, torch.Tensor):
-            raise TypeError(f"{name}: expert {t} is a {type(expert).__name__}, not a torch.Tensor")
-        if expert.shape != base.shape:
-            raise ValueError(f"{name}: expert {t} has shape {tuple(expert.shape)}, base has {tuple(base.shape)}")
-        if expert.dtype != base.dtype:
-            raise TypeError(f"{name}: expert {t} has dtype {expert.dtype}, base has {base.dtype}")
+        check_like_base(f"expert {t}", name, expert, base)
 
 
 def merge_state_dicts(base_sd, expert_sds, method, *, progress=True, magnitude_scope="tensor", expert_names=None,
