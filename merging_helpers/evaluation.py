@@ -138,10 +138,9 @@ class Evaluator:
 
 def task_arithmetic_state(base, experts, lam: float):
     """θ_b + λ Σ_t Δ_t: the plain Task Arithmetic merge (weight averaging is λ = 1/T)."""
-    from .deltas import apply_delta, task_vectors
-    deltas = task_vectors(base, experts)
-    summed = {name: sum(d[name] for d in deltas) for name in deltas[0]}
-    return apply_delta(base, summed, lam)
+    from .recipes import merge_state_dicts
+    experts = list(experts.values()) if isinstance(experts, Mapping) else list(experts)
+    return merge_state_dicts(base, experts, "task_arithmetic", lam=lam, progress=False)
 
 
 def best_lambda(evaluator: "Evaluator", lambdas, split: str = "validation"):
