@@ -26,12 +26,15 @@ warning says that safetensors is preferred.
 
 from __future__ import annotations
 
+import errno
 import json
+import mmap
 import os
 import re
 import shutil
 import struct
 import tempfile
+import threading
 import warnings
 from dataclasses import dataclass
 from fnmatch import fnmatch
@@ -92,6 +95,9 @@ for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 
 _MAX_IO = 1 << 30  # bytes per pread/pwrite call (Linux caps one call at ~2 GiB)
+_ALIGN = 4096  # O_DIRECT: file offsets, lengths and memory aligned to the page size
+_BOUNCE = 16 << 20  # bytes of the aligned buffer that O_DIRECT writes go through
+_DIRECT_MIN = 1 << 20  # smaller tensors go through the page cache
 
 
 # --------------------------------------------------------------------------- reading
@@ -427,6 +433,13 @@ class ShardedSafetensorsWriter:
             for name, t in ...:
                 w.write(name, t)
 
+    Large tensors bypass the page cache (``O_DIRECT``, when the file system allows
+    it): the page-aligned middle of each tensor goes through an aligned bounce buffer
+    straight to the disk, its unaligned ends through the page cache. Writing through
+    the page cache costs the CPU about as much as merging does on a small machine
+    (measured: 1.1 CPU-s for 2.2 GB on our 2-core VM, against 2.6 GB/s direct), and
+    the final ``fsync`` then has little left to flush. ``direct=False`` turns it off.
+
     On success the temporary folder (``.<out>.tmp-*`` next to ``out``) gets
     ``model.safetensors.index.json`` (when there is more than one shard), the base's
     config/tokenizer files, and is moved into place with ``os.replace``.  On an
@@ -437,7 +450,7 @@ class ShardedSafetensorsWriter:
                  max_shard_size: int | str = "2GB", *, copy_from: str | os.PathLike | None = None,
                  input_dirs: Iterable[str | os.PathLike] = (), overwrite: bool = False,
                  metadata: Mapping[str, str] | None = None,
-                 extra_files: Mapping[str, str] | None = None):
+                 extra_files: Mapping[str, str] | None = None, direct: bool = True):
         inputs = list(input_dirs) + ([copy_from] if copy_from is not None else [])
         self.out_dir = check_output_path(out_dir, inputs, overwrite)
         self.copy_from = Path(copy_from) if copy_from is not None else None
@@ -448,7 +461,13 @@ class ShardedSafetensorsWriter:
         self._plan(specs)
         self._tmp: Path | None = None
         self._fds: list[int] = []
+        self._direct_fds: list[int] = []  # O_DIRECT descriptors of the same files (empty: not used)
+        self._direct = direct and hasattr(os, "O_DIRECT")
+        self._bounce = threading.local()
         self._written: set[str] = set()
+        self._left = list(self._shard_bytes_data)  # data bytes still to write, per shard
+        self._lock = threading.Lock()
+        self._synced: set[int] = set()
 
     # -- planning
     def _plan(self, specs) -> None:
@@ -501,8 +520,9 @@ class ShardedSafetensorsWriter:
             for name, dtype, shape, nbytes in entries:
                 self.slots[name] = _Slot(name, dtype, shape, si, data_start + rel_offsets[name], nbytes)
             self.total_size += rel
-        self._shard_bytes = [len(h) + sum(s.nbytes for s in self.slots.values() if s.shard == i)
-                             for i, h in enumerate(self._headers)]
+        self._shard_bytes_data = [sum(s.nbytes for s in self.slots.values() if s.shard == i)
+                                  for i in range(self.n_shards)]
+        self._shard_bytes = [len(h) + d for h, d in zip(self._headers, self._shard_bytes_data)]
 
     @property
     def weight_map(self) -> dict[str, str]:
@@ -518,6 +538,15 @@ class ShardedSafetensorsWriter:
             self._fds.append(fd)
             os.pwrite(fd, header, 0)
             os.ftruncate(fd, total)
+            try:  # allocate the blocks now: the final fsync then has no extents to commit
+                os.posix_fallocate(fd, 0, total)
+            except OSError:
+                pass
+        if self._direct:
+            try:
+                self._direct_fds = [os.open(self._tmp / name, os.O_WRONLY | os.O_DIRECT) for name in self.shard_names]
+            except OSError:  # e.g. tmpfs: no O_DIRECT
+                self._close_direct()
         return self
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
@@ -538,15 +567,58 @@ class ShardedSafetensorsWriter:
         t = t.contiguous().reshape(-1)
         if slot.nbytes:
             view = memoryview(t.view(torch.uint8).numpy())
-            fd, done = self._fds[slot.shard], 0
-            while done < slot.nbytes:
-                n = os.pwrite(fd, view[done : done + min(_MAX_IO, slot.nbytes - done)], slot.offset + done)
-                if n <= 0:
-                    raise IOError(f"short write for {name!r}")
-                done += n
-        self._written.add(name)
+            first = -slot.offset % _ALIGN  # bytes before the first page boundary inside the tensor
+            middle = (slot.nbytes - first) // _ALIGN * _ALIGN
+            if (not (self._direct and self._direct_fds) or slot.nbytes < _DIRECT_MIN
+                    or not self._write_direct(slot, view[first:first + middle])):
+                first, middle = slot.nbytes, 0
+            self._pwrite(self._fds[slot.shard], view[:first], slot.offset, name)
+            self._pwrite(self._fds[slot.shard], view[first + middle:], slot.offset + first + middle, name)
+        with self._lock:
+            self._written.add(name)
+            self._left[slot.shard] -= slot.nbytes
+            done = self._left[slot.shard] == 0
+        if done:  # flush a finished shard now, while the merge goes on, not all at the end
+            os.fsync(self._fds[slot.shard])
+            self._synced.add(slot.shard)
+
+    @staticmethod
+    def _pwrite(fd: int, view: memoryview, offset: int, name: str) -> None:
+        done = 0
+        while done < len(view):
+            n = os.pwrite(fd, view[done : done + min(_MAX_IO, len(view) - done)], offset + done)
+            if n <= 0:
+                raise IOError(f"short write for {name!r}")
+            done += n
+
+    def _write_direct(self, slot: _Slot, middle: memoryview) -> bool:
+        """Write the page-aligned middle of a tensor with O_DIRECT through this thread's
+        aligned bounce buffer. False (nothing written) if the file system refuses."""
+        bounce = getattr(self._bounce, "buf", None)
+        if bounce is None:
+            bounce = self._bounce.buf = mmap.mmap(-1, _BOUNCE)  # anonymous mmap: page-aligned
+        fd, start = self._direct_fds[slot.shard], slot.offset + (-slot.offset % _ALIGN)
+        for done in range(0, len(middle), _BOUNCE):
+            piece = middle[done:done + _BOUNCE]
+            bounce[:len(piece)] = piece
+            try:
+                n = os.pwrite(fd, memoryview(bounce)[:len(piece)], start + done)
+            except OSError as e:
+                if done == 0 and e.errno == errno.EINVAL:  # alignment not accepted: buffered from now on
+                    self._direct = False
+                    return False
+                raise
+            if n != len(piece):
+                raise IOError(f"short write for {slot.name!r}")
+        return True
+
+    def _close_direct(self) -> None:
+        for fd in self._direct_fds:
+            os.close(fd)
+        self._direct_fds = []
 
     def _close_fds(self) -> None:
+        self._close_direct()
         for fd in self._fds:
             os.close(fd)
         self._fds = []
@@ -559,8 +631,9 @@ class ShardedSafetensorsWriter:
             missing = [n for n in self.slots if n not in self._written]
             if missing:
                 raise RuntimeError(f"{len(missing)} planned tensor(s) never written, e.g. {missing[:3]}")
-            for fd in self._fds:
-                os.fsync(fd)
+            for i, fd in enumerate(self._fds):
+                if i not in self._synced:  # the others were flushed when they were finished
+                    os.fsync(fd)
             self._close_fds()
             if self.n_shards > 1:
                 index = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}
