@@ -12,7 +12,7 @@ uses int(), i.e. floor; the two agree whenever density · n is an integer).
 import torch
 
 from .partitions import validate_rates
-from .rng import EntryRandoms, keep_threshold, uniform_like
+from .rng import EntryRandoms, uniform_like
 from .selection import global_kth_largest_abs, top_k_mask
 
 
@@ -54,13 +54,14 @@ def random_keep_mask(delta: torch.Tensor, drop_rate: float, generator) -> torch.
     Entry i is kept when u_i >= drop_rate. Numbers come from ``generator`` on the CPU
     (see ``rng``), so the mask is the same on every device. With an ``EntryRandoms``
     (what the recipes use) the test is done on the 32-bit words, w_i >= ceil(p · 2^32),
-    which is the same test as u_i >= p for u_i = w_i / 2^32; with a ``torch.Generator``,
-    u_i is ``torch.rand``'s float32.
+    which is the same test as u_i >= p for u_i = w_i / 2^32 (``EntryRandoms.keep_mask``
+    reads only the high half of most words); with a ``torch.Generator``, u_i is
+    ``torch.rand``'s float32.
     """
     _check_tensor(delta, "random_keep_mask")
     validate_rates(drop_rate, "drop_rate")
     if isinstance(generator, EntryRandoms):
-        keep = generator.words(delta.numel()) >= keep_threshold(drop_rate)
+        keep = generator.keep_mask(delta.numel(), drop_rate)
         return torch.from_numpy(keep).reshape(delta.shape).to(delta.device)
     return uniform_like(delta, generator) >= drop_rate
 

@@ -162,10 +162,11 @@ def _default_merge_fn() -> Callable:
 class _BufferPool:
     """Reusable uint8 buffers by exact size (a model repeats the same shapes layer
     after layer), so reads and outputs do not page-fault fresh memory every time.
-    Keeps at most ``cap`` bytes of idle buffers."""
+    Keeps at most ``cap`` bytes of idle buffers: 1 GiB holds the embedding matrices
+    of base and experts until the LM head (same shape) reuses them."""
 
-    def __init__(self, cap: int = 1 << 28):
-        self.cap, self.idle, self.free = cap, 0, {}
+    def __init__(self, cap: int = 1 << 30, pin: bool = False):
+        self.cap, self.idle, self.free, self.pin = cap, 0, {}, pin
         self.lock = threading.Lock()
 
     def get(self, nbytes: int) -> torch.Tensor:
@@ -174,7 +175,9 @@ class _BufferPool:
             if lst:
                 self.idle -= nbytes
                 return lst.pop()
-        return torch.empty(nbytes, dtype=torch.uint8)
+        # pinned (page-locked) buffers when merging on a GPU: reads land where the GPU's copy
+        # engine can fetch them asynchronously, at full PCIe speed
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin)
 
     def put(self, buf: torch.Tensor) -> None:
         n = buf.numel()
@@ -306,6 +309,7 @@ class _Buffers:
         self.signs = torch.empty(m)
         self.cnt = torch.empty(m)
         self.tmp = torch.empty(m)
+        self.ones = torch.ones(m)
 
 
 def _rowsum(rows, out):
@@ -514,8 +518,10 @@ class _Fused:
             buf = self._buf()
             U = None
             if self.drop == "random":
-                # = rng.EntryRandoms(seed, name, t, s0).words(s1 - s0) for a block-aligned piece
-                U = [self.rng.block_words(self.seed, name, t, s0 // self.piece, s1 - s0) for t in range(T)]
+                # a block-aligned piece: the high halves of its words, and its keys for the few low halves
+                # needed (as rng.EntryRandoms(seed, name, t, s0).keep_mask)
+                keys = [self.rng.derive_seed(self.seed, name, t, s0 // self.piece) for t in range(T)]
+                U = [(self.rng.high_stream(key), key) for key in keys]  # drawn sub-chunk by sub-chunk (SUB % 8 == 0)
             thr, partial = None, []
             if topk is not None:
                 thr = []
@@ -526,7 +532,8 @@ class _Fused:
                         partial.append([t, tk.thr, allow])
             for c0 in range(s0, s1, SUB):
                 c1 = min(s1, c0 + SUB)
-                self._sub(buf, b[c0:c1], [e[c0:c1] for e in es], None if U is None else [u[c0 - s0:c1 - s0] for u in U],
+                self._sub(buf, b[c0:c1], [e[c0:c1] for e in es],
+                          None if U is None else [(take(c1 - c0), key, c0 - s0) for take, key in U],
                           thr, partial, drop_rates, divisors, out[c0:c1])
 
         self._map(run, range(len(pieces)))
@@ -547,8 +554,9 @@ class _Fused:
                         Kf[t][torch.from_numpy(idx)] = 1.0
                         p[2] = allow - len(idx)
             else:  # DARE: keep where word >= ceil(p · 2^32), as drop.random_keep_mask (float mask)
-                for t in range(T):
-                    np.greater_equal(us[t], self.rng.keep_threshold(drop_rates[t]), out=Kf[t].numpy(), casting="unsafe")
+                for t, (hi, key, at) in enumerate(us):
+                    self.rng.keep_from_high(hi, self.rng.keep_threshold(drop_rates[t]),
+                                            lambda idx: self.rng.low_words(key, idx + at), out=Kf[t].numpy())
             D.mul_(Kf)  # kept = delta * mask
             if self.how == "inverse":
                 for t in range(T):
@@ -568,9 +576,21 @@ class _Fused:
                 V = torch.sign(V, out=A)
             _rowsum(list(V), M)
             signs = buf.signs[:m]
-            torch.ge(M, 0, out=signs)
-            signs.mul_(2.0).sub_(1.0)  # elected sign: +1 / -1 (a sum of 0 elects +1)
-            torch.mul(D, signs, out=A)
+            # elected sign +1 / -1: a sum of +0 elects +1 (as merge_tensor); a sum of -0 elects -1,
+            # but it only arises when every delta is a zero, so no expert agrees either way
+            torch.copysign(buf.ones[:m], M, out=signs)
+            torch.mul(D, signs, out=A)  # s·Δ_t > 0 where expert t agrees
+            if self.w is None and self.mode in ("sum", "mean"):
+                # Σ_{t agrees} Δ_t = s · Σ_t max(s·Δ_t, 0): multiplying by s = ±1 is exact
+                if self.mode == "mean":
+                    torch.gt(A, 0, out=Kf)
+                    cnt = _rowsum(list(Kf), buf.cnt[:m])
+                A.clamp_min_(0.0)
+                _rowsum(list(A), M).mul_(signs)
+                if self.mode == "mean":
+                    M.div_(cnt.clamp_min_(1.0))
+                self._finish(M, bf, out)
+                return
             torch.gt(A, 0, out=Kf)  # agree: nonzero with the elected sign
             if self.w is not None:
                 for t in range(T):
@@ -588,6 +608,9 @@ class _Fused:
                 if bool(tiny.any()):  # same guard as mergekit / consensus.disjoint_merge
                     div[tiny] = 1.0
                 M.div_(div)
+        self._finish(M, bf, out)
+
+    def _finish(self, M, bf, out):
         if self.lam != 1.0:
             M.mul_(self.lam)
         M.add_(bf)  # base.float() + lam * merged
@@ -753,12 +776,20 @@ def merge_folders(
             method in ("dare_linear", "dare_ties") and merge_kwargs.get("rescale", "auto") != "l1") or (
             method in ("magnitude", "ties") and merge_kwargs.get("thresholds") is not None
             and merge_kwargs.get("rescale", "auto") != "l1")
-        pin = device.type == "cuda"
-
         def to_device(t):
-            if device.type == "cpu":
-                return t
-            return (t.pin_memory() if pin else t).to(device, non_blocking=pin)
+            # inputs are pinned pool buffers on a GPU run: an asynchronous copy, which is complete
+            # before their buffers go back to the pool (the synchronous copy of the result waits for it)
+            return t if device.type == "cpu" else t.to(device, non_blocking=t.is_pinned())
+
+        def to_host(name, m, dtype, shape):
+            """The merged tensor in the input dtype, in a (pinned) pool buffer on the CPU."""
+            if tuple(m.shape) != tuple(shape):  # (copy_ would broadcast it)
+                raise RuntimeError(f"merge of {name!r} returned shape {tuple(m.shape)}, expected {tuple(shape)}")
+            m = m.to(dtype)
+            if m.device.type == "cpu":
+                return m
+            host = pool.get(m.numel() * m.element_size()).view(dtype).view(shape)
+            return host.copy_(m)  # synchronous: the inputs' copies to the GPU are done too
 
         fusedm, threads = None, torch.get_num_threads()
         if use_fused:
@@ -770,7 +801,7 @@ def merge_folders(
                                       input_dirs=dirs, overwrite=overwrite) as writer, \
                 ThreadPoolExecutor(1, thread_name_prefix="merge-write") as wpool:
             pending: list = []
-            pool = _BufferPool()
+            pool = _BufferPool(pin=device.type == "cuda")
             prefetch = _Prefetcher(folders, names, prefetch_bytes, pool)
 
             def write(name, out, release):
@@ -786,15 +817,15 @@ def merge_folders(
                         out = pool.get(b.numel() * b.element_size()).view(dtype).view(b.shape)
                         fusedm(name, b, ex, out)
                     elif chunkable and b.dim() >= 1 and b.numel() > chunk_elems:
-                        out = torch.empty_like(b)
+                        out = pool.get(b.numel() * b.element_size()).view(dtype).view(b.shape)
                         for r0, r1 in _row_chunks(tuple(b.shape), chunk_elems):
                             m = merge_fn(name, to_device(b[r0:r1]), [to_device(e[r0:r1]) for e in ex],
                                          method, offset=r0 * (b.numel() // b.shape[0]), **merge_kwargs)
-                            out[r0:r1].copy_(m)
+                            out[r0:r1].copy_(m)  # synchronous, as in to_host
                             del m
                     else:
                         m = merge_fn(name, to_device(b), [to_device(e) for e in ex], method, **merge_kwargs)
-                        out = m.to(dtype) if m.dtype != dtype else m
+                        out = to_host(name, m, dtype, b.shape)
                         del m
                     if tuple(out.shape) != tuple(b.shape):
                         raise RuntimeError(f"merge of {name!r} returned shape {tuple(out.shape)}, expected {tuple(b.shape)}")

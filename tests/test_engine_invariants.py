@@ -190,6 +190,21 @@ def test_dare_keeps_exactly_the_words_at_or_above_the_threshold():
     assert not random_keep_mask(delta, 1 - 2**-40, EntryRandoms(4, "w", 2)).any()
 
 
+def test_keep_mask_from_high_halves_equals_the_full_word_test_at_ties():
+    # the fast mask reads lo only where hi equals the threshold's top byte; thresholds built from
+    # actual words make such ties certain (and every threshold ties about one entry in 256)
+    n = BLOCK + 5000  # two blocks, the second partial
+    words = EntryRandoms(3, "t", 1, offset=BLOCK - 2000).words(n).astype(np.int64)
+    for j in (0, 1999, 2000, 2001, n - 1):
+        for thr in (words[j] - 1, words[j], words[j] + 1, words[j] & ~0xFFFFFF, 3 * 2**30 + 5):
+            p = thr / 2**32
+            assert keep_threshold(p) == thr
+            keep = EntryRandoms(3, "t", 1, offset=BLOCK - 2000).keep_mask(n, p)
+            assert np.array_equal(keep, words >= thr), (j, thr)
+    hi_ties = (words >> 24) == (words[7] >> 24)
+    assert hi_ties.sum() >= 1
+
+
 def test_chunks_see_the_same_random_mask_as_the_whole_tensor():
     base = torch.randn(300, 7)
     experts = [base + torch.randn(300, 7), base - torch.randn(300, 7)]
@@ -210,8 +225,21 @@ def test_block_randoms_are_chunk_invariant_and_seeds_stable():
         assert np.array_equal(block_words(0, "a", 0, 0, m), full[:m])
     assert torch.equal(whole[:BLOCK], torch.from_numpy(block_words(0, "a", 1, 0) * 2.0**-32))
     assert derive_seed(0, "a", 0) == derive_seed(0, "a", 0) != derive_seed(0, "a", 1)
-    # the stream itself: PCG64(derive_seed).random_raw, each 64-bit word low half first (numpy keeps it stable)
-    assert block_words(0, "a", 0, 0, 4).tolist() == [706438434, 2709776336, 320714499, 3202770920]
+    # the words themselves, rebuilt from their definition with plain Python integers: hi = the bytes
+    # of PCG64(key).random_raw(), lowest first; lo = the top 24 bits of SplitMix64's output
+    # function at key + (i + 1) · gamma
+    key = derive_seed(0, "a", 0, 0)
+    raw = int(np.random.PCG64(key).random_raw())
+    mask = 2**64 - 1
+
+    def splitmix_top24(i):
+        x = (key + (i + 1) * 0x9E3779B97F4A7C15) & mask
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+        return (x ^ (x >> 31)) >> 40
+
+    expected = [((raw >> (8 * i)) & 0xFF) << 24 | splitmix_top24(i) for i in range(8)]
+    assert block_words(0, "a", 0, 0, 8).tolist() == expected
     assert derive_seed(0, "encoder.layer.0.attention.self.query.weight", 0) == 4869231532230289971  # hashlib: stable across runs
 
 
