@@ -256,6 +256,8 @@ def _ours_main(args) -> int:
     kw = dict(density=args.density, election_weights="mergekit")
     if args.method.startswith("dare") and args.dare_rescale != "auto":
         kw["rescale"] = args.dare_rescale  # "l1" = mergekit's default (not fused: merge_tensor per tensor)
+    if args.workers:
+        kw["workers"] = args.workers
     merge_folders(args.base, args.experts, args.out, args.method, device=args.device, max_shard_size="1GB",
                   progress=args.progress, overwrite=True, seed=0, **kw)
     return 0
@@ -317,6 +319,7 @@ def main(argv=None) -> int:
         p.add_argument("--device", default="cpu")
         p.add_argument("--progress", action="store_true")
         p.add_argument("--dare-rescale", default="auto")
+        p.add_argument("--workers", type=int, default=0)
         return _ours_main(p.parse_args(argv))
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -332,6 +335,7 @@ def main(argv=None) -> int:
     p.add_argument("--dare-rescale", choices=["auto", "l1"], default="auto",
                    help="our DARE rescale: auto = 1/(1-p) (DARE paper, fused path); l1 = mergekit's L1 matching "
                         "(runs recipes.merge_tensor per tensor, ~10x slower)")
+    p.add_argument("--workers", type=int, default=0, help="threads of our fused CPU path (0: torch's thread count)")
     p.add_argument("--workdir", type=Path, default=Path("bench_out"))
     p.add_argument("--keep-outputs", action="store_true")
     args = p.parse_args(argv)
@@ -374,7 +378,7 @@ def main(argv=None) -> int:
                 cmd = [sys.executable, str(Path(__file__).resolve()), "_ours", "--base", str(base),
                        "--experts", *map(str, experts), "--out", str(out), "--method", method,
                        "--density", str(args.density), "--device", args.device,
-                       "--dare-rescale", args.dare_rescale]
+                       "--dare-rescale", args.dare_rescale, "--workers", str(args.workers)]
             elif tool == "mergekit":
                 cfg = outdir / f"mergekit-{method}.yml"
                 cfg.write_text(mergekit_config(method, base, experts, args.density, args.dtype))
@@ -415,7 +419,7 @@ def main(argv=None) -> int:
                      f"{r['peak_rss_gb']:12.2f} {speed:>8s} {r['cpu_s']:8.1f} {cspeed:>12s} "
                      f"{r['load_before']:4.1f}->{r['load_after']:<4.1f}")
     lines.append("(speedup = mergekit's wall time / ours, same files, same run; CPU s = user + sys of the "
-                 "merge process; load avg = 1-min load of the machine before -> after, 2 CPUs)")
+                 f"merge process; load avg = 1-min load of the machine before -> after, {os.cpu_count()} CPUs)")
     table = "\n".join(lines)
     print(table, flush=True)
 
