@@ -420,7 +420,7 @@ class _Fused:
         bf.copy_(bs)
         for t, e in enumerate(es):
             D[t].copy_(e)
-            D[t].sub_(bf)
+        D.sub_(bf)  # one call for all rows (broadcast)
         return bf, D
 
     # -- top-k thresholds -------------------------------------------------------
@@ -559,8 +559,7 @@ class _Fused:
                                             lambda idx: self.rng.low_words(key, idx + at), out=Kf[t].numpy())
             D.mul_(Kf)  # kept = delta * mask
             if self.how == "inverse":
-                for t in range(T):
-                    D[t].div_(divisors[t])
+                D.div_(torch.tensor(divisors, dtype=torch.float32).reshape(T, 1))  # as D[t] / divisor_t
         if not self.ties:  # weighted_sum: Σ w_t Δ_t
             if self.w is not None:
                 for t in range(T):
