@@ -33,6 +33,19 @@ def stack(deltas) -> torch.Tensor:
     return deltas.float() if isinstance(deltas, torch.Tensor) else torch.stack([d.float() for d in deltas])
 
 
+def sum_experts(x: torch.Tensor) -> torch.Tensor:
+    """Σ_t x[t] over dim 0, added in expert order ((x[0] + x[1]) + x[2] ...).
+
+    ``x.sum(dim=0)`` picks its summation order by device and shape, so a GPU merge could
+    round differently from a CPU one, and a TIES election near a zero sum could even
+    change sign. A fixed order gives the same float32 result everywhere (and lets the
+    streaming path cut tensors into chunks)."""
+    total = x[0].clone()
+    for row in x[1:]:
+        total += row
+    return total
+
+
 def _weights_like(weights, deltas: torch.Tensor) -> torch.Tensor:
     """Weights (None → all 1) as a float32 tensor broadcastable against ``deltas``."""
     if weights is None:
@@ -46,7 +59,7 @@ def _weights_like(weights, deltas: torch.Tensor) -> torch.Tensor:
 def weighted_sum(deltas, weights=None) -> torch.Tensor:
     """Task Arithmetic: Σ_t w_t Δ_t (weights default to 1)."""
     deltas = stack(deltas)
-    return (deltas * _weights_like(weights, deltas)).sum(dim=0)
+    return sum_experts(deltas * _weights_like(weights, deltas))
 
 
 def elect_sign(deltas, method: str = "total", weights=None) -> torch.Tensor:
@@ -62,7 +75,7 @@ def elect_sign(deltas, method: str = "total", weights=None) -> torch.Tensor:
     if weights is not None:
         deltas = deltas * _weights_like(weights, deltas)
     votes = deltas if method == "total" else deltas.sign()
-    return torch.where(votes.sum(dim=0) >= 0, 1.0, -1.0)
+    return torch.where(sum_experts(votes) >= 0, 1.0, -1.0)
 
 
 def agreement_mask(deltas, signs: torch.Tensor) -> torch.Tensor:
@@ -84,10 +97,10 @@ def disjoint_merge(deltas, signs: torch.Tensor, mode: str = "mean", weights=None
     deltas = stack(deltas)
     agree = agreement_mask(deltas, signs)
     w = _weights_like(weights, deltas)
-    total = (deltas * w * agree).sum(dim=0)
+    total = sum_experts(deltas * w * agree)
     if mode == "mean":
-        return total / agree.sum(dim=0).clamp_min(1)
+        return total / sum_experts(agree.float()).clamp_min(1)
     if mode == "weighted_mean":
-        divisor = (w * agree).sum(dim=0)
+        divisor = sum_experts(w * agree)
         return total / torch.where(divisor.abs() < 1e-8, 1.0, divisor)  # same guard as mergekit
     return total

@@ -22,7 +22,7 @@ Two ways to merge a tensor, with the same result:
   tensor float32 temporaries, ~100 ns per parameter on a 2-core CPU);
 * on the CPU, for the options it supports (:func:`fused_supported`: the five
   methods except ``della``, float or per-partition rates, ``rescale`` in
-  {"auto", "inverse", None}, up to 4 experts), the fused path below: cache-sized
+  {"auto", "inverse", None}), the fused path below: cache-sized
   chunks, preallocated buffers, worker threads, one-pass exact top-k threshold.
   It reproduces ``merge_tensor`` exactly (tests compare them bit for bit) in
   ~10 ns per parameter.
@@ -286,8 +286,6 @@ def fused_supported(method: str, kwargs: Mapping, device, n_experts: int = 2) ->
     """True if :class:`_Fused` reproduces ``merge_tensor`` for these arguments."""
     if torch.device(device).type != "cpu" or method not in FUSED_METHODS or set(kwargs) - _FUSED_KWARGS:
         return False
-    if not _sum_order_ok(n_experts):
-        return False
     if kwargs.get("rescale", "auto") not in ("auto", "inverse", None):
         return False
     if kwargs.get("election", "total") not in ("total", "frequency"):
@@ -313,34 +311,14 @@ class _Buffers:
 
 
 def _rowsum(rows, out):
-    """rows[0] + rows[1] + ... in that order: the same numbers as ``stack(rows).sum(0)``
-    for up to ``_MAX_T`` rows (checked by :func:`_sum_order_ok`)."""
+    """rows[0] + rows[1] + ... in that order, into ``out``: the order of
+    ``consensus.sum_experts``, so the same numbers as the engine."""
     if len(rows) == 1:
         return out.copy_(rows[0])
     torch.add(rows[0], rows[1], out=out)
     for r in rows[2:]:
         out.add_(r)
     return out
-
-
-_MAX_T = 4
-_SUM_ORDER_OK: dict[int, bool] = {}
-
-
-def _sum_order_ok(T: int) -> bool:
-    """torch's ``sum(0)`` over T rows equals row-by-row addition (true for T <= 4 on the
-    builds we know; beyond that its order depends on the shape, so chunked results
-    could differ from the whole tensor's and the fused path is not used)."""
-    if T > _MAX_T:
-        return False
-    if T not in _SUM_ORDER_OK:
-        g = torch.Generator().manual_seed(T)
-        ok = True
-        for m in (1000, 4099, 1 << 17):
-            x = torch.randn(T, m, generator=g) * torch.logspace(-3, 3, T).reshape(-1, 1)
-            ok &= torch.equal(x.sum(0), _rowsum(list(x), torch.empty(m)))
-        _SUM_ORDER_OK[T] = bool(ok)
-    return _SUM_ORDER_OK[T]
 
 
 class _TopK:

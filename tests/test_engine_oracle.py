@@ -125,3 +125,12 @@ def test_dare_l1_rescale_preserves_l1_norm(deltas):
     for d, o in zip(deltas, out):
         assert o.abs().sum().item() == pytest.approx(d.abs().sum().item(), rel=1e-5)
         assert (o != 0).float().mean() < 0.4
+
+
+def test_expert_sums_are_added_in_expert_order():
+    from merging_helpers.consensus import sum_experts
+
+    x = torch.tensor([[1e8], [1.0], [-1e8]])  # float32: (1e8 + 1) rounds back to 1e8
+    assert sum_experts(x).item() == 0.0  # ((1e8 + 1) - 1e8); another order would give 1
+    assert weighted_sum(x).item() == 0.0
+    assert sum_experts(x[[0, 2, 1]]).item() == 1.0
