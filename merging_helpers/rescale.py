@@ -19,7 +19,10 @@ def rescale_inverse_keep(delta_kept: torch.Tensor, drop_rate: float) -> torch.Te
     """DARE: multiply by 1/(1 − drop_rate)."""
     if not 0 <= drop_rate < 1:
         raise ValueError(f"rescale_inverse_keep: drop_rate must be in [0, 1), got {drop_rate}")
-    return delta_kept / (1.0 - drop_rate)
+    # divide by a tensor on the delta's device, not by a Python float: CUDA divides by a
+    # scalar as a multiplication by its reciprocal (1 ulp off on some entries), which
+    # would make GPU merges differ from CPU ones
+    return delta_kept / torch.tensor(1.0 - drop_rate, dtype=delta_kept.dtype, device=delta_kept.device)
 
 
 def rescale_l1_match(original: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:

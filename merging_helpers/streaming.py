@@ -666,6 +666,8 @@ def merge_folders(
     fused: bool = True,
     workers: int | None = None,
     merge_fn: Callable | None = None,
+    direct_io: bool = True,
+    fsync: bool = True,
     **merge_kwargs,
 ) -> Path:
     """Merge the experts' folders onto the base folder, tensor by tensor, into ``out_dir``.
@@ -693,6 +695,10 @@ def merge_folders(
             while it runs, torch ops are single-threaded (``torch.set_num_threads(1)``).
         merge_fn: replaces ``recipes.merge_tensor`` (same signature; disables the
             fused path); for tests.
+        direct_io, fsync: how the output is written (see
+            :class:`~merging_helpers.checkpoints.ShardedSafetensorsWriter`): large tensors
+            bypass the page cache, and each shard is flushed to disk before the folder
+            is moved into place.
 
     Returns: the output folder (resolved). Integer tensors are copied from the base.
     Output dtypes equal the input dtypes; config and tokenizer files come from the base.
@@ -774,8 +780,8 @@ def merge_folders(
             torch.set_num_threads(1)  # parallel over pieces instead (see the fused path)
 
         # ---- 2.-4. stream: prefetch -> merge -> write
-        with ShardedSafetensorsWriter(out_dir, specs, max_shard_size, copy_from=base_dir,
-                                      input_dirs=dirs, overwrite=overwrite) as writer, \
+        with ShardedSafetensorsWriter(out_dir, specs, max_shard_size, copy_from=base_dir, input_dirs=dirs,
+                                      overwrite=overwrite, direct=direct_io, fsync=fsync) as writer, \
                 ThreadPoolExecutor(1, thread_name_prefix="merge-write") as wpool:
             pending: list = []
             pool = _BufferPool(pin=device.type == "cuda")

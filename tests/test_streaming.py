@@ -581,7 +581,8 @@ def test_writer_bytes_with_and_without_direct_io(tmp_path, monkeypatch, direct):
     tensors = {"a": torch.randn(7, generator=g), "b": torch.randn(700_001, generator=g).to(torch.bfloat16),
                "c": torch.randn(300, 1001, generator=g), "d": torch.arange(5, dtype=torch.int64)}
     specs = [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
-    with ShardedSafetensorsWriter(tmp_path / "o", specs, "1MB", direct=direct is not False) as w:
+    with ShardedSafetensorsWriter(tmp_path / "o", specs, "1MB", direct=direct is not False,
+                                  fsync=direct is not False) as w:
         if direct == "refused":
             writer_fds.extend(w._direct_fds)
         for k in ("c", "a", "d", "b"):  # any order
