@@ -26,7 +26,9 @@ def rescale_inverse_keep(delta_kept: torch.Tensor, drop_rate: float) -> torch.Te
 
 
 def rescale_l1_match(original: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-    """Scale ``kept`` so that its L1 norm equals that of ``original`` (nothing kept → zeros)."""
+    """Scale ``kept`` so that its L1 norm equals that of ``original`` (nothing kept → zeros).
+    The norms are whole-tensor sums in torch's own order, so on a GPU the factor may
+    differ from the CPU's in the last bit (the other rescales give identical bits)."""
     kept_l1 = kept.abs().sum()
     if kept_l1 == 0:
         return kept
