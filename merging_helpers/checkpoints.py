@@ -26,6 +26,7 @@ warning says that safetensors is preferred.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import mmap
@@ -410,6 +411,20 @@ def check_output_path(out_dir: str | os.PathLike, input_dirs: Iterable[str | os.
     return out
 
 
+def _preallocate(fd: int, size: int) -> None:
+    """Reserve a file's blocks now, so the final fsync has no extents left to commit.
+    Linux ``fallocate(2)`` only: ``os.posix_fallocate`` falls back to writing every
+    block where the file system cannot (FUSE mounts such as Google Drive, some network
+    file systems), which is very slow. Best effort: nothing happens elsewhere."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fallocate = libc.fallocate
+    except (OSError, AttributeError):
+        return
+    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fallocate(fd, 0, 0, size)  # returns -1 (EOPNOTSUPP, ...) where unsupported: fine
+
+
 @dataclass
 class _Slot:
     name: str
@@ -542,10 +557,7 @@ class ShardedSafetensorsWriter:
             self._fds.append(fd)
             os.pwrite(fd, header, 0)
             os.ftruncate(fd, total)
-            try:  # allocate the blocks now: the final fsync then has no extents to commit
-                os.posix_fallocate(fd, 0, total)
-            except OSError:
-                pass
+            _preallocate(fd, total)
         if self._direct:
             try:
                 self._direct_fds = [os.open(self._tmp / name, os.O_WRONLY | os.O_DIRECT) for name in self.shard_names]

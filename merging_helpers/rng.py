@@ -121,6 +121,15 @@ def keep_from_high(hi: np.ndarray, threshold: int, low_of, out: np.ndarray | Non
 _POOL: ThreadPoolExecutor | None = None
 
 
+def _forget_pool() -> None:
+    global _POOL
+    _POOL = None  # a forked child has none of the parent's threads: it makes its own pool
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
 def _map(fn, items):
     """``map`` over blocks, on a few threads when there is more than one block."""
     global _POOL

@@ -272,3 +272,24 @@ def test_rescale_factor_per_partition():
     for name in ("encoder.layer.0.intermediate.dense.weight", "encoder.layer.1.intermediate.dense.weight"):
         factor = 2.0 if "layer.0" in name else 1.0
         torch.testing.assert_close(merged[name], base[name] + factor * (expert[name] - base[name]))
+
+
+def test_masks_in_a_forked_child_after_the_parent_drew_some():
+    # the parent's block thread pool does not survive fork(); the child must make its own
+    import multiprocessing
+
+    n = 3 * BLOCK  # several blocks: drawn on the thread pool
+    parent = EntryRandoms(1, "w", 0).keep_mask(n, 0.7)
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no fork on this platform")
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_child_mask_sum, args=(queue, n))
+    child.start()
+    child.join(timeout=60)
+    assert child.exitcode == 0, "the child hung or failed"
+    assert queue.get(timeout=5) == int(parent.sum())
+
+
+def _child_mask_sum(queue, n):
+    queue.put(int(EntryRandoms(1, "w", 0).keep_mask(n, 0.7).sum()))
