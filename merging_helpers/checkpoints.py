@@ -486,7 +486,6 @@ class ShardedSafetensorsWriter:
         self._written: set[str] = set()
         self._left = list(self._shard_bytes_data)  # data bytes still to write, per shard
         self._lock = threading.Lock()
-        self._synced: set[int] = set()
 
     # -- planning
     def _plan(self, specs) -> None:
@@ -563,6 +562,7 @@ class ShardedSafetensorsWriter:
                 self._direct_fds = [os.open(self._tmp / name, os.O_WRONLY | os.O_DIRECT) for name in self.shard_names]
             except OSError:  # e.g. tmpfs: no O_DIRECT
                 self._close_direct()
+                self._direct = False
         return self
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
@@ -585,8 +585,8 @@ class ShardedSafetensorsWriter:
             view = memoryview(t.view(torch.uint8).numpy())
             first = -slot.offset % _ALIGN  # bytes before the first page boundary inside the tensor
             middle = (slot.nbytes - first) // _ALIGN * _ALIGN
-            if (not (self._direct and self._direct_fds) or slot.nbytes < _DIRECT_MIN
-                    or not self._write_direct(slot, view[first:first + middle])):
+            if (not self._direct or slot.nbytes < _DIRECT_MIN
+                    or not self._write_direct(slot, slot.offset + first, view[first:first + middle])):
                 first, middle = slot.nbytes, 0
             self._pwrite(self._fds[slot.shard], view[:first], slot.offset, name)
             self._pwrite(self._fds[slot.shard], view[first + middle:], slot.offset + first + middle, name)
@@ -596,7 +596,6 @@ class ShardedSafetensorsWriter:
             done = self._left[slot.shard] == 0
         if done and self._fsync:  # flush a finished shard now, while the merge goes on, not all at the end
             os.fsync(self._fds[slot.shard])
-            self._synced.add(slot.shard)
 
     @staticmethod
     def _pwrite(fd: int, view: memoryview, offset: int, name: str) -> None:
@@ -607,13 +606,14 @@ class ShardedSafetensorsWriter:
                 raise IOError(f"short write for {name!r}")
             done += n
 
-    def _write_direct(self, slot: _Slot, middle: memoryview) -> bool:
-        """Write the page-aligned middle of a tensor with O_DIRECT through this thread's
-        aligned bounce buffer. False (nothing written) if the file system refuses."""
+    def _write_direct(self, slot: _Slot, start: int, middle: memoryview) -> bool:
+        """Write the page-aligned middle of a tensor (file offset ``start``) with O_DIRECT
+        through this thread's aligned bounce buffer. False (nothing written) if the file
+        system refuses."""
         bounce = getattr(self._bounce, "buf", None)
         if bounce is None:
             bounce = self._bounce.buf = mmap.mmap(-1, _BOUNCE)  # anonymous mmap: page-aligned
-        fd, start = self._direct_fds[slot.shard], slot.offset + (-slot.offset % _ALIGN)
+        fd = self._direct_fds[slot.shard]
         for done in range(0, len(middle), _BOUNCE):
             piece = middle[done:done + _BOUNCE]
             bounce[:len(piece)] = piece
@@ -647,9 +647,7 @@ class ShardedSafetensorsWriter:
             missing = [n for n in self.slots if n not in self._written]
             if missing:
                 raise RuntimeError(f"{len(missing)} planned tensor(s) never written, e.g. {missing[:3]}")
-            for i, fd in enumerate(self._fds):
-                if self._fsync and i not in self._synced:  # the others were flushed when they were finished
-                    os.fsync(fd)
+            # every shard was flushed by write() when its last tensor arrived (with fsync=True)
             self._close_fds()
             if self.n_shards > 1:
                 index = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}
