@@ -496,7 +496,7 @@ class _Fused:
             buf = self._buf()
             U = None
             if self.drop == "random":
-                # a block-aligned piece: the high halves of its words, and its keys for the few low halves
+                # a block-aligned piece: the high bytes of its words, and its keys for the few low parts
                 # needed (as rng.EntryRandoms(seed, name, t, s0).keep_mask)
                 keys = [self.rng.derive_seed(self.seed, name, t, s0 // self.piece) for t in range(T)]
                 U = [(self.rng.high_stream(key), key) for key in keys]  # drawn sub-chunk by sub-chunk (SUB % 8 == 0)
@@ -759,15 +759,19 @@ def merge_folders(
             method in ("dare_linear", "dare_ties") and merge_kwargs.get("rescale", "auto") != "l1") or (
             method in ("magnitude", "ties") and merge_kwargs.get("thresholds") is not None
             and merge_kwargs.get("rescale", "auto") != "l1")
+
         def to_device(t):
             # inputs are pinned pool buffers on a GPU run: an asynchronous copy, which is complete
             # before their buffers go back to the pool (the synchronous copy of the result waits for it)
             return t if device.type == "cpu" else t.to(device, non_blocking=t.is_pinned())
 
+        def check_shape(name, m, shape):
+            if tuple(m.shape) != tuple(shape):  # checked first: copy_ would broadcast it
+                raise RuntimeError(f"merge of {name!r} returned shape {tuple(m.shape)}, expected {tuple(shape)}")
+
         def to_host(name, m, dtype, shape):
             """The merged tensor in the input dtype, in a (pinned) pool buffer on the CPU."""
-            if tuple(m.shape) != tuple(shape):  # (copy_ would broadcast it)
-                raise RuntimeError(f"merge of {name!r} returned shape {tuple(m.shape)}, expected {tuple(shape)}")
+            check_shape(name, m, shape)
             m = m.to(dtype)
             if m.device.type == "cpu":
                 return m
@@ -804,14 +808,13 @@ def merge_folders(
                         for r0, r1 in _row_chunks(tuple(b.shape), chunk_elems):
                             m = merge_fn(name, to_device(b[r0:r1]), [to_device(e[r0:r1]) for e in ex],
                                          method, offset=r0 * (b.numel() // b.shape[0]), **merge_kwargs)
+                            check_shape(name, m, out[r0:r1].shape)
                             out[r0:r1].copy_(m)  # synchronous, as in to_host
                             del m
                     else:
                         m = merge_fn(name, to_device(b), [to_device(e) for e in ex], method, **merge_kwargs)
                         out = to_host(name, m, dtype, b.shape)
                         del m
-                    if tuple(out.shape) != tuple(b.shape):
-                        raise RuntimeError(f"merge of {name!r} returned shape {tuple(out.shape)}, expected {tuple(b.shape)}")
                     # input buffers go back to the pool now, the output's once it is written
                     # (an output that aliases an input, e.g. a copied integer buffer, waits too)
                     release = ([_as_bytes(out)] if out.numel() and out.is_contiguous() and out.device.type == "cpu"

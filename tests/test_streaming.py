@@ -619,3 +619,19 @@ def test_fused_with_six_experts_equals_merge_tensor(method, kw):
     assert streaming.fused_supported(method, kw, "cpu", len(experts))
     ref = merge_tensor("model.layers.0.mlp.up_proj.weight", base, experts, method, **kw)
     assert torch.equal(_fused_merge(method, kw, base, experts), ref)
+
+
+@pytest.mark.parametrize("chunk_elems", [1 << 22, 64], ids=["whole", "chunked"])
+def test_a_merge_of_the_wrong_shape_is_refused(families, tmp_path, chunk_elems):
+    base_dir, expert_dirs = families["llama-fp32-single"]
+
+    def scalar_merge(name, base, experts, method, **kw):
+        # wrong for every tensor (whole) or only for row chunks (chunked calls pass an offset);
+        # a one-entry result would broadcast silently in copy_
+        wrong = base.numel() > 1 and (chunk_elems > 64 or "offset" in kw)
+        return base.reshape(-1)[:1].clone() if wrong else base.clone()
+
+    with pytest.raises(RuntimeError, match="returned shape"):
+        merge_folders(base_dir, expert_dirs, tmp_path / "o", "task_arithmetic", progress=False,
+                      chunk_elems=chunk_elems, merge_fn=scalar_merge)
+    assert not (tmp_path / "o").exists()
