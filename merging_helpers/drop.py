@@ -55,7 +55,7 @@ def random_keep_mask(delta: torch.Tensor, drop_rate: float, generator) -> torch.
     (see ``rng``), so the mask is the same on every device. With an ``EntryRandoms``
     (what the recipes use) the test is done on the 32-bit words, w_i >= ceil(p · 2^32),
     which is the same test as u_i >= p for u_i = w_i / 2^32 (``EntryRandoms.keep_mask``
-    reads only the high half of most words); with a ``torch.Generator``, u_i is
+    reads only the top byte of most words); with a ``torch.Generator``, u_i is
     ``torch.rand``'s float32.
     """
     _check_tensor(delta, "random_keep_mask")

@@ -167,7 +167,7 @@ class EntryRandoms:
 
     def keep_mask(self, n: int, drop_rate: float) -> np.ndarray:
         """Boolean DARE mask of entries offset, ..., offset + n − 1: ``words(n) >=
-        keep_threshold(drop_rate)``, computed from the high halves (:func:`keep_from_high`)."""
+        keep_threshold(drop_rate)``, computed from the high bytes (:func:`keep_from_high`)."""
         threshold = keep_threshold(drop_rate)
         out = np.empty(n, dtype=bool)
 
