@@ -29,8 +29,9 @@ def main(argv=None) -> int:
     p.add_argument("--density", type=float, default=0.3)
     p.add_argument("--device", default="cpu")
     p.add_argument("--drop-cache", action="store_true", help="drop the page cache first (root only)")
-    p.add_argument("--no-direct", action="store_true", help="write through the page cache")
-    p.add_argument("--no-fsync", action="store_true", help="do not flush the output before moving it into place")
+    p.add_argument("--kernel", choices=["auto", "c", "torch"], default="auto", help="the fused CPU path's kernel")
+    p.add_argument("--direct", action="store_true", help="large tensors bypass the page cache (O_DIRECT)")
+    p.add_argument("--fsync", action="store_true", help="flush the output before moving it into place")
     args = p.parse_args(argv)
 
     import torch
@@ -78,11 +79,11 @@ def main(argv=None) -> int:
     streaming.merge_folders(args.base, args.experts, args.out, args.method, device=args.device, progress=False,
                             overwrite=True, max_shard_size="1GB", seed=0, density=args.density,
                             election_weights="mergekit", merge_fn=None if use_fused else merge_fn,
-                            direct_io=not args.no_direct, fsync=not args.no_fsync)
+                            direct_io=args.direct, fsync=args.fsync, kernel=args.kernel)
     wall, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
     n_bytes = sum(f.stat().st_size for d in [args.base, *args.experts] for f in Path(d).glob("*.safetensors"))
     main_thread = acc["wait for reads"] + acc["merge_tensor (synchronised)"] + acc["fused merge"]
-    print(f"{args.method} on {args.device} (direct writes {not args.no_direct}, fsync {not args.no_fsync}): "
+    print(f"{args.method} on {args.device} (direct writes {args.direct}, fsync {args.fsync}): "
           f"{wall:.2f} s wall, {n_bytes / wall / 1e9:.3f} GB/s input, "
           f"user {r1.ru_utime - r0.ru_utime:.1f} s, sys {r1.ru_stime - r0.ru_stime:.1f} s")
     for k, v in acc.items():

@@ -448,15 +448,21 @@ class ShardedSafetensorsWriter:
             for name, t in ...:
                 w.write(name, t)
 
-    Large tensors bypass the page cache (``O_DIRECT``, when the file system allows
-    it): the page-aligned middle of each tensor goes through an aligned bounce buffer
-    straight to the disk, its unaligned ends through the page cache. Writing through
-    the page cache costs the CPU about as much as merging does on a small machine
-    (measured: 1.1 CPU-s for 2.2 GB on our 2-core VM, against 2.6 GB/s direct), and
-    the final ``fsync`` then has little left to flush. ``direct=False`` turns it off.
-    ``fsync=False`` skips flushing the shards before the folder is moved into place
-    (faster where the disk is slow; readers still see the old or the new folder, but
-    after a power loss the new one may be incomplete).
+    By default tensors are written through the page cache and not flushed, as
+    ``save_pretrained`` and mergekit do: the writes cost little, the kernel writes the
+    data back later, and a merged model loaded right after the merge is read from
+    memory. Readers see the old folder or the complete new one (atomic move), but
+    after a power loss the new one may be incomplete. Two options trade speed for
+    that guarantee or for memory:
+
+    * ``fsync=True`` flushes each shard as soon as its last tensor is written, before
+      the folder is moved into place;
+    * ``direct=True`` sends the page-aligned middle of every large tensor straight to
+      the disk (``O_DIRECT``, through an aligned bounce buffer; buffered where the file
+      system refuses), so a merge larger than RAM does not fill the page cache with
+      dirty pages. On our 2-core VM a 2.2 GB output took 2.0 s this way against 0.4 s
+      buffered (and written back after the merge); on the H100 machine the three ways
+      were within 15 % of each other.
 
     On success the temporary folder (``.<out>.tmp-*`` next to ``out``) gets
     ``model.safetensors.index.json`` (when there is more than one shard), the base's
@@ -468,7 +474,7 @@ class ShardedSafetensorsWriter:
                  max_shard_size: int | str = "2GB", *, copy_from: str | os.PathLike | None = None,
                  input_dirs: Iterable[str | os.PathLike] = (), overwrite: bool = False,
                  metadata: Mapping[str, str] | None = None,
-                 extra_files: Mapping[str, str] | None = None, direct: bool = True, fsync: bool = True):
+                 extra_files: Mapping[str, str] | None = None, direct: bool = False, fsync: bool = False):
         inputs = list(input_dirs) + ([copy_from] if copy_from is not None else [])
         self.out_dir = check_output_path(out_dir, inputs, overwrite)
         self.copy_from = Path(copy_from) if copy_from is not None else None

@@ -51,6 +51,7 @@ streaming the deltas twice per expert first).
 
 from __future__ import annotations
 
+import ctypes
 import math
 import numbers
 import os
@@ -268,10 +269,13 @@ class _Prefetcher:
 #   entries above hi and collects those inside the bracket (a few %), whose k-th
 #   largest (selection.kth_largest_abs) is the exact threshold.  Ties at the threshold
 #   are kept in increasing flat-index order, as in selection.top_k_mask.  If the
-#   bracket misses (never seen; it is checked), the exact whole-tensor rule is used.
+#   bracket misses (never seen; it is checked), the exact whole-tensor rule is used;
+# * each piece is merged by the compiled kernel (compiled.py, csrc/fused_merge.c: the
+#   same operations in one pass over L1-sized tiles, 2-3x faster) when it can be built,
+#   else sub-chunk by sub-chunk with torch ops (``_sub``), which is what it mirrors.
 #
-# Everything else (per-partition rates dicts, "l1"/"keep_prob"/"factor" rescales,
-# della, thresholds/offset given by the caller, CUDA) goes through merge_tensor.
+# Everything else ("l1"/"keep_prob"/"factor" rescales, della, an offset given by the
+# caller, CUDA) goes through merge_tensor.
 
 FUSED_METHODS = ("task_arithmetic", "magnitude", "ties", "dare_linear", "dare_ties")
 _FUSED_KWARGS = {"density", "drop_rate", "weights", "lam", "seed", "rescale", "election", "election_weights",
@@ -339,8 +343,8 @@ class _TopK:
 class _Fused:
     """Merge one CPU tensor like ``recipes.merge_tensor`` (same arguments), fused."""
 
-    def __init__(self, method: str, n_experts: int, kwargs: Mapping, workers: int):
-        from . import rng
+    def __init__(self, method: str, n_experts: int, kwargs: Mapping, workers: int, kernel: str = "auto"):
+        from . import compiled, rng
         from .recipes import _densities_for
 
         self._densities_for, self.rng = _densities_for, rng
@@ -370,6 +374,15 @@ class _Fused:
         self.workers = max(1, int(workers))
         self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="merge-fused") if self.workers > 1 else None
         self.local = threading.local()
+        # the compiled kernel (compiled.py) when it can be built here, else torch ops
+        self.kernel = None
+        if kernel == "c" and n_experts > compiled.MAXT:
+            raise ValueError(f"kernel='c' merges at most {compiled.MAXT} experts, got {n_experts}")
+        if kernel != "torch" and n_experts <= compiled.MAXT:
+            self.kernel = compiled.load()
+            if self.kernel is None and kernel == "c":
+                raise RuntimeError(f"kernel='c': the compiled kernel is not available ({compiled.ERROR})")
+        self.compiled = compiled
 
     def close(self):
         if self.pool is not None:
@@ -476,6 +489,15 @@ class _Fused:
     # -- merge -------------------------------------------------------------------
     def __call__(self, name: str, b: torch.Tensor, es: Sequence[torch.Tensor], out: torch.Tensor) -> None:
         T, n = self.T, b.numel()
+        # checked here because the compiled kernel reads and writes raw memory
+        for what, t in [("output", out)] + [(f"expert {i}", e) for i, e in enumerate(es)]:
+            if t.dtype != b.dtype or t.numel() != n:
+                raise ValueError(f"{name!r}: {what} is {t.dtype} with {t.numel()} entries, the base {b.dtype} "
+                                 f"with {n}")
+        if not out.is_contiguous():
+            raise ValueError(f"{name!r}: the output tensor must be contiguous")
+        if len(es) != T:
+            raise ValueError(f"{name!r}: expected {T} experts, got {len(es)}")
         kw = self.kw
         dens = self._densities_for(name, kw.get("density"), kw.get("drop_rate"), T,
                                    kw.get("rate_level", "layer_role"), kw.get("rate_default"))
@@ -490,6 +512,11 @@ class _Fused:
             topk = self._topk(b, es, [round(d * n) for d in dens], pieces)
         drop_rates = [1.0 - d for d in dens]  # as recipes.drop_and_rescale
         divisors = [1.0 - p for p in drop_rates]  # as rescale.rescale_inverse_keep
+
+        if self.kernel is not None and str(b.dtype).removeprefix("torch.") in self.compiled.DTYPES:
+            args = self._kernel_args(name, b, drop_rates, divisors)
+            self._map(lambda ip: self._run_kernel(args, name, b, es, out, pieces[ip], ip, topk), range(len(pieces)))
+            return
 
         def run(ip):
             s0, s1 = pieces[ip]
@@ -515,6 +542,54 @@ class _Fused:
                           thr, partial, drop_rates, divisors, out[c0:c1])
 
         self._map(run, range(len(pieces)))
+
+    def _kernel_args(self, name, b, drop_rates, divisors):
+        """The per-tensor fields of the kernel's arguments (compiled.MergeArgs)."""
+        c, T = self.compiled, self.T
+        a = c.MergeArgs()
+        a.T, a.dtype = T, c.DTYPES[str(b.dtype).removeprefix("torch.")]
+        a.drop = c.DROP[self.drop]
+        a.rescale = int(self.how == "inverse")
+        a.weighted = int(self.w is not None)
+        a.ties, a.frequency = int(self.ties), int(self.election == "frequency")
+        a.elect_weighted = int(self.elect_w is not None)
+        a.mode = c.MODES[self.mode]
+        a.lam = self.lam
+        for t in range(T):
+            a.divisor[t] = divisors[t]  # float32, as the torch path's tensor of divisors
+            if self.w is not None:
+                a.w[t] = self.w[t]
+            if self.elect_w is not None:
+                a.elect_w[t] = self.elect_w[t]
+            if self.drop == "random":
+                a.t_hi[t], a.t_lo[t] = divmod(self.rng.keep_threshold(drop_rates[t]), 1 << 24)
+                a.t_hi[t] = min(a.t_hi[t], 256)
+        return a
+
+    def _run_kernel(self, template, name, b, es, out, piece, ip, topk):
+        """Merge one piece with the compiled kernel (same numbers as ``_sub``)."""
+        c, T = self.compiled, self.T
+        s0, s1 = piece
+        a = c.MergeArgs.from_buffer_copy(template)
+        size = b.element_size()
+        a.n = s1 - s0
+        a.base, a.out = b.data_ptr() + s0 * size, out.data_ptr() + s0 * size
+        for t in range(T):
+            a.experts[t] = es[t].data_ptr() + s0 * size
+            if self.drop == "random":  # the piece is one whole block: its stream starts at word 0
+                key = self.rng.derive_seed(self.seed, name, t, s0 // self.piece)
+                state, inc = c.pcg64_state(key)
+                a.pcg_state[t][0], a.pcg_state[t][1] = c.split128(state)
+                a.pcg_inc[t][0], a.pcg_inc[t][1] = c.split128(inc)
+                a.key[t] = key
+            elif topk is not None:
+                tk = topk[t]
+                allow, ties = tk.allow[ip]
+                a.thr[t] = tk.below if (allow == ties and ties > 0) else tk.thr
+                if 0 < allow < ties:  # keep only the first `allow` ties at the threshold, in flat order
+                    a.tie_value[t], a.tie_allow[t] = tk.thr, allow
+        if self.kernel(ctypes.byref(a)) != 0:
+            raise RuntimeError(f"fused kernel failed on {name!r}")
 
     def _sub(self, buf, bs, es, us, thr, partial, drop_rates, divisors, out):
         T, m = self.T, bs.numel()
@@ -664,10 +739,11 @@ def merge_folders(
     overwrite: bool = False,
     prefetch_bytes: int = 1 << 29,
     fused: bool = True,
+    kernel: str = "auto",
     workers: int | None = None,
     merge_fn: Callable | None = None,
-    direct_io: bool = True,
-    fsync: bool = True,
+    direct_io: bool = False,
+    fsync: bool = False,
     **merge_kwargs,
 ) -> Path:
     """Merge the experts' folders onto the base folder, tensor by tensor, into ``out_dir``.
@@ -691,14 +767,18 @@ def merge_folders(
         prefetch_bytes: read-ahead budget of the prefetch thread.
         fused: on the CPU, use the fused chunked path for the options it supports
             (see ``fused_supported``); it gives the same numbers as ``merge_tensor``.
+        kernel: how the fused path computes: ``"auto"`` (the compiled kernel of
+            :mod:`merging_helpers.compiled` if it can be built here, else torch ops),
+            ``"c"`` (the compiled kernel or an error), ``"torch"``; the numbers are the same.
         workers: threads of the fused path (default: torch's intra-op thread count);
             while it runs, torch ops are single-threaded (``torch.set_num_threads(1)``).
         merge_fn: replaces ``recipes.merge_tensor`` (same signature; disables the
             fused path); for tests.
         direct_io, fsync: how the output is written (see
-            :class:`~merging_helpers.checkpoints.ShardedSafetensorsWriter`): large tensors
-            bypass the page cache, and each shard is flushed to disk before the folder
-            is moved into place.
+            :class:`~merging_helpers.checkpoints.ShardedSafetensorsWriter`): by default
+            through the page cache, unflushed, like ``save_pretrained``; ``fsync=True``
+            flushes every shard before the folder is moved into place, ``direct_io=True``
+            lets large tensors bypass the page cache.
 
     Returns: the output folder (resolved). Integer tensors are copied from the base.
     Output dtypes equal the input dtypes; config and tokenizer files come from the base.
@@ -709,6 +789,8 @@ def merge_folders(
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device='cuda' requested but torch.cuda.is_available() is False")
+    if kernel not in ("auto", "c", "torch"):
+        raise ValueError(f"kernel must be 'auto', 'c' or 'torch', got {kernel!r}")
     if not (isinstance(chunk_elems, int) and chunk_elems > 0):
         raise ValueError(f"chunk_elems must be a positive int, got {chunk_elems!r}")
 
@@ -780,7 +862,7 @@ def merge_folders(
 
         fusedm, threads = None, torch.get_num_threads()
         if use_fused:
-            fusedm = _Fused(method, len(dirs), merge_kwargs, workers or threads)
+            fusedm = _Fused(method, len(dirs), merge_kwargs, workers or threads, kernel)
             torch.set_num_threads(1)  # parallel over pieces instead (see the fused path)
 
         # ---- 2.-4. stream: prefetch -> merge -> write

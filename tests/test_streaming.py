@@ -405,8 +405,20 @@ FUSED_CASES = [
 ]
 
 
-def _fused_merge(method, kw, base, experts, piece=None):
-    fused = streaming._Fused(method, len(experts), kw, workers=2)
+def _has_compiler():
+    from merging_helpers import compiled
+
+    return compiled._compiler() is not None and compiled._cpu_ok()
+
+
+# the compiled kernel and the torch fused path: the same numbers. Where a C compiler is
+# present the kernel must build ("c" raises otherwise); where none is, "c" is skipped.
+KERNELS = [pytest.param("c", marks=pytest.mark.skipif(not _has_compiler(), reason="no C compiler / AVX2")),
+           "torch"]
+
+
+def _fused_merge(method, kw, base, experts, piece=None, kernel="auto"):
+    fused = streaming._Fused(method, len(experts), kw, workers=2, kernel=kernel)
     if piece is not None:
         fused.piece = piece  # smaller pieces: only for methods without random numbers
     out = torch.empty_like(base)
@@ -420,11 +432,12 @@ def _fused_merge(method, kw, base, experts, piece=None):
     return out
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("path", ["exact", "bracket"])
 @pytest.mark.parametrize("shape, dtype", [((300, 70), torch.bfloat16), ((300, 70), torch.float32),
                                           ((210, 50), torch.float16), ((2570,), torch.bfloat16)],
                          ids=["bf16", "fp32", "fp16", "1d-bf16"])
-def test_fused_equals_merge_tensor(shape, dtype, path, monkeypatch):
+def test_fused_equals_merge_tensor(shape, dtype, path, kernel, monkeypatch):
     """The fused path gives merge_tensor's numbers exactly. "bracket": the one-pass
     sampled top-k threshold over several pieces (made small here), "exact": whole tensor."""
     if path == "bracket":
@@ -435,17 +448,18 @@ def test_fused_equals_merge_tensor(shape, dtype, path, monkeypatch):
         assert streaming.fused_supported(method, kw, "cpu", len(experts))
         ref = merge_tensor("model.layers.0.mlp.up_proj.weight", base, experts, method, **kw)
         piece = 1536 if path == "bracket" and not method.startswith("dare") else None
-        out = _fused_merge(method, kw, base, experts, piece)
+        out = _fused_merge(method, kw, base, experts, piece, kernel)
         assert torch.equal(out, ref), (method, kw, int((out != ref).sum()))
 
 
-def test_fused_dare_over_several_random_blocks():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_fused_dare_over_several_random_blocks(kernel):
     from merging_helpers.rng import BLOCK
 
     base, experts = _tensors((BLOCK // 1000 + 30, 1000), torch.bfloat16, seed=1)  # > 1 block
     for method, kw in [("dare_ties", dict(drop_rate=0.9, seed=3)), ("dare_linear", dict(density=[0.5, 0.3, 0.2]))]:
         ref = merge_tensor("model.layers.0.mlp.up_proj.weight", base, experts, method, **kw)
-        assert torch.equal(_fused_merge(method, kw, base, experts), ref), method
+        assert torch.equal(_fused_merge(method, kw, base, experts, kernel=kernel), ref), method
 
 
 def test_fused_bracket_miss_falls_back_to_exact(monkeypatch):
@@ -458,14 +472,15 @@ def test_fused_bracket_miss_falls_back_to_exact(monkeypatch):
     assert torch.equal(_fused_merge("ties", kw, base, experts, piece=4000), ref)
 
 
-def test_fused_dare_does_not_depend_on_worker_count():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_fused_dare_does_not_depend_on_worker_count(kernel):
     from merging_helpers.rng import BLOCK
 
     base, experts = _tensors((2 * BLOCK // 1000 + 7, 1000), torch.bfloat16, seed=2)  # 3 random blocks
     kw = dict(drop_rate=0.7, seed=5)
     outs = []
     for workers in (1, 2, 3):
-        fused = streaming._Fused("dare_ties", len(experts), kw, workers=workers)
+        fused = streaming._Fused("dare_ties", len(experts), kw, workers=workers, kernel=kernel)
         out = torch.empty_like(base)
         try:
             fused("model.layers.0.mlp.up_proj.weight", base, experts, out)
@@ -473,6 +488,73 @@ def test_fused_dare_does_not_depend_on_worker_count():
             fused.close()
         outs.append(out)
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_fused_signed_zeros_and_zero_deltas(kernel):
+    """Where every delta is zero, and where the base holds -0.0, the result's sign of zero
+    follows merge_tensor (a -0 base plus a +0 merged delta is +0, plus -0 stays -0)."""
+    base, experts = _tensors((40, 50), torch.bfloat16, seed=9)
+    base[::3] = -0.0
+    for e in experts:
+        e[::2] = base[::2]  # rows with no change at all, some on a -0 base
+    experts[1][1::6] = -0.0
+    for method, kw in FUSED_CASES:
+        ref = merge_tensor("model.layers.0.mlp.up_proj.weight", base, experts, method, **kw)
+        out = _fused_merge(method, kw, base, experts, kernel=kernel)
+        same_bits = torch.equal(out.view(torch.int16), ref.view(torch.int16))
+        assert same_bits, (method, kw, int((out.view(torch.int16) != ref.view(torch.int16)).sum()))
+
+
+def test_fused_refuses_unlike_tensors():
+    base, experts = _tensors((30, 20), torch.bfloat16, seed=4)
+    fused = streaming._Fused("ties", 3, dict(density=0.3), workers=1)
+    try:
+        with pytest.raises(ValueError, match="expert 1 is torch.float32"):
+            fused("w", base, [experts[0], experts[1].float(), experts[2]], torch.empty_like(base))
+        with pytest.raises(ValueError, match="expert 2 is torch.bfloat16 with 580 entries"):
+            fused("w", base, [experts[0], experts[1], experts[2][:29, :]], torch.empty_like(base))
+        with pytest.raises(ValueError, match="output tensor must be contiguous"):
+            fused("w", base, experts, torch.empty(20, 30, dtype=torch.bfloat16).t())
+    finally:
+        fused.close()
+
+
+def test_compiled_kernel_build_errors_and_fallback(tmp_path, monkeypatch):
+    from merging_helpers import compiled
+
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    with pytest.raises(RuntimeError, match="no C compiler found"):
+        compiled.build(tmp_path / "k")
+    monkeypatch.setenv("CC", "false")  # a "compiler" that fails
+    with pytest.raises(RuntimeError, match="compiling fused_merge.c failed"):
+        compiled.build(tmp_path / "k")
+    assert not list((tmp_path / "k").glob("*"))  # no half-written library left behind
+
+    # without a kernel: "auto" falls back to the torch path (same numbers), "c" refuses
+    monkeypatch.setattr(compiled, "_LIB", None)
+    monkeypatch.setattr(compiled, "_TRIED", True)
+    monkeypatch.setattr(compiled, "ERROR", "no C compiler found")
+    base, experts = _tensors((30, 20), torch.bfloat16, seed=4)
+    kw = dict(drop_rate=0.7, seed=1)
+    ref = merge_tensor("model.layers.0.mlp.up_proj.weight", base, experts, "dare_ties", **kw)
+    assert torch.equal(_fused_merge("dare_ties", kw, base, experts, kernel="auto"), ref)
+    with pytest.raises(RuntimeError, match=r"kernel='c'.*no C compiler found"):
+        streaming._Fused("dare_ties", 3, kw, workers=1, kernel="c")
+    with pytest.raises(ValueError, match="at most 16 experts"):
+        streaming._Fused("ties", 17, dict(density=0.3), workers=1, kernel="c")
+    with pytest.raises(ValueError, match="kernel must be"):
+        merge_folders(tmp_path, [tmp_path], tmp_path / "o", "ties", kernel="cuda")
+
+
+@pytest.mark.skipif(not _has_compiler(), reason="no C compiler / AVX2")
+def test_compiled_kernel_is_cached(tmp_path):
+    from merging_helpers import compiled
+
+    lib = compiled.build(tmp_path)
+    stamp = lib.stat().st_mtime_ns
+    assert compiled.build(tmp_path) == lib and lib.stat().st_mtime_ns == stamp  # not rebuilt
+    assert [p.name for p in tmp_path.iterdir()] == [lib.name]
 
 
 def test_fused_path_is_used_and_threads_restored(families, tmp_path, monkeypatch):

@@ -1,0 +1,339 @@
+/* The compiled fused merge: the CPU fast path of merging_helpers.streaming.
+ *
+ * merge_piece() merges the n entries of one piece of a flattened tensor (a whole
+ * random block, rng.BLOCK entries, or less) with the float32 operations of
+ * recipes.merge_tensor, in the same order, so the result is bit-identical to it
+ * (tests compare them).  It works through the piece in tiles of TILE entries that
+ * stay in the L1 cache:
+ *
+ *   1. deltas    D_t = float(expert_t) - float(base)
+ *   2. drop      D_t = D_t * keep_t            keep: |D_t| > thr_t (magnitude) or the
+ *                                              DARE word of the entry >= its threshold
+ *   3. rescale   D_t = D_t / divisor_t         (1 - p for DARE)
+ *   4. combine   Task Arithmetic: M = sum_t w_t D_t
+ *                TIES: elect s = sign(sum_t V_t), keep the agreeing D_t, sum or mean
+ *   5. finish    out = dtype(base + lam * M)   (round to nearest even)
+ *
+ * DARE words (see rng.py): the high byte of entry i is byte i % 8 of the (i / 8)-th
+ * output of numpy's PCG64 stream of the block (state and increment come from numpy);
+ * the low 24 bits are SplitMix64's output function at (key, i), needed only where the
+ * high byte equals the threshold's top byte.
+ *
+ * Build without -ffast-math and with -ffp-contract=off: either would change rounding.
+ */
+#include <stdint.h>
+#include <string.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+#define MAXT 16
+#define TILE 512 /* a multiple of 8: a tile takes whole PCG64 outputs */
+
+enum { F32 = 0, BF16 = 1, F16 = 2 };
+enum { DROP_NONE = 0, DROP_MAGNITUDE = 1, DROP_RANDOM = 2 };
+enum { MODE_SUM = 0, MODE_MEAN = 1, MODE_WEIGHTED_MEAN = 2 };
+
+typedef struct {
+    int64_t n;
+    int32_t T, dtype;
+    const void *base;
+    const void *experts[MAXT];
+    void *out;
+    /* drop */
+    int32_t drop;
+    float thr[MAXT];        /* magnitude: keep |D| > thr ...                          */
+    float tie_value[MAXT];  /* ... and the first tie_allow entries with |D| == tie_value */
+    int64_t tie_allow[MAXT];
+    uint64_t pcg_state[MAXT][2], pcg_inc[MAXT][2]; /* random: (high, low) 64-bit halves */
+    uint64_t key[MAXT];
+    uint32_t t_hi[MAXT], t_lo[MAXT]; /* keep word w >= t_hi * 2^24 + t_lo */
+    /* rescale, weights, consensus */
+    int32_t rescale;
+    float divisor[MAXT];
+    int32_t weighted;
+    float w[MAXT];
+    int32_t ties, elect_weighted, frequency, mode;
+    float elect_w[MAXT];
+    float lam;
+} merge_args;
+
+typedef unsigned __int128 u128;
+
+/* ------------------------------------------------------------------ conversions */
+static void load_f32(float *dst, const void *src, int dtype, int64_t at, int m) {
+    if (dtype == F32) {
+        memcpy(dst, (const float *)src + at, (size_t)m * sizeof(float));
+    } else if (dtype == BF16) {
+        const uint16_t *s = (const uint16_t *)src + at;
+        for (int j = 0; j < m; j++) {
+            uint32_t u = (uint32_t)s[j] << 16;
+            memcpy(dst + j, &u, 4);
+        }
+    } else {
+        const _Float16 *s = (const _Float16 *)src + at;
+        for (int j = 0; j < m; j++) dst[j] = (float)s[j];
+    }
+}
+
+static void store_from_f32(void *dst, const float *src, int dtype, int64_t at, int m) {
+    if (dtype == F32) {
+        memcpy((float *)dst + at, src, (size_t)m * sizeof(float));
+    } else if (dtype == BF16) { /* as torch's round_to_nearest_even */
+        uint16_t *d = (uint16_t *)dst + at;
+        for (int j = 0; j < m; j++) {
+            uint32_t u;
+            memcpy(&u, src + j, 4);
+            uint16_t r = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+            d[j] = src[j] != src[j] ? (uint16_t)0x7FC0 : r; /* NaN */
+        }
+    } else {
+        _Float16 *d = (_Float16 *)dst + at;
+        for (int j = 0; j < m; j++) d[j] = (_Float16)src[j];
+    }
+}
+
+/* ------------------------------------------------------------------ DARE words */
+static inline uint64_t pcg64_next(u128 *state, u128 inc) {
+    static const u128 MULT = ((u128)0x2360ED051FC65DA4ULL << 64) | 0x4385DF649FCCF645ULL;
+    *state = *state * MULT + inc;
+    uint64_t hi = (uint64_t)(*state >> 64), lo = (uint64_t)*state;
+    unsigned rot = (unsigned)(*state >> 122);
+    uint64_t x = hi ^ lo;
+    return (x >> rot) | (x << ((64 - rot) & 63));
+}
+
+static inline uint32_t low_word(uint64_t key, uint64_t pos) { /* rng.low_words */
+    uint64_t x = key + (pos + 1) * 0x9E3779B97F4A7C15ULL;
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBULL;
+    x ^= x >> 31;
+    return (uint32_t)(x >> 40);
+}
+
+/* the high bytes of the next m words of every expert's stream: hb[t][j] is byte j % 8
+   of output j / 8.  Two generators are stepped together, in registers, so that their
+   (serial) 128-bit multiplications overlap */
+static void high_bytes(uint8_t hb[][TILE], u128 *state, const u128 *inc, int T, int m) {
+    int t = 0;
+    for (; t + 1 < T; t += 2) {
+        u128 s0 = state[t], s1 = state[t + 1];
+        for (int j = 0; j < m; j += 8) {
+            uint64_t r0 = pcg64_next(&s0, inc[t]), r1 = pcg64_next(&s1, inc[t + 1]);
+            memcpy(&hb[t][j], &r0, 8); /* little-endian: lowest byte first */
+            memcpy(&hb[t + 1][j], &r1, 8);
+        }
+        state[t] = s0, state[t + 1] = s1;
+    }
+    if (t < T) {
+        u128 s0 = state[t];
+        for (int j = 0; j < m; j += 8) {
+            uint64_t r0 = pcg64_next(&s0, inc[t]);
+            memcpy(&hb[t][j], &r0, 8);
+        }
+        state[t] = s0;
+    }
+}
+
+/* keep[j] = 1.0f where the word of entry pos + j is >= t_hi * 2^24 + t_lo, else 0.0f */
+static void random_keep(float *keep, const uint8_t *hb, uint64_t key, uint32_t t_hi, uint32_t t_lo,
+                        int64_t pos, int m) {
+    if (t_hi >= 256) {
+        for (int j = 0; j < m; j++) keep[j] = 0.0f;
+        return;
+    }
+    const uint8_t th = (uint8_t)t_hi;
+    if (t_lo == 0) {
+        for (int j = 0; j < m; j++) keep[j] = hb[j] >= th ? 1.0f : 0.0f;
+        return;
+    }
+    for (int j = 0; j < m; j++) keep[j] = hb[j] > th ? 1.0f : 0.0f;
+    /* where hb == th (1 entry in 256) the low bits decide: find those entries 32 (AVX2)
+       or 8 bytes at a time, so the hash runs only there */
+    int j = 0;
+#ifdef __AVX2__
+    const __m256i pattern32 = _mm256_set1_epi8((char)th);
+    for (; j + 32 <= m; j += 32) {
+        __m256i bytes = _mm256_loadu_si256((const __m256i *)(hb + j));
+        for (uint32_t eq = (uint32_t)_mm256_movemask_epi8(_mm256_cmpeq_epi8(bytes, pattern32)); eq; eq &= eq - 1) {
+            int i = j + __builtin_ctz(eq);
+            keep[i] = low_word(key, (uint64_t)(pos + i)) >= t_lo ? 1.0f : 0.0f;
+        }
+    }
+#endif
+    /* z has bit 7 set in each byte of x = bytes ^ th that is zero (and maybe in bytes above one) */
+    const uint64_t ones = 0x0101010101010101ULL, pattern = ones * th;
+    for (; j < m; j += 8) {
+        uint64_t x;
+        memcpy(&x, hb + j, 8);
+        x ^= pattern;
+        for (uint64_t z = (x - ones) & ~x & (ones << 7); z; z &= z - 1) {
+            int i = j + (__builtin_ctzll(z) >> 3);
+            if (i < m && hb[i] == th) keep[i] = low_word(key, (uint64_t)(pos + i)) >= t_lo ? 1.0f : 0.0f;
+        }
+    }
+}
+
+/* keep[j] = 1.0f where |d[j]| > thr, and at the first *allow entries with |d[j]| == tie
+   (the threshold's ties kept in flat order), else 0.0f */
+static void magnitude_keep(float *restrict keep, const float *restrict d, float thr, float tie, int64_t *allow,
+                           int m) {
+    for (int j = 0; j < m; j++) {
+        float v = d[j] < 0 ? -d[j] : d[j];
+        keep[j] = v > thr ? 1.0f : 0.0f;
+    }
+    for (int j = 0; *allow > 0 && j < m; j++) {
+        float v = d[j] < 0 ? -d[j] : d[j];
+        if (v == tie && keep[j] == 0.0f) {
+            keep[j] = 1.0f;
+            (*allow)--;
+        }
+    }
+}
+
+/* out = ((x - base) * keep) / divisor, each step optional (base, keep NULL; rescale 0),
+   in one pass */
+static void drop_rescale(float *out, const float *x, const float *restrict base, const float *restrict keep,
+                         float divisor, int rescale, int m) {
+    for (int j = 0; j < m; j++) { /* the tests are loop-invariant: the compiler makes one loop per case */
+        float v = x[j];
+        if (base) v -= base[j];
+        if (keep) v *= keep[j];
+        if (rescale) v /= divisor;
+        out[j] = v;
+    }
+}
+
+/* ------------------------------------------------------------------ helpers */
+static void sum_rows(float *out, float rows[][TILE], int T, int m) { /* in expert order */
+    for (int j = 0; j < m; j++) out[j] = rows[0][j];
+    for (int t = 1; t < T; t++)
+        for (int j = 0; j < m; j++) out[j] += rows[t][j];
+}
+
+static void scale_row(float *row, float s, int m) {
+    for (int j = 0; j < m; j++) row[j] *= s;
+}
+
+static void divide_by_count(float *M, float *cnt, int m) { /* M / max(cnt, 1) */
+    for (int j = 0; j < m; j++) cnt[j] = cnt[j] < 1.0f ? 1.0f : cnt[j];
+    for (int j = 0; j < m; j++) M[j] /= cnt[j];
+}
+
+/* TIES without weights: elect s = sign(sum_t V_t) (a sum of +0 elects +1), then
+   M = s * sum_t max(s D_t, 0) (the sum of the agreeing D_t) and, if mean, the number of
+   agreeing experts; the sums run in expert order */
+static inline __attribute__((always_inline)) void agreeing_sum(float *restrict M, float *restrict count,
+                                                               float (*V)[TILE], float (*D)[TILE], int mean,
+                                                               const int T, int m) {
+    for (int j = 0; j < m; j++) {
+        float v = V[0][j];
+        for (int t = 1; t < T; t++) v += V[t][j];
+        const float s = __builtin_copysignf(1.0f, v);
+        float x = D[0][j] * s; /* > 0 where expert 0 agrees */
+        float cnt = x > 0.0f ? 1.0f : 0.0f;
+        float sum = x < 0.0f ? 0.0f : x; /* torch.clamp_min: keeps -0 */
+        for (int t = 1; t < T; t++) {
+            x = D[t][j] * s;
+            cnt += x > 0.0f ? 1.0f : 0.0f;
+            sum += x < 0.0f ? 0.0f : x;
+        }
+        M[j] = sum * s;
+        if (mean) count[j] = cnt;
+    }
+}
+
+/* ------------------------------------------------------------------ one piece */
+int merge_piece(const merge_args *a) {
+    const int T = a->T;
+    if (T < 1 || T > MAXT) return -1;
+    float bf[TILE], M[TILE], s[TILE], cnt[TILE];
+    float D[MAXT][TILE], A[MAXT][TILE];
+    uint8_t hb[MAXT][TILE];
+    u128 state[MAXT], inc[MAXT];
+    int64_t allow[MAXT];
+    for (int t = 0; t < T; t++) {
+        state[t] = ((u128)a->pcg_state[t][0] << 64) | a->pcg_state[t][1];
+        inc[t] = ((u128)a->pcg_inc[t][0] << 64) | a->pcg_inc[t][1];
+        allow[t] = a->tie_allow[t];
+    }
+
+    for (int64_t at = 0; at < a->n; at += TILE) {
+        const int m = (int)(a->n - at < TILE ? a->n - at : TILE);
+
+        /* 1.-3. deltas, drop, rescale */
+        load_f32(bf, a->base, a->dtype, at, m);
+        if (a->drop == DROP_RANDOM) high_bytes(hb, state, inc, T, m);
+        for (int t = 0; t < T; t++) {
+            float *d = D[t], *k = A[t];
+            load_f32(d, a->experts[t], a->dtype, at, m);
+            if (a->drop == DROP_MAGNITUDE) {
+                for (int j = 0; j < m; j++) d[j] -= bf[j];
+                magnitude_keep(k, d, a->thr[t], a->tie_value[t], &allow[t], m);
+                drop_rescale(d, d, NULL, k, a->rescale ? a->divisor[t] : 1.0f, a->rescale, m);
+            } else if (a->drop == DROP_RANDOM) {
+                random_keep(k, hb[t], a->key[t], a->t_hi[t], a->t_lo[t], at, m);
+                drop_rescale(d, d, bf, k, a->divisor[t], a->rescale, m);
+            } else {
+                drop_rescale(d, d, bf, NULL, a->divisor[t], a->rescale, m);
+            }
+        }
+
+        /* 4. combine */
+        if (!a->ties) { /* M = sum_t w_t D_t */
+            if (a->weighted)
+                for (int t = 0; t < T; t++) scale_row(D[t], a->w[t], m);
+            sum_rows(M, D, T, m);
+        } else {
+            /* the election votes V_t: D_t, w_t D_t (mergekit) or their signs ("frequency") */
+            float (*V)[TILE] = D;
+            if (a->elect_weighted || a->frequency) {
+                for (int t = 0; t < T; t++) {
+                    memcpy(A[t], D[t], (size_t)m * sizeof(float));
+                    if (a->elect_weighted) scale_row(A[t], a->elect_w[t], m);
+                    if (a->frequency)
+                        for (int j = 0; j < m; j++) A[t][j] = (float)(0.0f < A[t][j]) - (float)(A[t][j] < 0.0f);
+                }
+                V = A;
+            }
+            if (!a->weighted && (a->mode == MODE_SUM || a->mode == MODE_MEAN)) {
+                const int mean = a->mode == MODE_MEAN;
+                switch (T) { /* a constant T unrolls the expert loop: one vectorised pass */
+                case 2: agreeing_sum(M, cnt, V, D, mean, 2, m); break;
+                case 3: agreeing_sum(M, cnt, V, D, mean, 3, m); break;
+                case 4: agreeing_sum(M, cnt, V, D, mean, 4, m); break;
+                default: agreeing_sum(M, cnt, V, D, mean, T, m);
+                }
+                if (mean) divide_by_count(M, cnt, m);
+            } else {
+                sum_rows(M, V, T, m);
+                for (int j = 0; j < m; j++) s[j] = __builtin_copysignf(1.0f, M[j]); /* a sum of +0 elects +1 */
+                for (int t = 0; t < T; t++)
+                    for (int j = 0; j < m; j++) A[t][j] = D[t][j] * s[j] > 0.0f ? 1.0f : 0.0f; /* agrees */
+                for (int t = 0; t < T; t++) {
+                    if (a->weighted) scale_row(D[t], a->w[t], m);
+                    for (int j = 0; j < m; j++) D[t][j] *= A[t][j];
+                }
+                sum_rows(M, D, T, m); /* sum over agreeing t of w_t D_t */
+                if (a->mode == MODE_MEAN) {
+                    sum_rows(cnt, A, T, m);
+                    divide_by_count(M, cnt, m);
+                } else if (a->mode == MODE_WEIGHTED_MEAN) {
+                    for (int t = 0; t < T; t++) scale_row(A[t], a->w[t], m);
+                    sum_rows(cnt, A, T, m);
+                    for (int j = 0; j < m; j++) { /* as consensus.disjoint_merge: |sum| < 1e-8 divides by 1 */
+                        float c = cnt[j] < 0 ? -cnt[j] : cnt[j];
+                        cnt[j] = c < 1e-8f ? 1.0f : cnt[j];
+                    }
+                    for (int j = 0; j < m; j++) M[j] /= cnt[j];
+                }
+            }
+        }
+
+        /* 5. finish */
+        if (a->lam != 1.0f) scale_row(M, a->lam, m);
+        for (int j = 0; j < m; j++) M[j] += bf[j];
+        store_from_f32(a->out, M, a->dtype, at, m);
+    }
+    return 0;
+}
