@@ -109,8 +109,8 @@ ERROR: str | None = None  # why load() returned None
 
 
 def load():
-    """The kernel's ``merge_piece`` function, or None if it cannot be built here
-    (``ERROR`` says why)."""
+    """The compiled library (functions ``merge_piece`` and ``bracket_scan``), or None
+    if it cannot be built here (``ERROR`` says why)."""
     global _LIB, _TRIED, ERROR
     with _LOCK:
         if not _TRIED:
@@ -124,9 +124,12 @@ def load():
                     _LIB = ctypes.CDLL(str(build()))
                     _LIB.merge_piece.argtypes = [ctypes.POINTER(MergeArgs)]
                     _LIB.merge_piece.restype = ctypes.c_int
+                    _LIB.bracket_scan.argtypes = [ctypes.POINTER(MergeArgs)] + [ctypes.c_void_p] * 5 + [
+                        ctypes.c_int64]
+                    _LIB.bracket_scan.restype = ctypes.c_int
                 except (OSError, RuntimeError) as err:
                     ERROR = str(err)
-    return None if _LIB is None else _LIB.merge_piece
+    return _LIB
 
 
 def pcg64_state(key: int) -> tuple[int, int]:

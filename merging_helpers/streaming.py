@@ -284,6 +284,7 @@ SUB = 1 << 17  # entries per sub-chunk: ~14 float32 rows of 512 kB per worker st
 EXACT_MAX = 1 << 20  # tensors up to this size find their top-k threshold on the whole tensor
 _SAMPLE = 1 << 16
 _BRACKET_SIGMAS = 6.0  # half-width of the sample bracket in binomial standard deviations
+_SCAN_SLACK = 4096  # extra room for the compiled scan's candidates (a test makes it negative)
 
 
 def fused_supported(method: str, kwargs: Mapping, device, n_experts: int = 2) -> bool:
@@ -436,9 +437,10 @@ class _Fused:
         # 1. bracket the k-th largest |Δ| of every expert with a strided sample
         idx = torch.arange(_SAMPLE, dtype=torch.int64) * (n // _SAMPLE)
         bs = b[idx].float()
-        lo, hi = [], []
+        lo, hi, samples = [], [], []
         for e, k in zip(es, ks):
             sample = (e[idx].float() - bs).abs_().numpy()
+            samples.append(sample)
             q = k / n
             r = q * _SAMPLE  # rank (from the top) of the k-th largest, in the sample
             margin = _BRACKET_SIGMAS * math.sqrt(_SAMPLE * q * (1 - q)) + 16
@@ -450,7 +452,32 @@ class _Fused:
             lo.append(float(part[j_lo]) if i_lo < _SAMPLE else 0.0)
 
         # 2. one pass: count |Δ| > hi, collect lo <= |Δ| <= hi (per piece, in order)
+        kernel = self.kernel is not None and str(b.dtype).removeprefix("torch.") in self.compiled.DTYPES
+        if kernel:
+            args = self._kernel_args("", b, [0.0] * self.T, [1.0] * self.T)
+            lo_hi = [(ctypes.c_float * self.T)(*v) for v in (lo, hi)]
+            # candidates expected per piece: the sample's fraction inside the bracket
+            frac = [float(((sample_t >= l) & (sample_t <= h)).mean()) for sample_t, l, h in zip(samples, lo, hi)]
+
+        def kernel_scan(piece):
+            s0, s1 = piece
+            a = self.compiled.MergeArgs.from_buffer_copy(args)
+            size = b.element_size()
+            a.n, a.base = s1 - s0, b.data_ptr() + s0 * size
+            for t in range(self.T):
+                a.experts[t] = es[t].data_ptr() + s0 * size
+            # twice the expected count, else room for every entry (+ 1: bracket_scan writes one past its last)
+            for cap in (max(1, int(2 * max(frac) * (s1 - s0)) + _SCAN_SLACK), s1 - s0 + 1):
+                cands = [np.empty(cap, dtype=np.float32) for _ in range(self.T)]
+                above, count = (ctypes.c_int64 * self.T)(), (ctypes.c_int64 * self.T)()
+                ptrs = (ctypes.c_void_p * self.T)(*[c.ctypes.data for c in cands])
+                if self.kernel.bracket_scan(ctypes.byref(a), lo_hi[0], lo_hi[1], above, ptrs, count, cap) == 0:
+                    return list(above), [torch.from_numpy(c[:k]) for c, k in zip(cands, count)]
+            raise RuntimeError("bracket_scan failed")
+
         def scan(piece):
+            if kernel:
+                return kernel_scan(piece)
             s0, s1 = piece
             buf = self._buf()
             above = [0] * self.T
@@ -588,7 +615,7 @@ class _Fused:
                 a.thr[t] = tk.below if (allow == ties and ties > 0) else tk.thr
                 if 0 < allow < ties:  # keep only the first `allow` ties at the threshold, in flat order
                     a.tie_value[t], a.tie_allow[t] = tk.thr, allow
-        if self.kernel(ctypes.byref(a)) != 0:
+        if self.kernel.merge_piece(ctypes.byref(a)) != 0:
             raise RuntimeError(f"fused kernel failed on {name!r}")
 
     def _sub(self, buf, bs, es, us, thr, partial, drop_rates, divisors, out):

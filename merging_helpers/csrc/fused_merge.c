@@ -178,13 +178,9 @@ static void random_keep(float *keep, const uint8_t *hb, uint64_t key, uint32_t t
    (the threshold's ties kept in flat order), else 0.0f */
 static void magnitude_keep(float *restrict keep, const float *restrict d, float thr, float tie, int64_t *allow,
                            int m) {
-    for (int j = 0; j < m; j++) {
-        float v = d[j] < 0 ? -d[j] : d[j];
-        keep[j] = v > thr ? 1.0f : 0.0f;
-    }
+    for (int j = 0; j < m; j++) keep[j] = __builtin_fabsf(d[j]) > thr ? 1.0f : 0.0f;
     for (int j = 0; *allow > 0 && j < m; j++) {
-        float v = d[j] < 0 ? -d[j] : d[j];
-        if (v == tie && keep[j] == 0.0f) {
+        if (__builtin_fabsf(d[j]) == tie && keep[j] == 0.0f) {
             keep[j] = 1.0f;
             (*allow)--;
         }
@@ -334,6 +330,56 @@ int merge_piece(const merge_args *a) {
         if (a->lam != 1.0f) scale_row(M, a->lam, m);
         for (int j = 0; j < m; j++) M[j] += bf[j];
         store_from_f32(a->out, M, a->dtype, at, m);
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------ top-k bracket scan */
+/* The one pass of the fused path's exact top-k threshold (streaming._Fused._topk), for
+ * the n entries of one piece: for every expert t, above[t] = the number of entries with
+ * |D_t| > hi[t], and cands[t][0 .. count[t]) = the |D_t| in [lo[t], hi[t]], in order.
+ * Returns -1 (and stops) if an expert has more than cap - 1 candidates, else 0. */
+int bracket_scan(const merge_args *a, const float *lo, const float *hi, int64_t *above, float **cands,
+                 int64_t *count, int64_t cap) {
+    const int T = a->T;
+    if (T < 1 || T > MAXT) return -1;
+    float bf[TILE], d[TILE];
+    for (int t = 0; t < T; t++) above[t] = count[t] = 0;
+    for (int64_t at = 0; at < a->n; at += TILE) {
+        const int m = (int)(a->n - at < TILE ? a->n - at : TILE);
+        load_f32(bf, a->base, a->dtype, at, m);
+        for (int t = 0; t < T; t++) {
+            load_f32(d, a->experts[t], a->dtype, at, m);
+            const float l = lo[t], h = hi[t];
+            int64_t n_above = 0, n_in = 0;
+            for (int j = 0; j < m; j++) {
+                float v = __builtin_fabsf(d[j] - bf[j]);
+                d[j] = v;
+                n_above += v > h;
+                n_in += (v >= l) & (v <= h);
+            }
+            above[t] += n_above;
+            if (n_in == 0) continue;
+            if (count[t] + n_in + 1 > cap) return -1; /* + 1: the loop below writes one past the last */
+            float *c = cands[t] + count[t];
+            int64_t k = 0;
+            int j = 0;
+#ifdef __AVX2__
+            /* a few % of the entries are inside: test 8 at a time, copy only those */
+            const __m256 L = _mm256_set1_ps(l), H = _mm256_set1_ps(h);
+            for (; j + 8 <= m; j += 8) {
+                __m256 v = _mm256_loadu_ps(d + j);
+                __m256 inside = _mm256_and_ps(_mm256_cmp_ps(v, L, _CMP_GE_OQ), _mm256_cmp_ps(v, H, _CMP_LE_OQ));
+                for (unsigned bits = (unsigned)_mm256_movemask_ps(inside); bits; bits &= bits - 1)
+                    c[k++] = d[j + __builtin_ctz(bits)];
+            }
+#endif
+            for (; j < m; j++) { /* branch-free: always write, advance where inside */
+                c[k] = d[j];
+                k += (d[j] >= l) & (d[j] <= h);
+            }
+            count[t] += n_in;
+        }
     }
     return 0;
 }
