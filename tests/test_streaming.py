@@ -550,6 +550,27 @@ def test_compiled_kernel_build_errors_and_fallback(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(not _has_compiler(), reason="no C compiler / AVX2")
+def test_portable_kernel_build_gives_the_same_numbers(tmp_path, monkeypatch):
+    """Without -mavx2 (as on ARM) the kernel takes its portable branches (8-byte tie
+    search, branch-free candidate copy): still merge_tensor's numbers."""
+    from merging_helpers import compiled
+
+    monkeypatch.setattr(compiled, "CFLAGS", [f for f in compiled.CFLAGS if f not in ("-mavx2", "-mf16c")])
+    monkeypatch.setattr(compiled, "_cache_dir", lambda: tmp_path)
+    monkeypatch.setattr(compiled, "_LIB", None)
+    monkeypatch.setattr(compiled, "_TRIED", False)
+    monkeypatch.setattr(streaming, "EXACT_MAX", 1000)
+    monkeypatch.setattr(streaming, "_SAMPLE", 512)
+    assert compiled.load() is not None and list(tmp_path.glob("*.so"))
+    for dtype in (torch.bfloat16, torch.float16):
+        base, experts = _tensors((300, 70), dtype, seed=11)
+        for method, kw in FUSED_CASES:
+            ref = merge_tensor("model.layers.0.mlp.up_proj.weight", base, experts, method, **kw)
+            piece = None if method.startswith("dare") else 1536
+            assert torch.equal(_fused_merge(method, kw, base, experts, piece, kernel="c"), ref), (method, kw)
+
+
+@pytest.mark.skipif(not _has_compiler(), reason="no C compiler / AVX2")
 def test_compiled_kernel_is_cached(tmp_path):
     from merging_helpers import compiled
 
