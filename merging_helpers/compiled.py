@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -94,7 +95,8 @@ def build(cache_dir: str | os.PathLike | None = None) -> Path:
     try:
         done = subprocess.run([cc, *CFLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
         if done.returncode != 0:
-            raise RuntimeError(f"compiling {SOURCE.name} failed:\n{done.stderr.strip()}")
+            why = done.stderr.strip() or f"{cc} exited with status {done.returncode} and no message"
+            raise RuntimeError(f"compiling {SOURCE.name} failed: {why}")
         os.replace(tmp, lib)  # atomic: a concurrent build writes the same bytes
     finally:
         if os.path.exists(tmp):
@@ -118,7 +120,7 @@ def load():
             if os.environ.get("MERGING_HELPERS_NO_KERNEL"):
                 ERROR = "disabled by MERGING_HELPERS_NO_KERNEL"
             elif not _cpu_ok():
-                ERROR = "this CPU lacks AVX2/F16C"
+                ERROR = "AVX2/F16C not found in /proc/cpuinfo"
             else:
                 try:
                     _LIB = ctypes.CDLL(str(build()))
@@ -129,6 +131,8 @@ def load():
                     _LIB.bracket_scan.restype = ctypes.c_int
                 except (OSError, RuntimeError) as err:
                     ERROR = str(err)
+                    warnings.warn(f"merging_helpers: the compiled merge kernel is not available ({err}); "
+                                  "CPU merges use torch ops (same numbers, 2-3x slower)", stacklevel=2)
     return _LIB
 
 
