@@ -454,7 +454,7 @@ class _Fused:
             lo.append(float(part[j_lo]) if i_lo < _SAMPLE else 0.0)
 
         # 2. one pass: count |Δ| > hi, collect lo <= |Δ| <= hi (per piece, in order)
-        kernel = self.kernel is not None and str(b.dtype).removeprefix("torch.") in self.compiled.DTYPES
+        kernel = self._kernel_takes(b)
         if kernel:
             args = self._kernel_args("", b, [0.0] * self.T, [1.0] * self.T)
             lo_hi = [(ctypes.c_float * self.T)(*v) for v in (lo, hi)]
@@ -463,11 +463,7 @@ class _Fused:
 
         def kernel_scan(piece):
             s0, s1 = piece
-            a = self.compiled.MergeArgs.from_buffer_copy(args)
-            size = b.element_size()
-            a.n, a.base = s1 - s0, b.data_ptr() + s0 * size
-            for t in range(self.T):
-                a.experts[t] = es[t].data_ptr() + s0 * size
+            a = self._piece_args(args, b, es, None, s0, s1)
             # twice the expected count, else room for every entry (+ 1: bracket_scan writes one past its last)
             for cap in (max(1, int(2 * max(frac) * (s1 - s0)) + _SCAN_SLACK), s1 - s0 + 1):
                 cands = [np.empty(cap, dtype=np.float32) for _ in range(self.T)]
@@ -542,7 +538,7 @@ class _Fused:
         drop_rates = [1.0 - d for d in dens]  # as recipes.drop_and_rescale
         divisors = [1.0 - p for p in drop_rates]  # as rescale.rescale_inverse_keep
 
-        if self.kernel is not None and str(b.dtype).removeprefix("torch.") in self.compiled.DTYPES:
+        if self._kernel_takes(b):
             args = self._kernel_args(name, b, drop_rates, divisors)
             self._map(lambda ip: self._run_kernel(args, name, b, es, out, pieces[ip], ip, topk), range(len(pieces)))
             return
@@ -572,6 +568,20 @@ class _Fused:
 
         self._map(run, range(len(pieces)))
 
+    def _kernel_takes(self, b: torch.Tensor) -> bool:
+        return self.kernel is not None and str(b.dtype).removeprefix("torch.") in self.compiled.DTYPES
+
+    def _piece_args(self, template, b, es, out, s0, s1):
+        """A copy of ``template`` pointing at entries s0 ... s1 - 1 of the flat tensors."""
+        a = self.compiled.MergeArgs.from_buffer_copy(template)
+        size = b.element_size()
+        a.n, a.base = s1 - s0, b.data_ptr() + s0 * size
+        if out is not None:
+            a.out = out.data_ptr() + s0 * size
+        for t, e in enumerate(es):
+            a.experts[t] = e.data_ptr() + s0 * size
+        return a
+
     def _kernel_args(self, name, b, drop_rates, divisors):
         """The per-tensor fields of the kernel's arguments (compiled.MergeArgs)."""
         c, T = self.compiled, self.T
@@ -590,21 +600,16 @@ class _Fused:
                 a.w[t] = self.w[t]
             if self.elect_w is not None:
                 a.elect_w[t] = self.elect_w[t]
-            if self.drop == "random":
+            if self.drop == "random":  # keep_threshold <= 2^32, so t_hi <= 256 (256: keep nothing)
                 a.t_hi[t], a.t_lo[t] = divmod(self.rng.keep_threshold(drop_rates[t]), 1 << 24)
-                a.t_hi[t] = min(a.t_hi[t], 256)
         return a
 
     def _run_kernel(self, template, name, b, es, out, piece, ip, topk):
         """Merge one piece with the compiled kernel (same numbers as ``_sub``)."""
         c, T = self.compiled, self.T
         s0, s1 = piece
-        a = c.MergeArgs.from_buffer_copy(template)
-        size = b.element_size()
-        a.n = s1 - s0
-        a.base, a.out = b.data_ptr() + s0 * size, out.data_ptr() + s0 * size
+        a = self._piece_args(template, b, es, out, s0, s1)
         for t in range(T):
-            a.experts[t] = es[t].data_ptr() + s0 * size
             if self.drop == "random":  # the piece is one whole block: its stream starts at word 0
                 key = self.rng.derive_seed(self.seed, name, t, s0 // self.piece)
                 state, inc = c.pcg64_state(key)

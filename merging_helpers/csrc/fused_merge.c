@@ -266,7 +266,7 @@ int merge_piece(const merge_args *a) {
             if (a->drop == DROP_MAGNITUDE) {
                 for (int j = 0; j < m; j++) d[j] -= bf[j];
                 magnitude_keep(k, d, a->thr[t], a->tie_value[t], &allow[t], m);
-                drop_rescale(d, d, NULL, k, a->rescale ? a->divisor[t] : 1.0f, a->rescale, m);
+                drop_rescale(d, d, NULL, k, a->divisor[t], a->rescale, m);
             } else if (a->drop == DROP_RANDOM) {
                 random_keep(k, hb[t], a->key[t], a->t_hi[t], a->t_lo[t], at, m);
                 drop_rescale(d, d, bf, k, a->divisor[t], a->rescale, m);
@@ -318,8 +318,7 @@ int merge_piece(const merge_args *a) {
                     for (int t = 0; t < T; t++) scale_row(A[t], a->w[t], m);
                     sum_rows(cnt, A, T, m);
                     for (int j = 0; j < m; j++) { /* as consensus.disjoint_merge: |sum| < 1e-8 divides by 1 */
-                        float c = cnt[j] < 0 ? -cnt[j] : cnt[j];
-                        cnt[j] = c < 1e-8f ? 1.0f : cnt[j];
+                        cnt[j] = __builtin_fabsf(cnt[j]) < 1e-8f ? 1.0f : cnt[j];
                     }
                     for (int j = 0; j < m; j++) M[j] /= cnt[j];
                 }
