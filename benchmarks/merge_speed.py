@@ -25,7 +25,7 @@ What it does, in one run:
 
 Our merges use mergekit's conventions where the engine has them: TIES elects the
 sign on the weighted deltas and divides by the sum of the agreeing weights
-(``election_weights="mergekit"``; with weights 1 this equals the paper and peft);
+(``weighted_election=True``; with weights 1 this equals the paper and peft);
 DARE-TIES sums the agreeing deltas (mergekit's ``normalize: false``).  One
 difference is kept on purpose: our DARE rescale is the paper's 1/(1-p), mergekit's
 is L1-norm matching (two extra reductions per expert and tensor); ``--dare-rescale
@@ -256,7 +256,7 @@ def _ours_main(args) -> int:
     """Run merge_folders (in the measured subprocess)."""
     from merging_helpers.streaming import merge_folders
 
-    kw = dict(density=args.density, election_weights="mergekit")
+    kw = dict(density=args.density, weighted_election=True)
     if args.method.startswith("dare") and args.dare_rescale != "auto":
         kw["rescale"] = args.dare_rescale  # "l1" = mergekit's default (not fused: merge_tensor per tensor)
     if args.workers:

@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     use_fused = not cuda
     streaming.merge_folders(args.base, args.experts, args.out, args.method, device=args.device, progress=False,
                             overwrite=True, max_shard_size="1GB", seed=0, density=args.density,
-                            election_weights="mergekit", merge_fn=None if use_fused else merge_fn,
+                            weighted_election=True, merge_fn=None if use_fused else merge_fn,
                             direct_io=args.direct, fsync=args.fsync, kernel=args.kernel)
     wall, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
     n_bytes = sum(f.stat().st_size for d in [args.base, *args.experts] for f in Path(d).glob("*.safetensors"))

@@ -7,17 +7,16 @@ Deltas are stacked along a new dim 0: ``deltas[t]`` is expert t's delta.
 
 Two established implementations of TIES differ in *where the weights enter*:
 
-* ``election_weights="peft"`` (peft ``merge_utils.ties``/``dare_ties``): the sign is
-  elected on the **unweighted** deltas; then each agreeing delta is multiplied by
-  its weight and the sum is divided by the **number** of agreeing experts
-  (``mode="mean"``).
-* ``election_weights="mergekit"`` (mergekit's generalized task arithmetic): the sign
-  is elected on the **weighted** deltas w_t Δ_t; its ``ties`` and ``della`` then
-  divide by the **sum of the weights** of the agreeing experts
-  (``mode="weighted_mean"``, mergekit's ``normalize: true``) while ``dare_ties``
-  just sums (``mode="sum"``).
+* peft (``merge_utils.ties``/``dare_ties``): the sign is elected on the **unweighted**
+  deltas; then each agreeing delta is multiplied by its weight and the sum is divided
+  by the **number** of agreeing experts (``divide_by="count"``);
+* mergekit (generalized task arithmetic): the sign is elected on the **weighted**
+  deltas w_t Δ_t (``elect_sign(..., weights=w)``, the engine's ``weighted_election=True``);
+  its ``ties`` and ``della`` then divide by the **sum of the weights** of the agreeing
+  experts (``divide_by="weight_sum"``, mergekit's ``normalize: true``) while
+  ``dare_ties`` just sums (``divide_by="nothing"``).
 
-With equal weights of 1 all three divisions reduce to peft's, except ``"sum"``.
+With equal weights of 1 all three divisions reduce to peft's, except ``"nothing"``.
 Zero sign: an elected sign of 0 (the deltas cancel exactly, or all are 0) becomes
 +1, as in peft and mergekit. Zero deltas never "agree" with any sign, so experts
 that dropped an entry do not count in its mean.
@@ -25,7 +24,8 @@ that dropped an entry do not count in its mean.
 import torch
 
 ELECTIONS = ("total", "frequency")
-MODES = ("mean", "weighted_mean", "sum")
+DIVISORS = ("count", "weight_sum", "nothing")
+_OLD_DIVISORS = {"mean": "count", "weighted_mean": "weight_sum", "sum": "nothing"}  # names before the 2nd edition
 
 
 def stack(deltas) -> torch.Tensor:
@@ -83,24 +83,26 @@ def agreement_mask(deltas, signs: torch.Tensor) -> torch.Tensor:
     return stack(deltas).sign() == signs
 
 
-def disjoint_merge(deltas, signs: torch.Tensor, mode: str = "mean", weights=None) -> torch.Tensor:
-    """TIES step 3: combine only the deltas that agree with the elected sign.
+def disjoint_merge(deltas, signs: torch.Tensor, divide_by: str = "count", weights=None) -> torch.Tensor:
+    """TIES step 3 (chapter 3): combine only the deltas that agree with the elected sign.
 
     Numerator Σ_{t agrees} w_t Δ_t, divided by
-    ``"mean"``: the number of agreeing experts (peft);
-    ``"weighted_mean"``: the sum of their weights (mergekit ``normalize``);
-    ``"sum"``: nothing (mergekit ``dare_ties``).
-    Entries no expert agrees on (all dropped) stay 0.
+    ``"count"``: the number of agreeing experts (peft);
+    ``"weight_sum"``: the sum of their weights (mergekit ``normalize``);
+    ``"nothing"``: not divided (mergekit ``dare_ties``).
+    Entries no expert agrees on (all dropped) stay 0. (The old names "mean",
+    "weighted_mean" and "sum" are still understood.)
     """
-    if mode not in MODES:
-        raise ValueError(f"disjoint_merge: mode must be one of {MODES}, got {mode!r}")
+    divide_by = _OLD_DIVISORS.get(divide_by, divide_by)
+    if divide_by not in DIVISORS:
+        raise ValueError(f"disjoint_merge: divide_by must be one of {DIVISORS}, got {divide_by!r}")
     deltas = stack(deltas)
     agree = agreement_mask(deltas, signs)
     w = _weights_like(weights, deltas)
     total = sum_experts(deltas * w * agree)
-    if mode == "mean":
+    if divide_by == "count":
         return total / sum_experts(agree.float()).clamp_min(1)
-    if mode == "weighted_mean":
+    if divide_by == "weight_sum":
         divisor = sum_experts(w * agree)
         return total / torch.where(divisor.abs() < 1e-8, 1.0, divisor)  # same guard as mergekit
     return total

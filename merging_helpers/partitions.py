@@ -9,10 +9,19 @@ Roles: ``attention``, ``ffn``, ``embedding``, ``norm``, ``head`` (the pooler,
 classifier, ``lm_head`` and MLM head count as head), ``other`` (unknown names).
 Linear types: ``q k v o`` (attention) and ``up gate down`` (FFN). A bias belongs to
 the linear map it is added in (``query.bias`` is part of ``q``).
+
+Rates (drop rates, densities, rescale factors) can be given at any granularity: one
+float, a ``{partition key: rate}`` mapping, and, inside a mapping, a vector of one
+rate per row (:class:`PerRow`) or per column (:class:`PerColumn`) of the tensors of
+that partition (APL's hidden-state level, DPPA's bands).
 """
+import math
+import numbers
 import re
 from collections import defaultdict
 from typing import NamedTuple
+
+import torch
 
 LEVELS = ("model", "layer", "role", "linear", "layer_role", "layer_linear", "tensor")
 
@@ -89,39 +98,100 @@ def group_by(names, level: str = "layer") -> dict[str, list[str]]:
     return dict(groups)
 
 
-def validate_rates(rates, what: str = "drop_rate") -> None:
-    """Check a float or ``{partition key: float}`` of drop rates or densities.
+class PerRow(NamedTuple):
+    """One rate per row (dim 0) of a tensor: ``PerRow(torch.tensor([...]))`` (chapter 4)."""
 
-    Drop rates must lie in [0, 1) (p = 1 would divide by zero in DARE);
-    densities in (0, 1]. The error names the bad key.
+    values: torch.Tensor
+
+
+class PerColumn(NamedTuple):
+    """One rate per column (dim 1) of a 2-D tensor (chapter 4)."""
+
+    values: torch.Tensor
+
+
+RATE_RANGES = {"drop_rate": (0.0, 1.0, "[0, 1)"), "density": (0.0, 1.0, "(0, 1]"), "factor": (0.0, math.inf, "[0, inf)")}
+
+
+def _in_range(values: torch.Tensor, what: str) -> torch.Tensor:
+    lo, hi, _ = RATE_RANGES[what]
+    if what == "drop_rate":
+        return (values >= lo) & (values < hi)
+    if what == "density":
+        return (values > lo) & (values <= hi)
+    return (values >= lo) & (values < hi)
+
+
+def validate_rates(rates, what: str = "drop_rate") -> None:
+    """Check a float, ``{partition key: rate}`` or :class:`PerRow`/:class:`PerColumn`
+    of drop rates, densities or rescale factors (chapter 2).
+
+    Drop rates must lie in [0, 1) (p = 1 would divide by zero in DARE), densities in
+    (0, 1], factors in [0, inf); every value must be a finite number. The error names the bad key.
     """
-    if what not in ("drop_rate", "density"):
-        raise ValueError(f"validate_rates: what must be 'drop_rate' or 'density', got {what!r}")
+    if what not in RATE_RANGES:
+        raise ValueError(f"validate_rates: what must be one of {tuple(RATE_RANGES)}, got {what!r}")
     items = rates.items() if isinstance(rates, dict) else [(None, rates)]
     for key, rate in items:
         where = f"{what}" if key is None else f"{what}[{key!r}]"
-        if isinstance(rate, bool) or not isinstance(rate, (int, float)):
+        if isinstance(rate, (PerRow, PerColumn)):
+            values = rate.values
+            if not isinstance(values, torch.Tensor) or values.dim() != 1 or not values.is_floating_point():
+                raise TypeError(f"{where}: {type(rate).__name__} needs a 1-D float tensor, got {values!r}")
+            bad = ~(torch.isfinite(values) & _in_range(values.double(), what))
+            if bad.any():
+                i = int(bad.nonzero()[0])
+                raise ValueError(f"{where}: entry {i} = {float(values[i])} is outside the allowed range "
+                                 f"{RATE_RANGES[what][2]}")
+            continue
+        if isinstance(rate, bool) or not isinstance(rate, numbers.Real):
             raise TypeError(f"{where} must be a float, got {type(rate).__name__}")
-        ok = 0.0 <= rate < 1.0 if what == "drop_rate" else 0.0 < rate <= 1.0
-        if not ok:
-            allowed = "[0, 1)" if what == "drop_rate" else "(0, 1]"
-            raise ValueError(f"{where} = {rate} is outside the allowed range {allowed}")
+        if not (math.isfinite(rate) and bool(_in_range(torch.tensor(float(rate), dtype=torch.float64), what))):
+            raise ValueError(f"{where} = {rate} is outside the allowed range {RATE_RANGES[what][2]}")
 
 
-def rate_for(name: str, rates, level: str = "layer_role", default: float | None = None) -> float:
-    """The rate of parameter ``name``: ``rates`` itself if it is a float, else
-    ``rates[partition_key(name, level)]`` (or ``default`` when the key is missing).
+def rate_for(name: str, rates, level: str = "layer_role", default: float | None = None):
+    """The rate of parameter ``name`` (chapter 2): ``rates`` itself if it is not a dict,
+    else ``rates[partition_key(name, level)]`` (or ``default`` when the key is missing).
+    A float, or the :class:`PerRow`/:class:`PerColumn` vector given for that partition.
 
     This is how per-partition drop rates (APL, DPPA, RMS-adaptive) reach the engine.
     """
     if not isinstance(rates, dict):
-        return float(rates)
+        return rates if isinstance(rates, (PerRow, PerColumn)) else float(rates)
     key = partition_key(name, level)
     if key in rates:
-        return float(rates[key])
+        rate = rates[key]
+        return rate if isinstance(rate, (PerRow, PerColumn)) else float(rate)
     if default is None:
         raise KeyError(f"rate_for: no rate for partition {key!r} of {name!r} (level {level!r}) and no default")
     return float(default)
+
+
+def check_rate_fits(name: str, shape, rate, what: str) -> None:
+    """A :class:`PerRow`/:class:`PerColumn` rate must have one value per row/column of tensor ``name``."""
+    if isinstance(rate, PerRow):
+        want, axis = (shape[0] if len(shape) >= 1 else None), "rows"
+    elif isinstance(rate, PerColumn):
+        want, axis = (shape[1] if len(shape) >= 2 else None), "columns"
+    else:
+        return
+    if want is None:
+        raise ValueError(f"{what}: a {type(rate).__name__} rate for {name!r}, a tensor of shape {tuple(shape)} "
+                         f"without {axis}")
+    if rate.values.numel() != want:
+        raise ValueError(f"{what}: {type(rate).__name__} for {name!r} has {rate.values.numel()} values, the tensor "
+                         f"has {want} {axis} (shape {tuple(shape)})")
+
+
+def broadcast_rate(rate, shape, device=None):
+    """A float stays a float; a :class:`PerRow`/:class:`PerColumn` becomes a float64
+    tensor that broadcasts against a tensor of ``shape`` (chapter 4)."""
+    if isinstance(rate, PerRow):
+        return rate.values.double().to(device).reshape((-1,) + (1,) * (len(shape) - 1))
+    if isinstance(rate, PerColumn):
+        return rate.values.double().to(device).reshape((1, -1) + (1,) * (len(shape) - 2))
+    return rate
 
 
 def unused_rate_keys(names, rates, level: str) -> list[str]:
@@ -130,3 +200,9 @@ def unused_rate_keys(names, rates, level: str) -> list[str]:
         return []
     used = {partition_key(name, level) for name in names}
     return sorted(set(rates) - used)
+
+
+def levels_matching(names, keys) -> list[str]:
+    """The levels at which every key of ``keys`` is a partition of ``names`` (to say
+    "these look like 'layer' keys" when a rate mapping is at the wrong granularity)."""
+    return [lv for lv in LEVELS if set(keys) <= {partition_key(n, lv) for n in names}]

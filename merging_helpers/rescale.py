@@ -12,11 +12,18 @@ E[(1 − m_i) Δ_i / (1 − p)] = Δ_i. Alternatives the book compares:
 """
 import torch
 
+from .partitions import PerColumn, PerRow, broadcast_rate
+
 RESCALES = ("inverse", "l1", "keep_prob", "factor", None)
 
 
-def rescale_inverse_keep(delta_kept: torch.Tensor, drop_rate: float) -> torch.Tensor:
-    """DARE: multiply by 1/(1 − drop_rate)."""
+def rescale_inverse_keep(delta_kept: torch.Tensor, drop_rate) -> torch.Tensor:
+    """DARE: multiply by 1/(1 − drop_rate) (a float, or a PerRow / PerColumn vector)."""
+    if isinstance(drop_rate, (PerRow, PerColumn)):
+        keep = 1.0 - broadcast_rate(drop_rate, delta_kept.shape, delta_kept.device)
+        if not bool(((keep > 0) & (keep <= 1)).all()):
+            raise ValueError("rescale_inverse_keep: every drop rate must be in [0, 1)")
+        return delta_kept / keep.to(delta_kept.dtype)  # the float32 divisor of each row, as below
     if not 0 <= drop_rate < 1:
         raise ValueError(f"rescale_inverse_keep: drop_rate must be in [0, 1), got {drop_rate}")
     # divide by a tensor on the delta's device, not by a Python float: CUDA divides by a
@@ -42,8 +49,11 @@ def rescale_by_keep_prob(kept: torch.Tensor, keep_prob: torch.Tensor) -> torch.T
     return kept / keep_prob
 
 
-def rescale_by_factor(kept: torch.Tensor, factor: float) -> torch.Tensor:
-    """Multiply by a given factor (per partition: look it up with ``partitions.rate_for``)."""
+def rescale_by_factor(kept: torch.Tensor, factor) -> torch.Tensor:
+    """Multiply by a given factor (per partition: look it up with ``partitions.rate_for``;
+    a PerRow / PerColumn vector scales each row / column)."""
+    if isinstance(factor, (PerRow, PerColumn)):
+        return kept * broadcast_rate(factor, kept.shape, kept.device).to(kept.dtype)
     return kept * factor
 
 

@@ -180,6 +180,12 @@ class EntryRandoms:
         _map(fill, self._spans(n) if n else [])
         return out
 
+    def keep_mask_per_entry(self, drop_rates: np.ndarray) -> np.ndarray:
+        """Boolean DARE mask with one drop rate per entry (float64 array of length n):
+        ``words(n) >= ceil(p_i · 2^32)``, the test of :meth:`keep_mask` entry by entry."""
+        thresholds = np.ceil(np.asarray(drop_rates, dtype=np.float64) * 2.0**32)
+        return self.words(len(thresholds)) >= thresholds
+
     def uniform_like(self, tensor: torch.Tensor) -> torch.Tensor:
         """u = w / 2^32 (float64, exact, in [0, 1)) of ``tensor``'s shape on its device."""
         u = torch.from_numpy(self.words(tensor.numel()) * 2.0**-32)

@@ -85,7 +85,7 @@ def family():
     ("task_arithmetic", {}),
     ("ties", {"density": 0.3}),
     ("ties", {"density": 0.3, "magnitude_scope": "model"}),
-    ("ties", {"density": 0.3, "election": "frequency", "weights": [1.0, 0.5, 0.2], "election_weights": "mergekit"}),
+    ("ties", {"density": 0.3, "election": "frequency", "weights": [1.0, 0.5, 0.2], "weighted_election": True}),
     ("dare_ties", {"density": 0.4, "seed": 5}),
     ("magnitude", {"density": 0.5}),
 ])

@@ -38,7 +38,7 @@ def test_magnitude_prune_matches_peft(deltas, density):
 @pytest.mark.parametrize("density", [0.2, 0.7, 1.0])
 def test_ties_matches_peft(deltas, method, density):
     expected = peft.ties(deltas, torch.tensor(WEIGHTS), density, majority_sign_method=method)
-    ours = recipes.ties(deltas, densities=[density] * T, weights=WEIGHTS, election=method, election_weights="peft")
+    ours = recipes.ties(deltas, densities=[density] * T, weights=WEIGHTS, election=method, weighted_election=False)
     torch.testing.assert_close(ours, expected)
 
 
@@ -93,17 +93,17 @@ HAND_W = [0.5, 1.0, 2.0]
 
 def test_peft_style_election_is_unweighted():
     # unweighted sum 1 − 0.75 − 0.25 = 0 → +1 (zero elects +); only expert 0 agrees: 0.5 · 1.0 / 1 expert
-    assert recipes.ties(HAND, densities=[1.0] * 3, weights=HAND_W, election_weights="peft").item() == pytest.approx(0.5)
+    assert recipes.ties(HAND, densities=[1.0] * 3, weights=HAND_W, weighted_election=False).item() == pytest.approx(0.5)
 
 
 def test_mergekit_style_election_is_weighted():
     # weighted sum 0.5 − 0.75 − 0.5 = −0.75 → −1; experts 1, 2 agree: −0.75 − 0.5 = −1.25
     #   ties (normalize): / (1 + 2) = −0.4167;  dare_ties (sum): −1.25;  mean over 2 experts: −0.625
-    ties = recipes.ties(HAND, densities=[1.0] * 3, weights=HAND_W, election_weights="mergekit")
+    ties = recipes.ties(HAND, densities=[1.0] * 3, weights=HAND_W, weighted_election=True)
     assert ties.item() == pytest.approx(-1.25 / 3)
-    dare_ties = recipes.dare_ties(HAND, densities=[1.0] * 3, weights=HAND_W, election_weights="mergekit")
+    dare_ties = recipes.dare_ties(HAND, densities=[1.0] * 3, weights=HAND_W, weighted_election=True)
     assert dare_ties.item() == pytest.approx(-1.25)
-    assert recipes.ties(HAND, densities=[1.0] * 3, weights=HAND_W, election_weights="mergekit", mode="mean").item() == pytest.approx(-0.625)
+    assert recipes.ties(HAND, densities=[1.0] * 3, weights=HAND_W, weighted_election=True, divide_by="count").item() == pytest.approx(-0.625)
 
 
 def test_frequency_election_counts_signs():
@@ -121,7 +121,7 @@ def test_l1_and_inverse_rescale_by_hand():
 
 
 def test_dare_l1_rescale_preserves_l1_norm(deltas):
-    out = recipes.drop_and_rescale(deltas, "random", [0.3] * T, name="x", how="l1")
+    out = recipes.drop_and_rescale(deltas, "random", [0.3] * T, name="x", rescale="l1")
     for d, o in zip(deltas, out):
         assert o.abs().sum().item() == pytest.approx(d.abs().sum().item(), rel=1e-5)
         assert (o != 0).float().mean() < 0.4

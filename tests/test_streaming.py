@@ -388,18 +388,18 @@ def _tensors(shape, dtype, seed, n_experts=3):
 
 FUSED_CASES = [
     ("ties", dict(density=0.3)),
-    ("ties", dict(density=0.3, election_weights="mergekit")),
+    ("ties", dict(density=0.3, weighted_election=True)),
     ("ties", dict(density=[0.2, 0.5, 0.9], weights=[0.5, 1.2, 0.8], lam=0.7, election="frequency")),
-    ("ties", dict(drop_rate=0.8, weights=[0.5, 1.2, 0.8], election_weights="mergekit", rescale="inverse")),
-    ("ties", dict(density=0.3, merge_mode="sum")),
-    ("ties", dict(density=0.3, weights=[0.5, 1.2, 0.8], merge_mode="weighted_mean")),
+    ("ties", dict(drop_rate=0.8, weights=[0.5, 1.2, 0.8], weighted_election=True, rescale="inverse")),
+    ("ties", dict(density=0.3, divide_by="nothing")),
+    ("ties", dict(density=0.3, weights=[0.5, 1.2, 0.8], divide_by="weight_sum")),
     ("magnitude", dict(density=0.5, weights=[1.0, -0.5, 0.3])),
     ("magnitude", dict(density=1e-7)),  # k = 0: nothing kept
     ("magnitude", dict(density=1.0)),
     ("dare_ties", dict(drop_rate=0.9, seed=3)),
-    ("dare_ties", dict(density=0.3, election_weights="mergekit", weights=[1.0, 0.6, 1.4])),
+    ("dare_ties", dict(density=0.3, weighted_election=True, weights=[1.0, 0.6, 1.4])),
     ("dare_ties", dict(density=0.3, rescale=None, election="frequency")),
-    ("dare_ties", dict(density=0.3, election_weights="mergekit")),  # the benchmark's: sum of agreeing deltas
+    ("dare_ties", dict(density=0.3, weighted_election=True)),  # the benchmark's: sum of agreeing deltas
     ("dare_linear", dict(density=[0.5, 0.3, 0.2], lam=1.3)),
     ("task_arithmetic", dict(weights=[0.3, 0.3, 0.4])),
 ]
@@ -651,7 +651,7 @@ def _large_family(root, dtype=torch.bfloat16, n_experts=3):
     return dirs[0], dirs[1:]
 
 
-@pytest.mark.parametrize("method, kw", [("dare_ties", dict(density=0.3, election_weights="mergekit")),
+@pytest.mark.parametrize("method, kw", [("dare_ties", dict(density=0.3, weighted_election=True)),
                                         ("ties", dict(density=0.3)), ("dare_linear", dict(drop_rate=0.9))])
 def test_large_tensors_stream_like_in_memory(tmp_path, method, kw):
     base_dir, expert_dirs = _large_family(tmp_path)

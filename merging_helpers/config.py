@@ -1,0 +1,257 @@
+"""One merge configuration, validated once before any work.
+
+Introduced in chapters 2–3. :class:`MergeConfig` holds every option of a merge; the
+in-memory merge (:func:`merging_helpers.recipes.merge_state_dicts`) and the streaming
+merge (:func:`merging_helpers.fast.streaming.merge_folders`) take the same config, or
+the same keyword arguments, which they turn into one with :meth:`MergeConfig.build`.
+Every check (types, ranges, per-expert lists, per-partition keys that match no tensor,
+missing rates, per-row vectors of the wrong length) happens there and in
+:meth:`MergeConfig.check_tensors`, before a single tensor is merged.
+
+Renamed options (old names still work, with a ``DeprecationWarning``):
+
+* ``election_weights="peft"`` / ``"mergekit"`` → ``weighted_election=False`` / ``True``
+  (elect the sign on the unweighted or on the weighted deltas);
+* ``merge_mode="mean"`` / ``"weighted_mean"`` / ``"sum"`` → ``divide_by="count"`` /
+  ``"weight_sum"`` / ``"nothing"`` (what the disjoint merge divides by).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .consensus import ELECTIONS
+from .methods import DIVISORS, Method, get_method
+from .partitions import (LEVELS, PerColumn, PerRow, check_rate_fits, levels_matching, rate_for, unused_rate_keys,
+                         validate_rates)
+from .rescale import RESCALES
+
+RENAMED = {
+    "election_weights": ("weighted_election", {"peft": False, "mergekit": True}),
+    "merge_mode": ("divide_by", {"mean": "count", "weighted_mean": "weight_sum", "sum": "nothing", None: None}),
+}
+SCOPES = ("tensor", "model")
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _per_expert(rates, n_experts: int, what: str) -> list:
+    """A list of one rate spec per expert (a single spec is shared)."""
+    if isinstance(rates, (list, tuple)):
+        if len(rates) != n_experts:
+            raise ValueError(f"{what}: got a list of {len(rates)} rates for {n_experts} experts")
+        return list(rates)
+    return [rates] * n_experts
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    """Every option of a merge (chapters 2–3); build it with :meth:`build`, which validates.
+
+    Rates (``density`` = kept fraction, or ``drop_rate`` = 1 − density, and
+    ``rescale_factor``): a float, a ``{partition key at rate_level: rate}`` mapping whose
+    values may be :class:`~merging_helpers.partitions.PerRow` / ``PerColumn`` vectors, or
+    (density / drop_rate) a list of those, one per expert.
+    """
+
+    method: Method
+    n_experts: int
+    density: object = None
+    drop_rate: object = None
+    weights: tuple | None = None
+    lam: float = 1.0
+    seed: int = 0
+    rescale: str | None = "auto"
+    rescale_factor: object = None
+    election: str = "total"
+    weighted_election: bool = False
+    divide_by: str | None = None
+    epsilon: float = 0.0
+    rate_level: str = "layer_role"
+    rate_default: float | None = None
+    magnitude_scope: str = "tensor"
+    thresholds: tuple | None = field(default=None, repr=False)  # per expert |Δ| thresholds (whole-model scope)
+
+    # ---- building and validating ------------------------------------------------------
+
+    @classmethod
+    def build(cls, method, n_experts: int, **options) -> "MergeConfig":
+        """Validate ``options`` for a merge of ``n_experts`` experts and return the config.
+        Renamed options are translated (with a DeprecationWarning); unknown ones are refused."""
+        for old, (new, values) in RENAMED.items():
+            if old in options:
+                value = options.pop(old)
+                if new in options:
+                    raise ValueError(f"give {new!r} or its old name {old!r}, not both")
+                if value not in values:
+                    raise ValueError(f"{old} must be one of {tuple(values)}, got {value!r}")
+                warnings.warn(f"{old}={value!r} is now {new}={values[value]!r}", DeprecationWarning, stacklevel=3)
+                options[new] = values[value]
+        allowed = {f.name for f in dataclasses.fields(cls)} - {"method", "n_experts"}
+        unknown = sorted(set(options) - allowed)
+        if unknown:
+            raise TypeError(f"unknown merge option(s) {unknown}; the options are {sorted(allowed)}")
+        if not (isinstance(n_experts, int) and n_experts >= 1):
+            raise ValueError(f"a merge needs at least one expert, got {n_experts!r}")
+        weights = options.get("weights")
+        if weights is not None:
+            options["weights"] = cls._checked_weights(weights, n_experts)
+        config = cls(get_method(method), n_experts, **options)
+        config._validate()
+        return config
+
+    @staticmethod
+    def _checked_weights(weights, n_experts) -> tuple:
+        if isinstance(weights, torch.Tensor):
+            if weights.dim() != 1:
+                raise ValueError(f"weights: expected a 1-D tensor of {n_experts} weights, got shape {tuple(weights.shape)}")
+            weights = weights.tolist()
+        if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
+            raise TypeError(f"weights must be a list of {n_experts} numbers (one per expert), got {weights!r}")
+        if len(weights) != n_experts:
+            raise ValueError(f"weights: expected one weight per expert ({n_experts}), got {len(weights)}")
+        for t, w in enumerate(weights):
+            if not _is_real(w):
+                raise TypeError(f"weights[{t}] must be a number, got {w!r}")
+            if not math.isfinite(w):
+                raise ValueError(f"weights[{t}] must be finite, got {w}")
+        return tuple(float(w) for w in weights)
+
+    def _validate(self) -> None:
+        m = self.method
+        if self.density is not None and self.drop_rate is not None:
+            raise ValueError("give either density or drop_rate (= 1 − density), not both")
+        if m.needs_rate and self.density is None and self.drop_rate is None:
+            raise ValueError(f"method {m.name!r} needs density or drop_rate")
+        if not m.needs_rate and (self.density is not None or self.drop_rate is not None):
+            raise ValueError(f"method {m.name!r} drops nothing: density / drop_rate do not apply "
+                             "(use 'magnitude' or 'dare_linear' to drop)")
+        for what in ("density", "drop_rate"):
+            rates = getattr(self, what)
+            if rates is not None:
+                for r in _per_expert(rates, self.n_experts, what):
+                    validate_rates(r, what)
+        if self.rate_default is not None:
+            validate_rates(self.rate_default, "density" if self.density is not None else "drop_rate")
+        if not _is_real(self.lam) or not math.isfinite(self.lam):
+            raise ValueError(f"lam must be a finite number, got {self.lam!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise TypeError(f"seed must be an int, got {self.seed!r}")
+        if self.rescale not in RESCALES + ("auto",):
+            raise ValueError(f"rescale must be one of {RESCALES + ('auto',)}, got {self.rescale!r}")
+        if (self.rescale == "factor") != (self.rescale_factor is not None):
+            raise ValueError("rescale='factor' and rescale_factor go together (a float or a per-partition dict)")
+        if self.rescale_factor is not None:
+            validate_rates(self.rescale_factor, "factor")
+        if self.rescale == "keep_prob" and m.drop != "magprune":
+            raise ValueError(f"rescale='keep_prob' needs per-entry keep probabilities (della), not {m.name!r}")
+        if self.election not in ELECTIONS:
+            raise ValueError(f"election must be one of {ELECTIONS}, got {self.election!r}")
+        if not isinstance(self.weighted_election, bool):
+            raise TypeError(f"weighted_election must be True or False, got {self.weighted_election!r}")
+        if self.divide_by not in DIVISORS + (None,):
+            raise ValueError(f"divide_by must be one of {DIVISORS}, got {self.divide_by!r}")
+        if not _is_real(self.epsilon) or not self.epsilon >= 0:
+            raise ValueError(f"epsilon must be a number >= 0, got {self.epsilon!r}")
+        if self.epsilon and m.drop != "magprune":
+            raise ValueError(f"epsilon is della's MagPrune spread; method {m.name!r} does not use it")
+        if self.rate_level not in LEVELS:
+            raise ValueError(f"rate_level must be one of {LEVELS}, got {self.rate_level!r}")
+        if self.magnitude_scope not in SCOPES:
+            raise ValueError(f"magnitude_scope must be 'tensor' or 'model', got {self.magnitude_scope!r}")
+        if self.magnitude_scope == "model":
+            if m.drop != "magnitude":
+                raise ValueError(f"magnitude_scope='model' applies to 'magnitude' and 'ties', not {m.name!r}")
+            if self.thresholds is not None:
+                raise ValueError("give magnitude_scope='model' or thresholds, not both")
+            rates = self.density if self.density is not None else self.drop_rate
+            if any(not _is_real(r) for r in _per_expert(rates, self.n_experts, "density")):
+                raise ValueError("magnitude_scope='model' needs a float density per expert, not per-partition rates")
+
+    def check_tensors(self, shapes: Mapping[str, tuple]) -> None:
+        """Check the rates against the floating tensors ``{name: shape}`` of the model:
+        every key matches a tensor, every tensor finds its rate, every per-row / per-column
+        vector has the tensor's length. Raises before any work."""
+        names = list(shapes)
+        for what in ("density", "drop_rate", "rescale_factor"):
+            rates = getattr(self, what)
+            for r in _per_expert(rates, self.n_experts, what):
+                bad = unused_rate_keys(names, r, self.rate_level)
+                if bad:
+                    other = [lv for lv in levels_matching(names, bad) if lv != self.rate_level]
+                    hint = f"; they are {other[0]!r} keys: set rate_level={other[0]!r}" if other else ""
+                    raise ValueError(f"{what}: keys {bad} match no tensor at rate_level {self.rate_level!r}{hint}")
+        for name, shape in shapes.items():
+            self.check_fits(name, shape)
+
+    def check_fits(self, name: str, shape) -> None:
+        """Tensor ``name`` finds its rate, and its per-row / per-column vectors fit ``shape``."""
+        for rate in self.densities(name):
+            check_rate_fits(name, shape, rate, "density" if self.density is not None else "drop_rate")
+        check_rate_fits(name, shape, self.factor(name), "rescale_factor")
+
+    # ---- what one tensor gets ---------------------------------------------------------------
+
+    def densities(self, name: str) -> list:
+        """Per expert: the kept fraction of tensor ``name`` (a float, or a PerRow / PerColumn)."""
+        if self.density is None and self.drop_rate is None:
+            return [1.0] * self.n_experts
+        given = self.density if self.density is not None else self.drop_rate
+        values = [rate_for(name, r, self.rate_level, self.rate_default)
+                  for r in _per_expert(given, self.n_experts, "rates")]
+        return values if self.density is not None else [_one_minus(p) for p in values]
+
+    def factor(self, name: str):
+        """The ``rescale_factor`` of tensor ``name`` (None without one)."""
+        return None if self.rescale_factor is None else rate_for(name, self.rescale_factor, self.rate_level, 1.0)
+
+    def has_vector_rates(self) -> bool:
+        """True if any rate is a per-row or per-column vector."""
+        specs = [self.rescale_factor] + _per_expert(self.density if self.density is not None else self.drop_rate,
+                                                    self.n_experts, "rates")
+        return any(isinstance(v, (PerRow, PerColumn)) for s in specs
+                   for v in (s.values() if isinstance(s, dict) else [s]))
+
+    @property
+    def rescale_rule(self) -> str | None:
+        """The rescale applied after the drop ("auto" resolved to the drop rule's own)."""
+        if self.method.drop is None:
+            return None
+        return self.method.rescale if self.rescale == "auto" else self.rescale
+
+    @property
+    def divisor(self) -> str:
+        """What the disjoint merge divides by (``divide_by``, else the method's default)."""
+        return self.divide_by or self.method.divisor(self.weighted_election)
+
+    def replace(self, **changes) -> "MergeConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _one_minus(p):
+    if isinstance(p, PerRow):
+        return PerRow(1.0 - p.values.double())
+    if isinstance(p, PerColumn):
+        return PerColumn(1.0 - p.values.double())
+    return 1.0 - p
+
+
+def as_config(method, n_experts: int, config: MergeConfig | None = None, **options) -> MergeConfig:
+    """``config`` itself (checked against ``n_experts``) or a config built from ``options``."""
+    if config is None:
+        return MergeConfig.build(method, n_experts, **options)
+    if not isinstance(config, MergeConfig):
+        raise TypeError(f"config must be a MergeConfig, got {type(config).__name__}")
+    if options or (method is not None and get_method(method) != config.method):
+        raise ValueError("give a MergeConfig or method + options, not both")
+    if config.n_experts != n_experts:
+        raise ValueError(f"the config is for {config.n_experts} experts, got {n_experts}")
+    return config

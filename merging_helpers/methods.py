@@ -1,0 +1,89 @@
+"""Merge methods as data: each method is one small record of its steps.
+
+Introduced in chapters 2–3. A merge method, in the book (and in mergekit), is
+*sparsify → rescale → combine*: drop entries of every expert's delta, rescale the
+survivors, then either add the deltas up or elect a sign per entry and merge only the
+agreeing deltas. :class:`Method` names those choices; :data:`METHODS` lists the
+book's methods. The reference engine (:mod:`merging_helpers.recipes`), the streaming
+merge and the compiled kernel's flags are all read from these records, so adding a
+method is one entry here (plus a drop rule in ``drop`` or a combine rule in
+``consensus`` if it brings a new one).
+
+    method            drop (per expert)       its rescale      combine
+    task_arithmetic   –                       –                Σ w_t Δ_t
+    magnitude         top-k |Δ|               –                Σ w_t Δ̂_t
+    dare_linear       Bernoulli(p)            1/(1−p)          Σ w_t Δ̂_t
+    ties              top-k |Δ|               –                elect sign + disjoint merge
+    dare_ties         Bernoulli(p)            1/(1−p)          elect sign + disjoint merge
+    della             MagPrune (rank in row)  1/p_i            elect sign + disjoint merge
+
+How the disjoint merge divides depends on where the weights enter (chapter 3's
+"peft vs mergekit" section): with the election on *unweighted* deltas it divides by
+the number of agreeing experts; with the election on *weighted* deltas it divides by
+the sum of their weights, or not at all (``Method.divide_when_weighted``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .consensus import DIVISORS
+
+DROP_RULES = (None, "magnitude", "random", "magprune")
+COMBINE_RULES = ("sum", "elect")
+# the rescale each drop rule brings ("inverse": 1/(1 − p); "keep_prob": 1/p_i)
+RULE_RESCALE = {None: None, "magnitude": None, "random": "inverse", "magprune": "keep_prob"}
+
+
+@dataclass(frozen=True)
+class Method:
+    """One merge method (chapters 2–3): its drop rule, combine rule and divisor."""
+
+    name: str
+    chapter: int
+    drop: str | None  # one of DROP_RULES
+    combine: str  # one of COMBINE_RULES
+    divide_when_weighted: str = "weight_sum"  # divisor of an election on weighted deltas
+
+    def __post_init__(self):
+        if self.drop not in DROP_RULES:
+            raise ValueError(f"Method {self.name!r}: drop must be one of {DROP_RULES}, got {self.drop!r}")
+        if self.combine not in COMBINE_RULES:
+            raise ValueError(f"Method {self.name!r}: combine must be one of {COMBINE_RULES}, got {self.combine!r}")
+        if self.divide_when_weighted not in DIVISORS:
+            raise ValueError(f"Method {self.name!r}: divide_when_weighted must be one of {DIVISORS}")
+
+    @property
+    def rescale(self) -> str | None:
+        """The drop rule's own rescale (what ``rescale="auto"`` means)."""
+        return RULE_RESCALE[self.drop]
+
+    @property
+    def needs_rate(self) -> bool:
+        return self.drop is not None
+
+    @property
+    def elects(self) -> bool:
+        return self.combine == "elect"
+
+    def divisor(self, weighted_election: bool) -> str:
+        """What the disjoint merge divides by when no ``divide_by`` is given."""
+        return self.divide_when_weighted if weighted_election else "count"
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("task_arithmetic", 2, drop=None, combine="sum"),
+    Method("magnitude", 2, drop="magnitude", combine="sum"),
+    Method("dare_linear", 2, drop="random", combine="sum"),
+    Method("ties", 3, drop="magnitude", combine="elect"),
+    Method("dare_ties", 3, drop="random", combine="elect", divide_when_weighted="nothing"),
+    Method("della", 3, drop="magprune", combine="elect"),
+)}
+
+
+def get_method(name) -> Method:
+    """The record of method ``name`` (a ``Method`` passes through); a clear error otherwise."""
+    if isinstance(name, Method):
+        return name
+    if name not in METHODS:
+        raise ValueError(f"method must be one of {sorted(METHODS)}, got {name!r}")
+    return METHODS[name]
