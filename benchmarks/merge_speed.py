@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Merge speed: merging_helpers.streaming.merge_folders vs mergekit, on the same files.
+"""Merge speed: merging_helpers.fast.streaming.merge_folders vs mergekit, on the same files.
 
     pip install -r requirements-bench.txt          # mergekit==0.1.5, psutil
     python benchmarks/merge_speed.py --shape tinyllama
@@ -104,7 +104,7 @@ def build_family(workdir: Path, shape: str, dtype_name: str, n_experts: int,
     faster, with other random numbers (so it gets its own folder)."""
     import torch
 
-    from merging_helpers.checkpoints import ShardedSafetensorsWriter
+    from merging_helpers.fast.checkpoints import ShardedSafetensorsWriter
 
     fam = workdir / (f"family-{shape}-{dtype_name}-T{n_experts}" + ("" if device == "cpu" else f"-{device}"))
     names = ["base"] + [f"expert{t}" for t in range(n_experts)]
@@ -254,7 +254,7 @@ def _measure_main(args) -> int:
 
 def _ours_main(args) -> int:
     """Run merge_folders (in the measured subprocess)."""
-    from merging_helpers.streaming import merge_folders
+    from merging_helpers.fast.streaming import merge_folders
 
     kw = dict(density=args.density, weighted_election=True)
     if args.method.startswith("dare") and args.dare_rescale != "auto":
@@ -280,7 +280,7 @@ def mergekit_config(method: str, base: Path, experts: list[Path], density: float
 def compare_outputs(ours: Path, theirs: Path, base: Path, names: list[str], dtype) -> list[dict]:
     import torch
 
-    from merging_helpers.checkpoints import CheckpointFolder
+    from merging_helpers.fast.checkpoints import CheckpointFolder
 
     rows = []
     with CheckpointFolder(ours) as a, CheckpointFolder(theirs) as b, CheckpointFolder(base) as c:
@@ -343,8 +343,8 @@ def main(argv=None) -> int:
                    help="our DARE rescale: auto = 1/(1-p) (DARE paper, fused path); l1 = mergekit's L1 matching "
                         "(runs recipes.merge_tensor per tensor, ~10x slower)")
     p.add_argument("--workers", type=int, default=0, help="threads of our fused CPU path (0: torch's thread count)")
-    p.add_argument("--kernel", choices=["auto", "c", "torch"], default="auto",
-                   help="our fused CPU path: the compiled kernel (built before timing) or torch ops")
+    p.add_argument("--kernel", choices=["auto", "c", "reference"], default="auto",
+                   help="our fused CPU path: the compiled kernel (built before timing) or the reference engine")
     p.add_argument("--direct", action="store_true", help="our large output tensors bypass the page cache")
     p.add_argument("--fsync", action="store_true",
                    help="flush our output before moving it into place (mergekit does not; off by default)")
@@ -375,10 +375,10 @@ def main(argv=None) -> int:
     if args.cache == "cold" and not dropped:
         print("warning: cannot drop the page cache (not root): runs are warm", flush=True)
     # ours: build the compiled kernel now (once per machine, ~1 s), not inside a timed run
-    from merging_helpers import compiled
+    from merging_helpers.fast import compiled
 
-    kernel = "torch ops" if args.kernel == "torch" else (
-        "compiled kernel" if compiled.load() else f"torch ops (no compiled kernel: {compiled.ERROR})")
+    kernel = "the reference engine" if args.kernel == "reference" else (
+        "compiled kernel" if compiled.load() else f"the reference engine (no compiled kernel: {compiled.ERROR})")
     if args.kernel == "c" and compiled.load() is None:
         raise SystemExit(f"--kernel c: {compiled.ERROR}")
     writes = ("direct" if args.direct else "buffered") + (" + fsync" if args.fsync else ", not flushed")

@@ -29,14 +29,15 @@ def main(argv=None) -> int:
     p.add_argument("--density", type=float, default=0.3)
     p.add_argument("--device", default="cpu")
     p.add_argument("--drop-cache", action="store_true", help="drop the page cache first (root only)")
-    p.add_argument("--kernel", choices=["auto", "c", "torch"], default="auto", help="the fused CPU path's kernel")
+    p.add_argument("--kernel", choices=["auto", "c", "reference"], default="auto", help="the fused CPU path's kernel")
     p.add_argument("--direct", action="store_true", help="large tensors bypass the page cache (O_DIRECT)")
     p.add_argument("--fsync", action="store_true", help="flush the output before moving it into place")
     args = p.parse_args(argv)
 
     import torch
 
-    from merging_helpers import checkpoints, recipes, rng, streaming
+    from merging_helpers import recipes, rng
+    from merging_helpers.fast import checkpoints, fused, streaming
 
     cuda = args.device.startswith("cuda")
     acc = {"wait for reads": 0.0, "merge_tensor (synchronised)": 0.0, "  of which DARE masks": 0.0,
@@ -54,7 +55,7 @@ def main(argv=None) -> int:
 
     merge_fn = timed("merge_tensor (synchronised)", recipes.merge_tensor, sync=True)
     rng.EntryRandoms.keep_mask = timed("  of which DARE masks", rng.EntryRandoms.keep_mask)
-    streaming._Fused.__call__ = timed("fused merge", streaming._Fused.__call__)
+    fused.FusedMerge.__call__ = timed("fused merge", fused.FusedMerge.__call__)
     checkpoints.ShardedSafetensorsWriter.write = timed("writer thread: writes", checkpoints.ShardedSafetensorsWriter.write)
     iterate = streaming._Prefetcher.__iter__
 

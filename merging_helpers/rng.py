@@ -51,23 +51,11 @@ def derive_seed(seed: int, tensor_name: str, expert_index: int, block: int = 0) 
     return int.from_bytes(hashlib.sha256(text).digest()[:8], "little") & (2**63 - 1)
 
 
-def high_stream(key: int):
-    """``take(n)``: the high bytes of a block's next ``n`` words, as uint8 (PCG64 is
-    sequential, so taking 8a then b words gives the first 8a + b; all but the last
-    ``take`` must ask for a multiple of 8). Drawing a block in cache-sized pieces
-    keeps the words in cache and avoids fresh allocations."""
-    bits = np.random.PCG64(key)
-
-    def take(n: int) -> np.ndarray:
-        raw = bits.random_raw((n + 7) // 8).astype("<u8", copy=False)  # little-endian: lowest byte first
-        return raw.view(np.uint8)[:n]
-
-    return take
-
-
 def high_words(key: int, n: int = BLOCK) -> np.ndarray:
-    """The high bytes of the first ``n`` (<= BLOCK) words of a block, as uint8."""
-    return high_stream(key)(n)
+    """The high bytes of the first ``n`` (<= BLOCK) words of a block, as uint8: byte
+    i % 8 (lowest first) of the (i // 8)-th output of ``PCG64(key).random_raw``."""
+    raw = np.random.PCG64(key).random_raw((n + 7) // 8).astype("<u8", copy=False)
+    return raw.view(np.uint8)[:n]
 
 
 _SM_GAMMA, _SM_M1, _SM_M2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)

@@ -13,24 +13,7 @@ from merging_helpers.recipes import MERGE_METHODS, merge_state_dicts, merge_tens
 from merging_helpers.rng import BLOCK, EntryRandoms, block_words, derive_seed, keep_threshold
 from merging_helpers.selection import global_kth_largest_abs, kth_largest_abs, top_k_mask
 
-
-def bert_like(n_layers=2, hidden=16, seed=0, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    shapes = {"embeddings.word_embeddings.weight": (50, hidden), "embeddings.LayerNorm.weight": (hidden,)}
-    for i in range(n_layers):
-        p = f"encoder.layer.{i}."
-        shapes |= {p + "attention.self.query.weight": (hidden, hidden), p + "attention.self.query.bias": (hidden,),
-                   p + "attention.output.dense.weight": (hidden, hidden), p + "intermediate.dense.weight": (4 * hidden, hidden),
-                   p + "output.dense.weight": (hidden, 4 * hidden), p + "output.LayerNorm.weight": (hidden,)}
-    sd = {name: torch.randn(shape, generator=g).to(dtype) for name, shape in shapes.items()}
-    sd["embeddings.position_ids"] = torch.arange(8)
-    return sd
-
-
-def expert_of(base, seed, scale=0.05):
-    g = torch.Generator().manual_seed(seed)
-    return {k: (v.float() + scale * torch.randn(v.shape, generator=g)).to(v.dtype) if v.is_floating_point() else v.clone()
-            for k, v in base.items()}
+from conftest import bert_like, expert_of
 
 
 # ---- DARE is unbiased; rates are honoured ---------------------------------------------

@@ -239,7 +239,15 @@ static inline __attribute__((always_inline)) void agreeing_sum(float *restrict M
     }
 }
 
+/* 1 if every entry is finite (not NaN, not +-inf): the check the reference makes on its inputs */
+static int all_finite(const float *x, int m) {
+    int ok = 1;
+    for (int j = 0; j < m; j++) ok &= __builtin_fabsf(x[j]) <= 3.40282347e+38f;
+    return ok;
+}
+
 /* ------------------------------------------------------------------ one piece */
+/* returns 0; -1 for a bad T; -2 for a non-finite base entry; -(10 + t) for one of expert t */
 int merge_piece(const merge_args *a) {
     const int T = a->T;
     if (T < 1 || T > MAXT) return -1;
@@ -259,10 +267,12 @@ int merge_piece(const merge_args *a) {
 
         /* 1.-3. deltas, drop, rescale */
         load_f32(bf, a->base, a->dtype, at, m);
+        if (!all_finite(bf, m)) return -2;
         if (a->drop == DROP_RANDOM) high_bytes(hb, state, inc, T, m);
         for (int t = 0; t < T; t++) {
             float *d = D[t], *k = A[t];
             load_f32(d, a->experts[t], a->dtype, at, m);
+            if (!all_finite(d, m)) return -(10 + t);
             if (a->drop == DROP_MAGNITUDE) {
                 for (int j = 0; j < m; j++) d[j] -= bf[j];
                 magnitude_keep(k, d, a->thr[t], a->tie_value[t], &allow[t], m);
@@ -334,7 +344,7 @@ int merge_piece(const merge_args *a) {
 }
 
 /* ------------------------------------------------------------------ top-k bracket scan */
-/* The one pass of the fused path's exact top-k threshold (streaming._Fused._topk), for
+/* The one pass of the fused path's exact top-k threshold (fast.fused.FusedMerge._topk), for
  * the n entries of one piece: for every expert t, above[t] = the number of entries with
  * |D_t| > hi[t], and cands[t][0 .. count[t]) = the |D_t| in [lo[t], hi[t]], in order.
  * Returns -1 (and stops) if an expert has more than cap - 1 candidates, else 0. */

@@ -1,17 +1,16 @@
 """The compiled fused merge kernel (``csrc/fused_merge.c``), loaded with ctypes.
 
-Introduced with the streaming engine (chapter 3's "Merging big checkpoints"): the
-fused CPU path of :mod:`merging_helpers.streaming` spends most of its time in Python
-and in ~25 separate torch passes per entry. ``fused_merge.c`` does the same float32
-operations in one pass over cache-sized tiles, bit for bit (tests compare it with
-``recipes.merge_tensor``), several times faster.
+The fast tier of the appendix "Merging at scale" (chapter 8): the reference engine
+(``recipes.merge_tensor``) makes several whole-tensor float32 temporaries per step;
+``fused_merge.c`` does the same float32 operations in one pass over cache-sized tiles,
+bit for bit (tests compare it with ``recipes.merge_tensor``), many times faster.
 
 No build step at install time: on first use the C file is compiled with the system's
 C compiler (``$CC``, else ``cc``; ~1 s) into the cache folder (``$MERGING_BOOK_CACHE``,
 default ``~/.cache/merging_book``, under ``kernels/``), keyed by a hash of the source
 and the compiler, and written atomically. Without a compiler (or with
-``MERGING_HELPERS_NO_KERNEL=1``) :func:`load` returns None and the merge uses the torch
-fused path, which gives the same numbers, more slowly.
+``MERGING_HELPERS_NO_KERNEL=1``) :func:`load` returns None and the streaming merge uses
+the reference engine, which gives the same numbers, more slowly.
 """
 from __future__ import annotations
 
@@ -31,7 +30,7 @@ SOURCE = Path(__file__).with_name("csrc") / "fused_merge.c"
 MAXT = 16  # as in the C file
 DTYPES = {"float32": 0, "bfloat16": 1, "float16": 2}
 DROP = {None: 0, "magnitude": 1, "random": 2}
-MODES = {"sum": 0, "mean": 1, "weighted_mean": 2}
+MODES = {"nothing": 0, "count": 1, "weight_sum": 2}  # what the disjoint merge divides by
 # -O3 vectorises the tile loops; -ffp-contract=off forbids fused multiply-adds, which
 # round once where torch rounds twice (no -ffast-math for the same reason)
 CFLAGS = ["-O3", "-shared", "-fPIC", "-ffp-contract=off", "-fno-fast-math", "-std=gnu11"]
@@ -132,7 +131,7 @@ def load():
                 except (OSError, RuntimeError) as err:
                     ERROR = str(err)
                     warnings.warn(f"merging_helpers: the compiled merge kernel is not available ({err}); "
-                                  "CPU merges use torch ops (same numbers, 2-3x slower)", stacklevel=2)
+                                  "streaming merges use the reference engine (same numbers, slower)", stacklevel=2)
     return _LIB
 
 

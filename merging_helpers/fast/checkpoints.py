@@ -179,7 +179,7 @@ def _torch_load_weights_only(path: Path) -> dict[str, torch.Tensor]:
     warnings.warn(
         f"{path.name}: reading a pickled checkpoint with torch.load(weights_only=True); "
         "safetensors is preferred (no pickle, lazy per-tensor reads). "
-        "Convert once with merging_helpers.checkpoints.save_state_dict.",
+        "Convert once with merging_helpers.fast.checkpoints.save_state_dict.",
         UserWarning,
         stacklevel=3,
     )

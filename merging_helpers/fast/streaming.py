@@ -1,0 +1,455 @@
+"""Merging checkpoints larger than memory, one tensor at a time.
+
+:func:`merge_folders` merges Hugging Face model folders (a base and T experts) into
+a new folder without ever holding a whole model in memory:
+
+1. **validate everything first**: every folder exists and has the same tensor names,
+   shapes and dtypes (errors name the tensor and the expert), the merge options
+   (one :class:`~merging_helpers.config.MergeConfig`, as in memory: ranges, every
+   tensor finds its rate, per-row vectors fit), the output path is not an input, is
+   empty (or ``overwrite=True``) and its parent is writable;
+2. plan the output shards from the names, dtypes and shapes (see
+   :class:`~merging_helpers.fast.checkpoints.ShardedSafetensorsWriter`);
+3. for every tensor, in the base's on-disk order: read it from the base and every
+   expert (a prefetch thread reads ahead while the current one is merged), merge it
+   in float32 on ``device``, cast it back to the input dtype and hand it to a writer
+   thread that writes it at its final offset (through the page cache, unflushed, by
+   default; ``fsync=True`` flushes every shard first);
+4. move the finished folder into place atomically.
+
+Two ways to merge a tensor, with the same result:
+
+* :func:`merging_helpers.recipes.merge_tensor`, the book's readable engine (whole-
+  tensor float32 temporaries, ~100 ns per parameter on a 2-core CPU);
+* on the CPU, for the options it supports (:func:`~merging_helpers.fast.fused.fused_supported`:
+  the methods whose drop rule is none, magnitude or random, float or per-partition
+  rates, ``rescale`` "auto", "inverse" or None), the fused path
+  (:mod:`merging_helpers.fast.fused`): worker threads, one-pass exact top-k
+  threshold, and the arithmetic in a small compiled kernel
+  (:mod:`merging_helpers.fast.compiled`). It reproduces ``merge_tensor`` exactly
+  (tests compare them bit for bit) in a few ns per parameter. Where no C compiler is
+  found, the reference engine merges (one warning says so).
+
+**Chunking, honestly.** The engine path splits a tensor into row chunks of
+``chunk_elems`` entries only where that gives exactly the whole-tensor result:
+``task_arithmetic`` (element-wise) and ``dare_*`` without the ``"l1"`` rescale
+(their random numbers are addressed by flat position, ``rng.EntryRandoms``, so a chunk
+passes ``offset``).  TIES / magnitude keep the top-k |Δ| *of the tensor* (the
+threshold depends on all of its entries), ``della`` ranks within rows and the ``"l1"``
+rescale matches the norm of the whole tensor, so they get the whole tensor and the
+largest tensor (embedding / LM head) sets the peak memory.  The fused path handles
+top-k in two passes over pieces: one that finds the exact threshold of the whole
+tensor, one that merges.
+
+Peak memory ≈ (T+1) input tensors + the merge's temporaries (engine path: several
+float32 copies of the tensor; fused path: a few MB) + ``prefetch_bytes`` of read-ahead
++ two outputs being written: set by the largest tensor, not by the model size.
+
+Because each tensor's random numbers depend only on (seed, tensor name, expert,
+position) (:mod:`merging_helpers.rng`), the streaming result equals
+:func:`merging_helpers.recipes.merge_state_dicts` on the same inputs, bit for bit
+(``magnitude_scope="model"`` included: its whole-model thresholds are computed by
+streaming the deltas twice per expert first).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import queue
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+from ..config import as_config
+from ..deltas import far_from_base
+from ..recipes import merge_tensor
+from ..selection import global_kth_largest_abs
+from . import compiled
+from .checkpoints import CheckpointFolder, ShardedSafetensorsWriter, check_output_path
+from .fused import FusedMerge, fused_supported
+
+__all__ = ["merge_folders", "validate_folders", "fused_supported", "KERNELS"]
+
+KERNELS = ("auto", "c", "reference")
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _expert_names(expert_dirs) -> tuple[list[str], list[Path]]:
+    if isinstance(expert_dirs, (str, os.PathLike)):
+        raise TypeError("expert_dirs must be a list of folders (or a dict name -> folder), not one path")
+    if isinstance(expert_dirs, Mapping):
+        names, dirs = [str(k) for k in expert_dirs], [Path(v) for v in expert_dirs.values()]
+    else:
+        dirs = [Path(d) for d in expert_dirs]
+        names = [f"expert {i} ({d})" for i, d in enumerate(dirs)]
+    if not dirs:
+        raise ValueError("merge_folders: no expert folders given; merging needs at least one expert")
+    return names, dirs
+
+
+def validate_folders(base: CheckpointFolder, experts: Sequence[CheckpointFolder],
+                     expert_names: Sequence[str]) -> None:
+    """Same tensor names, shapes and dtypes in every expert as in the base."""
+    for who, ex in zip(expert_names, experts):
+        missing = [n for n in base.tensors if n not in ex.tensors]
+        extra = [n for n in ex.tensors if n not in base.tensors]
+        if missing or extra:
+            raise ValueError(f"{who}: tensor names differ from the base: missing {missing[:5]}"
+                             f"{' ...' if len(missing) > 5 else ''}, extra {extra[:5]}{' ...' if len(extra) > 5 else ''}")
+        for name, bi in base.tensors.items():
+            ei = ex.tensors[name]
+            if ei.shape != bi.shape:
+                raise ValueError(f"{who}: tensor {name!r} has shape {ei.shape}, the base has {bi.shape}")
+            if ei.dtype != bi.dtype:
+                raise TypeError(f"{who}: tensor {name!r} has dtype {ei.dtype}, the base has {bi.dtype}")
+
+
+# --------------------------------------------------------------------------- prefetch
+
+
+class _BufferPool:
+    """Reusable uint8 buffers by exact size (a model repeats the same shapes layer
+    after layer), so reads and outputs do not page-fault fresh memory every time.
+    Keeps at most ``cap`` bytes of idle buffers: 1 GiB holds the embedding matrices
+    of base and experts until the LM head (same shape) reuses them."""
+
+    def __init__(self, cap: int = 1 << 30, pin: bool = False):
+        self.cap, self.idle, self.free, self.pin = cap, 0, {}, pin
+        self.lock = threading.Lock()
+
+    def get(self, nbytes: int) -> torch.Tensor:
+        with self.lock:
+            lst = self.free.get(nbytes)
+            if lst:
+                self.idle -= nbytes
+                return lst.pop()
+        # pinned (page-locked) buffers when merging on a GPU: reads land where the GPU's copy
+        # engine can fetch them asynchronously, at full PCIe speed
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin)
+
+    def put(self, buf: torch.Tensor) -> None:
+        n = buf.numel()
+        with self.lock:
+            if self.idle + n <= self.cap:
+                self.free.setdefault(n, []).append(buf)
+                self.idle += n
+
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
+
+
+class _Prefetcher:
+    """Reads (base, *experts) tensors in a background thread, ahead of use, keeping at
+    most ``budget`` bytes of read-ahead (always at least the next tensor)."""
+
+    _DONE = object()
+
+    def __init__(self, folders: Sequence[CheckpointFolder], names: Sequence[str], budget: int,
+                 pool: _BufferPool | None = None):
+        self.folders, self.names, self.budget, self.pool = folders, list(names), budget, pool
+        self.q: queue.Queue = queue.Queue()
+        self.cv = threading.Condition()
+        self.pending = 0  # bytes read but not yet released by the consumer
+        self.stop = False
+        self.thread = threading.Thread(target=self._run, name="merge-prefetch", daemon=True)
+        self.thread.start()
+
+    def _size(self, name):
+        return sum(f.tensors[name].nbytes for f in self.folders)
+
+    def _run(self):
+        try:
+            for name in self.names:
+                size = self._size(name)
+                with self.cv:
+                    self.cv.wait_for(lambda: self.stop or self.pending == 0 or self.pending + size <= self.budget)
+                    if self.stop:
+                        return
+                    self.pending += size
+                self.q.put((name, [self._read(f, name) for f in self.folders], size))
+        except BaseException as e:  # hand the error to the consumer
+            self.q.put((self._DONE, e, 0))
+            return
+        self.q.put((self._DONE, None, 0))
+
+    def _read(self, folder: CheckpointFolder, name: str) -> torch.Tensor:
+        if self.pool is None or folder.format != "safetensors" or not folder.tensors[name].nbytes:
+            return folder.read(name)
+        return folder.read(name, buffer=self.pool.get(folder.tensors[name].nbytes))
+
+    def __iter__(self):
+        while True:
+            name, tensors, size = self.q.get()
+            if name is self._DONE:
+                if tensors is not None:
+                    raise tensors
+                return
+            yield name, tensors
+            with self.cv:
+                self.pending -= size
+                self.cv.notify_all()
+
+    def close(self):
+        with self.cv:
+            self.stop = True
+            self.cv.notify_all()
+        # drain so a blocked put() cannot keep the thread alive (the queue is unbounded, so it never blocks)
+        self.thread.join(timeout=60)
+
+
+# --------------------------------------------------------------------------- merge
+
+
+def _model_thresholds(base: CheckpointFolder, experts: Sequence[CheckpointFolder], names: Sequence[str],
+                      config, progress: bool) -> list[float]:
+    """Whole-model |Δ| thresholds, one per expert (``magnitude_scope="model"``), like
+    ``recipes.merge_state_dicts``: the k-th largest |Δ| over every floating tensor,
+    k = round(density · n), by two streamed histogram passes per expert
+    (``selection.global_kth_largest_abs``); n comes from the headers."""
+    n = sum(base.tensors[name].numel for name in names)
+    out = []
+    for t, (cf, d) in enumerate(zip(experts, config.densities(""))):
+        k = round(d * n)
+
+        def deltas(cf=cf):
+            for name in names:
+                yield cf.read(name).float() - base.read(name).float()
+
+        if progress:
+            print(f"magnitude_scope='model': threshold of expert {t} (2 passes over base + expert)", flush=True)
+        out.append(float("inf") if k == 0 else global_kth_largest_abs(deltas, k))
+    return out
+
+
+def _row_chunks(shape: tuple[int, ...], chunk_elems: int):
+    """Row ranges (dim 0) of about ``chunk_elems`` entries each."""
+    rows = shape[0]
+    per_row = max(1, math.prod(shape[1:]))
+    step = max(1, chunk_elems // per_row)
+    for r0 in range(0, rows, step):
+        yield r0, min(rows, r0 + step)
+
+
+def _warn_if_not_the_base(base: CheckpointFolder, experts, expert_names, names, sample: int = 8) -> None:
+    """The in-memory merge's "is this really the base?" check, on up to ``sample``
+    tensors spread over the model (reading every tensor twice would double the merge)."""
+    picked = [n for n in names if base.tensors[n].numel >= 1024] or list(names)
+    picked = picked[:: max(1, len(picked) // sample)][:sample]
+    for who, cf in zip(expert_names, experts):
+        far = sum(far_from_base(base.read(n), cf.read(n).float() - base.read(n).float()) for n in picked)
+        if picked and far > len(picked) / 2:
+            warnings.warn(f"{who}: ‖Δ‖/‖θ_b‖ > 0.5 on {far} of {len(picked)} sampled tensors; is the base really "
+                          "this expert's base?", stacklevel=3)
+
+
+def _kernel_for(kernel: str, config, device):
+    """The compiled library when the fused path applies (``kernel`` "auto" or "c"), else None."""
+    if kernel not in KERNELS + ("torch",):
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if kernel in ("reference", "torch") or not fused_supported(config, device):
+        if kernel == "c":
+            raise ValueError("kernel='c': the compiled kernel does not implement these options or this device "
+                             f"(method {config.method.name!r}, rescale {config.rescale!r}, device {device}, "
+                             f"{config.n_experts} experts; at most {compiled.MAXT})")
+        return None
+    lib = compiled.load()  # warns once, and returns None, where it cannot be built
+    if lib is None and kernel == "c":
+        raise RuntimeError(f"kernel='c': the compiled kernel is not available ({compiled.ERROR})")
+    return lib
+
+
+def merge_folders(
+    base_dir: str | os.PathLike,
+    expert_dirs: Sequence[str | os.PathLike] | Mapping[str, str | os.PathLike],
+    out_dir: str | os.PathLike,
+    method: str | None = None,
+    *,
+    config=None,
+    device: str | torch.device = "cpu",
+    chunk_elems: int = 1 << 22,
+    max_shard_size: int | str = "2GB",
+    progress: bool = True,
+    overwrite: bool = False,
+    prefetch_bytes: int = 1 << 29,
+    fused: bool = True,
+    kernel: str = "auto",
+    workers: int | None = None,
+    merge_fn: Callable | None = None,
+    direct_io: bool = False,
+    fsync: bool = False,
+    **options,
+) -> Path:
+    """Merge the experts' folders onto the base folder, tensor by tensor, into ``out_dir``
+    (appendix "Merging at scale", chapter 8).
+
+    Args:
+        base_dir: Hugging Face folder of the base model (safetensors, sharded or not;
+            a pickled ``pytorch_model.bin`` is read with ``weights_only=True``).
+        expert_dirs: list of expert folders (or dict name -> folder, for messages).
+        out_dir: output folder; must not be, contain or lie inside an input folder.
+        method, options: the merge, as for :func:`merging_helpers.recipes.merge_state_dicts`
+            (``density``, ``drop_rate``, ``weights``, ``lam``, ``seed``, ``rescale``,
+            ``election``, ``weighted_election``, per-partition rates with ``rate_level`` /
+            ``rate_default``, ``magnitude_scope="model"``, ...), or a ready ``config``
+            (:class:`~merging_helpers.config.MergeConfig`).
+        device: where the arithmetic runs ("cpu", "cuda", "cuda:1", ...).
+        chunk_elems: row-chunk size for the reference path (see module docstring).
+        max_shard_size: largest output shard ("2GB", "500MB" or bytes).
+        progress: show a tqdm bar over input bytes.
+        overwrite: replace an existing non-empty ``out_dir``.
+        prefetch_bytes: read-ahead budget of the prefetch thread.
+        fused: on the CPU, use the fused path for the options it supports.
+        kernel: ``"auto"`` (the compiled kernel where it can be built and applies, else
+            the reference engine), ``"c"`` (the kernel or an error), ``"reference"``
+            (always the reference engine); the numbers are the same.
+        workers: threads of the fused path (default: torch's intra-op thread count);
+            while it runs, torch ops are single-threaded (``torch.set_num_threads(1)``).
+        merge_fn: replaces ``recipes.merge_tensor`` (same signature; disables the
+            fused path); for tests.
+        direct_io, fsync: how the output is written (see
+            :class:`~merging_helpers.fast.checkpoints.ShardedSafetensorsWriter`): by
+            default through the page cache, unflushed, like ``save_pretrained``;
+            ``fsync=True`` flushes every shard before the folder is moved into place,
+            ``direct_io=True`` lets large tensors bypass the page cache.
+
+    Returns: the output folder (resolved). Integer tensors are copied from the base.
+    Output dtypes equal the input dtypes; config and tokenizer files come from the base.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' requested but torch.cuda.is_available() is False")
+    if not (isinstance(chunk_elems, int) and chunk_elems > 0):
+        raise ValueError(f"chunk_elems must be a positive int, got {chunk_elems!r}")
+
+    # ---- 1. validate everything before any work
+    base_dir = Path(base_dir)
+    expert_names, dirs = _expert_names(expert_dirs)
+    config = as_config(method, len(dirs), config, **options)
+    for d, who in [(base_dir, "base")] + list(zip(dirs, expert_names)):
+        if not d.is_dir():
+            raise FileNotFoundError(f"{who}: folder not found: {d}")
+    check_output_path(out_dir, [base_dir, *dirs], overwrite)
+    lib = _kernel_for(kernel, config, device) if fused and merge_fn is None else None
+    merge_fn = merge_fn or merge_tensor
+    base = CheckpointFolder(base_dir)
+    experts = [CheckpointFolder(d) for d in dirs]
+    folders = [base, *experts]
+    try:
+        validate_folders(base, experts, expert_names)
+        names = base.names()
+        floating = [n for n in names if base.tensors[n].dtype.is_floating_point]
+        config.check_tensors({n: base.tensors[n].shape for n in floating})
+        _warn_if_not_the_base(base, experts, expert_names, floating)
+        if config.magnitude_scope == "model":
+            config = config.replace(thresholds=tuple(_model_thresholds(base, experts, floating, config, progress)))
+
+        specs = [(n, base.tensors[n].dtype, base.tensors[n].shape) for n in names]
+        total_bytes = sum(f.total_bytes for f in folders)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"merge {config.method.name}")
+        # row chunks give the whole tensor's result only without per-tensor statistics:
+        # no top-k (unless thresholds are given), no L1 norm, no ranking within rows, no per-row rates
+        drop = config.method.drop
+        chunkable = (config.rescale_rule != "l1" and not config.has_vector_rates()
+                     and (drop in (None, "random") or (drop == "magnitude" and config.thresholds is not None)))
+
+        def to_device(t):
+            # inputs are pinned pool buffers on a GPU run: an asynchronous copy, which is complete
+            # before their buffers go back to the pool (the synchronous copy of the result waits for it)
+            return t if device.type == "cpu" else t.to(device, non_blocking=t.is_pinned())
+
+        def check_shape(name, m, shape):
+            if tuple(m.shape) != tuple(shape):  # checked first: copy_ would broadcast it
+                raise RuntimeError(f"merge of {name!r} returned shape {tuple(m.shape)}, expected {tuple(shape)}")
+
+        def to_host(name, m, dtype, shape):
+            """The merged tensor in the input dtype, in a (pinned) pool buffer on the CPU."""
+            check_shape(name, m, shape)
+            m = m.to(dtype)
+            if m.device.type == "cpu":
+                return m
+            host = pool.get(m.numel() * m.element_size()).view(dtype).view(shape)
+            return host.copy_(m)  # synchronous: the inputs' copies to the GPU are done too
+
+        fusedm, threads = None, torch.get_num_threads()
+        if lib is not None:
+            fusedm = FusedMerge(config, lib, workers or threads)
+            torch.set_num_threads(1)  # parallel over pieces instead (see the fused path)
+        overflowed = []
+
+        # ---- 2.-4. stream: prefetch -> merge -> write
+        with ShardedSafetensorsWriter(out_dir, specs, max_shard_size, copy_from=base_dir, input_dirs=dirs,
+                                      overwrite=overwrite, direct=direct_io, fsync=fsync) as writer, \
+                ThreadPoolExecutor(1, thread_name_prefix="merge-write") as wpool:
+            pending: list = []
+            pool = _BufferPool(pin=device.type == "cuda")
+            prefetch = _Prefetcher(folders, names, prefetch_bytes, pool)
+
+            def write(name, out, release):
+                writer.write(name, out)
+                for buf in release:  # the buffers are free once written
+                    pool.put(buf)
+            try:
+                for name, (b, *ex) in prefetch:
+                    dtype = b.dtype
+                    if not dtype.is_floating_point:
+                        out = b  # integer buffers (e.g. position_ids) are copied from the base
+                    elif fusedm is not None and fusedm.takes(name, dtype):
+                        out = pool.get(b.numel() * b.element_size()).view(dtype).view(b.shape)
+                        fusedm(name, b, ex, out)
+                    elif chunkable and b.dim() >= 1 and b.numel() > chunk_elems:
+                        out = pool.get(b.numel() * b.element_size()).view(dtype).view(b.shape)
+                        for r0, r1 in _row_chunks(tuple(b.shape), chunk_elems):
+                            m = merge_fn(name, to_device(b[r0:r1]), [to_device(e[r0:r1]) for e in ex],
+                                         config.method.name, config=config, offset=r0 * (b.numel() // b.shape[0]))
+                            check_shape(name, m, out[r0:r1].shape)
+                            out[r0:r1].copy_(m)  # synchronous, as in to_host
+                            del m
+                    else:
+                        m = merge_fn(name, to_device(b), [to_device(e) for e in ex], config.method.name, config=config)
+                        out = to_host(name, m, dtype, b.shape)
+                        del m
+                    if dtype in (torch.float16, torch.bfloat16) and not bool(torch.isfinite(out).all()):
+                        overflowed.append(name)
+                    # input buffers go back to the pool now, the output's once it is written
+                    # (an output that aliases an input, e.g. a copied integer buffer, waits too)
+                    release = ([_as_bytes(out)] if out.numel() and out.is_contiguous() and out.device.type == "cpu"
+                               else [])
+                    for t in (b, *ex):
+                        if t.numel() and t.data_ptr() != out.data_ptr():
+                            pool.put(_as_bytes(t))
+                    del b, ex
+                    # at most two writes in flight: bounds memory, keeps the disk busy
+                    while len(pending) >= 2:
+                        pending.pop(0).result()
+                    pending.append(wpool.submit(write, name, out, release))
+                    del out
+                    if bar is not None:
+                        bar.update(sum(f.tensors[name].nbytes for f in folders))
+                for fut in pending:
+                    fut.result()
+            finally:
+                prefetch.close()
+                if fusedm is not None:
+                    fusedm.close()
+                    torch.set_num_threads(threads)
+        if bar is not None:
+            bar.close()
+        if overflowed:
+            warnings.warn(f"the merged model overflows its dtype (inf entries) in {len(overflowed)} tensors, "
+                          f"e.g. {overflowed[:3]}; merge in float32 or lower lam", RuntimeWarning, stacklevel=2)
+        return writer.out_dir
+    finally:
+        for f in folders:
+            f.close()
