@@ -6,16 +6,25 @@
   and Domain-Ratio (geometric mean of a domain's Task-Ratios);
 * the mean true-label probability on a few-shot set — the quantity APL intervenes on.
 
-Everything runs on any device: :class:`Evaluator` keeps one encoder on that device and
-loads each state dict to be scored into it.
+Everything runs on any device. :class:`Evaluator` keeps one encoder on that device
+and scores a state dict *without loading it*: the parameters are passed to the module
+with ``torch.func.functional_call``, so the same code gives accuracies, the few-shot
+loss as a differentiable function of given parameters (its gradient with respect to
+the base: APL's Taylor importance, chapter 5), and the true-label probability of K
+parameter variants in one batched call (``torch.func.vmap``: APL's causal
+interventions, chapter 4). :class:`Scorer` is that interface; a causal-LM scorer
+(next-token probability of a label word) implements the same four methods.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Protocol, runtime_checkable
 
 import torch
+from torch.func import functional_call, vmap
 
 from .zoo import Zoo, load_encoder, load_tokenizer, mean_pool
 
@@ -71,11 +80,32 @@ def domain_ratio(task_ratios) -> float:
 
 # ----------------------------------------------------------------------------- the evaluator
 
-class Evaluator:
-    """Scores encoder state dicts of the zoo's architecture on the zoo's tasks.
+@runtime_checkable
+class Scorer(Protocol):
+    """What every chapter scores models with (chapter 0; chapters 4–5 rely on the last three).
 
-    Tokenized batches are built once per (task, split) and reused; texts are sorted by
-    length so that padding is small.
+    ``params`` is a state dict (name → tensor) of the scored model; nothing is loaded
+    into a module, so a caller can score many variants without copying the model.
+    """
+
+    def accuracy(self, params: Mapping[str, torch.Tensor], split: str = "test", tasks=None,
+                 heads=None) -> dict[str, float]: ...
+
+    def true_label_probability(self, params: Mapping[str, torch.Tensor], task: str, examples,
+                               head=None) -> float: ...
+
+    def loss(self, params: Mapping[str, torch.Tensor], task: str, examples, head=None) -> torch.Tensor: ...
+
+    def true_label_probabilities(self, params: Mapping[str, torch.Tensor], variants, task: str, examples,
+                                 head=None, chunk: int | None = None) -> torch.Tensor: ...
+
+
+class Evaluator:
+    """Scores encoder state dicts of the zoo's architecture on the zoo's tasks (chapter 0);
+    implements :class:`Scorer`.
+
+    Tokenized batches are built once per (task, split) and per few-shot set, and reused;
+    texts are sorted by length so that padding is small.
     """
 
     def __init__(self, zoo: Zoo, device=None, batch_size: int = 256):
@@ -85,6 +115,7 @@ class Evaluator:
         self.tokenizer = load_tokenizer(zoo.base_dir)
         self.batch_size = batch_size
         self._batches = {}
+        self._shapes = {n: tuple(p.shape) for n, p in self.encoder.named_parameters()}
 
     def _tokenized(self, examples):
         examples = sorted(examples, key=lambda e: len(e[0]))
@@ -102,6 +133,34 @@ class Evaluator:
             self._batches[task, split] = self._tokenized(self.zoo.tasks[task].splits[split])
         return self._batches[task, split]
 
+    def few_shot_batches(self, examples):
+        """The tokenized batches of a few-shot set (a list of (text, label)), cached."""
+        examples = [(str(t), int(y)) for t, y in examples]
+        if not examples:
+            raise ValueError("the few-shot set is empty: give at least one (text, label) example")
+        key = ("few-shot", tuple(examples))
+        if key not in self._batches:
+            self._batches[key] = self._tokenized(examples)
+        return self._batches[key]
+
+    def params(self, state_dict: Mapping[str, torch.Tensor], dtype=torch.float32) -> dict[str, torch.Tensor]:
+        """The encoder's parameters from ``state_dict``, on the device in float32 (not
+        copied where they already are); names the first missing or unexpected tensor and
+        a shape that does not fit."""
+        missing = [n for n in self._shapes if n not in state_dict]
+        unexpected = [n for n in state_dict if n not in self._shapes and not n.endswith("position_ids")]
+        if missing or unexpected:
+            raise KeyError(f"state dict does not fit the zoo encoder: missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]}")
+        out = {}
+        for n, shape in self._shapes.items():
+            t = state_dict[n]
+            if tuple(t.shape) != shape:
+                raise ValueError(f"state dict does not fit the zoo encoder: {n!r} has shape {tuple(t.shape)}, "
+                                 f"the encoder's is {shape}")
+            out[n] = t.to(self.device, dtype)
+        return out
+
     def load(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Put an encoder state dict into the evaluation model (any dtype, any device)."""
         missing, unexpected = self.encoder.load_state_dict(dict(state_dict), strict=False)
@@ -109,29 +168,98 @@ class Evaluator:
             raise KeyError(f"state dict does not fit the zoo encoder: missing {missing[:3]}, "
                            f"unexpected {unexpected[:3]}")
 
+    def _logits(self, params, head, ids, mask):
+        hidden = functional_call(self.encoder, params, (), {"input_ids": ids, "attention_mask": mask},
+                                 strict=False).last_hidden_state
+        return mean_pool(hidden.float(), mask) @ head[0].T + head[1]
+
+    def _head(self, task, head):
+        head = head or self.zoo.heads[task]
+        return head["weight"].to(self.device, torch.float32), head["bias"].to(self.device, torch.float32)
+
     @torch.no_grad()
-    def logits(self, task: str, head: Mapping[str, torch.Tensor], batches) -> tuple[torch.Tensor, torch.Tensor]:
-        weight = head["weight"].to(self.device, torch.float32)
-        bias = head["bias"].to(self.device, torch.float32)
+    def logits(self, task: str, head: Mapping[str, torch.Tensor], batches, params=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and labels of ``batches`` with ``params`` (default: the encoder's own weights)."""
+        params = dict(self.encoder.named_parameters()) if params is None else params
+        w = self._head(task, head)
         outs, labels = [], []
         for ids, mask, y in batches:
-            hidden = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
-            outs.append(mean_pool(hidden.float(), mask) @ weight.T + bias)
+            outs.append(self._logits(params, w, ids, mask))
             labels.append(y)
         return torch.cat(outs), torch.cat(labels)
 
     def accuracy(self, state_dict, split: str = "test", tasks=None, heads=None) -> dict[str, float]:
         """Accuracy per task of ``state_dict`` with each task's head (the experts' by default)."""
-        self.load(state_dict)
+        params = self.params(state_dict)
         heads = heads or self.zoo.heads
-        return {t: accuracy(*self.logits(t, heads[t], self.batches(t, split)))
+        return {t: accuracy(*self.logits(t, heads[t], self.batches(t, split), params))
                 for t in (tasks or self.zoo.task_names)}
 
     def true_label_probability(self, state_dict, task: str, examples, head=None) -> float:
         """APL's P_t: mean probability of the true label on ``examples`` (a few-shot set)."""
-        self.load(state_dict)
-        logits, labels = self.logits(task, head or self.zoo.heads[task], self._tokenized(examples))
+        logits, labels = self.logits(task, head, self.few_shot_batches(examples), self.params(state_dict))
         return mean_true_label_probability(logits, labels)
+
+    def loss(self, params, task: str, examples, head=None) -> torch.Tensor:
+        """Mean cross-entropy on ``examples`` as a differentiable function of ``params``
+        (chapter 5: ``torch.func.grad`` of it, or ``.backward()`` with params that require grad).
+        ``params`` must already be float32 on the device (see :meth:`params`)."""
+        w = self._head(task, head)
+        total, count = 0.0, 0
+        for ids, mask, y in self.few_shot_batches(examples):
+            logits = self._logits(params, w, ids, mask)
+            total = total + torch.nn.functional.cross_entropy(logits, y, reduction="sum")
+            count += len(y)
+        return total / count
+
+    def loss_gradient(self, state_dict, task: str, examples, head=None) -> dict[str, torch.Tensor]:
+        """∇ of :meth:`loss` with respect to every parameter, at ``state_dict`` (chapter 5)."""
+        params = self.params(state_dict)
+        grads = torch.func.grad(lambda p: self.loss(p, task, examples, head))(params)
+        for n, g in grads.items():
+            if not bool(torch.isfinite(g).all()):
+                raise FloatingPointError(f"the gradient of the few-shot loss has NaN or inf entries in {n!r}")
+        return grads
+
+    @torch.no_grad()
+    def true_label_probabilities(self, state_dict, variants: Sequence[Mapping[str, torch.Tensor]], task: str,
+                                 examples, head=None, chunk: int | None = None) -> torch.Tensor:
+        """P_t of K variants of ``state_dict`` in batched forward passes (chapter 4's causal
+        interventions): ``variants[k]`` maps some parameter names to replacement tensors.
+        Only the replaced tensors are stacked (``chunk`` variants at a time, all by default);
+        equals K calls of :meth:`true_label_probability` (a test checks it)."""
+        params = self.params(state_dict)
+        variants = list(variants)
+        if not variants:
+            return torch.empty(0)
+        names = sorted(set().union(*variants))
+        for k, v in enumerate(variants):
+            for n, t in v.items():
+                if n not in params:
+                    raise KeyError(f"variant {k}: {n!r} is not a parameter of the zoo encoder")
+                if tuple(t.shape) != tuple(params[n].shape):
+                    raise ValueError(f"variant {k}: {n!r} has shape {tuple(t.shape)}, the encoder's is "
+                                     f"{tuple(params[n].shape)}")
+        w, batches = self._head(task, head), self.few_shot_batches(examples)
+        fixed = {n: t for n, t in params.items() if n not in names}
+
+        def probability(varied):
+            p, count = 0.0, 0
+            for ids, mask, y in batches:
+                probs = self._logits({**fixed, **varied}, w, ids, mask).softmax(-1)
+                p = p + probs.gather(1, y.view(-1, 1)).sum()
+                count += len(y)
+            return p / count
+
+        out, step = [], chunk or len(variants)
+        for start in range(0, len(variants), step):
+            part = variants[start:start + step]
+            stacked = {n: torch.stack([v[n].to(self.device, torch.float32) if n in v else params[n] for v in part])
+                       for n in names}
+            with warnings.catch_warnings():  # vmap runs CPU attention through its slower fallback: fine
+                warnings.filterwarnings("ignore", message=".*performance drop.*")
+                out.append(vmap(probability)(stacked))
+        return torch.cat(out).cpu()
 
 
 # ----------------------------------------------------------------------------- chapter 0's table
