@@ -1,14 +1,28 @@
 """merging_helpers: the code behind the model-merging book.
 
-The modules follow the book's table of contents:
+The reference modules follow the book's table of contents (each line: module, the
+chapter that introduces it, what it holds); a test checks this list against the
+modules on disk and ``_toc.yml``:
 
-* ``setup``        – first cell of every chapter: device, seeds, Colab detection
-* ``zoo``          – chapter 0: the offline model zoo (base, tasks, experts, cache)
-* ``evaluation``   – chapter 0: accuracy, normalized accuracy, Task/Domain-Ratio, true-label probability
-* ``deltas``       – chapter 1: delta parameters (task vectors) and their statistics
-* ``partitions``   – chapter 1: parameter names → layer, role, linear type
-* ``selection``, ``drop``, ``rescale``, ``consensus``, ``recipes`` – chapters 2–3: the merge engine
-* ``streaming``    – merging checkpoints larger than memory
+* ``notebook``   – chapter 0: every chapter's first cell (device, seeds, Colab)
+* ``tasks``      – chapter 0: the five offline tasks and their splits
+* ``zoo``        – chapter 0: the model zoo (base, experts, frozen-base heads, cache)
+* ``evaluation`` – chapter 0: accuracy, Task/Domain-Ratio, the Scorer (loss, gradient, batched variants)
+* ``deltas``     – chapter 1: delta parameters (task vectors) and their statistics
+* ``partitions`` – chapter 1: parameter names → layer, role, linear type; rates at any granularity
+* ``explorer``   – chapter 1: the delta explorer (tables, histograms, widget)
+* ``rng``        – chapter 2: reproducible random words for DARE / DELLA masks
+* ``selection``  – chapter 2: the k-th largest |Δ| without sorting
+* ``drop``       – chapter 2: drop rules (magnitude, DARE, MagPrune, threshold)
+* ``rescale``    – chapter 2: rescales after a drop
+* ``sweeps``     – chapter 2: λ sweeps and pruning curves as tidy frames
+* ``consensus``  – chapter 3: Σ w_t Δ_t, sign election, disjoint merge
+* ``methods``    – chapter 3: merge methods as data (drop → rescale → combine records)
+* ``config``     – chapter 3: one validated merge configuration
+* ``recipes``    – chapter 3: the reference engine (merge_tensor, merge_state_dicts)
+* ``ablations``  – chapter 3: TIES step by step, merged deltas, ablation grids
+* ``fast``       – chapter 8 (planned; appendix "Merging at scale"): the fast tier, streaming merges of
+  HF folders, the fused path and its compiled kernel; it imports the reference, never the other way round
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

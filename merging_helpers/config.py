@@ -245,7 +245,7 @@ def _one_minus(p):
 
 
 def as_config(method, n_experts: int, config: MergeConfig | None = None, **options) -> MergeConfig:
-    """``config`` itself (checked against ``n_experts``) or a config built from ``options``."""
+    """``config`` itself (checked against ``n_experts``) or a config built from ``options`` (chapters 2–3)."""
     if config is None:
         return MergeConfig.build(method, n_experts, **options)
     if not isinstance(config, MergeConfig):

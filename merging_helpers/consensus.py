@@ -29,12 +29,12 @@ _OLD_DIVISORS = {"mean": "count", "weighted_mean": "weight_sum", "sum": "nothing
 
 
 def stack(deltas) -> torch.Tensor:
-    """A list of equally shaped tensors → one float32 tensor with the experts on dim 0."""
+    """A list of equally shaped tensors → one float32 tensor with the experts on dim 0 (chapter 3)."""
     return deltas.float() if isinstance(deltas, torch.Tensor) else torch.stack([d.float() for d in deltas])
 
 
 def sum_experts(x: torch.Tensor) -> torch.Tensor:
-    """Σ_t x[t] over dim 0, added in expert order ((x[0] + x[1]) + x[2] ...).
+    """Σ_t x[t] over dim 0, added in expert order ((x[0] + x[1]) + x[2] ...) (chapter 3).
 
     ``x.sum(dim=0)`` picks its summation order by device and shape, so a GPU merge could
     round differently from a CPU one, and a TIES election near a zero sum could even
@@ -57,13 +57,13 @@ def _weights_like(weights, deltas: torch.Tensor) -> torch.Tensor:
 
 
 def weighted_sum(deltas, weights=None) -> torch.Tensor:
-    """Task Arithmetic: Σ_t w_t Δ_t (weights default to 1)."""
+    """Task Arithmetic: Σ_t w_t Δ_t (weights default to 1) (chapter 3)."""
     deltas = stack(deltas)
     return sum_experts(deltas * _weights_like(weights, deltas))
 
 
 def elect_sign(deltas, method: str = "total", weights=None) -> torch.Tensor:
-    """TIES step 2: the elected sign γ ∈ {+1, −1} of every entry.
+    """TIES step 2: the elected sign γ ∈ {+1, −1} of every entry (chapter 3).
 
     ``"total"`` (the paper): γ = sign(Σ_t w_t Δ_t); ``"frequency"``: γ = sign(Σ_t sign(w_t Δ_t)).
     ``weights=None`` elects on unweighted deltas (peft); pass the weights to elect
@@ -79,7 +79,7 @@ def elect_sign(deltas, method: str = "total", weights=None) -> torch.Tensor:
 
 
 def agreement_mask(deltas, signs: torch.Tensor) -> torch.Tensor:
-    """True where expert t's delta is nonzero and has the elected sign."""
+    """True where expert t's delta is nonzero and has the elected sign (chapter 3)."""
     return stack(deltas).sign() == signs
 
 

@@ -17,18 +17,18 @@ def _floating(tensor) -> bool:
 
 
 def task_vector(base_sd: dict, expert_sd: dict) -> dict:
-    """Δ = θ_expert − θ_base for every floating-point tensor, in float32."""
+    """Δ = θ_expert − θ_base for every floating-point tensor, in float32 (chapter 1)."""
     return {name: expert_sd[name].float() - base.float() for name, base in base_sd.items() if _floating(base)}
 
 
 def task_vectors(base_sd: dict, experts) -> list[dict]:
-    """One task vector per expert (``experts``: a list, or a dict name → state dict)."""
+    """One task vector per expert (``experts``: a list, or a dict name → state dict) (chapter 1)."""
     experts = list(experts.values()) if isinstance(experts, dict) else list(experts)
     return [task_vector(base_sd, expert) for expert in experts]
 
 
 def apply_delta(base_sd: dict, delta: dict, scale: float = 1.0) -> dict:
-    """A new state dict θ_b + scale · Δ in the base's dtypes (the input is not modified)."""
+    """A new state dict θ_b + scale · Δ in the base's dtypes (the input is not modified) (chapter 1)."""
     out = {}
     for name, base in base_sd.items():
         if name in delta:
@@ -39,7 +39,7 @@ def apply_delta(base_sd: dict, delta: dict, scale: float = 1.0) -> dict:
 
 
 def check_like_base(who: str, name: str, tensor, base) -> None:
-    """Raise, naming ``who`` and tensor ``name``, unless ``tensor`` is a torch.Tensor of the base's shape and dtype."""
+    """Raise, naming ``who`` and tensor ``name``, unless ``tensor`` is a torch.Tensor of the base's shape and dtype (chapter 1)."""
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{who}: {name!r} is a {type(tensor).__name__}, not a torch.Tensor")
     if tensor.shape != base.shape:
@@ -56,7 +56,7 @@ def far_from_base(base: torch.Tensor, delta: torch.Tensor) -> bool:
 
 
 def check_compatible(base_sd: dict, experts, expert_names=None) -> None:
-    """Check that the experts can be merged onto ``base_sd``, before any long work.
+    """Check that the experts can be merged onto ``base_sd``, before any long work (chapter 1).
 
     Raises ValueError for: no experts, different tensor names or shapes, NaN/inf in a
     delta; TypeError for different dtypes. Warns when ``base_sd`` does not look like the
@@ -103,7 +103,7 @@ def delta_quantiles(delta: dict, qs, max_exact: int = 1 << 24, sample_size: int 
                     signed: bool = False) -> torch.Tensor:
     """Quantiles ``qs`` of |Δ| over the whole model (of the signed Δ with ``signed=True``,
     as in DPPA's offset table, whose 0 and 1 quantiles are the most negative and the
-    most positive entry).
+    most positive entry) (chapter 1).
 
     Exact up to ``max_exact`` entries; above, estimated from ``sample_size`` entries
     drawn uniformly over the model (each tensor contributes in proportion to its size;
@@ -130,7 +130,7 @@ def delta_quantiles(delta: dict, qs, max_exact: int = 1 << 24, sample_size: int 
 
 
 def cosine_similarity_matrix(deltas: list[dict]) -> torch.Tensor:
-    """T × T cosine similarities of whole-model task vectors (accumulated tensor by tensor)."""
+    """T × T cosine similarities of whole-model task vectors (accumulated tensor by tensor) (chapter 1)."""
     gram = torch.zeros(len(deltas), len(deltas), dtype=torch.float64)
     for name in deltas[0]:
         rows = torch.stack([d[name].detach().reshape(-1).double() for d in deltas])
@@ -163,7 +163,7 @@ def sign_disagreement(deltas: list[dict]) -> float:
 def rms_by_partition(delta: dict, level="layer_role") -> dict[str, float]:
     """True RMS sqrt(Σ Δ² / N) of each partition (``level`` as in ``partitions``; a
     tuple such as ("layer", "role") means "layer_role"). The RMS slides write
-    ‖Δ‖_F / N instead; multiply by 1/sqrt(N) yourself to reproduce them."""
+    ‖Δ‖_F / N instead; multiply by 1/sqrt(N) yourself to reproduce them (chapter 1)."""
     if isinstance(level, tuple):
         level = "_".join(level)
     squares, counts = {}, {}

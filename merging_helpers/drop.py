@@ -26,7 +26,7 @@ def _check_tensor(delta, what: str) -> None:
 def magnitude_keep_mask(delta: torch.Tensor, density) -> torch.Tensor:
     """Keep the round(density · n) largest-|Δ| entries of one tensor (exactly that many;
     ties at the threshold go to the lowest flat indices, see ``selection``); with a
-    PerRow / PerColumn density, the top-k of each row / column at its own density."""
+    PerRow / PerColumn density, the top-k of each row / column at its own density (chapter 2)."""
     _check_tensor(delta, "magnitude_keep_mask")
     validate_rates(density, "density")
     if isinstance(density, PerColumn):
@@ -38,7 +38,7 @@ def magnitude_keep_mask(delta: torch.Tensor, density) -> torch.Tensor:
 
 def global_magnitude_threshold(deltas, density: float) -> float:
     """The |Δ| threshold that keeps a fraction ``density`` of the *whole model*
-    (the TIES paper's choice), computed with histograms over all tensors.
+    (the TIES paper's choice), computed with histograms over all tensors (chapter 2).
 
     ``deltas``: a dict / list of tensors, or a callable returning a fresh iterable.
     Apply it with :func:`threshold_keep_mask` (keeps |Δ| >= threshold: at least k).
@@ -48,7 +48,7 @@ def global_magnitude_threshold(deltas, density: float) -> float:
 
 
 def threshold_keep_mask(delta: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Keep the entries with |Δ| >= threshold (the "threshold drop" of small entries)."""
+    """Keep the entries with |Δ| >= threshold (the "threshold drop" of small entries) (chapter 2)."""
     _check_tensor(delta, "threshold_keep_mask")
     if not threshold >= 0:
         raise ValueError(f"threshold_keep_mask: threshold must be >= 0, got {threshold}")
@@ -56,7 +56,7 @@ def threshold_keep_mask(delta: torch.Tensor, threshold: float) -> torch.Tensor:
 
 
 def random_keep_mask(delta: torch.Tensor, drop_rate, generator) -> torch.Tensor:
-    """DARE: drop each entry independently with probability ``drop_rate``.
+    """DARE: drop each entry independently with probability ``drop_rate`` (chapter 2).
 
     Entry i is kept when u_i >= drop_rate. Numbers come from ``generator`` on the CPU
     (see ``rng``), so the mask is the same on every device. With an ``EntryRandoms``
@@ -81,7 +81,7 @@ def random_keep_mask(delta: torch.Tensor, drop_rate, generator) -> torch.Tensor:
 
 def magprune_keep_prob(delta: torch.Tensor, density, epsilon: float) -> torch.Tensor:
     """DELLA MagPrune keep probabilities, ranking |Δ| within each row (dim 0 indexes rows;
-    a 1-D tensor is one row):
+    a 1-D tensor is one row; chapter 3):
 
         p_i = (density − ε) + ε · 2 · rank_i / (n − 1),  rank 0 = smallest |Δ|,
 
@@ -115,7 +115,7 @@ def magprune_keep_prob(delta: torch.Tensor, density, epsilon: float) -> torch.Te
 
 
 def magprune_keep(delta: torch.Tensor, density, epsilon: float, generator):
-    """DELLA MagPrune: returns ``(keep_mask, keep_prob)``; rescale kept entries by 1/keep_prob.
+    """DELLA MagPrune: returns ``(keep_mask, keep_prob)``; rescale kept entries by 1/keep_prob (chapter 2).
     Entry i is kept when u_i < keep_prob_i (with an ``EntryRandoms``, u_i = w_i / 2^32 in
     float64 and keep_prob_i is compared at its float32 value, exactly)."""
     keep_prob = magprune_keep_prob(delta, density, epsilon)

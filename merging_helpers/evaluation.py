@@ -32,7 +32,7 @@ from .zoo import Zoo, load_encoder, load_tokenizer, mean_pool
 # ----------------------------------------------------------------------------- metrics
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """Fraction of rows whose arg-max equals the label."""
+    """Fraction of rows whose arg-max equals the label (chapter 0)."""
     if logits.shape[0] != labels.shape[0]:
         raise ValueError(f"accuracy: {logits.shape[0]} rows of logits but {labels.shape[0]} labels")
     if logits.shape[0] == 0:
@@ -49,14 +49,14 @@ def mean_true_label_probability(logits: torch.Tensor, labels: torch.Tensor) -> f
 
 
 def majority_accuracy(train_labels, test_labels) -> float:
-    """Accuracy of always predicting the most frequent training label."""
+    """Accuracy of always predicting the most frequent training label (chapter 0)."""
     train_labels, test_labels = list(train_labels), list(test_labels)
     majority = max(set(train_labels), key=train_labels.count)
     return sum(y == majority for y in test_labels) / len(test_labels)
 
 
 def normalized_accuracy(merged: Mapping[str, float], expert: Mapping[str, float]) -> dict[str, float]:
-    """merged / expert accuracy per task (1.0 = the merge is as good as the expert)."""
+    """merged / expert accuracy per task (1.0 = the merge is as good as the expert) (chapter 0)."""
     missing = set(merged) - set(expert)
     if missing:
         raise KeyError(f"no expert accuracy for task(s) {sorted(missing)}")
@@ -64,14 +64,14 @@ def normalized_accuracy(merged: Mapping[str, float], expert: Mapping[str, float]
 
 
 def task_ratio(score: float, dense_score: float) -> float:
-    """DPPA Eq. 7: R(pruned model, task) / R(dense fine-tuned model, task)."""
+    """DPPA Eq. 7: R(pruned model, task) / R(dense fine-tuned model, task) (chapter 0)."""
     if dense_score <= 0:
         raise ValueError(f"task_ratio needs a positive dense score, got {dense_score}")
     return score / dense_score
 
 
 def domain_ratio(task_ratios) -> float:
-    """DPPA Eq. 8: geometric mean of the Task-Ratios of one domain."""
+    """DPPA Eq. 8: geometric mean of the Task-Ratios of one domain (chapter 0)."""
     ratios = list(task_ratios.values()) if isinstance(task_ratios, Mapping) else list(task_ratios)
     if not ratios or any(r <= 0 for r in ratios):
         raise ValueError(f"domain_ratio needs positive Task-Ratios, got {ratios}")
@@ -265,14 +265,14 @@ class Evaluator:
 # ----------------------------------------------------------------------------- chapter 0's table
 
 def task_arithmetic_state(base, experts, lam: float):
-    """θ_b + λ Σ_t Δ_t: the plain Task Arithmetic merge (weight averaging is λ = 1/T)."""
+    """θ_b + λ Σ_t Δ_t: the plain Task Arithmetic merge (weight averaging is λ = 1/T) (chapter 0)."""
     from .recipes import merge_state_dicts
     experts = list(experts.values()) if isinstance(experts, Mapping) else list(experts)
     return merge_state_dicts(base, experts, "task_arithmetic", lam=lam, progress=False)
 
 
 def best_lambda(evaluator: "Evaluator", lambdas, split: str = "validation"):
-    """The λ of Task Arithmetic with the best mean accuracy on ``split``, and all scores."""
+    """The λ of Task Arithmetic with the best mean accuracy on ``split``, and all scores (chapter 0)."""
     zoo = evaluator.zoo
     scores = {lam: evaluator.accuracy(task_arithmetic_state(zoo.base, zoo.experts, lam), split)
               for lam in lambdas}

@@ -30,14 +30,14 @@ def _layer_of(name: str):
 
 def layer_choices(delta: Mapping[str, torch.Tensor]) -> list:
     """Valid ``layer`` values for ``delta``: ``"all"``, the block indices in order, and
-    ``"outside"`` when some parameters (embeddings, pooler...) sit outside the blocks."""
+    ``"outside"`` when some parameters (embeddings, pooler...) sit outside the blocks (chapter 1)."""
     layers = {_layer_of(name) for name in delta}
     blocks = sorted(layer for layer in layers if layer != OUTSIDE)
     return [ALL, *blocks, *([OUTSIDE] if OUTSIDE in layers else [])]
 
 
 def role_choices(delta: Mapping[str, torch.Tensor]) -> list[str]:
-    """Valid ``role`` values for ``delta``: ``"all"`` and the roles present, sorted."""
+    """Valid ``role`` values for ``delta``: ``"all"`` and the roles present, sorted (chapter 1)."""
     return [ALL, *sorted({describe(name).role for name in delta})]
 
 
@@ -63,7 +63,7 @@ def _normalize_layer(layer, valid: list):
 
 def select_delta(deltas: Mapping[str, Mapping[str, torch.Tensor]], expert: str, layer=ALL,
                  role: str = ALL) -> dict[str, torch.Tensor]:
-    """The tensors of ``deltas[expert]`` in block ``layer`` with role ``role``.
+    """The tensors of ``deltas[expert]`` in block ``layer`` with role ``role`` (chapter 1).
 
     ``layer``: ``"all"``, a block index (``3`` or ``"layer.3"``) or ``"outside"``;
     ``role``: ``"all"`` or a role of :mod:`merging_helpers.partitions`. A name that is
@@ -91,7 +91,7 @@ def layer_role_frame(values: Mapping[str, float], columns=None):
     "layer_role")``) as a table: one row per block (``"layer 0"``, ``"layer 1"``... in
     numeric order), then ``"outside blocks"`` for the keys without a layer (embedding,
     norm, head), one column per role. Missing cells are NaN; ``columns`` fixes the role
-    order (roles not listed are dropped)."""
+    order (roles not listed are dropped) (chapter 1)."""
     import pandas as pd
 
     cells = {}
@@ -115,7 +115,7 @@ def layer_role_frame(values: Mapping[str, float], columns=None):
 
 def delta_histogram(deltas: Mapping[str, Mapping[str, torch.Tensor]], expert: str, layer=ALL, role: str = ALL,
                     bins: int = 101, ax=None, log_counts: bool = True):
-    """Draw the histogram of the signed Δ entries chosen by :func:`select_delta`.
+    """Draw the histogram of the signed Δ entries chosen by :func:`select_delta` (chapter 1).
 
     The bins are symmetric around 0 and span the largest |Δ| of the selection; the count
     axis is logarithmic by default (most entries are tiny). Dashed lines mark ±RMS.
@@ -148,7 +148,7 @@ def delta_histogram(deltas: Mapping[str, Mapping[str, torch.Tensor]], expert: st
 
 def explore(deltas: Mapping[str, Mapping[str, torch.Tensor]], bins: int = 101):
     """An ipywidgets explorer: three drop-downs (expert, layer, role) and the histogram
-    of :func:`delta_histogram`. Needs ``ipywidgets`` and a live kernel to react."""
+    of :func:`delta_histogram`. Needs ``ipywidgets`` and a live kernel to react (chapter 1)."""
     try:
         import ipywidgets as widgets
     except ImportError as err:

@@ -81,7 +81,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
 
 
 def get_method(name) -> Method:
-    """The record of method ``name`` (a ``Method`` passes through); a clear error otherwise."""
+    """The record of method ``name`` (a ``Method`` passes through); a clear error otherwise (chapters 2–3)."""
     if isinstance(name, Method):
         return name
     if name not in METHODS:

@@ -1,4 +1,4 @@
-"""The first cell of every chapter: detect Colab, choose the device, seed everything."""
+"""The first cell of every chapter (chapter 0 on): detect Colab, choose the device, seed everything."""
 
 from __future__ import annotations
 
@@ -13,11 +13,12 @@ REPO_URL = os.environ.get("MERGING_BOOK_REPO", "https://github.com/OWNER/model-m
 
 
 def in_colab() -> bool:
+    """True when running on Google Colab (every chapter's first cell, chapter 0)."""
     return "google.colab" in sys.modules
 
 
 def seed_everything(seed: int = 0) -> None:
-    """Seed Python, NumPy and torch (CPU and every GPU)."""
+    """Seed Python, NumPy and torch (CPU and every GPU) (chapter 0)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -25,7 +26,7 @@ def seed_everything(seed: int = 0) -> None:
 
 
 def pick_device(prefer: str | None = None) -> torch.device:
-    """``prefer`` if given, else the GPU when there is one, else the CPU."""
+    """``prefer`` if given, else the GPU when there is one, else the CPU (chapter 0)."""
     if prefer:
         return torch.device(prefer)
     if torch.cuda.is_available():
@@ -36,7 +37,7 @@ def pick_device(prefer: str | None = None) -> torch.device:
 
 
 def setup(seed: int = 0, device: str | None = None, quiet: bool = False) -> torch.device:
-    """Seed everything, quiet the libraries' chatter, style the plots; return the device."""
+    """Seed everything, quiet the libraries' chatter, style the plots; return the device (chapter 0)."""
     import warnings
     seed_everything(seed)
     warnings.filterwarnings("ignore", category=FutureWarning)

@@ -27,6 +27,8 @@ LEVELS = ("model", "layer", "role", "linear", "layer_role", "layer_linear", "ten
 
 
 class ParamInfo(NamedTuple):
+    """Layer, role and linear type of one parameter name (chapter 1)."""
+
     layer: int | None  # transformer block index, None outside the blocks
     role: str
     linear: str | None  # q, k, v, o, up, gate, down; None for non-linear params
@@ -52,7 +54,7 @@ _RULES = [(re.compile(pattern), role, linear) for pattern, role, linear in _RULE
 
 
 def describe(name: str, strict: bool = False) -> ParamInfo:
-    """Layer index, role and linear type of a parameter name.
+    """Layer index, role and linear type of a parameter name (chapter 1).
 
     Unknown names fall back to role ``"other"`` (and linear ``None``); with
     ``strict=True`` they raise a ValueError instead.
@@ -68,7 +70,7 @@ def describe(name: str, strict: bool = False) -> ParamInfo:
 
 
 def partition_key(name: str, level: str = "tensor", strict: bool = False) -> str:
-    """The partition a parameter belongs to at ``level`` (one of ``LEVELS``).
+    """The partition a parameter belongs to at ``level`` (one of ``LEVELS``) (chapter 1).
 
     Keys are plain strings: ``"model"``, ``"layer.3"``, ``"attention"``, ``"q"``,
     ``"layer.3.attention"``, ``"layer.3.q"`` or the name itself. Parameters outside
@@ -91,7 +93,7 @@ def partition_key(name: str, level: str = "tensor", strict: bool = False) -> str
 
 
 def group_by(names, level: str = "layer") -> dict[str, list[str]]:
-    """Partition ``names`` into ``{key: [names...]}``; every name lands in exactly one group."""
+    """Partition ``names`` into ``{key: [names...]}``; every name lands in exactly one group (chapter 1)."""
     groups = defaultdict(list)
     for name in names:
         groups[partition_key(name, level)].append(name)
@@ -169,7 +171,7 @@ def rate_for(name: str, rates, level: str = "layer_role", default: float | None 
 
 
 def check_rate_fits(name: str, shape, rate, what: str) -> None:
-    """A :class:`PerRow`/:class:`PerColumn` rate must have one value per row/column of tensor ``name``."""
+    """A :class:`PerRow`/:class:`PerColumn` rate must have one value per row/column of tensor ``name`` (chapter 1)."""
     if isinstance(rate, PerRow):
         want, axis = (shape[0] if len(shape) >= 1 else None), "rows"
     elif isinstance(rate, PerColumn):
@@ -195,7 +197,7 @@ def broadcast_rate(rate, shape, device=None):
 
 
 def unused_rate_keys(names, rates, level: str) -> list[str]:
-    """Keys of a rate dict that match no parameter (usually a typo or a wrong level)."""
+    """Keys of a rate dict that match no parameter (usually a typo or a wrong level) (chapter 1)."""
     if not isinstance(rates, dict):
         return []
     used = {partition_key(name, level) for name in names}
@@ -204,5 +206,5 @@ def unused_rate_keys(names, rates, level: str) -> list[str]:
 
 def levels_matching(names, keys) -> list[str]:
     """The levels at which every key of ``keys`` is a partition of ``names`` (to say
-    "these look like 'layer' keys" when a rate mapping is at the wrong granularity)."""
+    "these look like 'layer' keys" when a rate mapping is at the wrong granularity) (chapter 1)."""
     return [lv for lv in LEVELS if set(keys) <= {partition_key(n, lv) for n in names}]

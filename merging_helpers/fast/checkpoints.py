@@ -106,7 +106,7 @@ _DIRECT_MIN = 1 << 20  # smaller tensors go through the page cache
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """Where one tensor lives: file, absolute byte range, dtype and shape."""
+    """Where one tensor lives: file, absolute byte range, dtype and shape (appendix, chapter 8)."""
 
     name: str
     dtype: torch.dtype
@@ -197,7 +197,7 @@ def _torch_load_weights_only(path: Path) -> dict[str, torch.Tensor]:
 
 
 class CheckpointFolder:
-    """Tensor-by-tensor access to a Hugging Face model folder.
+    """Tensor-by-tensor access to a Hugging Face model folder (appendix, chapter 8).
 
     Only headers are read at construction.  ``tensors`` maps name → :class:`TensorInfo`
     in on-disk order (file, then offset), which is the order that reads sequentially.
@@ -320,7 +320,7 @@ class CheckpointFolder:
 
 
 def list_tensors(folder: str | os.PathLike) -> dict[str, TensorInfo]:
-    """Name → :class:`TensorInfo` for every tensor of a folder (reads headers only)."""
+    """Name → :class:`TensorInfo` for every tensor of a folder (reads headers only) (appendix, chapter 8)."""
     cf = CheckpointFolder(folder)
     try:
         return dict(cf.tensors)
@@ -329,7 +329,7 @@ def list_tensors(folder: str | os.PathLike) -> dict[str, TensorInfo]:
 
 
 def read_tensor(folder: str | os.PathLike, name: str, device: str = "cpu") -> torch.Tensor:
-    """Read one tensor lazily with ``safetensors.safe_open`` (framework "pt")."""
+    """Read one tensor lazily with ``safetensors.safe_open`` (framework "pt") (appendix, chapter 8)."""
     from safetensors import safe_open
 
     folder = Path(folder)
@@ -354,13 +354,13 @@ def read_tensor(folder: str | os.PathLike, name: str, device: str = "cpu") -> to
 
 
 def read_config(folder: str | os.PathLike) -> dict:
-    """``config.json`` of a folder as a dict ({} if there is none)."""
+    """``config.json`` of a folder as a dict ({} if there is none) (appendix, chapter 8)."""
     p = Path(folder) / "config.json"
     return json.loads(p.read_text()) if p.is_file() else {}
 
 
 def load_state_dict(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Every tensor of a folder in memory (for small models and tests)."""
+    """Every tensor of a folder in memory (for small models and tests) (appendix, chapter 8)."""
     with CheckpointFolder(folder) as cf:
         return {name: cf.read(name) for name in cf.names()}
 
@@ -374,7 +374,7 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
 
 
 def parse_size(size: int | str) -> int:
-    """'2GB' → 2_000_000_000, '500MiB' → 524_288_000, ints pass through (as in HF)."""
+    """'2GB' → 2_000_000_000, '500MiB' → 524_288_000, ints pass through (as in HF) (appendix, chapter 8)."""
     if isinstance(size, int):
         if size <= 0:
             raise ValueError(f"size must be positive, got {size}")
@@ -391,7 +391,7 @@ def parse_size(size: int | str) -> int:
 def check_output_path(out_dir: str | os.PathLike, input_dirs: Iterable[str | os.PathLike],
                       overwrite: bool = False) -> Path:
     """Refuse an output folder equal to, inside, or containing an input folder, and
-    an existing non-empty output unless ``overwrite``.  Returns the resolved path."""
+    an existing non-empty output unless ``overwrite``.  Returns the resolved path (appendix, chapter 8)."""
     out = Path(os.path.realpath(out_dir))
     for inp in input_dirs:
         src = Path(os.path.realpath(inp))
@@ -436,7 +436,7 @@ class _Slot:
 
 
 class ShardedSafetensorsWriter:
-    """Write a sharded safetensors checkpoint tensor by tensor, atomically.
+    """Write a sharded safetensors checkpoint tensor by tensor, atomically (appendix, chapter 8).
 
     The layout is planned from ``specs`` = [(name, dtype, shape), ...] in the order
     given: tensors are packed into shards of at most ``max_shard_size`` bytes (a
@@ -689,7 +689,7 @@ class ShardedSafetensorsWriter:
 
 
 def copy_support_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
-    """Copy config and tokenizer files (see ``COPY_PATTERNS``) from ``src`` to ``dst``."""
+    """Copy config and tokenizer files (see ``COPY_PATTERNS``) from ``src`` to ``dst`` (appendix, chapter 8)."""
     copied = []
     for p in sorted(Path(src).iterdir()):
         if p.is_file() and any(fnmatch(p.name, pat) for pat in COPY_PATTERNS):
@@ -703,7 +703,7 @@ def copy_support_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[s
 def save_state_dict(state_dict: Mapping[str, torch.Tensor], out_dir: str | os.PathLike,
                     max_shard_size: int | str = "2GB", *, copy_from: str | os.PathLike | None = None,
                     config: Mapping | None = None, overwrite: bool = False) -> Path:
-    """Save an in-memory state dict as a (sharded) safetensors folder, atomically."""
+    """Save an in-memory state dict as a (sharded) safetensors folder, atomically (appendix, chapter 8)."""
     specs = [(k, v.dtype, tuple(v.shape)) for k, v in state_dict.items()]
     extra = {"config.json": json.dumps(dict(config), indent=2) + "\n"} if config is not None else None
     with ShardedSafetensorsWriter(out_dir, specs, max_shard_size, copy_from=copy_from,

@@ -41,7 +41,7 @@ _F = ctypes.c_float * MAXT
 
 
 class MergeArgs(ctypes.Structure):
-    """Mirror of ``merge_args`` in fused_merge.c."""
+    """Mirror of ``merge_args`` in fused_merge.c (appendix, chapter 8)."""
     _fields_ = [
         ("n", ctypes.c_int64), ("T", ctypes.c_int32), ("dtype", ctypes.c_int32),
         ("base", ctypes.c_void_p), ("experts", ctypes.c_void_p * MAXT), ("out", ctypes.c_void_p),
@@ -76,7 +76,7 @@ def _cache_dir() -> Path:
 
 
 def build(cache_dir: str | os.PathLike | None = None) -> Path:
-    """Compile fused_merge.c (if not cached yet) and return the shared library's path.
+    """Compile fused_merge.c (if not cached yet) and return the shared library's path (appendix, chapter 8).
     Raises RuntimeError with the compiler's message if it fails."""
     cc = _compiler()
     if cc is None:
@@ -111,7 +111,7 @@ ERROR: str | None = None  # why load() returned None
 
 def load():
     """The compiled library (functions ``merge_piece`` and ``bracket_scan``), or None
-    if it cannot be built here (``ERROR`` says why)."""
+    if it cannot be built here (``ERROR`` says why) (appendix, chapter 8)."""
     global _LIB, _TRIED, ERROR
     with _LOCK:
         if not _TRIED:
@@ -136,10 +136,11 @@ def load():
 
 
 def pcg64_state(key: int) -> tuple[int, int]:
-    """(state, increment) of ``numpy.random.PCG64(key)`` before its first output."""
+    """(state, increment) of ``numpy.random.PCG64(key)`` before its first output (appendix, chapter 8)."""
     st = np.random.PCG64(key).state["state"]
     return st["state"], st["inc"]
 
 
 def split128(x: int) -> tuple[int, int]:
+    """The (high, low) 64-bit halves of a 128-bit integer, as the kernel's arguments take them (appendix, chapter 8)."""
     return (x >> 64) & (2**64 - 1), x & (2**64 - 1)

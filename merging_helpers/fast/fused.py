@@ -45,7 +45,7 @@ _SCAN_SLACK = 4096  # extra room for the kernel scan's candidates (a test makes 
 
 
 def fused_supported(config: MergeConfig, device) -> bool:
-    """True if the kernel implements these options (the test per tensor is :meth:`FusedMerge.takes`)."""
+    """True if the kernel implements these options (the test per tensor is :meth:`FusedMerge.takes`) (appendix, chapter 8)."""
     return (torch.device(device).type == "cpu" and config.n_experts <= compiled.MAXT
             and config.method.drop in compiled.DROP and config.rescale_rule in ("inverse", None)
             and config.rescale_factor is None)
@@ -73,7 +73,7 @@ class _TopK:
 
 
 class FusedMerge:
-    """Merge CPU tensors like ``recipes.merge_tensor`` with ``config``, through the kernel."""
+    """Merge CPU tensors like ``recipes.merge_tensor`` with ``config``, through the kernel (appendix, chapter 8)."""
 
     def __init__(self, config: MergeConfig, lib, workers: int = 1):
         if not fused_supported(config, "cpu"):

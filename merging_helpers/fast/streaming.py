@@ -96,7 +96,7 @@ def _expert_names(expert_dirs) -> tuple[list[str], list[Path]]:
 
 def validate_folders(base: CheckpointFolder, experts: Sequence[CheckpointFolder],
                      expert_names: Sequence[str]) -> None:
-    """Same tensor names, shapes and dtypes in every expert as in the base."""
+    """Same tensor names, shapes and dtypes in every expert as in the base (appendix, chapter 8)."""
     for who, ex in zip(expert_names, experts):
         missing = [n for n in base.tensors if n not in ex.tensors]
         extra = [n for n in ex.tensors if n not in base.tensors]

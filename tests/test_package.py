@@ -1,0 +1,85 @@
+"""The package reads like the book's table of contents, and the two tiers go one way.
+
+* the package docstring lists every module on disk, in chapter order, and each chapter
+  it names is in ``_toc.yml`` (or marked planned);
+* every public function and class names the chapter that introduces it;
+* no reference module imports the fast tier (``merging_helpers.fast``).
+"""
+import ast
+import importlib
+import inspect
+import pkgutil
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import merging_helpers
+
+ROOT = Path(merging_helpers.__file__).resolve().parent
+LINE = re.compile(r"^\* ``(\w+)``\s+– chapter (\d)( \(planned)?")
+
+
+def _docstring_modules():
+    rows = [LINE.match(line) for line in merging_helpers.__doc__.splitlines()]
+    return [(m.group(1), int(m.group(2)), bool(m.group(3))) for m in rows if m]
+
+
+def _toc_chapters():
+    toc = (ROOT.parent / "_toc.yml").read_text()
+    return {int(n) for n in re.findall(r"file: book/(\d\d)_", toc)}
+
+
+def test_docstring_lists_the_modules_on_disk_in_chapter_order():
+    listed = _docstring_modules()
+    names = [m for m, _, _ in listed]
+    on_disk = sorted(p.stem for p in ROOT.glob("*.py") if p.stem != "__init__") + ["fast"]
+    assert sorted(names) == sorted(on_disk), set(names) ^ set(on_disk)
+    chapters = [c for _, c, _ in listed]
+    assert chapters == sorted(chapters), "modules are not in chapter order"
+    toc = _toc_chapters()
+    for module, chapter, planned in listed:
+        assert chapter in toc or planned, f"{module}: chapter {chapter} is not in _toc.yml and not marked planned"
+
+
+def test_each_module_docstring_names_its_chapter():
+    for module, chapter, _ in _docstring_modules():
+        doc = importlib.import_module(f"merging_helpers.{module}").__doc__ or ""
+        assert re.search(rf"[Cc]hapters? (\d[–-])?{chapter}\b|chapters? {chapter}[–-]", doc), module
+
+
+def test_every_public_function_and_class_names_a_chapter():
+    missing = []
+    for info in pkgutil.walk_packages(merging_helpers.__path__, "merging_helpers."):
+        mod = importlib.import_module(info.name)
+        for name, obj in vars(mod).items():
+            if name.startswith("_") or getattr(obj, "__module__", None) != info.name:
+                continue
+            if (inspect.isfunction(obj) or inspect.isclass(obj)) and not re.search(
+                    r"[Cc]hapters? \d|appendix", inspect.getdoc(obj) or ""):
+                missing.append(f"{info.name}.{name}")
+    assert not missing, missing
+
+
+def _imports(path: Path):
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            base = "." * node.level + (node.module or "")
+            yield base, [a.name for a in node.names]
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                yield a.name, []
+
+
+def test_reference_modules_never_import_the_fast_tier():
+    for path in sorted(ROOT.glob("*.py")):
+        for module, names in _imports(path):
+            assert not (module in (".fast", "merging_helpers.fast") or module.startswith((".fast.", "merging_helpers.fast."))
+                        or (module == "." and "fast" in names)), f"{path.name} imports the fast tier"
+    # and at run time: importing the whole reference loads nothing of it
+    code = ("import sys, merging_helpers.recipes, merging_helpers.evaluation, merging_helpers.sweeps, "
+            "merging_helpers.ablations, merging_helpers.explorer;"
+            "print([m for m in sys.modules if m.startswith('merging_helpers.fast')])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
