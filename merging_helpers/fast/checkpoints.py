@@ -29,8 +29,10 @@ from __future__ import annotations
 import ctypes
 import errno
 import json
+import math
 import mmap
 import os
+import pickle
 import re
 import shutil
 import struct
@@ -55,6 +57,7 @@ __all__ = [
     "load_state_dict",
     "parse_size",
     "check_output_path",
+    "recover_leftovers",
     "ShardedSafetensorsWriter",
     "save_state_dict",
 ]
@@ -131,29 +134,88 @@ def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+def _read_json(path: Path, what: str):
+    """``path`` parsed as JSON; a damaged file raises a ValueError that names it."""
+    try:
+        return json.loads(path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: the {what} is not valid JSON ({e}); the file is damaged") from None
+
+
 def _read_safetensors_header(path: Path) -> tuple[dict, int]:
-    """Return (header dict, byte offset where the data section starts)."""
+    """Return (header dict, byte offset where the data section starts), after checking
+    the header against the file: every tensor's byte range inside the file and of its
+    dtype and shape's size, the ranges neither overlapping nor leaving gaps (as the
+    safetensors library requires), so a truncated or forged file fails here, before any merge."""
+    size = path.stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
             raise ValueError(f"{path}: not a safetensors file (shorter than 8 bytes)")
         (n,) = struct.unpack("<Q", raw)
-        if n > 100_000_000:
-            raise ValueError(f"{path}: implausible safetensors header length {n}")
-        header = json.loads(f.read(n))
+        if n > 100_000_000 or 8 + n > size:
+            raise ValueError(f"{path}: implausible safetensors header length {n} (file of {size} bytes); "
+                             "the file is truncated or not a safetensors file")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: the safetensors header is not valid JSON ({e}); the file is damaged") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: the safetensors header is not a JSON object")
+    ranges = []
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (a, b) = meta["dtype"], tuple(meta["shape"]), meta["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{path}: tensor {name!r} has a malformed header entry {meta!r}") from None
+        if dtype not in _ST_DTYPES:
+            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
+        if not all(isinstance(x, int) and x >= 0 for x in (a, b, *shape)):
+            raise ValueError(f"{path}: tensor {name!r} has a malformed shape {shape} or offsets {[a, b]}")
+        if b - a != math.prod(shape) * _itemsize(_ST_DTYPES[dtype]):
+            raise ValueError(f"{path}: tensor {name!r} has byte range [{a}, {b}) but its dtype {dtype} and shape "
+                             f"{list(shape)} need {math.prod(shape) * _itemsize(_ST_DTYPES[dtype])} bytes")
+        ranges.append((a, b, name))
+    end = 0
+    for a, b, name in sorted(ranges):
+        if a != end:
+            raise ValueError(f"{path}: tensor {name!r} starts at byte {a} of the data, expected {end} "
+                             f"({'overlapping the previous tensor' if a < end else 'a gap'}); the header is damaged")
+        end = b
+    if 8 + n + end > size:
+        raise ValueError(f"{path}: the header describes {8 + n + end} bytes but the file has {size}: "
+                         "the file is truncated")
     return header, 8 + n
+
+
+def _shard_path(folder: Path, index: Path, file) -> Path:
+    """A shard named by an index, refused unless it is a plain file name inside ``folder``."""
+    if not isinstance(file, str) or not file or Path(file).is_absolute() or ".." in Path(file).parts \
+            or Path(file).name != file:
+        raise ValueError(f"{index}: shard path {file!r} is not a file name inside {folder}; refused")
+    return folder / file
+
+
+def _weight_map(index: Path) -> dict:
+    data = _read_json(index, "index")
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index}: no \"weight_map\" object; the index is damaged")
+    return weight_map
 
 
 def _weight_files(folder: Path) -> tuple[str, list[Path]]:
     """Find the weight files of a folder: ('safetensors'|'bin', [files])."""
     index = folder / SAFETENSORS_INDEX
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = list(dict.fromkeys(weight_map.values()))  # keep order, dedupe
-        missing = [f for f in files if not (folder / f).is_file()]
+        weight_map = _weight_map(index)
+        files = [_shard_path(folder, index, f) for f in dict.fromkeys(weight_map.values())]  # keep order, dedupe
+        missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise FileNotFoundError(f"{index} lists missing shard(s): {missing}")
-        return "safetensors", [folder / f for f in files]
+        return "safetensors", files
     if (folder / SAFETENSORS_FILE).is_file():
         return "safetensors", [folder / SAFETENSORS_FILE]
     st = sorted(folder.glob("*.safetensors"))
@@ -161,8 +223,8 @@ def _weight_files(folder: Path) -> tuple[str, list[Path]]:
         return "safetensors", st
     bin_index = folder / BIN_INDEX
     if bin_index.is_file():
-        weight_map = json.loads(bin_index.read_text())["weight_map"]
-        return "bin", [folder / f for f in dict.fromkeys(weight_map.values())]
+        weight_map = _weight_map(bin_index)
+        return "bin", [_shard_path(folder, bin_index, f) for f in dict.fromkeys(weight_map.values())]
     for name in BIN_FILES:
         if (folder / name).is_file():
             return "bin", [folder / name]
@@ -183,12 +245,19 @@ def _torch_load_weights_only(path: Path) -> dict[str, torch.Tensor]:
         UserWarning,
         stacklevel=3,
     )
-    try:  # memory-map zip-format checkpoints (tensors are paged in when used)
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as e:
-        if "mmap" not in str(e):
-            raise
-        sd = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    try:
+        try:  # memory-map zip-format checkpoints (tensors are paged in when used)
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            sd = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise pickle.UnpicklingError(
+            f"{path}: refused to unpickle it: it holds Python objects other than tensors, which "
+            f"torch.load(weights_only=True) does not run ({first}). Loading it with weights_only=False would run "
+            "code from the file; convert a checkpoint you trust to safetensors instead.") from None
     if not isinstance(sd, Mapping):
         raise TypeError(f"{path}: expected a state dict, got {type(sd).__name__}")
     if "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
@@ -342,10 +411,10 @@ def read_tensor(folder: str | os.PathLike, name: str, device: str = "cpu") -> to
         raise KeyError(f"{folder}: no tensor named {name!r}")
     index = folder / SAFETENSORS_INDEX
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = _weight_map(index)
         if name not in weight_map:
             raise KeyError(f"{folder}: no tensor named {name!r}")
-        files = [folder / weight_map[name]]
+        files = [_shard_path(folder, index, weight_map[name])]
     for file in files:
         with safe_open(str(file), framework="pt", device=str(device)) as f:
             if name in f.keys():
@@ -356,7 +425,7 @@ def read_tensor(folder: str | os.PathLike, name: str, device: str = "cpu") -> to
 def read_config(folder: str | os.PathLike) -> dict:
     """``config.json`` of a folder as a dict ({} if there is none) (appendix, chapter 8)."""
     p = Path(folder) / "config.json"
-    return json.loads(p.read_text()) if p.is_file() else {}
+    return _read_json(p, "config") if p.is_file() else {}
 
 
 def load_state_dict(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -388,10 +457,27 @@ def parse_size(size: int | str) -> int:
     return n
 
 
+def _writable_folder(folder: Path) -> Path | None:
+    """The nearest existing ancestor of ``folder`` (itself included) in which a new
+    folder cannot be made, or None when a test folder could be made and removed."""
+    probe = folder
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        return probe
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".write-test-", dir=probe))
+    except OSError:
+        return probe
+    return None
+
+
 def check_output_path(out_dir: str | os.PathLike, input_dirs: Iterable[str | os.PathLike],
                       overwrite: bool = False) -> Path:
-    """Refuse an output folder equal to, inside, or containing an input folder, and
-    an existing non-empty output unless ``overwrite``.  Returns the resolved path (appendix, chapter 8)."""
+    """Refuse an output folder equal to, inside, or containing an input folder, an
+    existing non-empty output unless ``overwrite``, an output whose parent is not a
+    writable folder, and (with ``overwrite``) one that cannot be moved aside: all before
+    any work. Returns the resolved path (appendix, chapter 8)."""
     out = Path(os.path.realpath(out_dir))
     for inp in input_dirs:
         src = Path(os.path.realpath(inp))
@@ -404,11 +490,74 @@ def check_output_path(out_dir: str | os.PathLike, input_dirs: Iterable[str | os.
     if out.exists():
         if not out.is_dir():
             raise FileExistsError(f"output path {out} exists and is not a folder")
-        if any(out.iterdir()) and not overwrite:
-            raise FileExistsError(
-                f"output folder {out} exists and is not empty; pass overwrite=True to replace it"
-            )
+        if any(out.iterdir()):
+            if not overwrite:
+                raise FileExistsError(
+                    f"output folder {out} exists and is not empty; pass overwrite=True to replace it"
+                )
+            if os.path.ismount(out) or not os.access(out, os.W_OK):
+                raise PermissionError(f"overwrite=True: the existing output folder {out} cannot be moved aside "
+                                      "(a mount point, or not writable); choose another output folder")
+    blocked = _writable_folder(out.parent)
+    if blocked is not None:
+        raise PermissionError(f"cannot create the output folder {out}: {blocked} is not a writable folder")
     return out
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+OWNER_FILE = ".merging_helpers-owner"  # inside a temporary output folder: "<host> <pid>"
+
+
+def recover_leftovers(out_dir: str | os.PathLike) -> list[str]:
+    """Clean what an interrupted write to ``out_dir`` left next to it (appendix, chapter 8):
+
+    * ``.<out>.tmp-*`` of a merge whose process is gone (killed mid-way): deleted;
+    * ``.<out>.old-*`` of an overwrite that stopped between its two moves: the previous
+      output is moved back when ``out_dir`` is missing, else deleted.
+
+    Folders of a merge still running (same host, live process) are left alone.
+    Returns one line per action, and warns with them."""
+    out = Path(os.path.realpath(out_dir))
+    if not out.parent.is_dir():
+        return []
+    done, host = [], os.uname().nodename
+    for tmp in sorted(out.parent.glob(f".{glob_escape(out.name)}.tmp-*")):
+        owner = (tmp / OWNER_FILE).read_text().split() if (tmp / OWNER_FILE).is_file() else []
+        if len(owner) == 2 and owner[0] == host and owner[1].isdigit() and _process_alive(int(owner[1])):
+            continue
+        shutil.rmtree(tmp, ignore_errors=True)
+        done.append(f"deleted {tmp.name}, the unfinished output of an interrupted merge")
+    for old in sorted(out.parent.glob(f".{glob_escape(out.name)}.old-*")):
+        if (old / "x").is_dir() and not out.exists():
+            os.replace(old / "x", out)
+            done.append(f"moved the previous {out.name} back from {old.name} (an overwrite stopped half-way)")
+        shutil.rmtree(old, ignore_errors=True)
+        if not any(old.name in line for line in done):
+            done.append(f"deleted {old.name}, the replaced output of an earlier overwrite")
+    if done:
+        warnings.warn(f"{out}: " + "; ".join(done), stacklevel=2)
+    return done
+
+
+def glob_escape(name: str) -> str:
+    """``name`` with the glob metacharacters escaped (appendix, chapter 8)."""
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+def _default_mode() -> int:
+    """The permissions a new folder gets under the current umask (mkdtemp makes 0700)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o777 & ~mask
 
 
 def _preallocate(fd: int, size: int) -> None:
@@ -476,6 +625,7 @@ class ShardedSafetensorsWriter:
                  metadata: Mapping[str, str] | None = None,
                  extra_files: Mapping[str, str] | None = None, direct: bool = False, fsync: bool = False):
         inputs = list(input_dirs) + ([copy_from] if copy_from is not None else [])
+        recover_leftovers(out_dir)
         self.out_dir = check_output_path(out_dir, inputs, overwrite)
         self.copy_from = Path(copy_from) if copy_from is not None else None
         self.overwrite = overwrite
@@ -557,6 +707,8 @@ class ShardedSafetensorsWriter:
         parent = self.out_dir.parent
         parent.mkdir(parents=True, exist_ok=True)
         self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-", dir=parent))
+        os.chmod(self._tmp, _default_mode())  # the finished folder gets the usual permissions, not 0700
+        (self._tmp / OWNER_FILE).write_text(f"{os.uname().nodename} {os.getpid()}")
         for name, header, total in zip(self.shard_names, self._headers, self._shard_bytes):
             fd = os.open(self._tmp / name, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             self._fds.append(fd)
@@ -676,7 +828,14 @@ class ShardedSafetensorsWriter:
                 raise FileExistsError(f"output folder {out} appeared and is not empty")
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / "x")
-        os.replace(self._tmp, out)  # atomic; an existing *empty* folder is replaced
+        (self._tmp / OWNER_FILE).unlink()
+        try:
+            os.replace(self._tmp, out)  # atomic; an existing *empty* folder is replaced
+        except OSError:
+            if old is not None:  # put the previous output back
+                os.replace(old / "x", out)
+                shutil.rmtree(old, ignore_errors=True)
+            raise
         self._tmp = None
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)

@@ -70,7 +70,7 @@ from ..deltas import far_from_base
 from ..recipes import merge_tensor
 from ..selection import global_kth_largest_abs
 from . import compiled
-from .checkpoints import CheckpointFolder, ShardedSafetensorsWriter, check_output_path
+from .checkpoints import CheckpointFolder, ShardedSafetensorsWriter, check_output_path, recover_leftovers
 from .fused import FusedMerge, fused_supported
 
 __all__ = ["merge_folders", "validate_folders", "fused_supported", "KERNELS"]
@@ -336,6 +336,7 @@ def merge_folders(
     for d, who in [(base_dir, "base")] + list(zip(dirs, expert_names)):
         if not d.is_dir():
             raise FileNotFoundError(f"{who}: folder not found: {d}")
+    recover_leftovers(out_dir)
     check_output_path(out_dir, [base_dir, *dirs], overwrite)
     lib = _kernel_for(kernel, config, device) if fused and merge_fn is None else None
     merge_fn = merge_fn or merge_tensor

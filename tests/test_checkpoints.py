@@ -1,0 +1,166 @@
+"""Reading and writing HF folders safely (merging_helpers.fast.checkpoints): damaged
+headers and indexes fail at once with the file named, shard paths stay inside the
+folder, leftovers of interrupted merges are cleaned or recovered, outputs get the
+usual permissions, and an output that cannot be written is refused before any work."""
+import json
+import os
+import pickle
+import struct
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from merging_helpers.fast import checkpoints as ckpt
+from merging_helpers.fast.checkpoints import CheckpointFolder, save_state_dict
+from merging_helpers.fast.streaming import merge_folders
+
+
+def _st_file(path, tensors):
+    save_file(tensors, str(path))
+    return path
+
+
+def _rewrite_header(path, edit):
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    edit(header)
+    new = json.dumps(header).encode()
+    new += b" " * (-len(new) % 8)
+    path.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n:])
+
+
+@pytest.fixture
+def folder(tmp_path):
+    d = tmp_path / "m"
+    d.mkdir()
+    _st_file(d / "model.safetensors", {"a": torch.arange(6.0).reshape(2, 3), "b": torch.ones(4)})
+    return d
+
+
+def test_overlapping_byte_ranges_are_refused(folder):
+    def share(h):  # "b" reads a's bytes: the safetensors library refuses this too
+        h["b"]["data_offsets"] = [0, 16]
+    _rewrite_header(folder / "model.safetensors", share)
+    with pytest.raises(ValueError, match=r"model.safetensors: tensor .* starts at byte 0 .*overlapping"):
+        CheckpointFolder(folder)
+
+
+def test_truncated_file_and_offsets_past_the_end_are_refused(folder):
+    f = folder / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-5])
+    with pytest.raises(ValueError, match=r"model.safetensors: the header describes \d+ bytes but the file has"):
+        CheckpointFolder(folder)
+    f.write_bytes(f.read_bytes()[:12])
+    with pytest.raises(ValueError, match="implausible safetensors header length"):
+        CheckpointFolder(folder)
+
+
+def test_byte_range_that_does_not_fit_the_shape_is_refused(folder):
+    _rewrite_header(folder / "model.safetensors", lambda h: h["a"].update(shape=[2, 4]))
+    with pytest.raises(ValueError, match=r"tensor 'a' has byte range \[0, 24\) but its dtype F32 and shape \[2, 4\]"):
+        CheckpointFolder(folder)
+
+
+def test_flipped_header_bytes_name_the_file(folder):
+    f = folder / "model.safetensors"
+    raw = bytearray(f.read_bytes())
+    raw[10] = 0xFF  # inside the JSON header
+    f.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=r"model.safetensors: the safetensors header is not valid JSON"):
+        CheckpointFolder(folder)
+
+
+def test_index_that_is_not_json_names_the_file(tmp_path):
+    d = save_state_dict({"a": torch.ones(300), "b": torch.ones(300)}, tmp_path / "m", max_shard_size=1500)
+    (d / "model.safetensors.index.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"model.safetensors.index.json: the index is not valid JSON"):
+        CheckpointFolder(d)
+    (d / "model.safetensors.index.json").write_text('{"metadata": {}}')
+    with pytest.raises(ValueError, match="no \"weight_map\""):
+        CheckpointFolder(d)
+
+
+@pytest.mark.parametrize("shard", ["../secret.safetensors", "/etc/passwd", "sub/../../x.safetensors"])
+def test_index_paths_outside_the_folder_are_refused(tmp_path, shard):
+    d = save_state_dict({"a": torch.ones(300), "b": torch.ones(300)}, tmp_path / "m", max_shard_size=1500)
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    index["weight_map"]["a"] = shard
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="is not a file name inside"):
+        CheckpointFolder(d)
+    with pytest.raises(ValueError, match="is not a file name inside"):
+        ckpt.read_tensor(d, "a")
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_pickle_error_names_the_file_and_gives_safe_advice(tmp_path):
+    d = tmp_path / "evil"
+    d.mkdir()
+    with open(d / "pytorch_model.bin", "wb") as f:
+        pickle.dump({"w": _Evil()}, f)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(pickle.UnpicklingError) as err:
+            CheckpointFolder(d)
+    message = str(err.value)
+    assert "evil/pytorch_model.bin: refused to unpickle" in message
+    assert "would run code from the file" in message and "convert a checkpoint you trust" in message
+
+
+def test_killed_merge_leftovers_are_deleted_and_live_ones_kept(tmp_path):
+    out = tmp_path / "out"
+    dead = tmp_path / ".out.tmp-dead"
+    dead.mkdir()
+    (dead / "model.safetensors").write_bytes(b"x" * 100)
+    (dead / ckpt.OWNER_FILE).write_text(f"{os.uname().nodename} 999999999")  # no such process
+    alive = tmp_path / ".out.tmp-alive"
+    alive.mkdir()
+    (alive / ckpt.OWNER_FILE).write_text(f"{os.uname().nodename} {os.getpid()}")
+    with pytest.warns(UserWarning, match="deleted .out.tmp-dead, the unfinished output of an interrupted merge"):
+        save_state_dict({"a": torch.ones(3)}, out)
+    assert not dead.exists() and alive.exists() and (out / "model.safetensors").is_file()
+
+
+def test_overwrite_stopped_between_its_two_moves_is_recovered(tmp_path):
+    out = save_state_dict({"a": torch.ones(3)}, tmp_path / "out")
+    before = (out / "model.safetensors").read_bytes()
+    old = tmp_path / ".out.old-abc"
+    old.mkdir()
+    os.replace(out, old / "x")  # the state a crash after the first move leaves
+    with pytest.warns(UserWarning, match="moved the previous out back"):
+        ckpt.recover_leftovers(out)
+    assert (out / "model.safetensors").read_bytes() == before and not old.exists()
+
+
+def test_output_folders_follow_the_umask(tmp_path):
+    mask = os.umask(0o022)
+    try:
+        out = save_state_dict({"a": torch.ones(3)}, tmp_path / "out")
+    finally:
+        os.umask(mask)
+    assert oct(out.stat().st_mode & 0o777) == oct(0o755)
+    assert not (out / ckpt.OWNER_FILE).exists()
+
+
+def test_unwritable_outputs_are_refused_before_any_work(tmp_path, monkeypatch):
+    src = save_state_dict({"a": torch.ones(3)}, tmp_path / "base")
+    expert = save_state_dict({"a": torch.full((3,), 2.0)}, tmp_path / "expert")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    read = []
+    monkeypatch.setattr(CheckpointFolder, "read", lambda self, name, buffer=None: read.append(name))
+    with pytest.raises(PermissionError, match="a-file is not a writable folder"):
+        merge_folders(src, [expert], blocker / "out", "ties", density=0.5, magnitude_scope="model", progress=False)
+    existing = save_state_dict({"a": torch.ones(3)}, tmp_path / "existing")
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(existing) else real_access(p, mode))
+    with pytest.raises(PermissionError, match="cannot be moved aside"):
+        merge_folders(src, [expert], existing, "ties", density=0.5, overwrite=True, progress=False)
+    assert read == []  # nothing was read: refused before the merge began
