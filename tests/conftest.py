@@ -27,6 +27,20 @@ def expert_of(base, seed, scale=0.05):
             for k, v in base.items()}
 
 
+def small_pair():
+    """A two-tensor base and an expert 0.01 away from it."""
+    base = {"encoder.layer.0.output.dense.weight": torch.randn(8, 4), "embeddings.LayerNorm.weight": torch.ones(4)}
+    expert = {k: v + 0.01 for k, v in base.items()}
+    return base, expert
+
+
+@pytest.fixture
+def deltas():
+    """Three seeded 40 × 25 deltas (1000 entries: density · n is an integer for round densities)."""
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn((40, 25), generator=g) for _ in range(3)]
+
+
 def heavy_tailed(shape, dtype, seed, n_experts=3):
     """Base + experts whose deltas have heavy tails and, in 16-bit dtypes, many exact
     ties in |Δ| (so the top-k tie rule is exercised)."""

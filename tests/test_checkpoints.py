@@ -13,7 +13,12 @@ import torch
 from safetensors.torch import save_file
 
 from merging_helpers.fast import checkpoints as ckpt
-from merging_helpers.fast.checkpoints import CheckpointFolder, save_state_dict
+from merging_helpers.fast.checkpoints import (
+    CheckpointFolder,
+    ShardedSafetensorsWriter,
+    load_state_dict,
+    save_state_dict,
+)
 from merging_helpers.fast.streaming import merge_folders
 
 
@@ -164,3 +169,85 @@ def test_unwritable_outputs_are_refused_before_any_work(tmp_path, monkeypatch):
     with pytest.raises(PermissionError, match="cannot be moved aside"):
         merge_folders(src, [expert], existing, "ties", density=0.5, overwrite=True, progress=False)
     assert read == []  # nothing was read: refused before the merge began
+
+
+def test_writer_refuses_incomplete(tmp_path):
+    specs = [("a", torch.float32, (2,)), ("b", torch.float32, (3,))]
+    with pytest.raises(RuntimeError, match="never written"):
+        with ShardedSafetensorsWriter(tmp_path / "o", specs) as w:
+            w.write("a", torch.zeros(2))
+    assert sorted(os.listdir(tmp_path)) == []
+    with pytest.raises(ValueError, match="planned"):
+        with ShardedSafetensorsWriter(tmp_path / "o", specs) as w:
+            w.write("a", torch.zeros(3))
+    assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_bin_loaded_only_with_weights_only(families, tmp_path, monkeypatch):
+    base_dir, expert_dirs = families["llama-fp32-single"]
+    dirs = []
+    for i, d in enumerate([base_dir, *expert_dirs]):
+        folder = tmp_path / f"bin{i}"
+        folder.mkdir()
+        torch.save(load_state_dict(d), folder / "pytorch_model.bin")
+        (folder / "config.json").write_text((base_dir / "config.json").read_text())
+        dirs.append(folder)
+    seen = []
+    real_load = torch.load
+
+    def spy(*a, **k):
+        seen.append(k.get("weights_only"))
+        return real_load(*a, **k)
+
+    monkeypatch.setattr(torch, "load", spy)
+    with pytest.warns(UserWarning, match="safetensors is preferred"):
+        out = merge_folders(dirs[0], dirs[1:], tmp_path / "o", "ties", density=0.3, progress=False)
+    assert seen and all(w is True for w in seen)
+    ref = merge_folders(base_dir, expert_dirs, tmp_path / "ref", "ties", density=0.3, progress=False)
+    a, b = load_state_dict(out), load_state_dict(ref)
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    with open(evil / "pytorch_model.bin", "wb") as f:
+        pickle.dump({"w": _Evil()}, f)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(pickle.UnpicklingError):
+            CheckpointFolder(evil)
+
+
+@pytest.mark.parametrize("direct", [True, False, "refused"])
+def test_writer_bytes_with_and_without_direct_io(tmp_path, monkeypatch, direct):
+    """O_DIRECT writes the page-aligned middle of large tensors; the bytes must be those of a
+    plain safetensors file whatever the path (and a file system that refuses O_DIRECT
+    falls back to the page cache)."""
+    from safetensors.torch import load_file
+
+    from merging_helpers.fast import checkpoints
+
+    if direct == "refused":
+        real = os.pwrite
+
+        def pwrite(fd, data, offset):
+            if fd in writer_fds:
+                raise OSError(22, "Invalid argument")  # EINVAL, as a file system without O_DIRECT
+            return real(fd, data, offset)
+        writer_fds: list[int] = []
+        monkeypatch.setattr(checkpoints.os, "pwrite", pwrite)
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(7, generator=g), "b": torch.randn(700_001, generator=g).to(torch.bfloat16),
+               "c": torch.randn(300, 1001, generator=g), "d": torch.arange(5, dtype=torch.int64)}
+    specs = [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
+    with ShardedSafetensorsWriter(tmp_path / "o", specs, "1MB", direct=direct is not False,
+                                  fsync=direct is not False) as w:
+        if direct == "refused":
+            writer_fds.extend(w._direct_fds)
+        for k in ("c", "a", "d", "b"):  # any order
+            w.write(k, tensors[k])
+        used_direct = bool(w._direct_fds) and w._direct
+    files = sorted((tmp_path / "o").glob("*.safetensors"))
+    loaded = {k: v for f in files for k, v in load_file(f).items()}
+    assert set(loaded) == set(tensors) and all(torch.equal(loaded[k], tensors[k]) for k in tensors)
+    if direct is False or direct == "refused":
+        assert not used_direct

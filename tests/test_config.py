@@ -1,18 +1,16 @@
 """One merge configuration, validated once (merging_helpers.config): every bad option
 fails before any work with a message that names it, in memory and in the streaming
 merge alike; renamed options still work; rates at any granularity."""
-import math
 import warnings
 
 import pytest
 import torch
+from conftest import bert_like, expert_of
 
 from merging_helpers.config import MergeConfig
 from merging_helpers.fast.streaming import merge_folders
 from merging_helpers.partitions import PerColumn, PerRow
 from merging_helpers.recipes import merge_state_dicts, merge_tensor
-
-from conftest import bert_like, expert_of
 
 BAD = [
     (dict(method="ties", density=0.5, weights=[1.0, float("nan")]), ValueError, r"weights\[1\] must be finite"),

@@ -7,8 +7,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from merging_helpers.explorer import (delta_histogram, explore, layer_choices, layer_role_frame,  # noqa: E402
-                                      role_choices, select_delta)
+from merging_helpers.explorer import (  # noqa: E402
+    delta_histogram,
+    explore,
+    layer_choices,
+    layer_role_frame,
+    role_choices,
+    select_delta,
+)
 from merging_helpers.partitions import group_by  # noqa: E402
 
 NAMES = [

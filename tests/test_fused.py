@@ -4,14 +4,14 @@ kernel implements, every dtype, the exact and the sampled top-k threshold, sever
 random blocks, any worker count, signed zeros; build errors and the fallback."""
 import pytest
 import torch
+from conftest import heavy_tailed
 
 from merging_helpers.config import MergeConfig
-from merging_helpers.fast import compiled, fused as fused_mod, streaming
+from merging_helpers.fast import compiled, streaming
+from merging_helpers.fast import fused as fused_mod
 from merging_helpers.fast.fused import FusedMerge, fused_supported
 from merging_helpers.fast.streaming import merge_folders
 from merging_helpers.recipes import merge_tensor
-
-from conftest import heavy_tailed
 
 
 def _has_compiler():

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 import torch
 
-from merging_helpers import recipes, sweeps
+from merging_helpers import sweeps
 
 W = "encoder.layer.0.output.dense.weight"
 B = "encoder.layer.0.output.dense.bias"

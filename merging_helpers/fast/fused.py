@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import ctypes
 import math
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 

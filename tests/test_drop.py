@@ -1,0 +1,56 @@
+"""Drop rules: bad rates refused, DARE and DELLA unbiased (merging_helpers.drop, chapter 2)."""
+import math
+
+import pytest
+import torch
+
+from merging_helpers import recipes
+from merging_helpers.drop import (
+    magnitude_keep_mask,
+    magprune_keep,
+    magprune_keep_prob,
+    random_keep_mask,
+    threshold_keep_mask,
+)
+from merging_helpers.rng import EntryRandoms
+from merging_helpers.selection import kth_largest_abs
+
+
+def test_drop_rules_reject_bad_rates():
+    x = torch.randn(10)
+    with pytest.raises(ValueError, match=r"drop_rate = 1.0 .*\[0, 1\)"):
+        random_keep_mask(x, 1.0, EntryRandoms(0, "x", 0))
+    with pytest.raises(ValueError, match=r"density = 0 .*\(0, 1\]"):
+        magnitude_keep_mask(x, 0)
+    with pytest.raises(ValueError, match="epsilon = 0.3"):
+        magprune_keep_prob(x, 0.8, 0.3)
+    with pytest.raises(ValueError, match="threshold"):
+        threshold_keep_mask(x, -1.0)
+    with pytest.raises(ValueError, match=r"k must be in \[1, 10\]"):
+        kth_largest_abs(x, 11)
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        magnitude_keep_mask([1.0, 2.0], 0.5)
+
+
+@pytest.mark.parametrize("p", [0.3, 0.9])
+def test_dare_preserves_expected_delta_per_entry(p):
+    delta = torch.linspace(-1, 1, 64)
+    runs = 3000
+    total = sum(recipes.drop_and_rescale([delta], "random", [1 - p], name="t", seed=s)[0] for s in range(runs))
+    # Δ̂_i = Δ_i · Bernoulli(1−p)/(1−p): variance Δ_i² p/(1−p); 5 standard errors
+    tolerance = 5 * delta.abs() * math.sqrt(p / (1 - p) / runs) + 1e-6
+    assert ((total / runs - delta).abs() <= tolerance).all()
+
+
+def test_della_keep_prob_and_unbiased_rescale():
+    delta = torch.randn(4, 101, generator=torch.Generator().manual_seed(0))
+    prob = magprune_keep_prob(delta, 0.5, 0.2)
+    assert torch.allclose(prob.min(1).values, torch.full((4,), 0.3)) and torch.allclose(prob.max(1).values, torch.full((4,), 0.7))
+    assert torch.allclose(prob.mean(1), torch.full((4,), 0.5))
+    assert torch.equal(prob.argmax(1), delta.abs().argmax(1))  # largest |Δ| is the most likely kept
+    runs = 2000
+    mean = sum(recipes.drop_and_rescale([delta], "magprune", [0.5], name="d", seed=s, epsilon=0.2)[0] for s in range(runs)) / runs
+    tolerance = 5 * delta.abs() * torch.sqrt((1 - prob) / prob / runs) + 1e-6
+    assert ((mean - delta).abs() <= tolerance).all()
+    mask, _ = magprune_keep(delta, 0.5, 0.2, EntryRandoms(0, "d", 0))
+    assert abs(mask.float().mean() - 0.5) < 5 * math.sqrt(0.25 / mask.numel())
