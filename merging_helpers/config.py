@@ -104,6 +104,9 @@ class MergeConfig:
         weights = options.get("weights")
         if weights is not None:
             options["weights"] = cls._checked_weights(weights, n_experts)
+        for what in ("density", "drop_rate", "rescale_factor"):  # a copy: later edits of the caller's dicts
+            if options.get(what) is not None:                     # cannot bypass the checks below
+                options[what] = _copied(options[what])
         config = cls(get_method(method), n_experts, **options)
         config._validate()
         return config
@@ -234,6 +237,12 @@ class MergeConfig:
 
     def replace(self, **changes) -> "MergeConfig":
         return dataclasses.replace(self, **changes)
+
+
+def _copied(rates):
+    if isinstance(rates, (list, tuple)):
+        return tuple(_copied(r) for r in rates)
+    return dict(rates) if isinstance(rates, Mapping) else rates
 
 
 def _one_minus(p):

@@ -252,9 +252,12 @@ def _warn_if_not_the_base(base: CheckpointFolder, experts, expert_names, names, 
 
 def _kernel_for(kernel: str, config, device):
     """The compiled library when the fused path applies (``kernel`` "auto" or "c"), else None."""
-    if kernel not in KERNELS + ("torch",):
+    if kernel == "torch":  # the first edition's name: its torch copy of the math is gone
+        warnings.warn("kernel='torch' is now kernel='reference'", DeprecationWarning, stacklevel=3)
+        kernel = "reference"
+    if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    if kernel in ("reference", "torch") or not fused_supported(config, device):
+    if kernel == "reference" or not fused_supported(config, device):
         if kernel == "c":
             raise ValueError("kernel='c': the compiled kernel does not implement these options or this device "
                              f"(method {config.method.name!r}, rescale {config.rescale!r}, device {device}, "
