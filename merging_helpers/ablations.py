@@ -48,7 +48,7 @@ def ties_steps(deltas, density: float, election: str = "total", expert_names: Se
     trimmed = torch.stack([d * magnitude_keep_mask(d, density) for d in deltas])
     signs = elect_sign(trimmed, election)
     agree = agreement_mask(trimmed, signs)
-    merged = disjoint_merge(trimmed, signs, "mean")
+    merged = disjoint_merge(trimmed, signs, "count")
     table = pd.DataFrame({f"Δ {n}": deltas[t].tolist() for t, n in enumerate(names)})
     for t, n in enumerate(names):
         table[f"trim {n}"] = trimmed[t].tolist()
