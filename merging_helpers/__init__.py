@@ -23,6 +23,9 @@ modules on disk and ``_toc.yml``:
 * ``ablations``  – chapter 3: TIES step by step, merged deltas, ablation grids
 * ``fast``       – chapter 8 (planned; appendix "Merging at scale"): the fast tier, streaming merges of
   HF folders, the fused path and its compiled kernel; it imports the reference, never the other way round
+
+``streaming`` and ``checkpoints`` at the top level are deprecated aliases of
+``fast.streaming`` and ``fast.checkpoints``, kept for code written against the first edition.
 """
 
 __version__ = "0.2.0"

@@ -18,7 +18,7 @@ Measured on this book's 2-core CPU (torch 2.13, float32 |x|, ms):
     16,000,000  30%   182      27
     45,000,000  30%   612      65     (kthvalue: 581)
 
-so ``method="auto"`` uses topk up to ``TOPK_MAX_NUMEL`` entries and radix above.
+so ``algorithm="auto"`` uses topk up to ``TOPK_MAX_NUMEL`` entries and radix above.
 The radix histograms add up across tensors, which gives a *whole-model* threshold
 (:func:`global_kth_largest_abs`) in two passes without concatenating the model.
 
@@ -70,25 +70,25 @@ def _radix_kth(hist_high, hist_low_of, k: int) -> float:
     return _bits_to_float((high_bin << 16) | low_bin)
 
 
-def kth_largest_abs(x: torch.Tensor, k: int, method: str = "auto") -> float:
+def kth_largest_abs(x: torch.Tensor, k: int, algorithm: str = "auto") -> float:
     """The k-th largest value of |x| (k = 1 is the maximum), by ``"topk"``, ``"radix"`` or ``"auto"`` (chapter 2)."""
     _check_k(k, x.numel(), "kth_largest_abs")
-    if method == "auto":
-        method = "topk" if x.numel() <= TOPK_MAX_NUMEL else "radix"
-    if method == "topk":
+    if algorithm == "auto":
+        algorithm = "topk" if x.numel() <= TOPK_MAX_NUMEL else "radix"
+    if algorithm == "topk":
         return torch.topk(x.detach().reshape(-1).float().abs(), k, sorted=False).values.min().item()
-    if method == "radix":
+    if algorithm == "radix":
         bits = _abs_bits(x)
         return _radix_kth(_high_hist(bits), lambda b: _low_hist(bits, b), k)
-    raise ValueError(f"kth_largest_abs: method must be 'auto', 'topk' or 'radix', got {method!r}")
+    raise ValueError(f"kth_largest_abs: algorithm must be 'auto', 'topk' or 'radix', got {algorithm!r}")
 
 
-def top_k_mask(x: torch.Tensor, k: int, method: str = "auto") -> torch.Tensor:
+def top_k_mask(x: torch.Tensor, k: int, algorithm: str = "auto") -> torch.Tensor:
     """Boolean mask of exactly k largest-|x| entries; ties at the threshold go to the lowest flat indices (chapter 2)."""
     if k == 0:
         return torch.zeros_like(x, dtype=torch.bool)
     a = x.detach().float().abs()
-    threshold = kth_largest_abs(a, k, method)
+    threshold = kth_largest_abs(a, k, algorithm)
     mask = a > threshold
     missing = k - int(mask.sum())
     if missing > 0:  # fill up with the first `missing` entries equal to the threshold

@@ -16,8 +16,8 @@ def test_topk_and_radix_agree_and_keep_exactly_k(n):
 
 def test_ties_at_threshold_keep_exactly_k_lowest_indices_first():
     x = torch.tensor([0.5, -2.0, 1.0, -1.0, 1.0, 3.0, 1.0])  # three |x| = 1 tie for 2 places
-    for method in ("topk", "radix"):
-        assert top_k_mask(x, 4, method).tolist() == [False, True, True, True, False, True, False]
+    for algorithm in ("topk", "radix"):
+        assert top_k_mask(x, 4, algorithm).tolist() == [False, True, True, True, False, True, False]
     many_ties = torch.randint(-3, 4, (100_000,), generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     assert int(magnitude_keep_mask(many_ties, 0.37).sum()) == round(0.37 * 100_000)
 
