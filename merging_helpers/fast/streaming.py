@@ -239,10 +239,11 @@ def _row_chunks(shape: tuple[int, ...], chunk_elems: int):
 
 
 def _warn_if_not_the_base(base: CheckpointFolder, experts, expert_names, names, sample: int = 8) -> None:
-    """The in-memory merge's "is this really the base?" check, on up to ``sample``
-    tensors spread over the model (reading every tensor twice would double the merge)."""
-    picked = [n for n in names if base.tensors[n].numel >= 1024] or list(names)
-    picked = picked[:: max(1, len(picked) // sample)][:sample]
+    """The in-memory merge's "is this really the base?" check, on the ``sample`` smallest
+    weight matrices (reading every tensor twice would double the merge; norms and biases
+    say little, as every model's are close to 1 or 0)."""
+    matrices = [n for n in names if len(base.tensors[n].shape) >= 2] or list(names)
+    picked = sorted(matrices, key=lambda n: (base.tensors[n].numel, n))[:sample]
     for who, cf in zip(expert_names, experts):
         far = sum(far_from_base(base.read(n), cf.read(n).float() - base.read(n).float()) for n in picked)
         if picked and far > len(picked) / 2:
