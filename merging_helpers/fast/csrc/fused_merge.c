@@ -1,4 +1,4 @@
-/* The compiled fused merge: the CPU fast path of merging_helpers.streaming.
+/* The compiled fused merge: the CPU fast path of merging_helpers.fast.streaming.
  *
  * merge_piece() merges the n entries of one piece of a flattened tensor (a whole
  * random block, rng.BLOCK entries, or less) with the float32 operations of
