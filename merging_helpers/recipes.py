@@ -100,9 +100,9 @@ def merge_tensor(name, base, experts_tensors, method=None, *, config=None, offse
     return _merge_checked(name, base, experts_tensors, config, offset)
 
 
-def _merge_checked(name, base, experts_tensors, config, offset=0):
+def _merge_checked(name, base, experts_tensors, config, offset=0, check_finite=True):
     deltas = [expert.float() - base.float() for expert in experts_tensors]
-    for t, delta in enumerate(deltas):
+    for t, delta in enumerate(deltas if check_finite else []):
         if not bool(torch.isfinite(delta).all()):
             raise ValueError(f"expert {t}: tensor {name!r} has NaN or inf entries (or the base has)")
     merged = merge_deltas(name, deltas, config, offset)
@@ -137,7 +137,8 @@ def merge_state_dicts(base_sd, expert_sds, method=None, *, config=None, progress
         if not base.is_floating_point():
             merged[name] = base.clone()
             continue
-        merged[name] = _merge_checked(name, base, [sd[name] for sd in expert_sds], config)
+        # check_compatible has checked every delta for NaN / inf already
+        merged[name] = _merge_checked(name, base, [sd[name] for sd in expert_sds], config, check_finite=False)
     return merged
 
 
