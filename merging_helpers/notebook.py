@@ -9,7 +9,13 @@ import sys
 import numpy as np
 import torch
 
-REPO_URL = os.environ.get("MERGING_BOOK_REPO", "https://github.com/OWNER/model-merging-book")
+# The book's repository: the same URL as _config.yml's repository.url, the chapters'
+# Colab badges and install lines (tests/test_book.py checks they agree; change them all
+# at once with `python -m merging_helpers.notebook set-repository URL`).
+REPOSITORY = "https://github.com/OWNER/model-merging-book"
+REPO_URL = os.environ.get("MERGING_BOOK_REPO", REPOSITORY)
+PLACEHOLDER = "/OWNER/"
+HUB_ENV = "MERGING_BOOK_HUB"  # set to 1 to let chapters download from the Hugging Face hub
 
 
 def in_colab() -> bool:
@@ -36,13 +42,33 @@ def pick_device(prefer: str | None = None) -> torch.device:
     return torch.device("cpu")
 
 
-def setup(seed: int = 0, device: str | None = None, quiet: bool = False) -> torch.device:
-    """Seed everything, quiet the libraries' chatter, style the plots; return the device (chapter 0)."""
+def check_repository(url: str = REPO_URL) -> str:
+    """``url`` if it names a real repository; a clear error while it is the placeholder (chapter 0)."""
+    if PLACEHOLDER in url:
+        raise RuntimeError(
+            f"This copy of the book still points at the placeholder repository {url}, so the package "
+            "cannot be installed from it. Publish the repository, then run "
+            "`python -m merging_helpers.notebook set-repository https://github.com/<you>/<repo>` "
+            "(or install the package yourself: `pip install git+<your repository URL>`)."
+        )
+    return url
+
+
+def setup(seed: int = 0, device: str | None = None, quiet: bool = False, hub: bool | None = None) -> torch.device:
+    """Seed everything, quiet the libraries' chatter, style the plots; return the device (chapter 0).
+
+    ``hub``: allow downloads from the Hugging Face hub. By default (None) the hub is on
+    on Colab or where ``$MERGING_BOOK_HUB=1``, and off elsewhere (``HF_HUB_OFFLINE=1``:
+    the book builds offline); a user's own ``HF_HUB_OFFLINE`` is never overridden.
+    """
     import warnings
     seed_everything(seed)
     warnings.filterwarnings("ignore", category=FutureWarning)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if hub is None:
+        hub = in_colab() or os.environ.get(HUB_ENV, "") not in ("", "0")
+    if not hub:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         import seaborn as sns
         sns.set_theme(style="whitegrid", context="notebook")
@@ -52,3 +78,34 @@ def setup(seed: int = 0, device: str | None = None, quiet: bool = False) -> torc
     if not quiet:
         print(f"torch {torch.__version__} | device: {dev} | colab: {in_colab()} | seed: {seed}")
     return dev
+
+
+def repository_files(root) -> list:
+    """The files that name the book's repository: _config.yml, the chapters, this module, the README (chapter 0)."""
+    from pathlib import Path
+    root = Path(root)
+    return [root / "_config.yml", root / "README.md", Path(__file__)] + sorted((root / "book").glob("*.ipynb"))
+
+
+def set_repository(url: str, root=".") -> list:
+    """Replace the repository URL everywhere it is written (badges, install lines, config) (chapter 0)."""
+    url = url.rstrip("/")
+    if not url.startswith("https://github.com/") or url.count("/") != 4:
+        raise ValueError(f"expected https://github.com/<owner>/<repo>, got {url!r}")
+    changed = []
+    for path in repository_files(root):
+        text = path.read_text()
+        new = text.replace(REPOSITORY, url).replace(REPOSITORY.removeprefix("https://github.com/"),
+                                                    url.removeprefix("https://github.com/"))
+        if new != text:
+            path.write_text(new)
+            changed.append(str(path))
+    return changed
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "set-repository":
+        for f in set_repository(sys.argv[2]):
+            print("updated", f)
+    else:
+        raise SystemExit("usage: python -m merging_helpers.notebook set-repository https://github.com/<owner>/<repo>")
