@@ -1,8 +1,16 @@
-"""The chapters' Markdown parses as intended: every dropdown (exercise answers) is one
-block whose inner code fences are closed inside it (a 3-backtick dropdown around a
-```python fence ends at the inner fence and spills the rest of the answer onto the page)."""
+"""The chapters as files: what the book's own build and nbval cannot see.
+
+* every dropdown (exercise answers) is one block whose inner code fences close inside
+  it (a 3-backtick dropdown around a ```python fence ends at the inner fence and spills
+  the rest of the answer onto the page);
+* the Colab badges, install lines and ``notebook.REPOSITORY`` agree with ``_config.yml``;
+* every ``# NBVAL_CHECK_OUTPUT`` cell stores the output nbval compares, and a wrong
+  stored output fails the run;
+* every answer's code is also a hidden cell that the book runs.
+"""
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -103,3 +111,109 @@ def test_setup_leaves_the_hub_on_when_asked(monkeypatch):
     assert "HF_HUB_OFFLINE" not in __import__("os").environ
     notebook.setup(quiet=True)  # not on Colab, no MERGING_BOOK_HUB: offline
     assert __import__("os").environ["HF_HUB_OFFLINE"] == "1"
+
+
+# ---- nbval checks that check -------------------------------------------------------------
+
+CHECKED = "# NBVAL_CHECK_OUTPUT"
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=[c.stem for c in CHAPTERS])
+def test_every_checked_cell_stores_the_output_it_is_compared_with(chapter):
+    """nbval compares a cell's output only if the committed notebook stores one."""
+    cells = json.loads(chapter.read_text())["cells"]
+    for i, cell in enumerate(cells):
+        if cell["cell_type"] == "code" and "".join(cell["source"]).startswith(CHECKED):
+            text = "".join("".join(o.get("text", "")) for o in cell.get("outputs", []))
+            assert text.strip(), f"{chapter.name}, cell {i}: {CHECKED} without a stored output checks nothing"
+
+
+def _one_cell_notebook(path, code, stored):
+    nb = {"cells": [{"cell_type": "code", "execution_count": 1, "id": "c1", "metadata": {},
+                     "source": [CHECKED + "\n", code],
+                     "outputs": [{"name": "stdout", "output_type": "stream", "text": [stored]}]}],
+          "metadata": {"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"}},
+          "nbformat": 4, "nbformat_minor": 5}
+    path.write_text(json.dumps(nb))
+    return path
+
+
+def test_a_wrong_stored_output_fails_the_run(tmp_path):
+    import subprocess
+    import sys
+
+    def run(stored):
+        nb = _one_cell_notebook(tmp_path / "check.ipynb", "print(6 * 7)", stored)
+        return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval-lax",
+                               str(nb)], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+
+    assert run("42\n").returncode == 0
+    wrong = run("41\n")
+    assert wrong.returncode != 0 and "41" in wrong.stdout, wrong.stdout[-2000:]
+
+
+# ---- exercise answers that run -------------------------------------------------------------
+#
+# Each ```python block of a dropdown answer is also a hidden code cell (tag remove-cell) right
+# after the exercise's Markdown cell, so the book build and nbval run it: an answer cannot go
+# stale. This test checks that the two copies agree; `python tests/test_book.py --sync-answers`
+# writes the hidden cells from the dropdowns. A block whose first line starts with
+# NOT_RUN ("# not run by the book's tests:") says why it is not run (e.g. it trains a second zoo).
+
+ANSWER_HEADER = "# The answer to an exercise above, run so that it cannot go stale (generated from its dropdown)\n"
+NOT_RUN = "# not run by the book's tests:"
+
+
+def answer_blocks(markdown: str) -> list[str]:
+    md = MarkdownIt("commonmark")
+    blocks = []
+    for t in md.parse(markdown):
+        if t.type == "fence" and t.info.startswith("{dropdown}"):
+            blocks += [x.content for x in md.parse(t.content) if x.type == "fence" and x.info.startswith("python")]
+    return [b for b in blocks if not b.startswith(NOT_RUN)]
+
+
+def _is_answer_cell(cell) -> bool:
+    return cell["cell_type"] == "code" and "".join(cell["source"]).startswith(ANSWER_HEADER)
+
+
+def sync_answers(chapter: Path) -> bool:
+    """Rewrite the hidden answer cells of ``chapter`` from its dropdowns; True if it changed."""
+    import hashlib
+
+    nb = json.loads(chapter.read_text())
+    cells = [c for c in nb["cells"] if not _is_answer_cell(c)]
+    out = []
+    for cell in cells:
+        out.append(cell)
+        if cell["cell_type"] == "markdown":
+            for k, code in enumerate(answer_blocks("".join(cell["source"]))):
+                source = ANSWER_HEADER + code.rstrip("\n")
+                lines = source.split("\n")
+                out.append({"cell_type": "code", "execution_count": None,
+                            "id": hashlib.sha1(f"{cell.get('id')}-{k}".encode()).hexdigest()[:8],
+                            "metadata": {"tags": ["remove-cell"]}, "outputs": [],
+                            "source": [line + "\n" for line in lines[:-1]] + [lines[-1]]})
+    if out == nb["cells"]:
+        return False
+    nb["cells"] = out
+    chapter.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
+    return True
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=[c.stem for c in CHAPTERS])
+def test_every_answer_is_run_by_the_book(chapter):
+    cells = json.loads(chapter.read_text())["cells"]
+    expected, found = [], []
+    for cell in cells:
+        if cell["cell_type"] == "markdown":
+            expected += [ANSWER_HEADER + b.rstrip("\n") for b in answer_blocks("".join(cell["source"]))]
+        if _is_answer_cell(cell):
+            assert cell["metadata"].get("tags") == ["remove-cell"], "an answer cell must stay hidden"
+            found.append("".join(cell["source"]))
+    assert found == expected, f"{chapter.name}: run `python tests/test_book.py --sync-answers`"
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--sync-answers"]:
+    for c in CHAPTERS:
+        print(c.name, "updated" if sync_answers(c) else "unchanged")
