@@ -51,6 +51,7 @@ class MergeArgs(ctypes.Structure):
         ("rescale", ctypes.c_int32), ("divisor", _F), ("weighted", ctypes.c_int32), ("w", _F),
         ("ties", ctypes.c_int32), ("elect_weighted", ctypes.c_int32), ("frequency", ctypes.c_int32),
         ("mode", ctypes.c_int32), ("elect_w", _F), ("lam", ctypes.c_float),
+        ("overflowed", ctypes.c_int64),  # out: entries that became inf in the output dtype
     ]
 
 

@@ -176,7 +176,8 @@ class FusedMerge:
         return out
 
     # -- merge -------------------------------------------------------------------
-    def __call__(self, name: str, b: torch.Tensor, es: Sequence[torch.Tensor], out: torch.Tensor) -> None:
+    def __call__(self, name: str, b: torch.Tensor, es: Sequence[torch.Tensor], out: torch.Tensor) -> int:
+        """Merge into ``out``; returns how many entries overflowed the dtype (became inf)."""
         T, n = self.T, b.numel()
         # checked here because the kernel reads and writes raw memory
         for what, t in [("output", out)] + [(f"expert {i}", e) for i, e in enumerate(es)]:
@@ -202,7 +203,8 @@ class FusedMerge:
         drop_rates = [1.0 - d for d in dens]  # as recipes.drop_and_rescale
         divisors = [1.0 - p for p in drop_rates]  # as rescale.rescale_inverse_keep
         template = self._kernel_args(b, drop_rates, divisors)
-        self._map(lambda ip: self._run_kernel(template, name, b, es, out, pieces[ip], ip, topk), range(len(pieces)))
+        return sum(self._map(lambda ip: self._run_kernel(template, name, b, es, out, pieces[ip], ip, topk),
+                             range(len(pieces))))
 
     def _piece_args(self, template, b, es, out, s0, s1):
         """A copy of ``template`` pointing at entries s0 ... s1 - 1 of the flat tensors."""
@@ -236,8 +238,8 @@ class FusedMerge:
                 a.t_hi[t], a.t_lo[t] = divmod(rng.keep_threshold(drop_rates[t]), 1 << 24)
         return a
 
-    def _run_kernel(self, template, name, b, es, out, piece, ip, topk):
-        """Merge one piece with the compiled kernel."""
+    def _run_kernel(self, template, name, b, es, out, piece, ip, topk) -> int:
+        """Merge one piece with the compiled kernel; returns the entries that overflowed."""
         T = self.T
         s0, s1 = piece
         a = self._piece_args(template, b, es, out, s0, s1)
@@ -259,3 +261,4 @@ class FusedMerge:
             raise ValueError(f"expert {-rc - 10}: tensor {name!r} has NaN or inf entries")
         if rc != 0:
             raise RuntimeError(f"fused kernel failed on {name!r}")
+        return a.overflowed

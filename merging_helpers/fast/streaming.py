@@ -412,7 +412,8 @@ def merge_folders(
                         out = b  # integer buffers (e.g. position_ids) are copied from the base
                     elif fusedm is not None and fusedm.takes(name, dtype):
                         out = pool.get(b.numel() * b.element_size()).view(dtype).view(b.shape)
-                        fusedm(name, b, ex, out)
+                        if fusedm(name, b, ex, out):  # the reference path warns in merge_tensor
+                            overflowed.append(name)
                     elif chunkable and b.dim() >= 1 and b.numel() > chunk_elems:
                         out = pool.get(b.numel() * b.element_size()).view(dtype).view(b.shape)
                         for r0, r1 in _row_chunks(tuple(b.shape), chunk_elems):
@@ -425,8 +426,6 @@ def merge_folders(
                         m = merge_fn(name, to_device(b), [to_device(e) for e in ex], config.method.name, config=config)
                         out = to_host(name, m, dtype, b.shape)
                         del m
-                    if dtype in (torch.float16, torch.bfloat16) and not bool(torch.isfinite(out).all()):
-                        overflowed.append(name)
                     # input buffers go back to the pool now, the output's once it is written
                     # (an output that aliases an input, e.g. a copied integer buffer, waits too)
                     release = ([_as_bytes(out)] if out.numel() and out.is_contiguous() and out.device.type == "cpu"

@@ -56,6 +56,7 @@ typedef struct {
     int32_t ties, elect_weighted, frequency, mode;
     float elect_w[MAXT];
     float lam;
+    int64_t overflowed; /* out: entries of the piece that became inf in the output dtype */
 } merge_args;
 
 typedef unsigned __int128 u128;
@@ -76,9 +77,13 @@ static void load_f32(float *dst, const void *src, int dtype, int64_t at, int m) 
     }
 }
 
-static void store_from_f32(void *dst, const float *src, int dtype, int64_t at, int m) {
+/* stores m values; returns how many of the stored values are inf or NaN (the inputs are
+   finite, so these overflowed the output dtype) */
+static int64_t store_from_f32(void *dst, const float *src, int dtype, int64_t at, int m) {
+    int64_t bad = 0;
     if (dtype == F32) {
         memcpy((float *)dst + at, src, (size_t)m * sizeof(float));
+        for (int j = 0; j < m; j++) bad += !(__builtin_fabsf(src[j]) <= 3.40282347e+38f);
     } else if (dtype == BF16) { /* as torch's round_to_nearest_even */
         uint16_t *d = (uint16_t *)dst + at;
         for (int j = 0; j < m; j++) {
@@ -86,11 +91,18 @@ static void store_from_f32(void *dst, const float *src, int dtype, int64_t at, i
             memcpy(&u, src + j, 4);
             uint16_t r = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
             d[j] = src[j] != src[j] ? (uint16_t)0x7FC0 : r; /* NaN */
+            bad += (d[j] & 0x7F80u) == 0x7F80u;
         }
     } else {
         _Float16 *d = (_Float16 *)dst + at;
-        for (int j = 0; j < m; j++) d[j] = (_Float16)src[j];
+        uint16_t h;
+        for (int j = 0; j < m; j++) {
+            d[j] = (_Float16)src[j];
+            memcpy(&h, d + j, 2);
+            bad += (h & 0x7C00u) == 0x7C00u;
+        }
     }
+    return bad;
 }
 
 /* ------------------------------------------------------------------ DARE words */
@@ -248,8 +260,9 @@ static int all_finite(const float *x, int m) {
 
 /* ------------------------------------------------------------------ one piece */
 /* returns 0; -1 for a bad T; -2 for a non-finite base entry; -(10 + t) for one of expert t */
-int merge_piece(const merge_args *a) {
+int merge_piece(merge_args *a) {
     const int T = a->T;
+    int64_t overflowed = 0;
     if (T < 1 || T > MAXT) return -1;
     float bf[TILE], M[TILE], s[TILE], cnt[TILE];
     float D[MAXT][TILE], A[MAXT][TILE];
@@ -338,8 +351,9 @@ int merge_piece(const merge_args *a) {
         /* 5. finish */
         if (a->lam != 1.0f) scale_row(M, a->lam, m);
         for (int j = 0; j < m; j++) M[j] += bf[j];
-        store_from_f32(a->out, M, a->dtype, at, m);
+        overflowed += store_from_f32(a->out, M, a->dtype, at, m);
     }
+    a->overflowed = overflowed;
     return 0;
 }
 
