@@ -28,8 +28,8 @@ import torch
 
 from .consensus import ELECTIONS
 from .methods import DIVISORS, Method, get_method
-from .partitions import (LEVELS, PerColumn, PerRow, check_rate_fits, levels_matching, rate_for, unused_rate_keys,
-                         validate_rates)
+from .partitions import (LEVELS, PerColumn, PerRow, check_rate_fits, complement, levels_matching, rate_for,
+                         unused_rate_keys, validate_rates)
 from .rescale import RESCALES
 
 RENAMED = {
@@ -210,7 +210,7 @@ class MergeConfig:
         given = self.density if self.density is not None else self.drop_rate
         values = [rate_for(name, r, self.rate_level, self.rate_default)
                   for r in _per_expert(given, self.n_experts, "rates")]
-        return values if self.density is not None else [_one_minus(p) for p in values]
+        return values if self.density is not None else [complement(p) for p in values]
 
     def factor(self, name: str):
         """The ``rescale_factor`` of tensor ``name`` (None without one)."""
@@ -243,14 +243,6 @@ def _copied(rates):
     if isinstance(rates, (list, tuple)):
         return tuple(_copied(r) for r in rates)
     return dict(rates) if isinstance(rates, Mapping) else rates
-
-
-def _one_minus(p):
-    if isinstance(p, PerRow):
-        return PerRow(1.0 - p.values.double())
-    if isinstance(p, PerColumn):
-        return PerColumn(1.0 - p.values.double())
-    return 1.0 - p
 
 
 def as_config(method, n_experts: int, config: MergeConfig | None = None, **options) -> MergeConfig:

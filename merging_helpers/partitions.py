@@ -196,6 +196,13 @@ def broadcast_rate(rate, shape, device=None):
     return rate
 
 
+def complement(rate):
+    """1 − rate, for a float or a :class:`PerRow`/:class:`PerColumn` (drop rate ↔ density, chapter 2)."""
+    if isinstance(rate, (PerRow, PerColumn)):
+        return type(rate)(1.0 - rate.values.double())
+    return 1.0 - rate
+
+
 def unused_rate_keys(names, rates, level: str) -> list[str]:
     """Keys of a rate dict that match no parameter (usually a typo or a wrong level) (chapter 1)."""
     if not isinstance(rates, dict):

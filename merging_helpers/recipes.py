@@ -20,7 +20,7 @@ from .consensus import disjoint_merge, elect_sign, weighted_sum
 from .deltas import check_compatible, check_like_base
 from .drop import global_magnitude_threshold, magnitude_keep_mask, magprune_keep, random_keep_mask, threshold_keep_mask
 from .methods import METHODS, RULE_RESCALE
-from .partitions import PerColumn, PerRow
+from .partitions import complement
 from .rescale import rescale as apply_rescale
 from .rng import EntryRandoms
 
@@ -44,8 +44,7 @@ def drop_and_rescale(deltas, rule, densities, *, name="", seed=0, offset=0, epsi
     out = []
     for t, (delta, density) in enumerate(zip(deltas, densities)):
         randoms, keep_prob = EntryRandoms(seed, name, t, offset), None
-        drop_rate = (type(density)(1.0 - density.values.double()) if isinstance(density, (PerRow, PerColumn))
-                     else 1.0 - density)
+        drop_rate = complement(density)
         if rule == "magnitude" and thresholds is not None:  # whole-model (or whole-tensor) threshold
             mask = threshold_keep_mask(delta, thresholds[t])
         elif rule == "magnitude":
@@ -130,7 +129,10 @@ def merge_state_dicts(base_sd, expert_sds, method=None, *, config=None, progress
     config = as_config(method, len(expert_sds), config, **options)
     config.check_tensors({n: tuple(t.shape) for n, t in base_sd.items() if t.is_floating_point()})
     if config.magnitude_scope == "model":
-        config = config.replace(thresholds=tuple(_global_thresholds(base_sd, expert_sds, config)))
+        def deltas_of(expert):
+            return lambda: (expert[n].float() - b.float() for n, b in base_sd.items() if b.is_floating_point())
+
+        config = config.replace(thresholds=model_thresholds([deltas_of(sd) for sd in expert_sds], config))
 
     merged = {}
     for name, base in tqdm(base_sd.items(), desc=f"merge ({config.method.name})", disable=not progress):
@@ -142,11 +144,12 @@ def merge_state_dicts(base_sd, expert_sds, method=None, *, config=None, progress
     return merged
 
 
-def _global_thresholds(base_sd, expert_sds, config):
-    def deltas_of(expert):  # a fresh generator per pass: the model is never concatenated
-        return lambda: (expert[n].float() - b.float() for n, b in base_sd.items() if b.is_floating_point())
-
-    return [global_magnitude_threshold(deltas_of(sd), config.densities("")[t]) for t, sd in enumerate(expert_sds)]
+def model_thresholds(expert_deltas, config):
+    """``magnitude_scope="model"`` (chapter 3): per expert, the |Δ| threshold that keeps its
+    density of the whole model, by two histogram passes over ``expert_deltas[t]()`` (a
+    fresh iterable of expert t's deltas: the model is never concatenated). The streaming
+    merge passes deltas read from disk."""
+    return tuple(global_magnitude_threshold(deltas, d) for deltas, d in zip(expert_deltas, config.densities("")))
 
 
 def _recipe(method_name):
@@ -167,5 +170,6 @@ def _recipe(method_name):
 task_arithmetic, magnitude, dare_linear = (_recipe(n) for n in ("task_arithmetic", "magnitude", "dare_linear"))
 ties, dare_ties, della = (_recipe(n) for n in ("ties", "dare_ties", "della"))
 
-__all__ = ["drop_and_rescale", "combine", "merge_deltas", "merge_tensor", "merge_state_dicts", "MERGE_METHODS",
+__all__ = ["drop_and_rescale", "combine", "merge_deltas", "merge_tensor", "merge_state_dicts", "model_thresholds",
+           "MERGE_METHODS",
            "task_arithmetic", "magnitude", "dare_linear", "ties", "dare_ties", "della"]

@@ -67,8 +67,7 @@ import torch
 
 from ..config import as_config
 from ..deltas import far_from_base
-from ..recipes import merge_tensor
-from ..selection import global_kth_largest_abs
+from ..recipes import merge_tensor, model_thresholds
 from . import compiled
 from .checkpoints import CheckpointFolder, ShardedSafetensorsWriter, check_output_path, recover_leftovers
 from .fused import FusedMerge, fused_supported
@@ -215,24 +214,15 @@ class _Prefetcher:
 
 
 def _model_thresholds(base: CheckpointFolder, experts: Sequence[CheckpointFolder], names: Sequence[str],
-                      config, progress: bool) -> list[float]:
-    """Whole-model |Δ| thresholds, one per expert (``magnitude_scope="model"``), like
-    ``recipes.merge_state_dicts``: the k-th largest |Δ| over every floating tensor,
-    k = round(density · n), by two streamed histogram passes per expert
-    (``selection.global_kth_largest_abs``); n comes from the headers."""
-    n = sum(base.tensors[name].numel for name in names)
-    out = []
-    for t, (cf, d) in enumerate(zip(experts, config.densities(""))):
-        k = round(d * n)
+                      config, progress: bool) -> tuple[float, ...]:
+    """``recipes.model_thresholds`` on deltas streamed from the folders (two passes per expert)."""
+    def deltas_of(cf):
+        return lambda: (cf.read(name).float() - base.read(name).float() for name in names)
 
-        def deltas(cf=cf):
-            for name in names:
-                yield cf.read(name).float() - base.read(name).float()
-
-        if progress:
-            print(f"magnitude_scope='model': threshold of expert {t} (2 passes over base + expert)", flush=True)
-        out.append(float("inf") if k == 0 else global_kth_largest_abs(deltas, k))
-    return out
+    if progress:
+        print(f"magnitude_scope='model': thresholds of {len(experts)} experts (2 passes over base + each expert)",
+              flush=True)
+    return model_thresholds([deltas_of(cf) for cf in experts], config)
 
 
 def _row_chunks(shape: tuple[int, ...], chunk_elems: int):
@@ -360,7 +350,7 @@ def merge_folders(
         config.check_tensors({n: base.tensors[n].shape for n in floating})
         _warn_if_not_the_base(base, experts, expert_names, floating)
         if config.magnitude_scope == "model":
-            config = config.replace(thresholds=tuple(_model_thresholds(base, experts, floating, config, progress)))
+            config = config.replace(thresholds=_model_thresholds(base, experts, floating, config, progress))
 
         specs = [(n, base.tensors[n].dtype, base.tensors[n].shape) for n in names]
         total_bytes = sum(f.total_bytes for f in folders)
