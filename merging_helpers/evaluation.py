@@ -25,6 +25,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 from torch.func import functional_call, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .zoo import Zoo, load_encoder, load_tokenizer, mean_pool
 
@@ -171,11 +172,11 @@ class Evaluator:
     def _logits(self, params, head, ids, mask):
         hidden = functional_call(self.encoder, params, (), {"input_ids": ids, "attention_mask": mask},
                                  strict=False).last_hidden_state
-        return mean_pool(hidden.float(), mask) @ head[0].T + head[1]
+        return mean_pool(hidden.to(head[0].dtype), mask) @ head[0].T + head[1]
 
-    def _head(self, task, head):
+    def _head(self, task, head, dtype=torch.float32):
         head = head or self.zoo.heads[task]
-        return head["weight"].to(self.device, torch.float32), head["bias"].to(self.device, torch.float32)
+        return head["weight"].to(self.device, dtype), head["bias"].to(self.device, dtype)
 
     @torch.no_grad()
     def logits(self, task: str, head: Mapping[str, torch.Tensor], batches, params=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -203,8 +204,9 @@ class Evaluator:
     def loss(self, params, task: str, examples, head=None) -> torch.Tensor:
         """Mean cross-entropy on ``examples`` as a differentiable function of ``params``
         (chapter 5: ``torch.func.grad`` of it, or ``.backward()`` with params that require grad).
-        ``params`` must already be float32 on the device (see :meth:`params`)."""
-        w = self._head(task, head)
+        ``params`` must already be on the device (see :meth:`params`); the head and the
+        loss are computed in their dtype (float32, or float64 for finite-difference checks)."""
+        w = self._head(task, head, next(iter(params.values())).dtype)
         total, count = 0.0, 0
         for ids, mask, y in self.few_shot_batches(examples):
             logits = self._logits(params, w, ids, mask)
@@ -212,9 +214,11 @@ class Evaluator:
             count += len(y)
         return total / count
 
-    def loss_gradient(self, state_dict, task: str, examples, head=None) -> dict[str, torch.Tensor]:
-        """∇ of :meth:`loss` with respect to every parameter, at ``state_dict`` (chapter 5)."""
-        params = self.params(state_dict)
+    def loss_gradient(self, state_dict, task: str, examples, head=None,
+                      dtype=torch.float32) -> dict[str, torch.Tensor]:
+        """∇ of :meth:`loss` with respect to every parameter, at ``state_dict`` (chapter 5);
+        ``dtype=torch.float64`` needs the encoder in float64 too (``scorer.encoder.double()``)."""
+        params = self.params(state_dict, dtype)
         grads = torch.func.grad(lambda p: self.loss(p, task, examples, head))(params)
         for n, g in grads.items():
             if not bool(torch.isfinite(g).all()):
@@ -256,7 +260,9 @@ class Evaluator:
             part = variants[start:start + step]
             stacked = {n: torch.stack([v[n].to(self.device, torch.float32) if n in v else params[n] for v in part])
                        for n in names}
-            with warnings.catch_warnings():  # vmap runs CPU attention through its slower fallback: fine
+            # vmap batches attention through the math backend: CUDA's fused kernels reject a
+            # vmapped attention mask ("attn_bias: wrong shape"), and the CPU falls back to it anyway
+            with warnings.catch_warnings(), sdpa_kernel(SDPBackend.MATH):
                 warnings.filterwarnings("ignore", message=".*performance drop.*")
                 out.append(vmap(probability)(stacked))
         return torch.cat(out).cpu()
