@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import sys
+import time
 
 import numpy as np
 import torch
@@ -16,6 +17,7 @@ REPOSITORY = "https://github.com/OWNER/model-merging-book"
 REPO_URL = os.environ.get("MERGING_BOOK_REPO", REPOSITORY)
 PLACEHOLDER = "/OWNER/"
 HUB_ENV = "MERGING_BOOK_HUB"  # set to 1 to let chapters download from the Hugging Face hub
+_chapter_started = time.perf_counter()  # reset by setup(): a chapter's clock starts at its first cell
 
 
 def in_colab() -> bool:
@@ -62,6 +64,8 @@ def setup(seed: int = 0, device: str | None = None, quiet: bool = False, hub: bo
     the book builds offline); a user's own ``HF_HUB_OFFLINE`` is never overridden.
     """
     import warnings
+    global _chapter_started
+    _chapter_started = time.perf_counter()
     seed_everything(seed)
     warnings.filterwarnings("ignore", category=FutureWarning)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -78,6 +82,31 @@ def setup(seed: int = 0, device: str | None = None, quiet: bool = False, hub: bo
     if not quiet:
         print(f"torch {torch.__version__} | device: {dev} | colab: {in_colab()} | seed: {seed}")
     return dev
+
+
+def glue(name: str, value, display: bool = False):
+    """Name a computed value so the chapter's prose can cite it ({glue:text}`name`) (chapter 0).
+
+    With myst-nb (the book build) this is myst-nb's ``glue``; elsewhere (Colab) it prints
+    ``name = value`` when ``display`` is true. Returns None, so that a cell ending in
+    ``glue(...)`` shows nothing more."""
+    try:
+        from myst_nb import glue as myst_glue
+    except ImportError:
+        if display:
+            print(f"{name} = {value}")
+        return
+    myst_glue(name, value, display=display)
+
+
+def glue_run_time() -> float:
+    """Seconds since :func:`setup`, printed and glued as ``chapter_seconds`` (with
+    ``chapter_cpus``) for the chapter's header (chapter 0)."""
+    seconds = time.perf_counter() - _chapter_started
+    print(f"chapter run time: {seconds:.0f} s on {os.cpu_count()} CPUs")
+    glue("chapter_seconds", round(seconds))
+    glue("chapter_cpus", os.cpu_count())
+    return seconds
 
 
 def repository_files(root) -> list:

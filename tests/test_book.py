@@ -217,3 +217,38 @@ def test_every_answer_is_run_by_the_book(chapter):
 if __name__ == "__main__" and sys.argv[1:] == ["--sync-answers"]:
     for c in CHAPTERS:
         print(c.name, "updated" if sync_answers(c) else "unchanged")
+
+
+# ---- numbers in prose come from cells: every {glue} reference has a glue call ---------------
+
+def _glue_keys(cells):
+    """Literal keys, and the literal prefixes of f-string keys, that the chapter's code glues."""
+    code = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+    literal = set(re.findall(r"""glue\(\s*["']([\w.-]+)["']""", code))
+    prefixes = set(re.findall(r"""glue\(\s*f["']([\w.-]*)\{""", code))
+    if "glue_run_time()" in code:
+        literal |= {"chapter_seconds", "chapter_cpus"}
+    return literal, prefixes
+
+
+def _glue_references(cells):
+    text = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
+    return [m.split(":")[0] for m in re.findall(r"\{glue:\w+\}`([^`]+)`", text)]
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=[c.stem for c in CHAPTERS])
+def test_every_glue_reference_is_glued_by_the_chapter(chapter):
+    cells = json.loads(chapter.read_text())["cells"]
+    literal, prefixes = _glue_keys(cells)
+    missing = [k for k in _glue_references(cells) if k not in literal and not any(k.startswith(p) for p in prefixes if p)]
+    assert not missing, f"{chapter.name}: prose cites values no cell glues: {missing}"
+    assert "chapter_seconds" in _glue_references(cells), f"{chapter.name}: the header's run time is not glued"
+
+
+def test_the_glue_check_catches_a_typo():
+    cells = [{"cell_type": "code", "source": ['glue("ta_mean", 1.0)\nglue(f"gain_{key}", 2)']},
+             {"cell_type": "markdown", "source": ["{glue:text}`ta_maen:.1f` and {glue:text}`gain_09`"]}]
+    literal, prefixes = _glue_keys(cells)
+    refs = _glue_references(cells)
+    assert refs == ["ta_maen", "gain_09"]
+    assert [k for k in refs if k not in literal and not any(k.startswith(p) for p in prefixes)] == ["ta_maen"]
