@@ -6,12 +6,11 @@ Nothing here is a new merge: every function composes the engine's parts
 
 * :func:`ties_steps` — the intermediate results of TIES on a handful of entries, as a
   table a reader can follow entry by entry;
-* :func:`merged_delta` — the merged task vector of any recipe at λ = 1, so that the
-  scaling λ can be scanned by evaluation alone (θ = θ_b + λ · merged, no re-merge);
-* :func:`scan_lambdas` / :func:`evaluate_variants` — choose λ on the validation split for
-  each of several merges and score the chosen one on the test split, in the long-frame
-  format of :mod:`~merging_helpers.sweeps` (chapter 2), whose ``pick_lambda`` and
-  ``seed_summary`` they reuse;
+* :func:`evaluate_variants` — choose λ on the validation split for each of several
+  merges and score the chosen one on the test split, in the long-frame format of
+  :mod:`~merging_helpers.sweeps` (chapter 2), whose ``merged_delta``, ``scan_lambdas``,
+  ``pick_lambda`` and ``seed_summary`` it reuses (the first two are importable from here
+  too);
 * :func:`sign_conflicts` — how often the trimmed experts disagree in sign.
 """
 from __future__ import annotations
@@ -24,10 +23,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .consensus import agreement_mask, disjoint_merge, elect_sign, stack
-from .deltas import apply_delta
 from .drop import magnitude_keep_mask
-from .recipes import merge_state_dicts
-from .sweeps import RANDOM_METHODS, pick_lambda
+from .sweeps import RANDOM_METHODS, merged_delta, pick_lambda, scan_lambdas  # noqa: F401 (re-exported: chapter 3 names)
 
 
 def ties_steps(deltas, density: float, election: str = "total", expert_names: Sequence[str] | None = None):
@@ -57,50 +54,6 @@ def ties_steps(deltas, density: float, election: str = "total", expert_names: Se
     table["merged"] = merged.tolist()
     table.index.name = "entry"
     return table, merged
-
-
-def merged_delta(deltas, method: str, *, progress: bool = False, **merge_kwargs) -> dict:
-    """Introduced in chapter 3: the merged task vector of ``method`` at λ = 1.
-
-    ``deltas``: the experts' task vectors (a list, or a dict name → delta, as from
-    :func:`~merging_helpers.deltas.task_vectors`). This is
-    :func:`~merging_helpers.recipes.merge_state_dicts` run on a **zero base** with the
-    deltas as experts: every recipe only sees Δ_t = expert − base, so the result is the
-    merged delta, bit for bit, and ``apply_delta(base, merged, lam)`` equals
-    ``merge_state_dicts(base, experts, method, lam=lam, ...)``. Merging once and
-    scanning λ by evaluation alone is what makes λ grids affordable.
-    """
-    if "lam" in merge_kwargs:
-        raise ValueError("merged_delta returns the λ = 1 delta; scale it with apply_delta(base, merged, lam)")
-    if isinstance(deltas, Mapping):
-        deltas = dict(deltas)
-    first = next(iter(deltas.values())) if isinstance(deltas, dict) else list(deltas)[0]
-    zero = {name: torch.zeros_like(t) for name, t in first.items()}
-    return merge_state_dicts(zero, deltas, method, progress=progress, **merge_kwargs)
-
-
-def scan_lambdas(evaluator, base: dict, merged: dict, lambdas, split: str = "validation", tasks=None, *,
-                 label: str = "merge", seed=None, progress: bool = False):
-    """Introduced in chapter 3: score θ_b + λ · merged for every λ (merged once, by
-    :func:`merged_delta`), instead of re-merging per λ as
-    :func:`merging_helpers.sweeps.lambda_sweep` does.
-
-    Returns the same long frame as ``sweeps.lambda_sweep`` (columns ``method, lam,
-    seed, split, task, accuracy``, accuracy a fraction), so that
-    :func:`~merging_helpers.sweeps.pick_lambda` and
-    :func:`~merging_helpers.sweeps.seed_summary` apply; ``method`` is ``label``.
-    """
-    lambdas = [float(lam) for lam in lambdas]
-    if not lambdas:
-        raise ValueError("scan_lambdas: give at least one λ")
-    rows = []
-    for lam in tqdm(lambdas, desc=f"λ ({label})", disable=not progress, leave=False):
-        scores = evaluator.accuracy(apply_delta(base, merged, lam), split=split, tasks=tasks)
-        rows += [{"method": label, "lam": lam, "seed": seed, "split": split, "task": task, "accuracy": float(acc)}
-                 for task, acc in scores.items()]
-    frame = pd.DataFrame(rows)
-    frame["seed"] = frame["seed"].astype("Int64")
-    return frame
 
 
 def evaluate_variants(evaluator, base: dict, deltas, variants: Mapping[str, tuple], seeds=(0, 1, 2),

@@ -197,8 +197,10 @@ class Evaluator:
                 for t in (tasks or self.zoo.task_names)}
 
     def correct(self, state_dict, split: str = "test", tasks=None, heads=None) -> dict[str, torch.Tensor]:
-        """Per task, a bool vector on the CPU: example i of ``split`` right or wrong (the
-        input of chapter 2's paired comparisons, :mod:`~merging_helpers.paired`)."""
+        """Per task, a bool vector on the CPU: each example of ``split`` right or wrong, in
+        the evaluator's order (sorted by length; the same for every state dict, so two
+        merges' vectors pair up). The input of chapter 3's paired comparisons
+        (:mod:`~merging_helpers.paired`)."""
         params = self.params(state_dict)
         heads = heads or self.zoo.heads
         out = {}
@@ -288,16 +290,28 @@ def task_arithmetic_state(base, experts, lam: float):
     return merge_state_dicts(base, experts, "task_arithmetic", lam=lam, progress=False)
 
 
-def best_lambda(evaluator: "Evaluator", lambdas, split: str = "validation"):
-    """The λ of Task Arithmetic with the best mean accuracy on ``split``, and all scores (chapter 0)."""
+# The λ grid of every chapter's Task Arithmetic (chapter 2 adds λ = 0, the untouched base).
+LAMBDA_GRID = tuple(round(0.1 * i, 1) for i in range(1, 11))
+
+
+def choose_lambda(mean_accuracy: Mapping[float, float]) -> float:
+    """The one λ-selection rule of the book (chapter 0): the λ with the best mean
+    accuracy (over tasks, and seeds), ties to the smallest λ. Feed it validation scores."""
+    if not mean_accuracy:
+        raise ValueError("choose_lambda: no λ was scored")
+    best = max(mean_accuracy.values())
+    return float(min(lam for lam, m in mean_accuracy.items() if m == best))
+
+
+def best_lambda(evaluator: "Evaluator", lambdas=LAMBDA_GRID, split: str = "validation"):
+    """The λ of Task Arithmetic chosen by :func:`choose_lambda` on ``split``, and all scores (chapter 0)."""
     zoo = evaluator.zoo
     scores = {lam: evaluator.accuracy(task_arithmetic_state(zoo.base, zoo.experts, lam), split)
               for lam in lambdas}
-    mean = {lam: sum(s.values()) / len(s) for lam, s in scores.items()}
-    return max(mean, key=mean.get), scores
+    return choose_lambda({lam: sum(s.values()) / len(s) for lam, s in scores.items()}), scores
 
 
-def zoo_table(evaluator: "Evaluator", lambdas=tuple(round(0.1 * i, 1) for i in range(1, 11))):
+def zoo_table(evaluator: "Evaluator", lambdas=LAMBDA_GRID):
     """Chapter 0's table: test accuracy per task of (a) the majority class, (b) a head on the
     frozen base, (c) the expert, (d) weight averaging and (e) Task Arithmetic (λ chosen on
     the validation split), each merged encoder read by each expert's own head."""

@@ -8,7 +8,9 @@ task), accuracy as a fraction in [0, 1], ready for ``seaborn`` (``hue="task"``) 
 ``pivot_table``.
 
 * :func:`merge_grid` — any recipe over a list of settings × seeds (the general loop);
-* :func:`lambda_sweep` — Task Arithmetic (or any recipe) as λ varies;
+* :func:`lambda_sweep` — Task Arithmetic (or any recipe) as λ varies: every recipe ends
+  with θ_b + λ·τ, so :func:`merged_delta` merges τ once and :func:`scan_lambdas` only
+  evaluates θ_b + λτ per λ;
 * :func:`pick_lambda` — the λ with the best mean accuracy in a sweep (use validation!);
 * :func:`pruned_expert` / :func:`pruning_curve` / :func:`pruning_curves` — one expert
   pruned at several drop rates, scored on its own task;
@@ -23,12 +25,15 @@ Seeds: random recipes (``RANDOM_METHODS``) are merged once per seed; determinist
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from .deltas import apply_delta, task_vectors
 from .drop import random_keep_mask
+from .evaluation import choose_lambda
 from .recipes import merge_state_dicts
 from .rng import EntryRandoms
 
@@ -91,25 +96,84 @@ def merge_grid(evaluator, base, experts, method, grid, seeds=(0,), split="test",
     return frame
 
 
+def merged_delta(deltas, method: str, *, progress: bool = False, **merge_kwargs) -> dict:
+    """Introduced in chapter 2: the merged task vector of ``method`` at λ = 1.
+
+    ``deltas``: the experts' task vectors (a list, or a dict name → delta, as from
+    :func:`~merging_helpers.deltas.task_vectors`). This is
+    :func:`~merging_helpers.recipes.merge_state_dicts` run on a **zero base** with the
+    deltas as experts: every recipe only sees Δ_t = expert − base, so the result is the
+    merged delta, bit for bit, and ``apply_delta(base, merged, lam)`` equals
+    ``merge_state_dicts(base, experts, method, lam=lam, ...)``. Merging once and
+    scanning λ by evaluation alone is what makes λ grids affordable.
+    """
+    if "lam" in merge_kwargs:
+        raise ValueError("merged_delta returns the λ = 1 delta; scale it with apply_delta(base, merged, lam)")
+    if isinstance(deltas, Mapping):
+        deltas = dict(deltas)
+    first = next(iter(deltas.values())) if isinstance(deltas, dict) else list(deltas)[0]
+    zero = {name: torch.zeros_like(t) for name, t in first.items()}
+    return merge_state_dicts(zero, deltas, method, progress=progress, **merge_kwargs)
+
+
+def scan_lambdas(evaluator, base: dict, merged: dict, lambdas, split: str = "validation", tasks=None, *,
+                 label: str = "merge", seed=None, progress: bool = False, bar=None):
+    """Introduced in chapter 2: score θ_b + λ · merged for every λ (merged once, by
+    :func:`merged_delta`). Returns the long frame of :func:`lambda_sweep` (columns
+    ``method, lam, seed, split, task, accuracy``, accuracy a fraction), so that
+    :func:`pick_lambda` and :func:`seed_summary` apply; ``method`` is ``label``.
+    ``bar``: an outer tqdm bar to advance instead of drawing one here.
+    """
+    lambdas = [float(lam) for lam in lambdas]
+    if not lambdas:
+        raise ValueError("scan_lambdas: give at least one λ")
+    rows = []
+    for lam in tqdm(lambdas, desc=f"λ ({label})", disable=not progress or bar is not None, leave=False):
+        scores = evaluator.accuracy(apply_delta(base, merged, lam), split=split, tasks=tasks)
+        rows += [{"method": label, "lam": lam, "seed": seed, "split": split, "task": task, "accuracy": float(acc)}
+                 for task, acc in scores.items()]
+        if bar is not None:
+            bar.update(1)
+    frame = pd.DataFrame(rows)
+    frame["seed"] = frame["seed"].astype("Int64")
+    return frame
+
+
 def lambda_sweep(evaluator, base, experts, lambdas, split="test", tasks=None, *, method="task_arithmetic",
                  seeds=(0,), progress=True, **merge_kwargs) -> pd.DataFrame:
     """Introduced in chapter 2: θ_b + λ · recipe(Δ_1..Δ_T) for every λ in ``lambdas``,
     scored on ``split``. Returns columns ``method, lam, seed, split, task, accuracy``
     (one row per λ and task; per seed too for random recipes). Weight averaging is
-    Task Arithmetic at λ = 1/T."""
-    return merge_grid(evaluator, base, experts, method, [{"lam": float(lam)} for lam in lambdas], seeds=seeds,
-                      split=split, tasks=tasks, progress=progress, **merge_kwargs)
+    Task Arithmetic at λ = 1/T.
+
+    Every recipe ends with θ_b + λ·τ, so τ is merged once per seed (:func:`merged_delta`)
+    and only the evaluation is repeated per λ (:func:`scan_lambdas`); the scores equal
+    :func:`merge_grid` over ``lam``, bit for bit (a test checks it)."""
+    if "lam" in merge_kwargs:
+        raise ValueError("lambda_sweep: give the scales as `lambdas`, not `lam`")
+    lambdas = [float(lam) for lam in lambdas]
+    if not lambdas:
+        raise ValueError("lambda_sweep: give at least one λ")
+    runs = _runs(method, [None], seeds)
+    name = _label(method, None, merge_kwargs)
+    deltas = task_vectors(base, experts)
+    frames = []
+    with tqdm(total=len(runs) * len(lambdas), desc=f"{name} sweep", disable=not progress) as bar:
+        for _, seed in runs:
+            kwargs = dict(merge_kwargs, **({} if seed is None else {"seed": seed}))
+            frames.append(scan_lambdas(evaluator, base, merged_delta(deltas, method, **kwargs), lambdas, split, tasks,
+                                       label=name, seed=seed, bar=bar))
+    return pd.concat(frames, ignore_index=True)
 
 
 def pick_lambda(frame: pd.DataFrame, column: str = "lam") -> float:
     """Introduced in chapter 2: the value of ``column`` with the best mean accuracy over
-    tasks (and seeds) in a sweep frame; ties go to the smallest value. Choose on the
-    validation split, report on test."""
+    tasks (and seeds) in a sweep frame, by the book's one rule
+    (:func:`~merging_helpers.evaluation.choose_lambda`: ties go to the smallest value).
+    Choose on the validation split, report on test."""
     if frame.empty:
         raise ValueError("pick_lambda: the frame is empty")
-    mean = frame.groupby(column)["accuracy"].mean()
-    best = mean.max()
-    return float(min(v for v, m in mean.items() if m == best))
+    return choose_lambda(frame.groupby(column)["accuracy"].mean().to_dict())
 
 
 def pruned_expert(base, expert, method, drop_rate, seed=0, **merge_kwargs):

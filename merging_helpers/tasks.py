@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import importlib
 import random
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 

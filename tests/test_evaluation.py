@@ -151,3 +151,15 @@ def test_correct_per_example_agrees_with_accuracy(scorer):
         assert vector.dtype == torch.bool and vector.device.type == "cpu"
         assert len(vector) == len(zoo.tasks[task].splits["validation"])
         assert float(vector.float().mean()) == pytest.approx(acc[task])
+
+
+def test_choose_lambda_is_the_one_rule():
+    from merging_helpers.evaluation import LAMBDA_GRID, choose_lambda
+    from merging_helpers.sweeps import pick_lambda
+    import pandas as pd
+    assert choose_lambda({0.3: 0.7, 0.1: 0.8, 0.5: 0.8}) == 0.1          # best mean, ties to the smallest λ
+    frame = pd.DataFrame({"lam": [0.1, 0.1, 0.5, 0.5], "accuracy": [0.6, 1.0, 0.8, 0.8]})
+    assert pick_lambda(frame) == choose_lambda({0.1: 0.8, 0.5: 0.8}) == 0.1
+    assert LAMBDA_GRID[0] == 0.1 and LAMBDA_GRID[-1] == 1.0 and len(LAMBDA_GRID) == 10
+    with pytest.raises(ValueError, match="no λ"):
+        choose_lambda({})

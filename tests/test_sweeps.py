@@ -5,7 +5,9 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import bert_like, expert_of
 from merging_helpers import sweeps
+from merging_helpers.recipes import merge_state_dicts
 
 W = "encoder.layer.0.output.dense.weight"
 B = "encoder.layer.0.output.dense.bias"
@@ -186,3 +188,25 @@ def test_seed_summary_hand_worked():
     table = sweeps.mean_std_table(sweeps.seed_summary(frame, "method"), "method")
     assert list(table.columns) == ["a", "b", "mean"]
     assert table.loc["x", "mean"] == "70.0 ± 14.1" and table.loc["y", "b"] == "60.0"
+
+
+def test_lambda_sweep_merges_once_and_equals_merging_per_lambda():
+    # a recording evaluator keeps every state dict it is asked to score
+    base = bert_like(dtype=torch.bfloat16)
+    experts = [expert_of(base, s) for s in (1, 2, 3)]
+    seen = []
+
+    class Recorder:
+        def accuracy(self, state_dict, split="test", tasks=None):
+            seen.append({n: t.clone() for n, t in state_dict.items()})
+            return {"t": float(sum(float(t.double().sum()) for t in state_dict.values() if t.is_floating_point()))}
+
+    for method, kw in [("task_arithmetic", {}), ("ties", {"density": 0.5}), ("dare_linear", {"drop_rate": 0.5})]:
+        seen.clear()
+        sweeps.lambda_sweep(Recorder(), base, experts, [0.3, 1.0], method=method, seeds=[4], progress=False, **kw)
+        for lam, got in zip([0.3, 1.0], seen):
+            want = merge_state_dicts(base, experts, method, lam=lam, progress=False,
+                                     **kw, **({"seed": 4} if method == "dare_linear" else {}))
+            assert all(torch.equal(got[n], want[n]) for n in want), (method, lam)
+    with pytest.raises(ValueError, match="lambdas"):
+        sweeps.lambda_sweep(Recorder(), base, experts, [0.3], lam=0.5)
