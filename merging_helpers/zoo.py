@@ -22,7 +22,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -276,6 +276,22 @@ class Zoo:
     @property
     def base_dir(self) -> Path:
         return self.root / "base"
+
+    def reseeded_expert(self, task: str, seed: int, device=None, progress=True):
+        """The expert of ``task`` fine-tuned again with another training seed (same data,
+        same recipe; another head initialisation and batch order), built on first use and
+        cached next to the zoo: chapter 1's same-task "soup". Returns (encoder state dict, head)."""
+        name = check_task_names([task])[0]
+        if name not in self.tasks:
+            raise KeyError(f"reseeded_expert: {name!r} is not a task of this zoo ({self.task_names})")
+        if not isinstance(seed, int) or isinstance(seed, bool) or seed == self.config.seed:
+            raise ValueError(f"reseeded_expert: seed must be an int other than the zoo's own ({self.config.seed}), "
+                             f"got {seed!r}")
+        folder = self.root / "reseeded" / f"{name}-seed{seed}"
+        if not is_complete(folder):
+            device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+            _build_expert(folder, self.tasks[name], replace(self.config, seed=seed), load_tokenizer(), device, progress)
+        return _load_state_dict(folder), load_file(str(folder / "head.safetensors"))
 
 
 def _save_hf_folder(encoder, tokenizer, folder: Path) -> None:

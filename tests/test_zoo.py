@@ -100,3 +100,21 @@ def test_frozen_head_reads_raw_embeddings():
     y = (x[:, 0] > 3).long()
     head = zoo.fit_linear_head(x, y, 2, epochs=200)
     assert (head(x).argmax(1) == y).float().mean() > 0.95
+
+
+def test_reseeded_expert_is_another_training_run_cached(tiny, monkeypatch):
+    state, head = tiny.reseeded_expert("factor", seed=7, progress=False)
+    assert set(state) == set(tiny.experts["factor"]) and set(head) == set(tiny.heads["factor"])
+    name = "encoder.layer.0.attention.self.query.weight"
+    assert not torch.equal(state[name], tiny.experts["factor"][name])
+    assert (tiny.root / "reseeded" / "factor-seed7" / "MANIFEST.json").exists()
+    monkeypatch.setattr(zoo, "fine_tune", lambda *a, **k: pytest.fail("a cached reseeded expert was trained again"))
+    again, _ = tiny.reseeded_expert("factor", seed=7)
+    assert all(torch.equal(again[n], state[n]) for n in state)
+
+
+@pytest.mark.parametrize("task,seed,match", [("nope", 1, "not a task|unknown"), ("factor", 0, "other than"),
+                                              ("factor", 1.5, "int")])
+def test_reseeded_expert_bad_input(tiny, task, seed, match):
+    with pytest.raises((KeyError, ValueError), match=match):
+        tiny.reseeded_expert(task, seed)
