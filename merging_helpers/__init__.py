@@ -16,12 +16,12 @@ modules on disk and ``_toc.yml``:
 * ``drop``       – chapter 2: drop rules (magnitude, DARE, MagPrune, threshold)
 * ``rescale``    – chapter 2: rescales after a drop
 * ``sweeps``     – chapter 2: λ sweeps and pruning curves as tidy frames
-* ``paired``     – chapter 2: two merges on the same examples (paired bootstrap, McNemar)
 * ``consensus``  – chapter 3: Σ w_t Δ_t, sign election, disjoint merge
 * ``methods``    – chapter 3: merge methods as data (drop → rescale → combine records)
 * ``config``     – chapter 3: one validated merge configuration
 * ``recipes``    – chapter 3: the reference engine (merge_tensor, merge_state_dicts)
 * ``ablations``  – chapter 3: TIES step by step, merged deltas, ablation grids
+* ``paired``     – chapter 3: two merges on the same examples (paired bootstrap, McNemar)
 * ``fast``       – chapter 8 (planned; appendix "Merging at scale"): the fast tier, streaming merges of
   HF folders, the fused path and its compiled kernel; it imports the reference, never the other way round
 

@@ -1,4 +1,4 @@
-"""Introduced in chapter 2: is merge B really better than merge A?
+"""Introduced in chapter 3: is merge B really better than merge A?
 
 Two merges scored on the *same* test examples are paired: most examples are right (or
 wrong) under both, and only the examples where they disagree carry information. So we
@@ -47,7 +47,7 @@ def _paired(correct_a: Mapping, correct_b: Mapping) -> dict[str, tuple[np.ndarra
 
 
 def mcnemar(correct_a, correct_b) -> tuple[int, int, float]:
-    """McNemar's exact two-sided test on one task (chapter 2): returns
+    """McNemar's exact two-sided test on one task (chapter 3): returns
     (b_only, a_only, p): the examples only B gets right, only A gets right, and the
     probability of a split at least this uneven if neither merge were better."""
     a, b = _paired({"task": correct_a}, {"task": correct_b})["task"]
@@ -61,7 +61,7 @@ def mcnemar(correct_a, correct_b) -> tuple[int, int, float]:
 
 @dataclass(frozen=True)
 class PairedResult:
-    """B − A in points of mean accuracy over tasks, with its bootstrap interval (chapter 2)."""
+    """B − A in points of mean accuracy over tasks, with its bootstrap interval (chapter 3)."""
     difference: float
     low: float
     high: float
@@ -76,7 +76,7 @@ class PairedResult:
 def paired_bootstrap(correct_a: Mapping, correct_b: Mapping, n_boot: int = 2000, level: float = 0.95,
                      seed: int = 0) -> PairedResult:
     """Mean-over-tasks accuracy of B minus A (points) and a percentile bootstrap interval
-    (chapter 2). ``correct_a[task]`` is a bool vector: example i of ``task``'s split right
+    (chapter 3). ``correct_a[task]`` is a bool vector: example i of ``task``'s split right
     or wrong under merge A (:meth:`Evaluator.correct`); B must cover the same examples."""
     if not 0 < level < 1:
         raise ValueError(f"paired_bootstrap: level must be in (0, 1), got {level}")
@@ -98,7 +98,7 @@ def paired_bootstrap(correct_a: Mapping, correct_b: Mapping, n_boot: int = 2000,
 
 
 def per_task_frame(result: PairedResult, names=("B", "A")):
-    """The per-task rows of a :class:`PairedResult` as a table (chapter 2)."""
+    """The per-task rows of a :class:`PairedResult` as a table (chapter 3)."""
     import pandas as pd
     b, a = names
     rows = [{"task": t, f"{b} − {a} (points)": d, f"only {b} right": bo, f"only {a} right": ao, "McNemar p": p}
