@@ -54,6 +54,21 @@ class Task:
         return {"name": self.name, "labels": self.labels, "description": self.description,
                 "splits": {k: [list(e) for e in v] for k, v in self.splits.items()}}
 
+    def to_dataset_dict(self):
+        """The task as a Hugging Face ``datasets.DatasetDict`` (train / validation / test;
+        columns ``text`` and ``label``, a ``ClassLabel`` with the label names), for readers
+        who tokenise with ``.map`` or train with ``Trainer`` (chapter 0)."""
+        try:
+            import datasets
+        except ImportError as err:
+            raise ImportError("Task.to_dataset_dict needs the `datasets` package: `pip install datasets`") from err
+        features = datasets.Features({"text": datasets.Value("string"),
+                                      "label": datasets.ClassLabel(names=list(self.labels))})
+        return datasets.DatasetDict({
+            split: datasets.Dataset.from_dict({"text": self.texts(split), "label": self.targets(split)},
+                                              features=features, split=split)
+            for split in self.splits})
+
     @classmethod
     def from_json(cls, d: dict) -> "Task":
         return cls(d["name"], d["labels"], d["description"],

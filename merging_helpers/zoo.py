@@ -134,8 +134,10 @@ def sha256(path: Path) -> str:
 
 
 def write_manifest(folder: Path) -> None:
-    """Write MANIFEST.json: the checksum of every file of a cached zoo folder (chapter 0)."""
-    files = {p.name: sha256(p) for p in sorted(folder.iterdir()) if p.name != "MANIFEST.json"}
+    """Write MANIFEST.json: the checksum of every file of a cached zoo folder, sub-folders
+    included, by path relative to the folder (chapter 0)."""
+    files = {p.relative_to(folder).as_posix(): sha256(p) for p in sorted(folder.rglob("*"))
+             if p.is_file() and p.relative_to(folder).as_posix() != "MANIFEST.json"}
     (folder / "MANIFEST.json").write_text(json.dumps(files, indent=1))
 
 
@@ -276,6 +278,19 @@ class Zoo:
     @property
     def base_dir(self) -> Path:
         return self.root / "base"
+
+    def dataset_dict(self, task: str):
+        """``task``'s splits as a ``datasets.DatasetDict``, saved once with ``save_to_disk``
+        next to the zoo and loaded from there (chapter 0; see :meth:`Task.to_dataset_dict`)."""
+        import datasets
+        name = check_task_names([task])[0]
+        if name not in self.tasks:
+            raise KeyError(f"dataset_dict: {name!r} is not a task of this zoo ({self.task_names})")
+        folder = self.root / "datasets" / name
+        if not is_complete(folder):
+            build_atomically(folder, lambda tmp: self.tasks[name].to_dataset_dict().save_to_disk(str(tmp / "data")))
+        verify_manifest(folder)
+        return datasets.load_from_disk(str(folder / "data"))
 
     def reseeded_expert(self, task: str, seed: int, device=None, progress=True):
         """The expert of ``task`` fine-tuned again with another training seed (same data,

@@ -118,3 +118,18 @@ def test_reseeded_expert_is_another_training_run_cached(tiny, monkeypatch):
 def test_reseeded_expert_bad_input(tiny, task, seed, match):
     with pytest.raises((KeyError, ValueError), match=match):
         tiny.reseeded_expert(task, seed)
+
+
+def test_dataset_dict_holds_the_task_splits_and_is_cached(tiny):
+    dd = tiny.dataset_dict("factor")
+    task = tiny.tasks["factor"]
+    assert set(dd) == set(task.splits)
+    for split, examples in task.splits.items():
+        assert dd[split]["text"] == [t for t, _ in examples]
+        assert dd[split]["label"] == [y for _, y in examples]
+    assert dd["train"].features["label"].names == task.labels
+    assert (tiny.root / "datasets" / "factor" / "MANIFEST.json").exists()
+    again = tiny.dataset_dict("factor")
+    assert again["test"]["text"] == dd["test"]["text"]
+    with pytest.raises(KeyError, match="not a task"):
+        tiny.dataset_dict("sentiment")
