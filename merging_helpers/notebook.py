@@ -90,6 +90,8 @@ def glue(name: str, value, display: bool = False):
     With myst-nb (the book build) this is myst-nb's ``glue``; elsewhere (Colab) it prints
     ``name = value`` when ``display`` is true. Returns None, so that a cell ending in
     ``glue(...)`` shows nothing more."""
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+        value = value.item()  # numpy / torch scalars: myst-nb formats `{glue:text}`x:.1f`` from a plain repr
     try:
         from myst_nb import glue as myst_glue
     except ImportError:
