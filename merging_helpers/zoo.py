@@ -279,13 +279,17 @@ class Zoo:
     def base_dir(self) -> Path:
         return self.root / "base"
 
+    def _own_task(self, task: str, what: str) -> str:
+        name = check_task_names([task])[0]
+        if name not in self.tasks:
+            raise KeyError(f"{what}: {name!r} is not a task of this zoo ({self.task_names})")
+        return name
+
     def dataset_dict(self, task: str):
         """``task``'s splits as a ``datasets.DatasetDict``, saved once with ``save_to_disk``
         next to the zoo and loaded from there (chapter 0; see :meth:`Task.to_dataset_dict`)."""
         import datasets
-        name = check_task_names([task])[0]
-        if name not in self.tasks:
-            raise KeyError(f"dataset_dict: {name!r} is not a task of this zoo ({self.task_names})")
+        name = self._own_task(task, "dataset_dict")
         folder = self.root / "datasets" / name
         if not is_complete(folder):
             build_atomically(folder, lambda tmp: self.tasks[name].to_dataset_dict().save_to_disk(str(tmp / "data")))
@@ -296,9 +300,7 @@ class Zoo:
         """The expert of ``task`` fine-tuned again with another training seed (same data,
         same recipe; another head initialisation and batch order), built on first use and
         cached next to the zoo: chapter 1's same-task "soup". Returns (encoder state dict, head)."""
-        name = check_task_names([task])[0]
-        if name not in self.tasks:
-            raise KeyError(f"reseeded_expert: {name!r} is not a task of this zoo ({self.task_names})")
+        name = self._own_task(task, "reseeded_expert")
         if not isinstance(seed, int) or isinstance(seed, bool) or seed == self.config.seed:
             raise ValueError(f"reseeded_expert: seed must be an int other than the zoo's own ({self.config.seed}), "
                              f"got {seed!r}")
