@@ -189,25 +189,24 @@ class Evaluator:
             labels.append(y)
         return torch.cat(outs), torch.cat(labels)
 
-    def accuracy(self, state_dict, split: str = "test", tasks=None, heads=None) -> dict[str, float]:
-        """Accuracy per task of ``state_dict`` with each task's head (the experts' by default)."""
+    def _split_logits(self, state_dict, split, tasks, heads):
+        """(task, logits, labels) of ``split`` for each task, each read by its head."""
         params = self.params(state_dict)
         heads = heads or self.zoo.heads
-        return {t: accuracy(*self.logits(t, heads[t], self.batches(t, split), params))
-                for t in (tasks or self.zoo.task_names)}
+        for t in (tasks or self.zoo.task_names):
+            yield t, *self.logits(t, heads[t], self.batches(t, split), params)
+
+    def accuracy(self, state_dict, split: str = "test", tasks=None, heads=None) -> dict[str, float]:
+        """Accuracy per task of ``state_dict`` with each task's head (the experts' by default)."""
+        return {t: accuracy(logits, labels) for t, logits, labels in self._split_logits(state_dict, split, tasks, heads)}
 
     def correct(self, state_dict, split: str = "test", tasks=None, heads=None) -> dict[str, torch.Tensor]:
         """Per task, a bool vector on the CPU: each example of ``split`` right or wrong, in
         the evaluator's order (sorted by length; the same for every state dict, so two
         merges' vectors pair up). The input of chapter 3's paired comparisons
         (:mod:`~merging_helpers.paired`)."""
-        params = self.params(state_dict)
-        heads = heads or self.zoo.heads
-        out = {}
-        for t in (tasks or self.zoo.task_names):
-            logits, labels = self.logits(t, heads[t], self.batches(t, split), params)
-            out[t] = (logits.argmax(-1) == labels).cpu()
-        return out
+        return {t: (logits.argmax(-1) == labels).cpu()
+                for t, logits, labels in self._split_logits(state_dict, split, tasks, heads)}
 
     def true_label_probability(self, state_dict, task: str, examples, head=None) -> float:
         """APL's P_t: mean probability of the true label on ``examples`` (a few-shot set)."""
