@@ -27,7 +27,7 @@ import torch
 from torch.func import functional_call, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .zoo import Zoo, load_encoder, load_tokenizer, mean_pool
+from .zoo import Zoo, default_device, load_encoder, load_tokenizer, mean_pool
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -111,7 +111,7 @@ class Evaluator:
 
     def __init__(self, zoo: Zoo, device=None, batch_size: int = 256):
         self.zoo = zoo
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = torch.device(default_device(device))
         self.encoder = load_encoder(zoo.base_dir, device=self.device)
         self.tokenizer = load_tokenizer(zoo.base_dir)
         self.batch_size = batch_size

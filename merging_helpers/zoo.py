@@ -76,6 +76,11 @@ def load_tokenizer(folder: Path | None = None):
     return AutoTokenizer.from_pretrained(str(folder or base_model_dir()))
 
 
+def default_device(device=None) -> str:
+    """``device``, or the GPU when there is one, else the CPU (chapter 0)."""
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def load_encoder(folder: Path | None = None, device="cpu") -> nn.Module:
     """A ``BertModel`` read from an HF folder (the packaged base by default) (chapter 0)."""
     from transformers import AutoModel
@@ -306,8 +311,8 @@ class Zoo:
                              f"got {seed!r}")
         folder = self.root / "reseeded" / f"{name}-seed{seed}"
         if not is_complete(folder):
-            device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-            _build_expert(folder, self.tasks[name], replace(self.config, seed=seed), load_tokenizer(), device, progress)
+            _build_expert(folder, self.tasks[name], replace(self.config, seed=seed), load_tokenizer(),
+                          default_device(device), progress)
         return _load_state_dict(folder), load_file(str(folder / "head.safetensors"))
 
 
@@ -362,7 +367,7 @@ def load_zoo(tasks=TASK_NAMES, config: TrainConfig = TrainConfig(), cache_dir=No
     returned weights are CPU tensors. Same seed and same machine give the same weights.
     """
     names = check_task_names(tasks)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(device)
     root = cache_root(cache_dir) / f"zoo-v{ZOO_FORMAT}-{config.fingerprint()}"
     if rebuild and root.exists():
         shutil.rmtree(root)
