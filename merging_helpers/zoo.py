@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from .tasks import TASK_NAMES, Task, check_task_names, make_task
 
-ZOO_FORMAT = 1  # bump when the layout or the training recipe changes
+ZOO_FORMAT = 2  # bump when the layout, the tasks or the training recipe change (2: integer compare, product for factor)
 CACHE_ENV = "MERGING_BOOK_CACHE"
 
 

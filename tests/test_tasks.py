@@ -38,10 +38,29 @@ def test_sentiment_test_words_unseen_in_training(all_tasks):
     assert not used("test") & used("train")
 
 
+def test_arithmetic_labels_hand_worked():
+    assert tasks._answer_sign("What is 0.4 - 12.3?", "-11.9") == 0
+    assert tasks._answer_sign("-315 divided by 12", "-105/4") == 0
+    assert tasks._answer_sign("14 times 124", "1736") == 1
+    assert tasks._answer_sign("0 times 5", "0") is None  # zero has no sign: dropped
+    assert tasks._integer_comparison_truth("Is -220 bigger than -241?", "True") == 1
+    assert tasks._integer_comparison_truth("Is 7 > 576/85?", "True") is None
+    assert tasks._integer_comparison_truth("Is 114.9 bigger than 1?", "True") is None
+    assert tasks._integer_comparison_truth("Which is bigger: 3 or 4?", "4") is None
+
+
+def test_compare_is_integers_only_and_product_mixes_both_operations(all_tasks):
+    texts = [t for split in tasks.SPLITS for t in all_tasks["compare"].texts(split)]
+    assert not [t for t in texts if "/" in t or "." in t.rstrip("?")]
+    product = all_tasks["product"].texts("train")
+    divisions = sum("divided" in t for t in product)
+    assert 0.3 < divisions / len(product) < 0.7, divisions
+
+
 def test_tasks_are_deterministic():
-    a, b = tasks.make_task("factor", seed=3), tasks.make_task("factor", seed=3)
+    a, b = tasks.make_task("product", seed=3), tasks.make_task("product", seed=3)
     assert a.splits == b.splits
-    assert tasks.make_task("factor", seed=4).splits != a.splits
+    assert tasks.make_task("product", seed=4).splits != a.splits
 
 
 def test_json_round_trip(all_tasks):
@@ -61,9 +80,9 @@ def test_few_shot_is_seeded_stratified_and_from_train(all_tasks):
 
 def test_few_shot_bad_k(all_tasks):
     with pytest.raises(ValueError, match="k >= 1"):
-        tasks.few_shot(all_tasks["factor"], k=0)
+        tasks.few_shot(all_tasks["product"], k=0)
     with pytest.raises(ValueError, match="only"):
-        tasks.few_shot(all_tasks["factor"], k=10**6)
+        tasks.few_shot(all_tasks["product"], k=10**6)
 
 
 def test_unknown_task_name_lists_the_known_ones():

@@ -16,58 +16,58 @@ TINY = zoo.TrainConfig(steps=4, batch_size=8, warmup_steps=2)
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("zoo_a")
-    return zoo.load_zoo(tasks=["factor"], config=TINY, cache_dir=root, device="cpu", progress=False)
+    return zoo.load_zoo(tasks=["product"], config=TINY, cache_dir=root, device="cpu", progress=False)
 
 
 def test_same_seed_same_weights(tiny, tmp_path):
-    again = zoo.load_zoo(tasks=["factor"], config=TINY, cache_dir=tmp_path, device="cpu", progress=False)
-    for name, tensor in tiny.experts["factor"].items():
-        assert torch.equal(tensor, again.experts["factor"][name]), name
-    assert zoo.sha256(tiny.expert_dir("factor") / "model.safetensors") == \
-        zoo.sha256(again.expert_dir("factor") / "model.safetensors")
+    again = zoo.load_zoo(tasks=["product"], config=TINY, cache_dir=tmp_path, device="cpu", progress=False)
+    for name, tensor in tiny.experts["product"].items():
+        assert torch.equal(tensor, again.experts["product"][name]), name
+    assert zoo.sha256(tiny.expert_dir("product") / "model.safetensors") == \
+        zoo.sha256(again.expert_dir("product") / "model.safetensors")
 
 
 def test_other_seed_other_weights(tiny, tmp_path):
-    other = zoo.load_zoo(tasks=["factor"], config=zoo.TrainConfig(**{**TINY.__dict__, "seed": 1}),
+    other = zoo.load_zoo(tasks=["product"], config=zoo.TrainConfig(**{**TINY.__dict__, "seed": 1}),
                          cache_dir=tmp_path, device="cpu", progress=False)
     name = "encoder.layer.0.attention.self.query.weight"
-    assert not torch.equal(tiny.experts["factor"][name], other.experts["factor"][name])
+    assert not torch.equal(tiny.experts["product"][name], other.experts["product"][name])
 
 
 def test_expert_differs_from_base_and_shares_its_names(tiny):
-    expert = tiny.experts["factor"]
+    expert = tiny.experts["product"]
     assert set(expert) == set(tiny.base)
     changed = [n for n in expert if not torch.equal(expert[n], tiny.base[n])]
     assert len(changed) > 50  # a full fine-tune moves (almost) every tensor
 
 
 def test_expert_folder_is_a_plain_hf_folder(tiny):
-    folder = tiny.expert_dir("factor")
+    folder = tiny.expert_dir("product")
     for name in ("config.json", "model.safetensors", "head.safetensors", "tokenizer.json", "MANIFEST.json"):
         assert (folder / name).exists(), name
     encoder = zoo.load_encoder(folder)
     assert torch.equal(encoder.state_dict()["embeddings.word_embeddings.weight"],
-                       tiny.experts["factor"]["embeddings.word_embeddings.weight"])
+                       tiny.experts["product"]["embeddings.word_embeddings.weight"])
 
 
 def test_interrupted_build_is_rebuilt_not_used(tiny, tmp_path):
-    zoo.load_zoo(tasks=["factor"], config=TINY, cache_dir=tmp_path, device="cpu", progress=False)
-    folder = tmp_path / tiny.root.name / "experts" / "factor"
+    zoo.load_zoo(tasks=["product"], config=TINY, cache_dir=tmp_path, device="cpu", progress=False)
+    folder = tmp_path / tiny.root.name / "experts" / "product"
     (folder / "MANIFEST.json").unlink()                      # as if the build died before the end
     (folder / "model.safetensors").write_bytes(b"half a file")
-    rebuilt = zoo.load_zoo(tasks=["factor"], config=TINY, cache_dir=tmp_path, device="cpu", progress=False)
-    for name, tensor in tiny.experts["factor"].items():
-        assert torch.equal(tensor, rebuilt.experts["factor"][name]), name
+    rebuilt = zoo.load_zoo(tasks=["product"], config=TINY, cache_dir=tmp_path, device="cpu", progress=False)
+    for name, tensor in tiny.experts["product"].items():
+        assert torch.equal(tensor, rebuilt.experts["product"][name]), name
 
 
 def test_damaged_file_is_reported_with_what_to_do(tiny, tmp_path):
-    zoo.load_zoo(tasks=["factor"], config=TINY, cache_dir=tmp_path, device="cpu", progress=False)
-    path = tmp_path / tiny.root.name / "experts" / "factor" / "model.safetensors"
+    zoo.load_zoo(tasks=["product"], config=TINY, cache_dir=tmp_path, device="cpu", progress=False)
+    path = tmp_path / tiny.root.name / "experts" / "product" / "model.safetensors"
     data = bytearray(path.read_bytes())
     data[-10] ^= 0xFF
     path.write_bytes(bytes(data))
     with pytest.raises(zoo.ZooCacheError, match=r"damaged.*delete the folder"):
-        zoo.load_zoo(tasks=["factor"], config=TINY, cache_dir=tmp_path, device="cpu", progress=False)
+        zoo.load_zoo(tasks=["product"], config=TINY, cache_dir=tmp_path, device="cpu", progress=False)
 
 
 def test_unwritable_cache_dir(tmp_path):
@@ -84,7 +84,7 @@ def test_cache_dir_from_environment(tmp_path, monkeypatch):
 
 def test_unknown_task(tmp_path):
     with pytest.raises(ValueError, match="unknown task"):
-        zoo.load_zoo(tasks=["factor", "poetry"], cache_dir=tmp_path, progress=False)
+        zoo.load_zoo(tasks=["product", "poetry"], cache_dir=tmp_path, progress=False)
 
 
 def test_missing_data_package_says_what_to_install(monkeypatch):
@@ -103,33 +103,33 @@ def test_frozen_head_reads_raw_embeddings():
 
 
 def test_reseeded_expert_is_another_training_run_cached(tiny, monkeypatch):
-    state, head = tiny.reseeded_expert("factor", seed=7, progress=False)
-    assert set(state) == set(tiny.experts["factor"]) and set(head) == set(tiny.heads["factor"])
+    state, head = tiny.reseeded_expert("product", seed=7, progress=False)
+    assert set(state) == set(tiny.experts["product"]) and set(head) == set(tiny.heads["product"])
     name = "encoder.layer.0.attention.self.query.weight"
-    assert not torch.equal(state[name], tiny.experts["factor"][name])
-    assert (tiny.root / "reseeded" / "factor-seed7" / "MANIFEST.json").exists()
+    assert not torch.equal(state[name], tiny.experts["product"][name])
+    assert (tiny.root / "reseeded" / "product-seed7" / "MANIFEST.json").exists()
     monkeypatch.setattr(zoo, "fine_tune", lambda *a, **k: pytest.fail("a cached reseeded expert was trained again"))
-    again, _ = tiny.reseeded_expert("factor", seed=7)
+    again, _ = tiny.reseeded_expert("product", seed=7)
     assert all(torch.equal(again[n], state[n]) for n in state)
 
 
-@pytest.mark.parametrize("task,seed,match", [("nope", 1, "not a task|unknown"), ("factor", 0, "other than"),
-                                              ("factor", 1.5, "int")])
+@pytest.mark.parametrize("task,seed,match", [("nope", 1, "not a task|unknown"), ("product", 0, "other than"),
+                                              ("product", 1.5, "int")])
 def test_reseeded_expert_bad_input(tiny, task, seed, match):
     with pytest.raises((KeyError, ValueError), match=match):
         tiny.reseeded_expert(task, seed)
 
 
 def test_dataset_dict_holds_the_task_splits_and_is_cached(tiny):
-    dd = tiny.dataset_dict("factor")
-    task = tiny.tasks["factor"]
+    dd = tiny.dataset_dict("product")
+    task = tiny.tasks["product"]
     assert set(dd) == set(task.splits)
     for split, examples in task.splits.items():
         assert dd[split]["text"] == [t for t, _ in examples]
         assert dd[split]["label"] == [y for _, y in examples]
     assert dd["train"].features["label"].names == task.labels
-    assert (tiny.root / "datasets" / "factor" / "MANIFEST.json").exists()
-    again = tiny.dataset_dict("factor")
+    assert (tiny.root / "datasets" / "product" / "MANIFEST.json").exists()
+    again = tiny.dataset_dict("product")
     assert again["test"]["text"] == dd["test"]["text"]
     with pytest.raises(KeyError, match="not a task"):
         tiny.dataset_dict("sentiment")
