@@ -256,6 +256,8 @@ class Evaluator:
                 if tuple(t.shape) != tuple(params[n].shape):
                     raise ValueError(f"variant {k}: {n!r} has shape {tuple(t.shape)}, the encoder's is "
                                      f"{tuple(params[n].shape)}")
+        if not names:  # no variant replaces anything: every one is the clean run
+            return torch.full((len(variants),), self.true_label_probability(state_dict, task, examples, head))
         w, batches = self._head(task, head), self.few_shot_batches(examples)
         fixed = {n: t for n, t in params.items() if n not in names}
 
