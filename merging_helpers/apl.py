@@ -1,0 +1,299 @@
+"""Introduced in chapter 4: APL — which parameters an expert uses, found by causal intervention.
+
+Kong, Zhang & Wang's *Activated Parameter Locating* (equations in ``shared/METHODS.md``):
+
+1. **Trace.** Run expert t on a few-shot set D_t (clean run, P_t = mean probability of the
+   true label), then once per *partition* with that partition's parameters put back to the
+   base's values (corrupted run, P_t^*). The importance of the partition is
+   I = P_t^* − P_t (Eq. 5): negative when the expert needs those parameters.
+2. **Calibrate.** A partition's drop rate moves away from the plain DARE rate λ by
+   tanh(I/τ₁), clipped to [λ − ε, λ + ε] (Eq. 11), or linearly in its importance rank
+   (the paper's Fig. 3 comparison, same expected kept count as DARE at λ).
+3. **Weigh.** Expert weights are a softmax of the model-level importances (Eq. 12).
+
+Partitions, at three levels (:data:`LEVELS`):
+
+* ``model``: every encoder parameter at once (Eq. 6; P_t^* = P_b);
+* ``layer``: the parameters of one transformer block (Eq. 7);
+* ``hidden``: hidden state h = the entries that write dimension h of the residual stream
+  inside the blocks — row h of every block's attention-output and FFN-down weights, entry h
+  of their biases and entry h of the block's LayerNorms (Eq. 8; the paper does not define
+  it, this is the book's reading). The embeddings, the query/key/value and FFN-up maps
+  (which *read* the residual stream) and the pooler belong to no hidden-state group: they
+  keep the plain rate λ.
+
+A group is a ``{parameter name: row}`` mapping, ``row=None`` meaning the whole tensor.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .partitions import PerRow, describe, partition_key
+
+LEVELS = ("model", "layer", "hidden")
+
+
+def _check_level(level: str) -> str:
+    if level not in LEVELS:
+        raise ValueError(f"APL level must be one of {LEVELS}, got {level!r}")
+    return level
+
+
+# ----------------------------------------------------------------------------- partitions
+
+def writes_residual(name: str) -> bool:
+    """True for the tensors whose row h writes residual dimension h inside a block: attention
+    output and FFN down maps (weight and bias) and the block's norms (chapter 4)."""
+    info = describe(name)
+    return info.layer is not None and (info.linear in ("o", "down") or info.role == "norm")
+
+
+def groups(shapes: Mapping[str, Sequence[int]], level: str) -> dict[str, dict[str, int | None]]:
+    """The partitions of one level as ``{key: {name: row or None}}`` (chapter 4).
+
+    ``shapes`` maps parameter names to shapes (a state dict works too). Keys: ``"model"``;
+    ``"layer.l"``; ``"hidden.h"`` for h in 0..H−1 with H the blocks' hidden size."""
+    _check_level(level)
+    shapes = {n: tuple(t.shape) if isinstance(t, torch.Tensor) else tuple(t) for n, t in shapes.items()}
+    if level == "model":
+        return {"model": {n: None for n in shapes}}
+    if level == "layer":
+        out: dict[str, dict] = {}
+        for n in shapes:
+            if describe(n).layer is not None:
+                out.setdefault(partition_key(n, "layer"), {})[n] = None
+        return dict(sorted(out.items(), key=lambda kv: int(kv[0].split(".")[1])))
+    writers = [n for n in shapes if writes_residual(n)]
+    if not writers:
+        raise ValueError("no tensor writes the residual stream inside a block: the names do not look like "
+                         "a BERT- or Llama-style transformer")
+    sizes = {shapes[n][0] for n in writers}
+    if len(sizes) != 1:
+        raise ValueError(f"hidden-state groups need one hidden size; the writers' first dimensions are {sorted(sizes)}")
+    (hidden,) = sizes
+    return {f"hidden.{h}": {n: h for n in writers} for h in range(hidden)}
+
+
+def covered_mask(shapes: Mapping[str, Sequence[int]], group: Mapping[str, int | None]) -> dict[str, torch.Tensor]:
+    """Bool masks of the entries one group covers (chapter 4: its drawing, and the partition tests)."""
+    out = {}
+    for n, row in group.items():
+        m = torch.zeros(tuple(shapes[n].shape) if isinstance(shapes[n], torch.Tensor) else tuple(shapes[n]),
+                        dtype=torch.bool)
+        if row is None:
+            m[...] = True
+        else:
+            m[row] = True
+        out[n] = m
+    return out
+
+
+def corrupt(expert: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor],
+            group: Mapping[str, int | None]) -> dict[str, torch.Tensor]:
+    """The replaced tensors of one corrupted run: the group's entries of ``expert`` set back to
+    ``base`` (chapter 4). Tensors outside the group are not in the result."""
+    out = {}
+    for n, row in group.items():
+        if row is None:
+            out[n] = base[n]
+        else:
+            t = expert[n].clone()
+            t[row] = base[n][row]
+            out[n] = t
+    return out
+
+
+# ----------------------------------------------------------------------------- tracing
+
+@dataclass
+class Importance:
+    """Result of tracing one expert at one level (chapter 4): ``values[i]`` = P_t^* − P_t of
+    partition ``keys[i]`` (Eq. 5), with the clean P_t and the few-shot accuracy."""
+
+    task: str
+    level: str
+    keys: list[str]
+    values: torch.Tensor
+    clean: float
+    few_shot_accuracy: float
+
+    def as_dict(self) -> dict[str, float]:
+        return dict(zip(self.keys, self.values.tolist()))
+
+
+def _few_shot_accuracy(scorer, params, task, examples) -> float:
+    logits, labels = scorer.logits(task, None, scorer.few_shot_batches(examples), scorer.params(params))
+    return float((logits.argmax(-1) == labels).float().mean())
+
+
+def trace(scorer, base, expert, task: str, examples, level: str, chunk: int = 32, progress: bool = False,
+          naive: bool = False) -> Importance:
+    """Causal tracing of ``expert`` on the few-shot ``examples`` of ``task`` at ``level`` (chapter 4).
+
+    The corrupted runs are independent: they go through the scorer's batched path
+    (``chunk`` variants per forward pass). ``naive=True`` scores them one at a time, each a
+    whole corrupted state dict (the reference the batched path is tested and timed against)."""
+    _check_level(level)
+    examples = list(examples)
+    if not examples:
+        raise ValueError(f"trace: the few-shot set of {task!r} is empty")
+    if not (isinstance(chunk, int) and chunk >= 1):
+        raise ValueError(f"trace: chunk must be an int >= 1, got {chunk!r}")
+    parts = groups(expert, level)
+    keys = list(parts)
+    clean = scorer.true_label_probability(expert, task, examples)
+    accuracy = _few_shot_accuracy(scorer, expert, task, examples)
+    chance = 1 / scorer.zoo.tasks[task].num_labels if hasattr(scorer, "zoo") else None
+    if chance is not None and accuracy <= chance:
+        warnings.warn(f"expert {task!r} is at chance on its few-shot set (accuracy {accuracy:.2f} <= {chance:.2f}): "
+                      "its importances are noise", stacklevel=2)
+    from tqdm.auto import tqdm
+    bar = tqdm(total=len(keys), desc=f"trace {task} ({level})", disable=not progress, leave=False)
+    values = []
+    for start in range(0, len(keys), 1 if naive else chunk):
+        part = [corrupt(expert, base, parts[k]) for k in keys[start:start + (1 if naive else chunk)]]
+        if naive:
+            values.append(torch.tensor([scorer.true_label_probability({**expert, **part[0]}, task, examples)]))
+        else:
+            values.append(scorer.true_label_probabilities(expert, part, task, examples))
+        bar.update(len(part))
+    bar.close()
+    return Importance(task, level, keys, torch.cat(values).double() - clean, clean, accuracy)
+
+
+# ----------------------------------------------------------------------------- drop rates
+
+def _check_rate_band(lam: float, eps: float) -> None:
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"epsilon must be a number >= 0, got {eps!r}")
+    if not (0 <= lam - eps and lam + eps < 1):
+        raise ValueError(f"drop rates λ ± ε must lie in [0, 1): λ = {lam}, ε = {eps} gives "
+                         f"[{lam - eps:g}, {lam + eps:g}]")
+
+
+def _checked_importance(values) -> torch.Tensor:
+    values = torch.as_tensor(values, dtype=torch.float64)
+    if values.dim() != 1 or values.numel() == 0:
+        raise ValueError(f"importances must be a non-empty 1-D tensor, got shape {tuple(values.shape)}")
+    if not bool(torch.isfinite(values).all()):
+        raise ValueError("importances contain NaN or inf")
+    if not bool(values.ne(0).any()):
+        raise ValueError("every importance is zero: replacing any partition changed nothing, so there is "
+                         "nothing to calibrate the drop rates with (is the expert equal to the base?)")
+    return values
+
+
+def calibrated_drop_rates(importance, lam: float, eps: float, tau: float = 5.0, normalise: bool = False) -> torch.Tensor:
+    """Eq. 11: p = clip(λ + tanh(I/τ₁), λ − ε, λ + ε), one rate per partition (chapter 4).
+
+    I = P^* − P is negative for a partition the expert needs, so needed partitions get a
+    rate *below* λ (fewer of their entries dropped). Causal importances are small
+    probability differences; ``normalise=True`` first divides them by max |I| (the
+    most important partition then has |I| = 1), the book's option, off in the paper."""
+    values = _checked_importance(importance)
+    _check_rate_band(lam, eps)
+    if not (isinstance(tau, (int, float)) and tau > 0):
+        raise ValueError(f"tau must be > 0, got {tau!r}")
+    if normalise:
+        values = values / values.abs().max()
+    return (lam + torch.tanh(values / tau)).clamp(lam - eps, lam + eps)
+
+
+def average_ranks(values: torch.Tensor) -> torch.Tensor:
+    """Ranks 0..n−1 in ascending order, ties sharing their mean rank (chapter 4)."""
+    order = torch.argsort(values, stable=True)
+    ranks = torch.empty(len(values), dtype=torch.float64)
+    ranks[order] = torch.arange(len(values), dtype=torch.float64)
+    for v in torch.unique(values):
+        tied = values == v
+        if int(tied.sum()) > 1:
+            ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def linear_drop_rates(importance, lam: float, eps: float) -> torch.Tensor:
+    """The paper's Fig. 3 mapping (chapter 4): rates linear in importance rank, λ − ε for
+    the most important partition (most negative I), λ + ε for the least, λ at the median.
+    The rates average to exactly λ, so on partitions of equal size the expected number of
+    kept entries equals plain DARE's at λ."""
+    values = _checked_importance(importance)
+    _check_rate_band(lam, eps)
+    if len(values) == 1:
+        return torch.full((1,), float(lam), dtype=torch.float64)
+    ranks = average_ranks(values)  # 0 = most negative = most important
+    return lam - eps + 2 * eps * ranks / (len(values) - 1)
+
+
+def expert_weights(model_importances, tau: float = 5.0) -> torch.Tensor:
+    """Eq. 12's expert weights, softmax(−I_t^m / τ₂) (chapter 4): I_t^m = P_b − P_t is more
+    negative for an expert that carries more task information, which then weighs more."""
+    values = torch.as_tensor(model_importances, dtype=torch.float64)
+    if values.dim() != 1 or values.numel() == 0:
+        raise ValueError(f"model importances must be a non-empty 1-D tensor, got shape {tuple(values.shape)}")
+    if not (isinstance(tau, (int, float)) and tau > 0):
+        raise ValueError(f"tau must be > 0, got {tau!r}")
+    return torch.softmax(-values / tau, dim=0)
+
+
+def engine_rates(importance: Importance, rates: torch.Tensor, names) -> tuple[dict, str]:
+    """Per-partition drop rates as the merge engine reads them: ``(rates, rate_level)`` for
+    :class:`~merging_helpers.config.MergeConfig` (chapter 4). Layer rates become a
+    ``{"layer.l": p}`` mapping; hidden-state rates one :class:`PerRow` vector per writer tensor."""
+    if len(rates) != len(importance.keys):
+        raise ValueError(f"{len(rates)} rates for {len(importance.keys)} partitions")
+    if importance.level == "model":
+        return {"model": float(rates[0])}, "model"
+    if importance.level == "layer":
+        return {k: float(p) for k, p in zip(importance.keys, rates)}, "layer"
+    order = torch.tensor([int(k.split(".")[1]) for k in importance.keys])
+    vector = torch.empty(len(rates), dtype=torch.float64)
+    vector[order] = torch.as_tensor(rates, dtype=torch.float64)
+    return {n: PerRow(vector.clone()) for n in names if writes_residual(n)}, "tensor"
+
+
+# ----------------------------------------------------------------------------- merging
+
+MAPPINGS = ("tanh", "linear")
+
+
+def drop_rates(importance: Importance, lam: float, eps: float, mapping: str = "tanh", tau: float = 5.0,
+               normalise: bool = False) -> torch.Tensor:
+    """One expert's per-partition drop rates: Eq. 11 (``"tanh"``) or Fig. 3's ``"linear"`` (chapter 4)."""
+    if mapping == "tanh":
+        return calibrated_drop_rates(importance.values, lam, eps, tau, normalise)
+    if mapping == "linear":
+        return linear_drop_rates(importance.values, lam, eps)
+    raise ValueError(f"mapping must be one of {MAPPINGS}, got {mapping!r}")
+
+
+def merge(base, experts: Mapping[str, Mapping[str, torch.Tensor]], importances: Mapping[str, Importance],
+          lam: float, eps: float, *, mapping: str = "tanh", tau: float = 5.0, normalise: bool = False,
+          weights=None, scale: float = 1.0, rescale: bool = True, seed: int = 0, progress: bool = False):
+    """APL merge (Eq. 12, chapter 4): θ_b + scale · Σ_t w_t · DARE(Δ_t; calibrated rates).
+
+    ``importances[t]`` is expert t's :class:`Importance` (any level); partitions it does
+    not cover keep the plain rate λ. ``weights``: one per expert (default 1 each: "APL on
+    Task Arithmetic"; :func:`expert_weights` for MI-Task Arithmetic). ``rescale``: divide the
+    survivors by 1 − p as DARE does (Eq. 12 as printed has no rescale: ``rescale=False``)."""
+    from .recipes import merge_state_dicts
+    names = list(experts)
+    missing = [t for t in names if t not in importances]
+    if missing:
+        raise KeyError(f"APL merge: no importances for expert(s) {missing}")
+    levels = {importances[t].level for t in names}
+    if len(levels) != 1:
+        raise ValueError(f"APL merge: all experts' importances must be of one level, got {sorted(levels)}")
+    float_names = [n for n, t in base.items() if t.is_floating_point()]
+    rates, level = [], "model"
+    for t in names:
+        r, level = engine_rates(importances[t], drop_rates(importances[t], lam, eps, mapping, tau, normalise),
+                                float_names)
+        rates.append(r)
+    return merge_state_dicts(base, [experts[t] for t in names], "dare_linear", drop_rate=rates, rate_level=level,
+                             rate_default=lam, weights=weights, lam=scale, rescale="inverse" if rescale else None,
+                             seed=seed, progress=progress, expert_names=names)
