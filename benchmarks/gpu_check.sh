@@ -10,7 +10,9 @@
 #               1.1B Llama shape, T=3, bf16, page cache dropped before every run);
 #   zoo         builds the zoo on the GPU (timed), then the scorer's tests on it (gradient against
 #               finite differences, batched variants) with MERGING_TEST_DEVICE=cuda;
-#   chapters    chapters 0-3 under nbval on the GPU (they pick the GPU themselves).
+#   chapters    chapters 0-4 under nbval on the GPU (they pick the GPU themselves);
+#   apl         APL causal tracing at Llama-2-7B shape (bf16, 6 tasks, 5 shots x 128 tokens): layer
+#               level in full, hidden-state level on 256 of the 4096 states, extrapolated (chapter 4).
 # It ends with a summary: one line per step, its status and its time.
 #
 # The lent machine has torch, transformers, safetensors, peft, accelerate, matplotlib,
@@ -40,7 +42,7 @@ step() {  # step NAME COMMAND...: run, log to $OUT_DIR/NAME.log, remember status
   summary+=("$(printf '%-12s %-7s %4ss' "$name" "$([ "$rc" = 0 ] && echo ok || echo FAIL:$rc)" $(( $(date +%s) - t0 )))")
 }
 python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(), torch.__version__)" || exit 1
-steps=${*:-cuda-tests streaming zoo chapters}
+steps=${*:-cuda-tests streaming zoo chapters apl}
 for s in $steps; do
   case $s in
     cuda-tests) step cuda-tests python3 -m pytest -q -p no:cacheprovider tests -k cuda ;;
@@ -49,7 +51,8 @@ for s in $steps; do
     zoo)        step zoo-build python3 -m merging_helpers.zoo
                 step scorer python3 -m pytest -q -p no:cacheprovider tests/test_evaluation.py ;;
     chapters)   step chapters python3 -m pytest -q -p no:cacheprovider --nbval-lax book ;;
-    *) echo "unknown step: $s (cuda-tests, streaming, zoo, chapters)"; exit 2 ;;
+    apl)        step apl python3 benchmarks/apl_gpu.py --hidden-sample 256 --chunk 32 ;;
+    *) echo "unknown step: $s (cuda-tests, streaming, zoo, chapters, apl)"; exit 2 ;;
   esac
 done
 echo "=== summary"

@@ -132,12 +132,15 @@ def _few_shot_accuracy(scorer, params, task, examples) -> float:
 
 
 def trace(scorer, base, expert, task: str, examples, level: str, chunk: int = 32, progress: bool = False,
-          naive: bool = False) -> Importance:
+          naive: bool = False, only=None) -> Importance:
     """Causal tracing of ``expert`` on the few-shot ``examples`` of ``task`` at ``level`` (chapter 4).
 
-    The corrupted runs are independent: they go through the scorer's batched path
-    (``chunk`` variants per forward pass). ``naive=True`` scores them one at a time, each a
-    whole corrupted state dict (the reference the batched path is tested and timed against)."""
+    The corrupted runs are independent and run ``chunk`` at a time: at the hidden-state
+    level by :func:`patched_hidden_probabilities` (one forward pass, shared weights), at the
+    other levels through the scorer's batched path (stacked replaced tensors).
+    ``naive=True`` scores them one at a time, each a whole corrupted state dict (the
+    reference the batched paths are tested and timed against). ``only``: trace just these
+    partition keys (e.g. a sample of hidden states), in this order."""
     _check_level(level)
     examples = list(examples)
     if not examples:
@@ -145,7 +148,10 @@ def trace(scorer, base, expert, task: str, examples, level: str, chunk: int = 32
     if not (isinstance(chunk, int) and chunk >= 1):
         raise ValueError(f"trace: chunk must be an int >= 1, got {chunk!r}")
     parts = groups(expert, level)
-    keys = list(parts)
+    keys = list(parts) if only is None else list(only)
+    unknown = [k for k in keys if k not in parts]
+    if unknown:
+        raise KeyError(f"trace: {unknown[:3]} are not {level}-level partitions (e.g. {list(parts)[:2]})")
     clean = scorer.true_label_probability(expert, task, examples)
     accuracy = _few_shot_accuracy(scorer, expert, task, examples)
     chance = 1 / scorer.zoo.tasks[task].num_labels if hasattr(scorer, "zoo") else None
@@ -155,15 +161,80 @@ def trace(scorer, base, expert, task: str, examples, level: str, chunk: int = 32
     from tqdm.auto import tqdm
     bar = tqdm(total=len(keys), desc=f"trace {task} ({level})", disable=not progress, leave=False)
     values = []
+    patch = level == "hidden" and not naive and hasattr(scorer, "encoder")
     for start in range(0, len(keys), 1 if naive else chunk):
-        part = [corrupt(expert, base, parts[k]) for k in keys[start:start + (1 if naive else chunk)]]
-        if naive:
-            values.append(torch.tensor([scorer.true_label_probability({**expert, **part[0]}, task, examples)]))
+        some = keys[start:start + (1 if naive else chunk)]
+        if patch:
+            values.append(patched_hidden_probabilities(scorer, base, expert, task, examples, map(_hidden_row, some)))
+        elif naive:
+            corrupted = {**expert, **corrupt(expert, base, parts[some[0]])}
+            values.append(torch.tensor([scorer.true_label_probability(corrupted, task, examples)]))
         else:
-            values.append(scorer.true_label_probabilities(expert, part, task, examples))
-        bar.update(len(part))
+            values.append(scorer.true_label_probabilities(expert, [corrupt(expert, base, parts[k]) for k in some],
+                                                          task, examples))
+        bar.update(len(some))
     bar.close()
     return Importance(task, level, keys, torch.cat(values).double() - clean, clean, accuracy)
+
+
+def _hidden_row(key: str) -> int:
+    return int(key.split(".")[1])
+
+
+@torch.no_grad()
+def patched_hidden_probabilities(scorer, base, expert, task: str, examples, rows) -> torch.Tensor:
+    """P_t^* of hidden-state groups ``rows``, all in one forward pass per few-shot batch (chapter 4).
+
+    Putting row h of a writer's weights (and entry h of its bias or norm) back to the base's
+    values changes one thing: coordinate h of that module's output becomes what the base's
+    module computes from the same input. So the batch is repeated once per group and, in
+    every writer, coordinate h_k of copy k is swapped for the base module's (activation
+    patching; for a linear map only row h_k of the base's weight is applied). The weights are
+    shared by all copies: no stacked per-variant tensors."""
+    params, base_params = scorer.params(expert), scorer.params(base)
+    paths = sorted({n.rsplit(".", 1)[0] for n in params if writes_residual(n)})
+    hidden = params[paths[0] + ".weight"].shape[0]
+    rows = torch.as_tensor(list(rows), device=scorer.device)
+    onehot = torch.zeros(len(rows), hidden, device=scorer.device)
+    onehot[torch.arange(len(rows)), rows] = 1.0
+    k, copies = len(rows), torch.arange(len(rows), device=scorer.device)
+    current = {"inside": False}
+
+    def hook_for(path):
+        own = {n[len(path) + 1:]: t for n, t in base_params.items() if n.rsplit(".", 1)[0] == path}
+
+        def hook(module, inputs, output):
+            if current["inside"]:  # the base's run of this very module, below
+                return None
+            if isinstance(module, torch.nn.Linear):  # only row h_k of the base's map is needed for copy k
+                x = inputs[0].reshape(k, -1, inputs[0].shape[-1])
+                reference = torch.einsum("kti,ki->kt", x, own["weight"][rows])
+                if "bias" in own:
+                    reference = reference + own["bias"][rows][:, None]
+                output.view(k, -1, output.shape[-1])[copies, :, rows] = reference.to(output.dtype)
+                return output
+            current["inside"] = True
+            try:
+                reference = torch.func.functional_call(module, own, inputs)
+            finally:
+                current["inside"] = False
+            return output + current["mask"] * (reference - output)
+        return hook
+
+    handles = [scorer.encoder.get_submodule(p).register_forward_hook(hook_for(p)) for p in paths]
+    try:
+        total, count = torch.zeros(k, dtype=torch.float64), 0
+        for ids, mask, y in scorer.few_shot_batches(examples):
+            n = len(y)
+            current["mask"] = onehot.repeat_interleave(n, 0)[:, None, :]  # copy k = rows k*n .. k*n+n-1
+            logits, labels = scorer.logits(task, None, [(ids.repeat(k, 1), mask.repeat(k, 1), y.repeat(k))], params)
+            probs = logits.softmax(-1).gather(1, labels[:, None]).view(k, n)
+            total += probs.sum(1).double().cpu()
+            count += n
+    finally:
+        for h in handles:
+            h.remove()
+    return total / count
 
 
 # ----------------------------------------------------------------------------- drop rates

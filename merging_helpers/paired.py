@@ -107,3 +107,18 @@ def per_task_frame(result: PairedResult, names=("B", "A")):
 
 
 __all__ = ["mcnemar", "PairedResult", "paired_bootstrap", "per_task_frame"]
+
+
+def seed_interval(differences, level: float = 0.95) -> tuple[float, float, float]:
+    """Mean of paired per-seed differences (B − A with the same mask seed) and its Student-t
+    interval (chapter 4): the spread that another draw of the random masks would give.
+    Needs at least two seeds."""
+    from scipy import stats
+    d = np.asarray(differences, dtype=float)
+    if d.ndim != 1 or d.size < 2:
+        raise ValueError(f"seed_interval: need a 1-D vector of at least two per-seed differences, got shape {d.shape}")
+    if not 0 < level < 1:
+        raise ValueError(f"seed_interval: level must be in (0, 1), got {level}")
+    mean, sem = float(d.mean()), float(d.std(ddof=1) / math.sqrt(d.size))
+    half = float(stats.t.ppf(0.5 + level / 2, d.size - 1)) * sem
+    return mean, mean - half, mean + half

@@ -5,6 +5,7 @@ import pytest
 import torch
 from scipy.stats import binomtest
 
+from merging_helpers import paired
 from merging_helpers.paired import mcnemar, paired_bootstrap, per_task_frame
 
 
@@ -69,3 +70,13 @@ def test_mean_over_tasks_and_swapping_negates():
 def test_bad_input_is_named(a, b, match):
     with pytest.raises(ValueError, match=match):
         paired_bootstrap(a, b)
+
+
+def test_seed_interval_hand_worked_and_bad_input():
+    mean, low, high = paired.seed_interval([1.0, 2.0, 3.0])
+    half = 4.302652729911275 / math.sqrt(3)  # t(0.975, df=2) × sd / √n, sd = 1
+    assert (mean, low, high) == pytest.approx((2.0, 2.0 - half, 2.0 + half))
+    with pytest.raises(ValueError, match="at least two"):
+        paired.seed_interval([1.0])
+    with pytest.raises(ValueError, match="level"):
+        paired.seed_interval([1.0, 2.0], level=1.5)
