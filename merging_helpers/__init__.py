@@ -22,7 +22,7 @@ modules on disk and ``_toc.yml``:
 * ``recipes``    – chapter 3: the reference engine (merge_tensor, merge_state_dicts)
 * ``ablations``  – chapter 3: TIES step by step, merged deltas, ablation grids
 * ``paired``     – chapter 3: two merges on the same examples (paired bootstrap, McNemar)
-* ``apl``        – chapter 4 (planned): APL — causal tracing of partitions, calibrated drop rates, weights
+* ``apl``        – chapter 4: APL — causal tracing of partitions, calibrated drop rates, weights
 * ``fast``       – chapter 8 (planned; appendix "Merging at scale"): the fast tier, streaming merges of
   HF folders, the fused path and its compiled kernel; it imports the reference, never the other way round
 

@@ -25,6 +25,13 @@ def in_colab() -> bool:
     return "google.colab" in sys.modules
 
 
+def quick_mode() -> bool:
+    """True where ``$MERGING_BOOK_QUICK=1``: a chapter then runs smaller grids and fewer seeds
+    through the same code (for trying a change quickly); ``make book`` and the tests never
+    set it (chapter 0)."""
+    return os.environ.get("MERGING_BOOK_QUICK", "") == "1"
+
+
 def seed_everything(seed: int = 0) -> None:
     """Seed Python, NumPy and torch (CPU and every GPU) (chapter 0)."""
     random.seed(seed)
