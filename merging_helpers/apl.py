@@ -32,7 +32,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
+from .evaluation import accuracy
 from .partitions import PerRow, describe, partition_key
 
 LEVELS = ("model", "layer", "hidden")
@@ -127,8 +129,7 @@ class Importance:
 
 
 def _few_shot_accuracy(scorer, params, task, examples) -> float:
-    logits, labels = scorer.logits(task, None, scorer.few_shot_batches(examples), scorer.params(params))
-    return float((logits.argmax(-1) == labels).float().mean())
+    return accuracy(*scorer.logits(task, None, scorer.few_shot_batches(examples), scorer.params(params)))
 
 
 def trace(scorer, base, expert, task: str, examples, level: str, chunk: int = 32, progress: bool = False,
@@ -158,7 +159,6 @@ def trace(scorer, base, expert, task: str, examples, level: str, chunk: int = 32
     if chance is not None and accuracy <= chance:
         warnings.warn(f"expert {task!r} is at chance on its few-shot set (accuracy {accuracy:.2f} <= {chance:.2f}): "
                       "its importances are noise", stacklevel=2)
-    from tqdm.auto import tqdm
     bar = tqdm(total=len(keys), desc=f"trace {task} ({level})", disable=not progress, leave=False)
     values = []
     patch = level == "hidden" and not naive and hasattr(scorer, "encoder")
@@ -247,6 +247,11 @@ def _check_rate_band(lam: float, eps: float) -> None:
                          f"[{lam - eps:g}, {lam + eps:g}]")
 
 
+def _check_tau(tau) -> None:
+    if not (isinstance(tau, (int, float)) and tau > 0):
+        raise ValueError(f"tau must be > 0, got {tau!r}")
+
+
 def _checked_importance(values) -> torch.Tensor:
     values = torch.as_tensor(values, dtype=torch.float64)
     if values.dim() != 1 or values.numel() == 0:
@@ -268,8 +273,7 @@ def calibrated_drop_rates(importance, lam: float, eps: float, tau: float = 5.0, 
     most important partition then has |I| = 1), the book's option, off in the paper."""
     values = _checked_importance(importance)
     _check_rate_band(lam, eps)
-    if not (isinstance(tau, (int, float)) and tau > 0):
-        raise ValueError(f"tau must be > 0, got {tau!r}")
+    _check_tau(tau)
     if normalise:
         values = values / values.abs().max()
     return (lam + torch.tanh(values / tau)).clamp(lam - eps, lam + eps)
@@ -306,8 +310,7 @@ def expert_weights(model_importances, tau: float = 5.0) -> torch.Tensor:
     values = torch.as_tensor(model_importances, dtype=torch.float64)
     if values.dim() != 1 or values.numel() == 0:
         raise ValueError(f"model importances must be a non-empty 1-D tensor, got shape {tuple(values.shape)}")
-    if not (isinstance(tau, (int, float)) and tau > 0):
-        raise ValueError(f"tau must be > 0, got {tau!r}")
+    _check_tau(tau)
     return torch.softmax(-values / tau, dim=0)
 
 
