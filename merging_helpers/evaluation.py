@@ -131,7 +131,7 @@ class Evaluator:
 
     def batches(self, task: str, split: str):
         if (task, split) not in self._batches:
-            self._batches[task, split] = self._tokenized(self.zoo.tasks[task].splits[split])
+            self._batches[task, split] = self._tokenized(self.zoo.task(task).splits[split])
         return self._batches[task, split]
 
     def few_shot_batches(self, examples):

@@ -13,6 +13,14 @@ sign        sign of the result of "What is 0.4 - 12.3?"              ``mathemati
 product     sign of a product or quotient "What is -14 times 3?"    ``mathematics-dataset``
 ========== ======================================================= ===========
 
+and one **held-out** task that no expert is trained on (chapter 4's out-of-domain merge;
+the zoo gives it only a probe on the frozen base, :meth:`~merging_helpers.zoo.Zoo.held_out`):
+
+========== ======================================================= ===========
+decimals    truth of a comparison with a decimal or a fraction       ``mathematics-dataset``
+            "Is -2/7 < 0.3?" (``compare`` keeps only the integer ones)
+========== ======================================================= ===========
+
 Each task has fixed, non-overlapping train / validation / test splits (no text appears
 in two splits) and a seeded few-shot sampler.
 """
@@ -26,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 TASK_NAMES = ("news", "sentiment", "compare", "sign", "product")
+HELD_OUT_TASKS = ("decimals",)  # no expert: chapter 4's out-of-domain task
 SPLITS = ("train", "validation", "test")
 
 # examples per split; the zoo trains on a subset of "train" (see zoo.TrainConfig)
@@ -76,12 +85,12 @@ class Task:
                    {k: [(t, int(y)) for t, y in v] for k, v in d["splits"].items()})
 
 
-def check_task_names(names) -> list[str]:
+def check_task_names(names, known=TASK_NAMES) -> list[str]:
     """Return ``names`` as a list, or raise naming the unknown task and the known ones (chapter 0)."""
     names = [names] if isinstance(names, str) else list(names)
-    unknown = [n for n in names if n not in TASK_NAMES]
+    unknown = [n for n in names if n not in known]
     if unknown:
-        raise ValueError(f"unknown task(s) {unknown}; the zoo has {list(TASK_NAMES)}")
+        raise ValueError(f"unknown task(s) {unknown}; the zoo has {list(known)}")
     return names
 
 
@@ -249,6 +258,13 @@ def _integer_comparison_truth(question, answer):
     return _truth(question, answer)
 
 
+def _noninteger_comparison_truth(question, answer):
+    # the yes/no comparisons that `compare` leaves out: at least one decimal or fraction
+    if question.startswith("Which") or not ("/" in question or "." in question.rstrip("?")):
+        return None
+    return _truth(question, answer)
+
+
 def _answer_sign(question, answer):
     value = Fraction(answer)  # answers may be fractions ("-105/4")
     return None if value == 0 else int(value > 0)
@@ -262,6 +278,8 @@ _MATH_TASKS = {
              "sign of the result of an addition or subtraction"),
     "product": ("arithmetic", ["mul", "div"], _answer_sign, ["negative", "positive"],
                 "sign of the result of a multiplication or division"),
+    "decimals": ("comparison", ["pair"], _noninteger_comparison_truth, ["false", "true"],
+                 "truth of a comparison with a decimal or a fraction (held out: no expert)"),
 }
 
 
@@ -281,7 +299,7 @@ def make_math(name: str, seed: int) -> Task:
 
 def make_task(name: str, seed: int = 0) -> Task:
     """Build one task from its packaged source (deterministic for a given seed) (chapter 0)."""
-    (name,) = check_task_names([name])
+    (name,) = check_task_names([name], TASK_NAMES + HELD_OUT_TASKS)
     if name == "news":
         return make_news(seed)
     if name == "sentiment":

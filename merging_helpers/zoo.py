@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .tasks import TASK_NAMES, Task, check_task_names, make_task
+from .tasks import HELD_OUT_TASKS, TASK_NAMES, Task, check_task_names, make_task
 
 ZOO_FORMAT = 2  # bump when the layout, the tasks or the training recipe change (2: integer compare, product for factor)
 CACHE_ENV = "MERGING_BOOK_CACHE"
@@ -272,6 +272,7 @@ class Zoo:
     frozen_heads: dict[str, dict[str, torch.Tensor]]
     config: TrainConfig
     train_logs: dict[str, dict] = field(default_factory=dict)
+    held_out_tasks: dict[str, Task] = field(default_factory=dict)  # loaded by held_out()
 
     @property
     def task_names(self) -> list[str]:
@@ -289,6 +290,33 @@ class Zoo:
         if name not in self.tasks:
             raise KeyError(f"{what}: {name!r} is not a task of this zoo ({self.task_names})")
         return name
+
+    def task(self, name: str) -> Task:
+        """An expert's task, or a held-out task loaded by :meth:`held_out` (chapter 4)."""
+        if name in self.tasks:
+            return self.tasks[name]
+        if name in self.held_out_tasks:
+            return self.held_out_tasks[name]
+        raise KeyError(f"{name!r} is neither a task of this zoo ({self.task_names}) nor a loaded held-out task "
+                       f"(zoo.held_out(name) loads one of {list(HELD_OUT_TASKS)})")
+
+    def held_out(self, task: str = "decimals", device=None) -> tuple[Task, dict[str, torch.Tensor]]:
+        """A task that no expert was trained on, and its probe: a linear head fitted on the
+        frozen base, which reads any merged encoder (chapter 4's out-of-domain merge). Built
+        on first use (seconds) and cached next to the zoo; afterwards the evaluator knows
+        the task (:meth:`task`). Returns (task, head)."""
+        (name,) = check_task_names([task], HELD_OUT_TASKS)
+        folder = self.root / "held_out" / name
+        if not is_complete(folder):
+            def fill(tmp):
+                task_obj = make_task(name, self.config.seed)
+                (tmp / "task.json").write_text(json.dumps(task_obj.to_json()))
+                head = _fit_frozen_head(task_obj, self.config, load_tokenizer(), default_device(device))
+                save_file(head, str(tmp / "head.safetensors"))
+            build_atomically(folder, fill)
+        verify_manifest(folder)
+        self.held_out_tasks[name] = Task.from_json(json.loads((folder / "task.json").read_text()))
+        return self.held_out_tasks[name], load_file(str(folder / "head.safetensors"))
 
     def dataset_dict(self, task: str):
         """``task``'s splits as a ``datasets.DatasetDict``, saved once with ``save_to_disk``
@@ -345,13 +373,16 @@ def _build_expert(target: Path, task: Task, config: TrainConfig, tokenizer, devi
     return build_atomically(target, fill)
 
 
+def _fit_frozen_head(task: Task, config: TrainConfig, tokenizer, device) -> dict[str, torch.Tensor]:
+    encoder = load_encoder(device=device)
+    feats, labels = embed_split(encoder, task, "train", tokenizer, config.max_length, device)
+    head = fit_linear_head(feats, labels, task.num_labels, seed=config.seed)
+    return {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+
+
 def _build_frozen_head(target: Path, task: Task, config: TrainConfig, tokenizer, device):
-    def fill(tmp):
-        encoder = load_encoder(device=device)
-        feats, labels = embed_split(encoder, task, "train", tokenizer, config.max_length, device)
-        head = fit_linear_head(feats, labels, task.num_labels, seed=config.seed)
-        save_file({k: v.detach().contiguous() for k, v in head.state_dict().items()}, str(tmp / "head.safetensors"))
-    return build_atomically(target, fill)
+    return build_atomically(target, lambda tmp: save_file(_fit_frozen_head(task, config, tokenizer, device),
+                                                          str(tmp / "head.safetensors")))
 
 
 def _load_state_dict(folder: Path, filename="model.safetensors") -> dict[str, torch.Tensor]:

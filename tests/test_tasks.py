@@ -6,7 +6,7 @@ from merging_helpers import tasks
 
 @pytest.fixture(scope="module")
 def all_tasks():
-    return {name: tasks.make_task(name, seed=0) for name in tasks.TASK_NAMES}
+    return {name: tasks.make_task(name, seed=0) for name in tasks.TASK_NAMES + tasks.HELD_OUT_TASKS}
 
 
 def test_splits_are_disjoint_and_nonempty(all_tasks):
@@ -47,6 +47,11 @@ def test_arithmetic_labels_hand_worked():
     assert tasks._integer_comparison_truth("Is 7 > 576/85?", "True") is None
     assert tasks._integer_comparison_truth("Is 114.9 bigger than 1?", "True") is None
     assert tasks._integer_comparison_truth("Which is bigger: 3 or 4?", "4") is None
+    # the held-out task keeps exactly the yes/no comparisons that `compare` leaves out
+    assert tasks._noninteger_comparison_truth("Is 7 > 576/85?", "True") == 1
+    assert tasks._noninteger_comparison_truth("Is 114.9 bigger than 1?", "False") == 0
+    assert tasks._noninteger_comparison_truth("Is -220 bigger than -241?", "True") is None
+    assert tasks._noninteger_comparison_truth("Which is bigger: 0.3 or 4?", "4") is None
 
 
 def test_compare_is_integers_only_and_product_mixes_both_operations(all_tasks):
@@ -55,6 +60,14 @@ def test_compare_is_integers_only_and_product_mixes_both_operations(all_tasks):
     product = all_tasks["product"].texts("train")
     divisions = sum("divided" in t for t in product)
     assert 0.3 < divisions / len(product) < 0.7, divisions
+
+
+def test_held_out_task_shares_no_question_with_compare(all_tasks):
+    decimals = {t for split in tasks.SPLITS for t in all_tasks["decimals"].texts(split)}
+    compare = {t for split in tasks.SPLITS for t in all_tasks["compare"].texts(split)}
+    assert all("/" in t or "." in t.rstrip("?") for t in decimals)
+    assert not decimals & compare
+    assert "decimals" not in tasks.TASK_NAMES  # no expert is trained on it
 
 
 def test_tasks_are_deterministic():

@@ -133,3 +133,22 @@ def test_dataset_dict_holds_the_task_splits_and_is_cached(tiny):
     assert again["test"]["text"] == dd["test"]["text"]
     with pytest.raises(KeyError, match="not a task"):
         tiny.dataset_dict("sentiment")
+
+
+def test_held_out_task_gets_a_cached_frozen_base_probe_and_is_known_to_the_evaluator(tiny, monkeypatch):
+    from merging_helpers.evaluation import Evaluator
+
+    with pytest.raises(KeyError, match="held-out"):
+        tiny.task("decimals")
+    task, head = tiny.held_out("decimals", device="cpu")
+    assert tiny.task("decimals") is task and "decimals" not in tiny.tasks
+    assert head["weight"].shape == (task.num_labels, 384)
+    assert (tiny.root / "held_out" / "decimals" / "MANIFEST.json").exists()
+    evaluator = Evaluator(tiny, device="cpu")
+    on_base = evaluator.accuracy(tiny.base, split="validation", tasks=["decimals"], heads={"decimals": head})
+    assert on_base["decimals"] > 0.6  # a probe reads the frozen base well above chance (0.5)
+    monkeypatch.setattr(zoo, "fit_linear_head", lambda *a, **k: pytest.fail("a cached probe was fitted again"))
+    _, again = tiny.held_out("decimals")
+    assert torch.equal(again["weight"], head["weight"])
+    with pytest.raises(ValueError, match="unknown task"):
+        tiny.held_out("product")  # an expert's task is not held out
