@@ -128,12 +128,12 @@ class Importance:
         return dict(zip(self.keys, self.values.tolist()))
 
 
-def _few_shot_accuracy(scorer, params, task, examples) -> float:
-    return accuracy(*scorer.logits(task, None, scorer.few_shot_batches(examples), scorer.params(params)))
+def _few_shot_accuracy(scorer, params, task, examples, head=None) -> float:
+    return accuracy(*scorer.logits(task, head, scorer.few_shot_batches(examples), scorer.params(params)))
 
 
 def trace(scorer, base, expert, task: str, examples, level: str, chunk: int = 32, progress: bool = False,
-          naive: bool = False, only=None) -> Importance:
+          naive: bool = False, only=None, head=None) -> Importance:
     """Causal tracing of ``expert`` on the few-shot ``examples`` of ``task`` at ``level`` (chapter 4).
 
     The corrupted runs are independent and run ``chunk`` at a time: at the hidden-state
@@ -141,7 +141,9 @@ def trace(scorer, base, expert, task: str, examples, level: str, chunk: int = 32
     other levels through the scorer's batched path (stacked replaced tensors).
     ``naive=True`` scores them one at a time, each a whole corrupted state dict (the
     reference the batched paths are tested and timed against). ``only``: trace just these
-    partition keys (e.g. a sample of hidden states), in this order."""
+    partition keys (e.g. a sample of hidden states), in this order. ``head``: the classifier
+    that reads the encoder (default: expert ``task``'s own; a held-out task's probe for the
+    out-of-domain setting)."""
     _check_level(level)
     examples = list(examples)
     if not examples:
@@ -153,25 +155,26 @@ def trace(scorer, base, expert, task: str, examples, level: str, chunk: int = 32
     unknown = [k for k in keys if k not in parts]
     if unknown:
         raise KeyError(f"trace: {unknown[:3]} are not {level}-level partitions (e.g. {list(parts)[:2]})")
-    clean = scorer.true_label_probability(expert, task, examples)
-    accuracy = _few_shot_accuracy(scorer, expert, task, examples)
-    chance = 1 / scorer.zoo.tasks[task].num_labels if hasattr(scorer, "zoo") else None
+    clean = scorer.true_label_probability(expert, task, examples, head)
+    accuracy = _few_shot_accuracy(scorer, expert, task, examples, head)
+    chance = 1 / scorer.zoo.task(task).num_labels if hasattr(scorer, "zoo") else None
     if chance is not None and accuracy <= chance:
-        warnings.warn(f"expert {task!r} is at chance on its few-shot set (accuracy {accuracy:.2f} <= {chance:.2f}): "
-                      "its importances are noise", stacklevel=2)
+        warnings.warn(f"the traced model is at chance on the few-shot set of {task!r} (accuracy {accuracy:.2f} <= "
+                      f"{chance:.2f}): its importances are noise", stacklevel=2)
     bar = tqdm(total=len(keys), desc=f"trace {task} ({level})", disable=not progress, leave=False)
     values = []
     patch = level == "hidden" and not naive and hasattr(scorer, "encoder")
     for start in range(0, len(keys), 1 if naive else chunk):
         some = keys[start:start + (1 if naive else chunk)]
         if patch:
-            values.append(patched_hidden_probabilities(scorer, base, expert, task, examples, map(_hidden_row, some)))
+            values.append(patched_hidden_probabilities(scorer, base, expert, task, examples, map(_hidden_row, some),
+                                                       head))
         elif naive:
             corrupted = {**expert, **corrupt(expert, base, parts[some[0]])}
-            values.append(torch.tensor([scorer.true_label_probability(corrupted, task, examples)]))
+            values.append(torch.tensor([scorer.true_label_probability(corrupted, task, examples, head)]))
         else:
             values.append(scorer.true_label_probabilities(expert, [corrupt(expert, base, parts[k]) for k in some],
-                                                          task, examples))
+                                                          task, examples, head))
         bar.update(len(some))
     bar.close()
     return Importance(task, level, keys, torch.cat(values).double() - clean, clean, accuracy)
@@ -182,7 +185,7 @@ def _hidden_row(key: str) -> int:
 
 
 @torch.no_grad()
-def patched_hidden_probabilities(scorer, base, expert, task: str, examples, rows) -> torch.Tensor:
+def patched_hidden_probabilities(scorer, base, expert, task: str, examples, rows, head=None) -> torch.Tensor:
     """P_t^* of hidden-state groups ``rows``, all in one forward pass per few-shot batch (chapter 4).
 
     Putting row h of a writer's weights (and entry h of its bias or norm) back to the base's
@@ -227,7 +230,7 @@ def patched_hidden_probabilities(scorer, base, expert, task: str, examples, rows
         for ids, mask, y in scorer.few_shot_batches(examples):
             n = len(y)
             current["mask"] = onehot.repeat_interleave(n, 0)[:, None, :]  # copy k = rows k*n .. k*n+n-1
-            logits, labels = scorer.logits(task, None, [(ids.repeat(k, 1), mask.repeat(k, 1), y.repeat(k))], params)
+            logits, labels = scorer.logits(task, head, [(ids.repeat(k, 1), mask.repeat(k, 1), y.repeat(k))], params)
             probs = logits.softmax(-1).gather(1, labels[:, None]).view(k, n)
             total += probs.sum(1).double().cpu()
             count += n
@@ -304,14 +307,25 @@ def linear_drop_rates(importance, lam: float, eps: float) -> torch.Tensor:
     return lam - eps + 2 * eps * ranks / (len(values) - 1)
 
 
-def expert_weights(model_importances, tau: float = 5.0) -> torch.Tensor:
+def expert_weights(model_importances, tau: float = 5.0, total: float = 1.0) -> torch.Tensor:
     """Eq. 12's expert weights, softmax(−I_t^m / τ₂) (chapter 4): I_t^m = P_b − P_t is more
-    negative for an expert that carries more task information, which then weighs more."""
+    negative for an expert that carries more task information, which then weighs more.
+    ``total``: what the weights sum to (T, the number of experts, makes equal importances
+    give weight 1 each, i.e. plain Task Arithmetic: the book's MI-Task Arithmetic)."""
     values = torch.as_tensor(model_importances, dtype=torch.float64)
     if values.dim() != 1 or values.numel() == 0:
         raise ValueError(f"model importances must be a non-empty 1-D tensor, got shape {tuple(values.shape)}")
     _check_tau(tau)
-    return torch.softmax(-values / tau, dim=0)
+    if not (isinstance(total, (int, float)) and math.isfinite(total) and total > 0):
+        raise ValueError(f"total must be a number > 0, got {total!r}")
+    return total * torch.softmax(-values / tau, dim=0)
+
+
+def cocktail_weights(losses, temperature: float = 5.0) -> torch.Tensor:
+    """LM-Cocktail's merging weights (Xiao et al., 2023), chapter 4's out-of-domain baseline:
+    softmax(−L_i / T) of the candidate models' losses on the new task's few shots, summing
+    to 1 (its code's default T = 5). The same softmax as :func:`expert_weights`, fed losses."""
+    return expert_weights(losses, tau=temperature)
 
 
 def engine_rates(importance: Importance, rates: torch.Tensor, names) -> tuple[dict, str]:

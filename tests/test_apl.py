@@ -103,15 +103,40 @@ def test_batched_tracing_equals_the_naive_loop(scorer, level):
     assert batched.values.abs().max() > 1e-4  # the interventions did change something
 
 
+def test_tracing_through_another_head_uses_that_head(scorer):
+    # the out-of-domain setting: expert "compare" read by the held-out task's frozen-base probe
+    zoo = scorer.zoo
+    task, probe = zoo.held_out("decimals", device=DEVICE)
+    shots = few_shot(task, 2, seed=0)
+    traced = apl.trace(scorer, zoo.base, zoo.experts["compare"], "decimals", shots, "layer", head=probe)
+    by_hand = []
+    clean = scorer.true_label_probability(zoo.experts["compare"], "decimals", shots, probe)
+    for layer in range(6):
+        corrupted = {n: zoo.base[n] if n.startswith(f"encoder.layer.{layer}.") else w
+                     for n, w in zoo.experts["compare"].items()}
+        by_hand.append(scorer.true_label_probability(corrupted, "decimals", shots, probe) - clean)
+    torch.testing.assert_close(traced.values, torch.tensor(by_hand, dtype=torch.float64), rtol=0, atol=2e-6)
+    assert traced.clean == pytest.approx(clean)
+    own_head = apl.trace(scorer, zoo.base, zoo.experts["compare"], "compare", shots, "layer")  # same texts, own head
+    assert not torch.allclose(own_head.values, traced.values)
+    hidden = apl.trace(scorer, zoo.base, zoo.experts["compare"], "decimals", shots, "hidden", head=probe,
+                       only=["hidden.5", "hidden.200"])
+    naive = apl.trace(scorer, zoo.base, zoo.experts["compare"], "decimals", shots, "hidden", head=probe,
+                      only=["hidden.5", "hidden.200"], naive=True)
+    torch.testing.assert_close(hidden.values, naive.values, rtol=0, atol=2e-6)
+
+
 def test_chance_level_expert_warns():
     class Stub:  # an expert that gets every few-shot example wrong
         class zoo:
-            tasks = {"t": type("T", (), {"num_labels": 2})()}
+            @staticmethod
+            def task(name):
+                return type("T", (), {"num_labels": 2})()
 
-        def true_label_probability(self, params, task, examples):
+        def true_label_probability(self, params, task, examples, head=None):
             return 0.2
 
-        def true_label_probabilities(self, params, variants, task, examples, chunk=None):
+        def true_label_probabilities(self, params, variants, task, examples, head=None, chunk=None):
             return torch.full((len(variants),), 0.3)
 
         def params(self, sd):
@@ -174,6 +199,18 @@ def test_expert_weights_hand_worked():
     w = apl.expert_weights(torch.tensor([-0.5, 0.0]), tau=0.5)
     assert w.tolist() == pytest.approx([math.e / (math.e + 1), 1 / (math.e + 1)])
     assert apl.expert_weights(torch.tensor([-0.3, -0.3, -0.3])).tolist() == pytest.approx([1 / 3] * 3)
+    # MI-Task Arithmetic's weights sum to T: equal importances are plain Task Arithmetic
+    assert apl.expert_weights(torch.tensor([-0.3, -0.3, -0.3]), total=3).tolist() == pytest.approx([1.0] * 3)
+    assert apl.expert_weights(torch.tensor([-0.5, 0.0]), tau=0.5, total=2).tolist() == pytest.approx(
+        [2 * math.e / (math.e + 1), 2 / (math.e + 1)])
+
+
+def test_cocktail_weights_are_a_softmax_of_minus_loss_over_temperature():
+    losses = torch.tensor([0.7, 0.2, 1.5])
+    w = apl.cocktail_weights(losses, temperature=5.0)
+    by_hand = torch.exp(-losses.double() / 5) / torch.exp(-losses.double() / 5).sum()
+    torch.testing.assert_close(w, by_hand)
+    assert float(w.sum()) == pytest.approx(1.0) and int(w.argmax()) == 1  # the lowest loss weighs most
 
 
 @pytest.mark.parametrize("call, message", [
@@ -184,6 +221,7 @@ def test_expert_weights_hand_worked():
     (lambda: apl.calibrated_drop_rates(torch.zeros(4), 0.9, 0.05), "every importance is zero"),
     (lambda: apl.calibrated_drop_rates(torch.tensor([float("nan")]), 0.9, 0.05), "NaN"),
     (lambda: apl.expert_weights(torch.tensor([0.1]), tau=-1), "tau must be > 0"),
+    (lambda: apl.expert_weights(torch.tensor([0.1]), total=0), "total must be a number > 0"),
 ])
 def test_bad_settings_are_named(call, message):
     with pytest.raises(ValueError, match=message):
