@@ -5,7 +5,7 @@ chapter that introduces it, what it holds); a test checks this list against the
 modules on disk and ``_toc.yml``:
 
 * ``notebook``   – chapter 0: every chapter's first cell (device, seeds, Colab)
-* ``tasks``      – chapter 0: the five offline tasks and their splits
+* ``tasks``      – chapter 0: the five offline tasks (and chapter 4's held-out one) and their splits
 * ``zoo``        – chapter 0: the model zoo (base, experts, frozen-base heads, cache)
 * ``evaluation`` – chapter 0: accuracy, Task/Domain-Ratio, the Scorer (loss, gradient, batched variants)
 * ``deltas``     – chapter 1: delta parameters (task vectors) and their statistics
@@ -23,6 +23,7 @@ modules on disk and ``_toc.yml``:
 * ``ablations``  – chapter 3: TIES step by step, merged deltas, ablation grids
 * ``paired``     – chapter 3: two merges on the same examples (paired bootstrap, McNemar)
 * ``apl``        – chapter 4: APL — causal tracing of partitions, calibrated drop rates, weights
+* ``apl_explorer`` – chapter 4: the APL explorer (drop-rate maps, prune and score, widget)
 * ``fast``       – chapter 8 (planned; appendix "Merging at scale"): the fast tier, streaming merges of
   HF folders, the fused path and its compiled kernel; it imports the reference, never the other way round
 
