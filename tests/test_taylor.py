@@ -1,0 +1,99 @@
+"""Chapter 5's Taylor approximation: partition sums by hand, exactness on linear and quadratic
+losses, the gradient against finite differences, a partition with Δ = 0 scores 0."""
+import pytest
+import torch
+
+from merging_helpers import apl, taylor
+from merging_helpers import zoo as zoo_lib
+from merging_helpers.evaluation import Evaluator
+from merging_helpers.tasks import few_shot
+
+
+@pytest.fixture(scope="module")
+def scorer():
+    return Evaluator(zoo_lib.load_zoo(device="cpu"), device="cpu")
+
+
+def test_partition_products_by_hand():
+    delta = {"w": torch.tensor([[1.0, 2.0], [3.0, 4.0]]), "b": torch.tensor([1.0, -1.0])}
+    grad = {"w": torch.tensor([[1.0, 0.0], [0.5, -1.0]]), "b": torch.tensor([2.0, 3.0])}
+    groups = {"all": {"w": None, "b": None}, "row.0": {"w": 0, "b": 0}, "row.1": {"w": 1, "b": 1}}
+    # all: 1 + 0 + 1.5 − 4 + 2 − 3 = −2.5; row 0: 1 + 0 + 2 = 3; row 1: 1.5 − 4 − 3 = −5.5
+    assert taylor.partition_products(delta, grad, groups).tolist() == [-2.5, 3.0, -5.5]
+    with pytest.raises(KeyError, match="no delta or no gradient"):
+        taylor.partition_products(delta, {"w": grad["w"]}, groups)
+    with pytest.raises(ValueError, match="gradient shape"):
+        taylor.partition_products(delta, {**grad, "b": torch.zeros(3)}, groups)
+    with pytest.raises(FloatingPointError, match="'b'"):
+        taylor.partition_products(delta, {**grad, "b": torch.tensor([float("nan"), 0.0])}, groups)
+
+
+def test_first_order_is_exact_for_a_linear_loss_and_second_order_for_a_quadratic():
+    g = torch.Generator().manual_seed(0)
+    c, b = torch.randn(5, generator=g, dtype=torch.float64), torch.randn(5, generator=g, dtype=torch.float64)
+    a = torch.randn(5, 5, generator=g, dtype=torch.float64)
+    a = a @ a.T
+    at, step = {"x": torch.randn(5, generator=g, dtype=torch.float64)}, {"x": torch.randn(5, generator=g, dtype=torch.float64)}
+    moved = {"x": at["x"] + step["x"]}
+
+    def linear(p):
+        return c @ p["x"]
+
+    def quadratic(p):
+        return 0.5 * p["x"] @ a @ p["x"] + b @ p["x"]
+
+    first, second = taylor.taylor_terms(linear, at, step)
+    assert first == pytest.approx(float(linear(moved) - linear(at)), rel=1e-12) and second == pytest.approx(0, abs=1e-12)
+    first, second = taylor.taylor_terms(quadratic, at, step)
+    gap = float(quadratic(moved) - quadratic(at))
+    assert first + second == pytest.approx(gap, rel=1e-12)
+    assert abs(first - gap) > 1e-3  # the first order alone is not exact here
+    assert second == pytest.approx(0.5 * float(step["x"] @ a @ step["x"]), rel=1e-12)
+
+
+def test_taylor_terms_bad_input():
+    at = {"x": torch.ones(3)}
+    with pytest.raises(ValueError, match="scalar"):
+        taylor.taylor_terms(lambda p: p["x"] * 2, at, {"x": torch.ones(3)})
+    with pytest.raises(KeyError, match="not parameters"):
+        taylor.taylor_terms(lambda p: p["x"].sum(), at, {"y": torch.ones(3)})
+
+
+def test_gradient_is_the_gradient_of_the_loss_by_finite_differences():
+    zoo = zoo_lib.load_zoo(device="cpu")
+    ev = Evaluator(zoo, device="cpu")
+    ev.encoder.double()
+    shots = few_shot(zoo.tasks["sentiment"], 1, seed=0)
+    head = {k: v.double() for k, v in zoo.heads["sentiment"].items()}
+    grad = ev.loss_gradient(zoo.base, "sentiment", shots, head, dtype=torch.float64)
+    params = ev.params(zoo.base, torch.float64)
+    h = 1e-6
+    for name, index in [("encoder.layer.5.output.dense.weight", (3, 7)), ("encoder.layer.0.attention.self.query.bias", (11,)),
+                        ("encoder.layer.2.output.LayerNorm.weight", (100,))]:
+        up, down = dict(params), dict(params)
+        up[name], down[name] = params[name].clone(), params[name].clone()
+        up[name][index] += h
+        down[name][index] -= h
+        numeric = (ev.loss(up, "sentiment", shots, head) - ev.loss(down, "sentiment", shots, head)) / (2 * h)
+        assert float(grad[name][index]) == pytest.approx(float(numeric), rel=1e-5, abs=1e-9), name
+
+
+def test_a_partition_without_delta_scores_zero_and_signs_agree(scorer):
+    zoo = scorer.zoo
+    expert = {n: (zoo.base[n] if n.startswith("encoder.layer.2.") else t) for n, t in zoo.experts["news"].items()}
+    shots = few_shot(zoo.tasks["news"], 2, seed=0)
+    plain = taylor.gradient_importance(scorer, zoo.base, expert, "news", shots, "layer")
+    signed = taylor.gradient_importance(scorer, zoo.base, expert, "news", shots, "layer", signed=True)
+    assert plain.keys == [f"layer.{i}" for i in range(6)]
+    assert float(plain.values[2]) == 0.0 and float(signed.values[2]) == 0.0
+    torch.testing.assert_close(plain.values, -signed.values.abs())
+    assert bool((plain.values[[0, 1, 3, 4, 5]] < 0).all())
+    # the model level is the sum over all of the encoder, so it is the sum of the signed groups that tile it
+    model = taylor.gradient_importance(scorer, zoo.base, expert, "news", shots, "model", signed=True)
+    outside = taylor.partition_products(
+        {n: expert[n].float() - zoo.base[n].float() for n in expert if not n.startswith("encoder.layer.")},
+        scorer.loss_gradient(zoo.base, "news", shots), {"rest": {n: None for n in expert if not n.startswith("encoder.layer.")
+                                                                  and zoo.base[n].is_floating_point()}})
+    assert float(model.values[0]) == pytest.approx(float(signed.values.sum() + outside[0]), rel=1e-6)
+    rates = apl.drop_rates(plain, 0.9, 0.05, "linear")  # usable by apl unchanged
+    assert float(rates[2]) == pytest.approx(0.95)  # the partition without delta is the least important
