@@ -20,11 +20,14 @@ chapter 5 checks where the first order holds.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 
 import torch
 
 from . import apl
+
+NEAR_ZERO_LOSS = 1e-4  # below this few-shot loss at the base, gradient_importance warns
 
 
 def _check_gradient(gradient: Mapping[str, torch.Tensor]) -> None:
@@ -74,6 +77,9 @@ def gradient_importance(scorer, base, expert, task: str, examples, level: str, h
     gradient = scorer.loss_gradient(base, task, examples, head)
     with torch.no_grad():
         loss_at_base = float(scorer.loss(scorer.params(base), task, examples, head))
+    if loss_at_base < NEAR_ZERO_LOSS:
+        warnings.warn(f"the few-shot loss of {task!r} at the base is already {loss_at_base:.2e}: its gradient is "
+                      "near zero and the gradient importances are uninformative", stacklevel=2)
     products = partition_products(delta, gradient, parts)
     values = products if signed else -products.abs()
     accuracy = apl._few_shot_accuracy(scorer, expert, task, examples, head)

@@ -97,3 +97,29 @@ def test_a_partition_without_delta_scores_zero_and_signs_agree(scorer):
     assert float(model.values[0]) == pytest.approx(float(signed.values.sum() + outside[0]), rel=1e-6)
     rates = apl.drop_rates(plain, 0.9, 0.05, "linear")  # usable by apl unchanged
     assert float(rates[2]) == pytest.approx(0.95)  # the partition without delta is the least important
+
+
+def test_a_loss_already_near_zero_warns():
+    class Stub:  # a "scorer" whose loss at the base is ~0: its gradient says nothing
+        def loss_gradient(self, state, task, examples, head=None):
+            return {n: torch.zeros_like(t) for n, t in state.items()}
+
+        def params(self, state):
+            return state
+
+        def loss(self, params, task, examples, head=None):
+            return torch.tensor(1e-7)
+
+        def few_shot_batches(self, examples):
+            return examples
+
+        def logits(self, task, head, batches, params):
+            return torch.tensor([[0.0, 1.0]]), torch.tensor([1])
+
+    base = {"encoder.layer.0.output.dense.weight": torch.zeros(2, 2)}
+    expert = {k: v + 1 for k, v in base.items()}
+    with pytest.warns(UserWarning, match="near zero"):
+        imp = taylor.gradient_importance(Stub(), base, expert, "t", [("a", 1)], "layer")
+    assert imp.values.tolist() == [0.0]
+    with pytest.raises(ValueError, match="empty"):
+        taylor.gradient_importance(Stub(), base, expert, "t", [], "layer")
