@@ -62,16 +62,16 @@ def partition_products(delta: Mapping[str, torch.Tensor], gradient: Mapping[str,
     return torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in out])
 
 
-def gradient_importance(scorer, base, expert, task: str, examples, level: str, head=None,
-                        signed: bool = False) -> apl.Importance:
-    """APL's gradient importance of ``expert``'s partitions at ``level`` (chapter 5): one
-    backward pass of the few-shot loss at the base (read by ``task``'s head, or ``head``),
-    then −|Σ_{i∈s} Δ_i g_i| per partition (Eq. 5's convention; ``signed=True``: Σ Δ_i g_i).
-    ``clean`` holds L(θ_b), the loss at which the gradient was taken."""
+def gradient_importances(scorer, base, expert, task: str, examples, levels=apl.LEVELS, head=None,
+                         signed: bool = False) -> dict[str, apl.Importance]:
+    """APL's gradient importance of ``expert``'s partitions at every level in ``levels``
+    from one backward pass (chapter 5): the gradient g of the few-shot loss at the base
+    (read by ``task``'s head, or ``head``), then −|Σ_{i∈s} Δ_i g_i| per partition (Eq. 5's
+    convention; ``signed=True``: Σ Δ_i g_i). ``clean`` holds L(θ_b), where g was taken."""
     examples = list(examples)
     if not examples:
         raise ValueError(f"gradient_importance: the few-shot set of {task!r} is empty")
-    parts = apl.groups(expert, level)
+    levels = [apl._check_level(level) for level in ([levels] if isinstance(levels, str) else levels)]
     floating = {n for n, t in base.items() if t.is_floating_point()}
     delta = {n: expert[n].float() - base[n].float() for n in floating}
     gradient = scorer.loss_gradient(base, task, examples, head)
@@ -80,10 +80,20 @@ def gradient_importance(scorer, base, expert, task: str, examples, level: str, h
     if loss_at_base < NEAR_ZERO_LOSS:
         warnings.warn(f"the few-shot loss of {task!r} at the base is already {loss_at_base:.2e}: its gradient is "
                       "near zero and the gradient importances are uninformative", stacklevel=2)
-    products = partition_products(delta, gradient, parts)
-    values = products if signed else -products.abs()
     accuracy = apl._few_shot_accuracy(scorer, expert, task, examples, head)
-    return apl.Importance(task, level, list(parts), values, loss_at_base, accuracy)
+    out = {}
+    for level in levels:
+        parts = apl.groups(expert, level)
+        products = partition_products(delta, gradient, parts)
+        out[level] = apl.Importance(task, level, list(parts), products if signed else -products.abs(), loss_at_base,
+                                    accuracy)
+    return out
+
+
+def gradient_importance(scorer, base, expert, task: str, examples, level: str, head=None,
+                        signed: bool = False) -> apl.Importance:
+    """:func:`gradient_importances` at one level (chapter 5)."""
+    return gradient_importances(scorer, base, expert, task, examples, (level,), head, signed)[level]
 
 
 def taylor_terms(loss: Callable[[dict], torch.Tensor], at: Mapping[str, torch.Tensor],

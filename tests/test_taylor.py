@@ -95,6 +95,13 @@ def test_a_partition_without_delta_scores_zero_and_signs_agree(scorer):
         scorer.loss_gradient(zoo.base, "news", shots), {"rest": {n: None for n in expert if not n.startswith("encoder.layer.")
                                                                   and zoo.base[n].is_floating_point()}})
     assert float(model.values[0]) == pytest.approx(float(signed.values.sum() + outside[0]), rel=1e-6)
+    # all levels from one backward pass give the same numbers; the hidden groups tile the residual writers
+    every = taylor.gradient_importances(scorer, zoo.base, expert, "news", shots, signed=True)
+    torch.testing.assert_close(every["layer"].values, signed.values)
+    writers = {n: None for n in expert if apl.writes_residual(n)}
+    delta = {n: expert[n].float() - zoo.base[n].float() for n in writers}
+    total = taylor.partition_products(delta, scorer.loss_gradient(zoo.base, "news", shots), {"writers": writers})
+    assert float(every["hidden"].values.sum()) == pytest.approx(float(total[0]), rel=1e-6)
     rates = apl.drop_rates(plain, 0.9, 0.05, "linear")  # usable by apl unchanged
     assert float(rates[2]) == pytest.approx(0.95)  # the partition without delta is the least important
 
