@@ -41,6 +41,13 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return (logits.argmax(-1) == labels.to(logits.device)).float().mean().item()
 
 
+def check_finite_gradient(gradient: Mapping[str, torch.Tensor], what: str = "the gradient") -> None:
+    """Raise FloatingPointError naming the first parameter whose gradient has NaN or inf (chapters 0, 5)."""
+    for name, g in gradient.items():
+        if not bool(torch.isfinite(g).all()):
+            raise FloatingPointError(f"{what} has NaN or inf entries in {name!r}")
+
+
 def mean_true_label_probability(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """Mean over examples of softmax(logits)[label]: APL's P_t (chapter 4)."""
     if logits.shape[0] != labels.shape[0]:
@@ -232,9 +239,7 @@ class Evaluator:
         ``dtype=torch.float64`` needs the encoder in float64 too (``scorer.encoder.double()``)."""
         params = self.params(state_dict, dtype)
         grads = torch.func.grad(lambda p: self.loss(p, task, examples, head))(params)
-        for n, g in grads.items():
-            if not bool(torch.isfinite(g).all()):
-                raise FloatingPointError(f"the gradient of the few-shot loss has NaN or inf entries in {n!r}")
+        check_finite_gradient(grads, "the gradient of the few-shot loss")
         return grads
 
     @torch.no_grad()

@@ -26,14 +26,9 @@ from collections.abc import Callable, Mapping
 import torch
 
 from . import apl
+from .evaluation import check_finite_gradient
 
 NEAR_ZERO_LOSS = 1e-4  # below this few-shot loss at the base, gradient_importance warns
-
-
-def _check_gradient(gradient: Mapping[str, torch.Tensor]) -> None:
-    for name, g in gradient.items():
-        if not bool(torch.isfinite(g).all()):
-            raise FloatingPointError(f"the gradient has NaN or inf entries in {name!r}")
 
 
 def partition_products(delta: Mapping[str, torch.Tensor], gradient: Mapping[str, torch.Tensor],
@@ -47,7 +42,7 @@ def partition_products(delta: Mapping[str, torch.Tensor], gradient: Mapping[str,
         if tuple(delta[name].shape) != tuple(gradient[name].shape):
             raise ValueError(f"partition_products: {name!r} has delta shape {tuple(delta[name].shape)} but gradient "
                              f"shape {tuple(gradient[name].shape)}")
-    _check_gradient({n: gradient[n] for g in groups.values() for n in g})
+    check_finite_gradient({n: gradient[n] for g in groups.values() for n in g})
     row_sums: dict[str, torch.Tensor] = {}  # per tensor, Σ over each row (a vector), computed once
 
     def rows_of(name):
@@ -112,7 +107,7 @@ def taylor_terms(loss: Callable[[dict], torch.Tensor], at: Mapping[str, torch.Te
                          f"{getattr(value, 'shape', type(value).__name__)}")
     tangent = {n: (step[n].to(t.dtype) if n in step else torch.zeros_like(t)) for n, t in at.items()}
     gradient, hessian_step = torch.func.jvp(torch.func.grad(loss), (at,), (tangent,))
-    _check_gradient(gradient)
+    check_finite_gradient(gradient)
     first = sum(float((gradient[n].double() * tangent[n].double()).sum()) for n in at)
     second = 0.5 * sum(float((hessian_step[n].double() * tangent[n].double()).sum()) for n in at)
     return first, second

@@ -60,7 +60,7 @@ def test_explore_shows_a_bad_band_instead_of_raising():
     pytest.importorskip("ipywidgets")
     zoo, ev = _Zoo(), _Evaluator()
     box = explore(ev, zoo, {"layer": {"news": _importance("layer", 2)}})
-    (expert, level, normalise), (lam, eps, tau) = box.children[0].children, box.children[1].children
+    (expert, level, normalise), (lam, eps, _tau) = box.children[0].children, box.children[1].children
     assert list(expert.options) == ["news"] and list(level.options) == ["layer"]
     lam.value, eps.value = 0.995, 0.1  # λ + ε > 1: shown as text, not raised
     normalise.value = True
