@@ -325,6 +325,8 @@ def cocktail_weights(losses, temperature: float = 5.0) -> torch.Tensor:
     """LM-Cocktail's merging weights (Xiao et al., 2023), chapter 4's out-of-domain baseline:
     softmax(−L_i / T) of the candidate models' losses on the new task's few shots, summing
     to 1 (its code's default T = 5). The same softmax as :func:`expert_weights`, fed losses."""
+    if not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise ValueError(f"LM-Cocktail's temperature must be > 0, got {temperature!r}")
     return expert_weights(losses, tau=temperature)
 
 

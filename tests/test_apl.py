@@ -222,6 +222,7 @@ def test_cocktail_weights_are_a_softmax_of_minus_loss_over_temperature():
     (lambda: apl.calibrated_drop_rates(torch.tensor([float("nan")]), 0.9, 0.05), "NaN"),
     (lambda: apl.expert_weights(torch.tensor([0.1]), tau=-1), "tau must be > 0"),
     (lambda: apl.expert_weights(torch.tensor([0.1]), total=0), "total must be a number > 0"),
+    (lambda: apl.cocktail_weights(torch.tensor([0.1, 0.2]), temperature=0), "temperature must be > 0"),
 ])
 def test_bad_settings_are_named(call, message):
     with pytest.raises(ValueError, match=message):
