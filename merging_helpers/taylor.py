@@ -35,14 +35,15 @@ def partition_products(delta: Mapping[str, torch.Tensor], gradient: Mapping[str,
                        groups: Mapping[str, Mapping[str, int | None]]) -> torch.Tensor:
     """Σ_{i∈s} Δ_i g_i for every partition s of ``groups`` (as :func:`apl.groups` returns
     them), in their order, float64 (chapter 5). Names a tensor the two dicts do not share."""
-    missing = sorted({n for g in groups.values() for n in g} - (set(delta) & set(gradient)))
+    names = sorted({n for g in groups.values() for n in g})
+    missing = [n for n in names if n not in delta or n not in gradient]
     if missing:
         raise KeyError(f"partition_products: no delta or no gradient for {missing[:3]}")
-    for name in {n for g in groups.values() for n in g}:
+    for name in names:
         if tuple(delta[name].shape) != tuple(gradient[name].shape):
             raise ValueError(f"partition_products: {name!r} has delta shape {tuple(delta[name].shape)} but gradient "
                              f"shape {tuple(gradient[name].shape)}")
-    check_finite_gradient({n: gradient[n] for g in groups.values() for n in g})
+    check_finite_gradient({n: gradient[n] for n in names})
     row_sums: dict[str, torch.Tensor] = {}  # per tensor, Σ over each row (a vector), computed once
 
     def rows_of(name):
@@ -101,12 +102,13 @@ def taylor_terms(loss: Callable[[dict], torch.Tensor], at: Mapping[str, torch.Te
     unknown = sorted(set(step) - set(at))
     if unknown:
         raise KeyError(f"taylor_terms: the step moves {unknown[:3]}, which are not parameters of the loss")
-    value = loss(at)
-    if not isinstance(value, torch.Tensor) or value.dim() != 0:
-        raise ValueError(f"taylor_terms: the loss must be a scalar tensor, got "
-                         f"{getattr(value, 'shape', type(value).__name__)}")
     tangent = {n: (step[n].to(t.dtype) if n in step else torch.zeros_like(t)) for n, t in at.items()}
-    gradient, hessian_step = torch.func.jvp(torch.func.grad(loss), (at,), (tangent,))
+    try:
+        gradient, hessian_step = torch.func.jvp(torch.func.grad(loss), (at,), (tangent,))
+    except RuntimeError as err:  # torch.func checks the output itself: no extra forward pass to check it here
+        if "Expected f(*args) to return" in str(err):
+            raise ValueError(f"taylor_terms: the loss must be a scalar tensor ({err})") from err
+        raise
     check_finite_gradient(gradient)
     first = sum(float((gradient[n].double() * tangent[n].double()).sum()) for n in at)
     second = 0.5 * sum(float((hessian_step[n].double() * tangent[n].double()).sum()) for n in at)
