@@ -306,17 +306,15 @@ class Zoo:
         on first use (seconds) and cached next to the zoo; afterwards the evaluator knows
         the task (:meth:`task`). Returns (task, head)."""
         (name,) = check_task_names([task], HELD_OUT_TASKS)
-        folder = self.root / "held_out" / name
-        if not is_complete(folder):
-            def fill(tmp):
-                task_obj = make_task(name, self.config.seed)
-                (tmp / "task.json").write_text(json.dumps(task_obj.to_json()))
-                head = _fit_frozen_head(task_obj, self.config, load_tokenizer(), default_device(device))
-                save_file(head, str(tmp / "head.safetensors"))
-            build_atomically(folder, fill)
-        verify_manifest(folder)
-        self.held_out_tasks[name] = Task.from_json(json.loads((folder / "task.json").read_text()))
-        return self.held_out_tasks[name], load_file(str(folder / "head.safetensors"))
+        folder = self.root / "held_out" / name  # the same two builds as an expert's task and probe
+        if not is_complete(folder / "task"):
+            _build_task(folder / "task", name, self.config.seed)
+        verify_manifest(folder / "task")
+        task_obj = Task.from_json(json.loads((folder / "task" / "task.json").read_text()))
+        if not is_complete(folder / "probe"):
+            _build_frozen_head(folder / "probe", task_obj, self.config, load_tokenizer(), default_device(device))
+        self.held_out_tasks[name] = task_obj
+        return task_obj, _load_state_dict(folder / "probe", "head.safetensors")
 
     def dataset_dict(self, task: str):
         """``task``'s splits as a ``datasets.DatasetDict``, saved once with ``save_to_disk``
@@ -373,16 +371,13 @@ def _build_expert(target: Path, task: Task, config: TrainConfig, tokenizer, devi
     return build_atomically(target, fill)
 
 
-def _fit_frozen_head(task: Task, config: TrainConfig, tokenizer, device) -> dict[str, torch.Tensor]:
-    encoder = load_encoder(device=device)
-    feats, labels = embed_split(encoder, task, "train", tokenizer, config.max_length, device)
-    head = fit_linear_head(feats, labels, task.num_labels, seed=config.seed)
-    return {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
-
-
 def _build_frozen_head(target: Path, task: Task, config: TrainConfig, tokenizer, device):
-    return build_atomically(target, lambda tmp: save_file(_fit_frozen_head(task, config, tokenizer, device),
-                                                          str(tmp / "head.safetensors")))
+    def fill(tmp):
+        encoder = load_encoder(device=device)
+        feats, labels = embed_split(encoder, task, "train", tokenizer, config.max_length, device)
+        head = fit_linear_head(feats, labels, task.num_labels, seed=config.seed)
+        save_file({k: v.detach().contiguous() for k, v in head.state_dict().items()}, str(tmp / "head.safetensors"))
+    return build_atomically(target, fill)
 
 
 def _load_state_dict(folder: Path, filename="model.safetensors") -> dict[str, torch.Tensor]:

@@ -143,7 +143,7 @@ def test_held_out_task_gets_a_cached_frozen_base_probe_and_is_known_to_the_evalu
     task, head = tiny.held_out("decimals", device="cpu")
     assert tiny.task("decimals") is task and "decimals" not in tiny.tasks
     assert head["weight"].shape == (task.num_labels, 384)
-    assert (tiny.root / "held_out" / "decimals" / "MANIFEST.json").exists()
+    assert all((tiny.root / "held_out" / "decimals" / part / "MANIFEST.json").exists() for part in ("task", "probe"))
     evaluator = Evaluator(tiny, device="cpu")
     on_base = evaluator.accuracy(tiny.base, split="validation", tasks=["decimals"], heads={"decimals": head})
     assert on_base["decimals"] > 0.6  # a probe reads the frozen base well above chance (0.5)
