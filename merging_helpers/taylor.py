@@ -24,6 +24,7 @@ import warnings
 from collections.abc import Callable, Mapping
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import apl
 from .evaluation import check_finite_gradient
@@ -31,31 +32,40 @@ from .evaluation import check_finite_gradient
 NEAR_ZERO_LOSS = 1e-4  # below this few-shot loss at the base, gradient_importance warns
 
 
-def partition_products(delta: Mapping[str, torch.Tensor], gradient: Mapping[str, torch.Tensor],
-                       groups: Mapping[str, Mapping[str, int | None]]) -> torch.Tensor:
-    """Σ_{i∈s} Δ_i g_i for every partition s of ``groups`` (as :func:`apl.groups` returns
-    them), in their order, float64 (chapter 5). Names a tensor the two dicts do not share."""
-    names = sorted({n for g in groups.values() for n in g})
-    missing = [n for n in names if n not in delta or n not in gradient]
-    if missing:
-        raise KeyError(f"partition_products: no delta or no gradient for {missing[:3]}")
-    for name in names:
-        if tuple(delta[name].shape) != tuple(gradient[name].shape):
-            raise ValueError(f"partition_products: {name!r} has delta shape {tuple(delta[name].shape)} but gradient "
-                             f"shape {tuple(gradient[name].shape)}")
-    check_finite_gradient({n: gradient[n] for n in names})
-    row_sums: dict[str, torch.Tensor] = {}  # per tensor, Σ over each row (a vector), computed once
+def partition_sums(values: Mapping[str, torch.Tensor], groups: Mapping[str, Mapping[str, int | None]]) -> torch.Tensor:
+    """Σ_{i∈s} values_i for every partition s of ``groups`` (as :func:`apl.groups` returns
+    them), in their order, float64 (chapter 5). Each tensor's row sums are taken once."""
+    row_sums: dict[str, torch.Tensor] = {}
 
     def rows_of(name):
         if name not in row_sums:
-            product = delta[name].double().cpu() * gradient[name].double().cpu()
-            row_sums[name] = product.reshape(product.shape[0], -1).sum(1) if product.dim() else product.reshape(1)
+            v = values[name].double().cpu()
+            row_sums[name] = v.reshape(v.shape[0], -1).sum(1) if v.dim() else v.reshape(1)
         return row_sums[name]
 
-    out = []
-    for group in groups.values():
-        out.append(sum((rows_of(n).sum() if row is None else rows_of(n)[row]) for n, row in group.items()))
+    out = [sum((rows_of(n).sum() if row is None else rows_of(n)[row]) for n, row in group.items())
+           for group in groups.values()]
     return torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in out])
+
+
+def _check_pairs(delta, gradient, names, what):
+    missing = [n for n in names if n not in delta or n not in gradient]
+    if missing:
+        raise KeyError(f"{what}: no delta or no gradient for {missing[:3]}")
+    for name in names:
+        if tuple(delta[name].shape) != tuple(gradient[name].shape):
+            raise ValueError(f"{what}: {name!r} has delta shape {tuple(delta[name].shape)} but gradient "
+                             f"shape {tuple(gradient[name].shape)}")
+    check_finite_gradient({n: gradient[n] for n in names})
+
+
+def partition_products(delta: Mapping[str, torch.Tensor], gradient: Mapping[str, torch.Tensor],
+                       groups: Mapping[str, Mapping[str, int | None]]) -> torch.Tensor:
+    """Σ_{i∈s} Δ_i g_i for every partition s of ``groups``, in their order, float64
+    (chapter 5). Names a tensor the two dicts do not share, or whose shapes differ."""
+    names = sorted({n for g in groups.values() for n in g})
+    _check_pairs(delta, gradient, names, "partition_products")
+    return partition_sums({n: delta[n].double().cpu() * gradient[n].double().cpu() for n in names}, groups)
 
 
 def gradient_importances(scorer, base, expert, task: str, examples, levels=apl.LEVELS, head=None,
@@ -92,6 +102,34 @@ def gradient_importance(scorer, base, expert, task: str, examples, level: str, h
     return gradient_importances(scorer, base, expert, task, examples, (level,), head, signed)[level]
 
 
+def fisher_importances(scorer, base, expert, task: str, examples, levels=apl.LEVELS,
+                       head=None) -> dict[str, apl.Importance]:
+    """A diagonal-Fisher importance of every partition (chapter 5, beyond the paper):
+    −Σ_n Σ_{i∈s} (Δ_i g_{n,i})², g_n the gradient of example n's loss at the base — one
+    backward pass per few-shot example. Unlike |Σ Δ g| it cannot cancel across entries or
+    examples. Eq. 5's convention (more negative = more important)."""
+    examples = list(examples)
+    if not examples:
+        raise ValueError(f"fisher_importances: the few-shot set of {task!r} is empty")
+    levels = [apl._check_level(level) for level in ([levels] if isinstance(levels, str) else levels)]
+    floating = [n for n, t in base.items() if t.is_floating_point()]
+    delta = {n: expert[n].float() - base[n].float() for n in floating}
+    squares = {n: torch.zeros(delta[n].shape, dtype=torch.float64) for n in floating}
+    for example in examples:
+        gradient = scorer.loss_gradient(base, task, [example], head)
+        _check_pairs(delta, gradient, floating, "fisher_importances")
+        for n in floating:
+            squares[n] += (delta[n].double() * gradient[n].double().cpu()) ** 2
+    with torch.no_grad():
+        loss_at_base = float(scorer.loss(scorer.params(base), task, examples, head))
+    accuracy = apl._few_shot_accuracy(scorer, expert, task, examples, head)
+    out = {}
+    for level in levels:
+        parts = apl.groups(expert, level)
+        out[level] = apl.Importance(task, level, list(parts), -partition_sums(squares, parts), loss_at_base, accuracy)
+    return out
+
+
 def taylor_terms(loss: Callable[[dict], torch.Tensor], at: Mapping[str, torch.Tensor],
                  step: Mapping[str, torch.Tensor]) -> tuple[float, float]:
     """First- and second-order terms of L(at + step) − L(at) (chapter 5): g·v and ½ vᵀHv,
@@ -104,7 +142,9 @@ def taylor_terms(loss: Callable[[dict], torch.Tensor], at: Mapping[str, torch.Te
         raise KeyError(f"taylor_terms: the step moves {unknown[:3]}, which are not parameters of the loss")
     tangent = {n: (step[n].to(t.dtype) if n in step else torch.zeros_like(t)) for n, t in at.items()}
     try:
-        gradient, hessian_step = torch.func.jvp(torch.func.grad(loss), (at,), (tangent,))
+        # torch's fused attention kernels have no forward-mode derivative: use the plain (math) one
+        with sdpa_kernel(SDPBackend.MATH):
+            gradient, hessian_step = torch.func.jvp(torch.func.grad(loss), (at,), (tangent,))
     except RuntimeError as err:  # torch.func checks the output itself: no extra forward pass to check it here
         if "Expected f(*args) to return" in str(err):
             raise ValueError(f"taylor_terms: the loss must be a scalar tensor ({err})") from err
@@ -113,3 +153,38 @@ def taylor_terms(loss: Callable[[dict], torch.Tensor], at: Mapping[str, torch.Te
     first = sum(float((gradient[n].double() * tangent[n].double()).sum()) for n in at)
     second = 0.5 * sum(float((hessian_step[n].double() * tangent[n].double()).sum()) for n in at)
     return first, second
+
+
+def removal_gaps(loss: Callable[[dict], torch.Tensor], base: Mapping[str, torch.Tensor],
+                 delta: Mapping[str, torch.Tensor], masks: Mapping[str, Mapping[str, torch.Tensor]]) -> list[dict]:
+    """Chapter 5's check of Eqs. 9–10. For each mask M (label → {name: 0/1 tensor}; names
+    not in it are not removed): the actual change of the loss when the masked entries of
+    θ_t = θ_b + Δ go back to the base, L(θ_b + Δ − M⊙Δ) − L(θ_b + Δ), and three predictions:
+
+    * ``first``: the paper's, expanded at θ_b: −g·(M⊙Δ);
+    * ``second``: the same expansion to second order, both losses around θ_b
+      (:func:`taylor_terms` of Δ − M⊙Δ minus that of Δ): −g·m − mᵀHΔ + ½ mᵀHm, m = M⊙Δ;
+    * ``first_at_expert``: first order around θ_t instead, −∇L(θ_t)·m.
+
+    One Hessian-vector product per mask (plus one for Δ), never the Hessian."""
+    base = dict(base)
+    unknown = sorted({n for mask in masks.values() for n in mask} - set(delta))
+    if unknown:
+        raise KeyError(f"removal_gaps: masks name {unknown[:3]}, which have no delta")
+    expert = {n: base[n] + delta[n] if n in delta else base[n] for n in base}
+    first_full, second_full = taylor_terms(loss, base, delta)
+    gradient_at_expert = torch.func.grad(loss)(expert)
+    with torch.no_grad():
+        loss_at_expert = float(loss(expert))
+    rows = []
+    for label, mask in masks.items():
+        removed = {n: delta[n] * mask[n].to(delta[n].dtype) for n in mask}
+        kept = {n: delta[n] - removed[n] if n in removed else delta[n] for n in delta}
+        first, second = taylor_terms(loss, base, kept)
+        with torch.no_grad():
+            actual = float(loss({n: base[n] + kept[n] if n in kept else base[n] for n in base})) - loss_at_expert
+        rows.append({"mask": label, "actual": actual, "first": first - first_full,
+                     "second": first + second - first_full - second_full,
+                     "first_at_expert": -sum(float((gradient_at_expert[n].double() * removed[n].double()).sum())
+                                             for n in removed)})
+    return rows

@@ -112,3 +112,79 @@ def test_a_loss_already_near_zero_warns():
     assert imp.values.tolist() == [0.0]
     with pytest.raises(ValueError, match="empty"):
         taylor.gradient_importance(Stub(), base, expert, "t", [], "layer")
+
+
+def test_removal_gaps_first_order_exact_for_linear_second_for_quadratic():
+    g = torch.Generator().manual_seed(1)
+    c, b = torch.randn(6, generator=g, dtype=torch.float64), torch.randn(6, generator=g, dtype=torch.float64)
+    a = torch.randn(6, 6, generator=g, dtype=torch.float64)
+    a = a @ a.T
+    base = {"x": torch.randn(6, generator=g, dtype=torch.float64), "frozen": torch.ones(2, dtype=torch.float64)}
+    delta = {"x": torch.randn(6, generator=g, dtype=torch.float64)}
+    masks = {"half": {"x": torch.tensor([1, 0, 1, 0, 1, 0])}, "none": {"x": torch.zeros(6)}, "all": {"x": torch.ones(6)}}
+
+    def linear(p):
+        return c @ p["x"] + p["frozen"].sum()
+
+    def quadratic(p):
+        return 0.5 * p["x"] @ a @ p["x"] + b @ p["x"]
+
+    for row in taylor.removal_gaps(linear, base, delta, masks):
+        removed = delta["x"] * masks[row["mask"]]["x"]
+        assert row["actual"] == pytest.approx(-float(c @ removed), abs=1e-12)
+        assert row["first"] == pytest.approx(row["actual"], abs=1e-12)
+        assert row["second"] == pytest.approx(row["actual"], abs=1e-12)
+        assert row["first_at_expert"] == pytest.approx(row["actual"], abs=1e-12)
+    rows = {r["mask"]: r for r in taylor.removal_gaps(quadratic, base, delta, masks)}
+    for label, row in rows.items():
+        m = delta["x"] * masks[label]["x"]
+        x_t = base["x"] + delta["x"]
+        exact = float(quadratic({"x": x_t - m}) - quadratic({"x": x_t}))
+        assert row["actual"] == pytest.approx(exact, rel=1e-12, abs=1e-12)
+        assert row["second"] == pytest.approx(exact, rel=1e-10, abs=1e-12)
+        # the paper's first order is −g(θ_b)·m; around the expert it is −∇L(θ_t)·m
+        assert row["first"] == pytest.approx(-float((a @ base["x"] + b) @ m), rel=1e-10, abs=1e-12)
+        assert row["first_at_expert"] == pytest.approx(-float((a @ x_t + b) @ m), rel=1e-10, abs=1e-12)
+    assert rows["none"]["actual"] == 0.0 and rows["none"]["first"] == pytest.approx(0.0, abs=1e-12)
+    assert abs(rows["half"]["first"] - rows["half"]["actual"]) > 1e-3  # the first order alone is not exact
+    with pytest.raises(KeyError, match="no delta"):
+        taylor.removal_gaps(linear, base, delta, {"bad": {"frozen": torch.ones(2)}})
+
+
+class LinearScorer:
+    """A stub scorer whose loss on example (x, y) is y·(w·x): its per-example gradient is y·x."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def loss_gradient(self, state, task, examples, head=None):
+        return {self.name: sum(y * x for x, y in examples) / len(examples)}
+
+    def params(self, state):
+        return state
+
+    def loss(self, params, task, examples, head=None):
+        return sum(y * (params[self.name] * x).sum() for x, y in examples) / len(examples)
+
+    def few_shot_batches(self, examples):
+        return examples
+
+    def logits(self, task, head, batches, params):
+        return torch.tensor([[0.0, 1.0]]), torch.tensor([1])
+
+
+def test_fisher_importance_by_hand():
+    name = "encoder.layer.0.output.dense.weight"
+    base = {name: torch.zeros(2, 2)}
+    expert = {name: torch.tensor([[1.0, 2.0], [0.0, -1.0]])}
+    examples = [(torch.tensor([[1.0, 1.0], [1.0, 1.0]]), 1.0), (torch.tensor([[2.0, 0.0], [0.0, 3.0]]), -1.0)]
+    fisher = taylor.fisher_importances(LinearScorer(name), base, expert, "t", examples, ("model", "hidden"))
+    # (Δ·g_n)² per entry: n=1: [[1, 4], [0, 1]], n=2: [[4, 0], [0, 9]] → rows 5 + 4 = 9 and 1 + 9 = 10
+    assert fisher["hidden"].values.tolist() == [-9.0, -10.0]
+    assert fisher["model"].values.tolist() == [-19.0]
+    # the signed first order of the same set cancels across examples; the Fisher sum cannot
+    with pytest.warns(UserWarning, match="near zero"):  # this stub's loss at the base is 0
+        plain = taylor.gradient_importance(LinearScorer(name), base, expert, "t", examples, "model", signed=True)
+    assert float(plain.values[0]) == 1.5  # Δ·(x₁ − x₂)/2 = −0.5 + 1 + 0 + 1
+    with pytest.raises(ValueError, match="empty"):
+        taylor.fisher_importances(LinearScorer(name), base, expert, "t", [], "model")
