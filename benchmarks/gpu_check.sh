@@ -13,6 +13,8 @@
 #   chapters    chapters 0-4 under nbval on the GPU (they pick the GPU themselves);
 #   apl         APL causal tracing at Llama-2-7B shape (bf16, 6 tasks, 5 shots x 128 tokens): layer
 #               level in full, hidden-state level on 256 of the 4096 states, extrapolated (chapter 4).
+#   gradient    APL's gradient importance at the same shape and tasks, the plain backward pass against
+#               the memory-lean mode: seconds and peak GPU memory (chapter 5; writes two 13.5 GB folders to /tmp).
 # It ends with a summary: one line per step, its status and its time.
 #
 # The lent machine has torch, transformers, safetensors, peft, accelerate, matplotlib,
@@ -42,7 +44,7 @@ step() {  # step NAME COMMAND...: run, log to $OUT_DIR/NAME.log, remember status
   summary+=("$(printf '%-12s %-7s %4ss' "$name" "$([ "$rc" = 0 ] && echo ok || echo FAIL:$rc)" $(( $(date +%s) - t0 )))")
 }
 python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(), torch.__version__)" || exit 1
-steps=${*:-cuda-tests streaming zoo chapters apl}
+steps=${*:-cuda-tests streaming zoo chapters apl gradient}
 for s in $steps; do
   case $s in
     cuda-tests) step cuda-tests python3 -m pytest -q -p no:cacheprovider tests -k cuda ;;
@@ -52,7 +54,8 @@ for s in $steps; do
                 step scorer python3 -m pytest -q -p no:cacheprovider tests/test_evaluation.py ;;
     chapters)   step chapters python3 -m pytest -q -p no:cacheprovider --nbval-lax book ;;
     apl)        step apl python3 benchmarks/apl_gpu.py --hidden-sample 256 --chunk 32 ;;
-    *) echo "unknown step: $s (cuda-tests, streaming, zoo, chapters, apl)"; exit 2 ;;
+    gradient)   step gradient python3 benchmarks/apl_gradient_lean.py --shape llama2-7b --tasks 6 --workdir /tmp ;;
+    *) echo "unknown step: $s (cuda-tests, streaming, zoo, chapters, apl, gradient)"; exit 2 ;;
   esac
 done
 echo "=== summary"

@@ -1,0 +1,170 @@
+#!/usr/bin/env python
+"""APL's gradient importance (chapter 5): the plain backward pass vs the memory-lean mode, in one run.
+
+    python benchmarks/apl_gradient_lean.py --shape llama-300m           # CPU, float32, 2 tasks
+    python benchmarks/apl_gradient_lean.py --shape llama2-7b --tasks 6  # a GPU, bf16
+
+1. writes a randomly initialised Llama of the chosen shape and ``--experts`` experts (base +
+   seeded noise, σ = 1e-3) as safetensors folders under ``--workdir`` (a temporary folder by
+   default); the ``--tasks`` tasks (each its own random prompts) cycle over them, so that a 7B run
+   needs two 13.5 GB folders, not seven;
+2. runs each mode in its own process, so that each peak is its own:
+   * ``plain``: the whole model on the device, one backward pass per task, Δ·g per partition
+     (Δ read one tensor at a time) — what :func:`merging_helpers.taylor.gradient_importances` does;
+   * ``lean``: :func:`merging_helpers.fast.lean_importance.lean_gradient_importances`, one block
+     in memory, all tasks in one sweep;
+3. prints, side by side: seconds, peak memory (the device's peak allocation on a GPU, the
+   process's peak RSS on the CPU), and the largest relative difference of the two modes'
+   layer-level sums.
+
+Goals (issue #12): the 7B shape, 6 tasks × 5 shots × 128 tokens, ≤ 30 s on one H100/H200 in the
+plain mode; the lean mode under 15 GB peak and at most 3× the plain mode's time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from merging_helpers.fast.checkpoints import list_tensors  # noqa: E402
+
+SHAPES = {  # hidden, intermediate, layers, heads, vocab
+    "tiny": (64, 172, 4, 4, 500),
+    "llama-300m": (1024, 2816, 20, 16, 32000),
+    "llama2-7b": (4096, 11008, 32, 32, 32000),
+}
+
+
+def write_family(shape: str, experts: int, workdir: Path, dtype: torch.dtype, device: str) -> dict:
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from merging_helpers.fast.checkpoints import save_state_dict
+    hidden, inter, layers, heads, vocab = SHAPES[shape]
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
+                         num_key_value_heads=heads, vocab_size=vocab, max_position_embeddings=4096,
+                         tie_word_embeddings=False)
+    torch.manual_seed(0)
+    with torch.device(device):
+        base = {n: p.detach().to(dtype) for n, p in LlamaForCausalLM(config).state_dict().items()}
+    folders = {"base": str(save_state_dict(base, workdir / "base", "5GB", config=config.to_dict(), overwrite=True))}
+    for e in range(experts):
+        g = torch.Generator(device=device).manual_seed(1000 + e)
+        expert = {n: (b.float() + 1e-3 * torch.randn(b.shape, generator=g, device=device)).to(dtype) for n, b in base.items()}
+        folders[f"expert{e}"] = str(save_state_dict(expert, workdir / f"expert{e}", "5GB", config=config.to_dict(),
+                                                    overwrite=True))
+        del expert
+    return folders
+
+
+def prompts(tasks: int, shots: int, tokens: int, vocab: int) -> dict:
+    out = {}
+    for t in range(tasks):
+        g = torch.Generator().manual_seed(t)
+        out[f"task{t}"] = (torch.randint(0, vocab, (shots, tokens), generator=g), torch.randint(0, vocab, (shots,), generator=g))
+    return out
+
+
+def run_plain(folders, asked, device, dtype):
+    from transformers import AutoModelForCausalLM
+    from merging_helpers import apl
+    from merging_helpers.fast.checkpoints import CheckpointFolder
+    model = AutoModelForCausalLM.from_pretrained(folders["base"], dtype=dtype).to(device)
+    groups = apl.groups({n: p.shape for n, p in model.named_parameters()}, "layer")
+    position = {n: i for i, g in enumerate(groups.values()) for n in g}
+    out = {}
+    for task, (ids, answers) in asked.items():
+        model.zero_grad(set_to_none=True)
+        logits = model(ids.to(device), logits_to_keep=1).logits[:, -1].float()
+        torch.nn.functional.cross_entropy(logits, answers.to(device)).backward()
+        sums = torch.zeros(len(groups), dtype=torch.float64)
+        with CheckpointFolder(folders["experts"][task]) as expert:
+            for n, p in model.named_parameters():
+                if n in position:
+                    delta = expert.read(n).to(device, torch.float32) - p.detach().float()
+                    sums[position[n]] += float((delta * p.grad.float()).sum())
+        out[task] = sums
+    return out
+
+
+def run_lean(folders, asked, device, dtype):
+    from merging_helpers.fast.lean_importance import lean_gradient_importances
+    result = lean_gradient_importances(folders["base"], {t: folders["experts"][t] for t in asked}, asked, ("layer",),
+                                       device=device, dtype=dtype, signed=True, progress=False)
+    return {t: result[t]["layer"].values for t in asked}
+
+
+def child(args):
+    spec = json.loads(args.child)
+    device, dtype = spec["device"], getattr(torch, spec["dtype"])
+    asked = prompts(spec["tasks"], spec["shots"], spec["tokens"], SHAPES[spec["shape"]][4])
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    sums = (run_plain if spec["mode"] == "plain" else run_lean)(spec["folders"], asked, device, dtype)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    torch.save({t: s.double().cpu() for t, s in sums.items()}, spec["out"])
+    print(json.dumps({"seconds": seconds, "peak_bytes": peak}))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    parser.add_argument("--shape", choices=SHAPES, default="llama-300m")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tasks", type=int, default=2)
+    parser.add_argument("--experts", type=int, default=2, help="distinct expert folders; the tasks cycle over them")
+    parser.add_argument("--shots", type=int, default=5)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--modes", nargs="+", default=["plain", "lean"], choices=["plain", "lean"])
+    parser.add_argument("--workdir", default=None, help="where the folders are written (default: a temporary folder)")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        return child(args)
+    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        workdir = Path(tmp)
+        start = time.perf_counter()
+        folders = write_family(args.shape, min(args.experts, args.tasks), workdir, dtype, args.device)
+        written = [k for k in folders if k.startswith("expert")]
+        folders["experts"] = {f"task{t}": folders[written[t % len(written)]] for t in range(args.tasks)}
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        params = sum(info.numel for info in list_tensors(folders["base"]).values())
+        print(f"{args.shape}: {params / 1e9:.2f}B parameters, {dtype}, {args.device}; {args.tasks} tasks × {args.shots} "
+              f"shots × {args.tokens} tokens; folders written in {time.perf_counter() - start:.0f} s", flush=True)
+        results, sums = {}, {}
+        for mode in args.modes:
+            spec = {"mode": mode, "device": args.device, "dtype": str(dtype).split(".")[1], "folders": folders,
+                    "tasks": args.tasks, "shots": args.shots, "tokens": args.tokens, "shape": args.shape,
+                    "out": str(workdir / f"{mode}.pt")}
+            done = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
+            if done.returncode:
+                print(done.stderr[-3000:])
+                raise SystemExit(f"the {mode} run failed")
+            results[mode] = json.loads(done.stdout.strip().splitlines()[-1])
+            sums[mode] = torch.load(workdir / f"{mode}.pt", weights_only=True)  # our own file, tensors only
+        memory = "GPU peak allocated" if args.device.startswith("cuda") else "peak RSS"
+        print(f"\n{'mode':<8}{'seconds':>10}{memory + ' (GB)':>24}")
+        for mode, r in results.items():
+            print(f"{mode:<8}{r['seconds']:>10.1f}{r['peak_bytes'] / 1e9:>24.2f}")
+        if len(results) == 2:
+            worst = max(float(((sums["lean"][t] - sums["plain"][t]).abs() / sums["plain"][t].abs().clamp_min(1e-12)).max())
+                        for t in sums["plain"])
+            ratio = results["lean"]["seconds"] / results["plain"]["seconds"]
+            print(f"\nlean / plain time: {ratio:.2f}× (goal ≤ 3×); largest relative difference of the layer sums: {worst:.1e}")
+            if args.shape == "llama2-7b":
+                print(f"goals: plain ≤ 30 s for 6 tasks; lean peak < 15 GB (measured {results['lean']['peak_bytes'] / 1e9:.1f} GB)")
+
+
+if __name__ == "__main__":
+    main()
