@@ -24,7 +24,7 @@ modules on disk and ``_toc.yml``:
 * ``paired``     – chapter 3: two merges on the same examples (paired bootstrap, McNemar)
 * ``apl``        – chapter 4: APL — causal tracing of partitions, calibrated drop rates, weights
 * ``apl_explorer`` – chapter 4: the APL explorer (drop-rate maps, prune and score, widget)
-* ``taylor``     – chapter 5 (planned): APL's gradient importance and the Taylor terms that check it
+* ``taylor``     – chapter 5: APL's gradient importance and the Taylor terms that check it
 * ``fast``       – chapter 8 (planned; appendix "Merging at scale"): the fast tier, streaming merges of
   HF folders, the fused path and its compiled kernel; it imports the reference, never the other way round
 
