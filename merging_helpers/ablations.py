@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from .consensus import agreement_mask, disjoint_merge, elect_sign, stack
 from .drop import magnitude_keep_mask
+from .evaluation import LAMBDA_STEP
 from .sweeps import RANDOM_METHODS, merged_delta, pick_lambda, scan_lambdas  # noqa: F401 (re-exported: chapter 3 names)
 
 
@@ -56,20 +57,33 @@ def ties_steps(deltas, density: float, election: str = "total", expert_names: Se
     return table, merged
 
 
+def next_lambda(scored, lam: float, step: float = LAMBDA_STEP) -> float | None:
+    """Introduced in chapter 3: where to widen a λ scan — one ``step`` beyond the best λ
+    when it is the largest or the smallest λ scored so far (never to λ ≤ 0), else None."""
+    if lam == max(scored):
+        return round(lam + step, 6)
+    if lam == min(scored) and round(lam - step, 6) > 0:
+        return round(lam - step, 6)
+    return None
+
+
 def evaluate_variants(evaluator, base: dict, deltas, variants: Mapping[str, tuple], seeds=(0, 1, 2),
-                      choose_split: str = "validation", report_split: str = "test", progress: bool = True):
+                      choose_split: str = "validation", report_split: str = "test", progress: bool = True,
+                      widen: bool = True, max_lambdas: int = 20):
     """Introduced in chapter 3: merge, choose λ on ``choose_split``, report on ``report_split``.
 
     ``variants``: label → ``(method, merge_kwargs, lambdas)``. For each variant the
     merged delta is computed once (:func:`merged_delta`; once per seed in ``seeds`` for
     the random recipes of ``sweeps.RANDOM_METHODS``), every λ is scored on
-    ``choose_split`` (:func:`scan_lambdas`), the λ with the best mean over tasks (and
-    seeds) is picked (:func:`~merging_helpers.sweeps.pick_lambda`) and scored on
-    ``report_split``. Returns ``(report, scans)``, two long frames in the format of
-    ``sweeps`` (``method`` = the variant's label); ``report`` has the chosen λ in ``lam``
-    and two extra columns: ``at_edge`` (True when λ is the smallest or largest of its
-    grid: widen the grid before trusting that row) and ``merge_seconds`` (the time of
-    that merge).
+    ``choose_split`` (:func:`scan_lambdas`) and the λ with the best mean over tasks (and
+    seeds) is picked (:func:`~merging_helpers.sweeps.pick_lambda`). With ``widen``, while
+    that λ is the largest or smallest scored, the scan goes one more rung of the book's λ
+    ladder that way (:func:`next_lambda`), up to ``max_lambdas`` values; the choice still
+    depends on ``choose_split`` only. The chosen λ is scored on ``report_split``.
+    Returns ``(report, scans)``, two long frames in the format of ``sweeps`` (``method``
+    = the variant's label); ``report`` has the chosen λ in ``lam`` and two extra columns:
+    ``at_edge`` (True when λ is still the smallest or largest scored: do not trust that
+    row) and ``merge_seconds`` (the time of that merge).
     """
     reports, scans = [], []
     for label, (method, kwargs, lambdas) in tqdm(variants.items(), desc="variants", disable=not progress):
@@ -82,6 +96,11 @@ def evaluate_variants(evaluator, base: dict, deltas, variants: Mapping[str, tupl
             seconds[seed] = time.perf_counter() - start
             scans.append(scan_lambdas(evaluator, base, merged[seed], lambdas, choose_split, label=label, seed=seed))
         lam = pick_lambda(pd.concat([s for s in scans if s["method"].iloc[0] == label]))
+        while widen and len(lambdas) < max_lambdas and (step := next_lambda(lambdas, lam)) is not None:
+            lambdas.append(step)
+            for seed in runs:
+                scans.append(scan_lambdas(evaluator, base, merged[seed], [step], choose_split, label=label, seed=seed))
+            lam = pick_lambda(pd.concat([s for s in scans if s["method"].iloc[0] == label]))
         for seed in runs:
             report = scan_lambdas(evaluator, base, merged[seed], [lam], report_split, label=label, seed=seed)
             reports.append(report.assign(at_edge=len(lambdas) > 1 and lam in (min(lambdas), max(lambdas)),

@@ -296,8 +296,11 @@ def task_arithmetic_state(base, experts, lam: float):
     return merge_state_dicts(base, experts, "task_arithmetic", lam=lam, progress=False)
 
 
-# The λ grid of every chapter's Task Arithmetic (chapter 2 adds λ = 0, the untouched base).
-LAMBDA_GRID = tuple(round(0.1 * i, 1) for i in range(1, 11))
+# The book's one λ ladder: multiples of LAMBDA_STEP. LAMBDA_GRID is its first ten rungs, the grid of
+# every chapter's Task Arithmetic (chapter 2 adds λ = 0, the untouched base); chapter 3's scans
+# start from windows of the same ladder and widen along it (ablations.evaluate_variants).
+LAMBDA_STEP = 0.1
+LAMBDA_GRID = tuple(round(LAMBDA_STEP * i, 1) for i in range(1, 11))
 
 
 def choose_lambda(mean_accuracy: Mapping[float, float]) -> float:

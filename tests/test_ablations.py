@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 import torch
 
-from merging_helpers.ablations import evaluate_variants, merged_delta, scan_lambdas, sign_conflicts, ties_steps
+from merging_helpers.ablations import evaluate_variants, merged_delta, next_lambda, scan_lambdas, sign_conflicts, ties_steps
 from merging_helpers.deltas import apply_delta, sign_disagreement, task_vectors
 from merging_helpers.drop import magnitude_keep_mask
 from merging_helpers.recipes import merge_state_dicts, merge_tensor
@@ -151,7 +151,7 @@ def test_evaluate_variants_chooses_on_validation_and_flags_grid_edges():
     report, scans = evaluate_variants(FakeEvaluator(), base, deltas, {
         "ta": ("task_arithmetic", {}, [0.25, 0.5, 1.0]),
         "ties": ("ties", {"density": 1.0}, [0.5, 1.0]),
-    }, progress=False)
+    }, progress=False, widen=False)
     chosen = report.groupby("method")["lam"].first()
     assert chosen["ta"] == 0.5 and chosen["ties"] == 1.0
     edge = report.groupby("method")["at_edge"].first()
@@ -160,6 +160,22 @@ def test_evaluate_variants_chooses_on_validation_and_flags_grid_edges():
     # test scores at the chosen λ (w = 2): a = 0.2, b = 0.1
     assert report.loc[report["task"] == "a", "accuracy"].tolist() == pytest.approx([0.2, 0.2])
     assert len(scans) == (3 + 2) * 2
+
+
+def test_evaluate_variants_widens_along_the_ladder_until_the_best_is_inside():
+    base = {"w": torch.tensor(0.0)}
+    deltas = [{"w": torch.tensor(1.0)}, {"w": torch.tensor(3.0)}]  # TA sum = 4: the best λ is 0.5 (w = 2)
+    report, scans = evaluate_variants(FakeEvaluator(), base, deltas, {"ta": ("task_arithmetic", {}, [0.2, 0.3])},
+                                      progress=False)
+    assert report["lam"].iloc[0] == 0.5 and not report["at_edge"].iloc[0]
+    assert sorted(scans["lam"].unique().tolist()) == pytest.approx([0.2, 0.3, 0.4, 0.5, 0.6])
+    # capped: the scan stops after max_lambdas values and says the choice is on its edge
+    report, scans = evaluate_variants(FakeEvaluator(), base, deltas, {"ta": ("task_arithmetic", {}, [0.1, 0.2])},
+                                      progress=False, max_lambdas=3)
+    assert report["lam"].iloc[0] == 0.3 and report["at_edge"].iloc[0] and scans["lam"].nunique() == 3
+    # never below the first rung: a best λ at 0.1 stays flagged
+    assert next_lambda([0.1, 0.2], 0.1) is None and next_lambda([0.2, 0.3], 0.2) == 0.1
+    assert next_lambda([0.7, 0.8, 0.9], 0.8) is None and next_lambda([0.7, 0.8, 0.9], 0.9) == 1.0
 
 
 def test_evaluate_variants_runs_random_recipes_once_per_seed():
@@ -171,7 +187,7 @@ def test_evaluate_variants_runs_random_recipes_once_per_seed():
             return {"a": float(state_dict["w"].mean()) / 10}
 
     report, scans = evaluate_variants(MeanEvaluator(), base, deltas, {"dt": ("dare_ties", {"density": 0.5}, [1.0, 2.0])},
-                                      seeds=(0, 1, 2), progress=False)
+                                      seeds=(0, 1, 2), progress=False, widen=False)
     assert report["seed"].tolist() == [0, 1, 2] and len(scans) == 6
     assert report["accuracy"].nunique() == 3  # three different masks
     assert set(report["lam"]) == {2.0}  # larger λ, larger mean: chosen over all seeds
