@@ -76,7 +76,8 @@ def test_is_a_scorer_and_scores_without_loading(scorer):
     functional = scorer.accuracy(zoo.experts["news"], split="validation", tasks=["news"])
     assert all(torch.equal(p, before[n]) for n, p in scorer.encoder.named_parameters())  # nothing loaded
     scorer.load(zoo.experts["news"])  # the old way: load the weights into the module
-    loaded = {"news": scorer.logits("news", zoo.heads["news"], scorer.batches("news", "validation"))}
+    loaded = {"news": scorer.logits("news", zoo.heads["news"], scorer.batches("news", "validation"),
+                                    bf16=scorer.bf16_accuracy)}
     scorer.load(zoo.base)
     from merging_helpers.evaluation import accuracy
     assert functional["news"] == accuracy(*loaded["news"])
@@ -151,6 +152,24 @@ def test_correct_per_example_agrees_with_accuracy(scorer):
         assert vector.dtype == torch.bool and vector.device.type == "cpu"
         assert len(vector) == len(zoo.tasks[task].splits["validation"])
         assert float(vector.float().mean()) == pytest.approx(acc[task])
+
+
+def test_bf16_accuracy_agrees_with_float32(scorer):
+    """The CPU default scores accuracy with bfloat16 products: it must not move an expert's or a
+    merge's accuracy by more than a few examples, and it must be what runs by default on the CPU."""
+    from merging_helpers.evaluation import task_arithmetic_state
+    zoo = scorer.zoo
+    exact = Evaluator(zoo, device=DEVICE, bf16_accuracy=False)
+    assert scorer.bf16_accuracy == (torch.device(DEVICE).type == "cpu") and not exact.bf16_accuracy
+    merged = task_arithmetic_state(zoo.base, zoo.experts, 0.4)
+    fast, slow = scorer.correct(merged, split="test"), exact.correct(merged, split="test")
+    changed = sum(int((fast[t] != slow[t]).sum()) for t in fast)
+    total = sum(len(v) for v in slow.values())
+    assert changed <= 0.005 * total, f"{changed} of {total} test predictions changed"
+    # APL's probabilities and the losses are float32 either way
+    shots = few_shot(zoo.tasks["news"], 2, seed=0)
+    assert scorer.true_label_probability(zoo.experts["news"], "news", shots) == \
+        exact.true_label_probability(zoo.experts["news"], "news", shots)
 
 
 def test_choose_lambda_is_the_one_rule():
