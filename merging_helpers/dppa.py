@@ -1,0 +1,243 @@
+"""Introduced in chapter 6: DPPA — dynamic pruning (DP) and partition amplification (DPA).
+
+Zhu, Xia & Zhang's *DPPA* (equations in ``shared/METHODS.md``) prunes a *complex* fine-tune
+(a delta far from its base) by magnitude, at a rate per linear map that depends on how
+significant that map's delta is, and then amplifies the entries it keeps, band by band.
+
+DP (Eqs. 1–5). The *significance* of a block of delta entries is the sum of |δ| over its
+outliers, the entries with |δ| > N · mean|δ| of the block. Per layer l and per linear map j
+of that layer:
+
+    dif_l   = −sig(Δ_l) + mean_l sig(Δ_l)                              (Eq. 1)
+    dif'_lj = −sig(Δ_lj) + Σ_j sig(Δ_lj)·n_lj / Σ_j n_lj                (Eqs. 2–3)
+    norm(x) = x · λ / max|x|                                            (Eq. 4)
+    Θ_lj    = α + norm(dif_l) + norm(dif'_lj)                          (Eq. 5)
+
+and each linear map is magnitude-pruned at its own Θ_lj (no rescale). Readings used here
+(the paper leaves them open): N = 5 for layers and for linear maps (the authors' code uses 3
+for layers; ``n_layer=3`` gives it); norm runs over all layers for dif and over all linear
+maps of the model for dif'; a linear map is its weight and bias together; every tensor
+outside the linear maps (embeddings, norms, heads, pooler) is pruned at α. With equal layer
+sizes the kept count is then α's, to rounding (dif sums to 0 over layers, dif' to 0 within a
+layer when weighted by size).
+
+OWL (the paper's baseline), on deltas: per layer the outlier ratio D_l (the fraction of
+entries with |δ| > M · mean|δ|, OWL's score |W|·‖X‖ without activations), mapped to [0, 2λ],
+shifted to mean 1 − α as a *density*; layers with more outliers are pruned less.
+
+DPA. The *bands* of a tensor are the entries kept at the first pruning rate (e.g. 0.9: the
+top 10 % |δ|), then those added between it and the next rate (0.9 → 0.8), and so on;
+:func:`amplify` scales each band by its own factor. The factors are searched on validation
+data (:func:`greedy_factor`, :func:`search_method1`, :func:`search_method2`).
+"""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+
+from .drop import magnitude_keep_mask
+from .partitions import describe
+
+LAMBDA = 0.08  # the paper's λ of Eq. 4 (and OWL's)
+N_SIGNIFICANT = 5.0  # an entry is an outlier above N × the block's mean |δ|
+
+
+def _check(alpha: float, lam: float, n: float = 1.0, what: str = "dp_rates") -> None:
+    if not 0.0 <= alpha < 1.0:
+        raise ValueError(f"{what}: the target pruning rate alpha must be in [0, 1), got {alpha}")
+    if lam < 0:
+        raise ValueError(f"{what}: the fluctuation lam must be >= 0, got {lam}")
+    if n <= 0:
+        raise ValueError(f"{what}: the outlier multiple N must be > 0, got {n}")
+
+
+def significance(tensors: torch.Tensor | Sequence[torch.Tensor], n: float = N_SIGNIFICANT) -> float:
+    """sig(Δ): Σ |δ| over the entries with |δ| > n · mean|δ| of the block (all given tensors
+    together); 0 for a block of zeros (chapter 6)."""
+    if n <= 0:
+        raise ValueError(f"significance: the outlier multiple N must be > 0, got {n}")
+    values = torch.cat([t.detach().abs().flatten().double() for t in ([tensors] if isinstance(tensors, torch.Tensor) else tensors)])
+    if values.numel() == 0:
+        return 0.0
+    mean = values.mean()
+    return float(values[values > n * mean].sum())
+
+
+def normalise(x: torch.Tensor, lam: float = LAMBDA) -> torch.Tensor:
+    """Eq. 4: x · λ / max|x| (all zeros stay zeros) (chapter 6)."""
+    x = torch.as_tensor(x, dtype=torch.float64)
+    top = x.abs().max() if x.numel() else torch.tensor(0.0)
+    return torch.zeros_like(x) if float(top) == 0.0 else x * lam / top
+
+
+def layer_fluctuation(sig: torch.Tensor) -> torch.Tensor:
+    """Eq. 1: dif_l = −sig_l + mean sig over layers (chapter 6)."""
+    sig = torch.as_tensor(sig, dtype=torch.float64)
+    return -sig + sig.mean()
+
+
+def linear_fluctuation(sig: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """Eqs. 2–3 within one layer: dif'_j = −sig_j + Σ_j sig_j n_j / Σ_j n_j (chapter 6)."""
+    sig, sizes = torch.as_tensor(sig, dtype=torch.float64), torch.as_tensor(sizes, dtype=torch.float64)
+    return -sig + (sig * sizes).sum() / sizes.sum()
+
+
+def _structure(names):
+    """layer → names, and (layer, linear) → names, for the names inside the blocks."""
+    layers: dict[int, list[str]] = {}
+    linears: dict[tuple[int, str], list[str]] = {}
+    for name in names:
+        info = describe(name)
+        if info.layer is None:
+            continue
+        layers.setdefault(info.layer, []).append(name)
+        if info.linear is not None:
+            linears.setdefault((info.layer, info.linear), []).append(name)
+    return dict(sorted(layers.items())), linears
+
+
+def _clipped(rates: dict[str, float], what: str) -> dict[str, float]:
+    bad = {n: r for n, r in rates.items() if not 0.0 <= r < 1.0}
+    if bad:
+        name, rate = next(iter(bad.items()))
+        warnings.warn(f"{what}: {len(bad)} rates fell outside [0, 1) (e.g. {name!r}: {rate:.4f}) and were clipped; "
+                      "lower lam or move alpha away from the ends", stacklevel=3)
+    return {n: min(max(r, 0.0), 1.0 - 1e-6) for n, r in rates.items()}
+
+
+def dp_rates(deltas: Mapping[str, torch.Tensor], alpha: float, lam: float = LAMBDA, n_layer: float = N_SIGNIFICANT,
+             n_linear: float = N_SIGNIFICANT) -> dict[str, float]:
+    """DP's pruning rate of every tensor (Eqs. 1–5): Θ_lj for the tensors of linear map j of
+    layer l, α for the rest (chapter 6). Rates outside [0, 1) are clipped, with a warning."""
+    _check(alpha, lam, min(n_layer, n_linear))
+    layers, linears = _structure(deltas)
+    rates = {name: float(alpha) for name in deltas}
+    if not layers:
+        return rates
+    layer_ids = list(layers)
+    dif = normalise(layer_fluctuation([significance([deltas[n] for n in layers[l]], n_layer) for l in layer_ids]), lam)
+    keys = list(linears)
+    sig = torch.tensor([significance([deltas[n] for n in linears[k]], n_linear) for k in keys], dtype=torch.float64)
+    sizes = torch.tensor([sum(deltas[n].numel() for n in linears[k]) for k in keys], dtype=torch.float64)
+    dif_lin = torch.zeros(len(keys), dtype=torch.float64)
+    for layer in layer_ids:
+        idx = [i for i, k in enumerate(keys) if k[0] == layer]
+        if idx:
+            dif_lin[idx] = linear_fluctuation(sig[idx], sizes[idx])
+    dif_lin = normalise(dif_lin, lam)
+    by_layer = dict(zip(layer_ids, dif.tolist()))
+    for i, (layer, _) in enumerate(keys):
+        for name in linears[keys[i]]:
+            rates[name] = alpha + by_layer[layer] + float(dif_lin[i])
+    return _clipped(rates, "dp_rates")
+
+
+def owl_rates(deltas: Mapping[str, torch.Tensor], alpha: float, lam: float = LAMBDA, m: float = N_SIGNIFICANT) -> dict[str, float]:
+    """OWL's layer-wise pruning rates computed on the deltas (chapter 6): per layer, the outlier
+    ratio D_l (entries with |δ| > m · the layer's mean |δ|) mapped to [0, 2λ] and shifted so
+    that the densities average 1 − α; tensors outside the blocks get α."""
+    _check(alpha, lam, m, "owl_rates")
+    layers, _ = _structure(deltas)
+    rates = {name: float(alpha) for name in deltas}
+    if not layers:
+        return rates
+    ratios = []
+    for names in layers.values():
+        values = torch.cat([deltas[n].detach().abs().flatten().double() for n in names])
+        ratios.append(float((values > m * values.mean()).double().mean()) if values.numel() else 0.0)
+    ratios = torch.tensor(ratios, dtype=torch.float64)
+    spread = ratios.max() - ratios.min()
+    scaled = torch.zeros_like(ratios) if float(spread) == 0 else (ratios - ratios.min()) / spread * 2 * lam
+    density = scaled - scaled.mean() + (1 - alpha)
+    for layer_density, names in zip(density.tolist(), layers.values()):
+        for name in names:
+            rates[name] = 1 - layer_density
+    return _clipped(rates, "owl_rates")
+
+
+def magnitude_prune(deltas: Mapping[str, torch.Tensor], rates: Mapping[str, float]) -> dict[str, torch.Tensor]:
+    """Each tensor magnitude-pruned at its own rate (top-k |δ| per tensor, no rescale) (chapter 6)."""
+    missing = [n for n in deltas if n not in rates]
+    if missing:
+        raise KeyError(f"magnitude_prune: no rate for {missing[:3]}")
+    return {n: d * magnitude_keep_mask(d, 1.0 - float(rates[n])) for n, d in deltas.items()}
+
+
+def _check_levels(levels: Sequence[float]) -> list[float]:
+    levels = [float(v) for v in levels]
+    if not levels or any(not 0.0 <= v < 1.0 for v in levels):
+        raise ValueError(f"bands: pruning rates must be in [0, 1), got {levels}")
+    if any(b >= a for a, b in zip(levels, levels[1:])):
+        raise ValueError(f"bands: pruning rates must be strictly decreasing (keep more in each band), got {levels}")
+    return levels
+
+
+def bands(delta: torch.Tensor, levels: Sequence[float]) -> list[torch.Tensor]:
+    """DPA's partitions of one tensor (chapter 6): band 0 = the entries kept at pruning rate
+    ``levels[0]``, band b = those added between ``levels[b-1]`` and ``levels[b]``; disjoint
+    bool masks, their union = magnitude pruning at ``levels[-1]``."""
+    levels = _check_levels(levels)
+    out, kept = [], torch.zeros(delta.shape, dtype=torch.bool, device=delta.device)
+    for rate in levels:
+        keep = magnitude_keep_mask(delta, 1.0 - rate)
+        out.append(keep & ~kept)
+        kept |= keep
+    return out
+
+
+def amplify(delta: torch.Tensor, masks: Sequence[torch.Tensor], factors: Sequence[float]) -> torch.Tensor:
+    """δ with band b scaled by ``factors[b]`` and every entry outside the bands dropped (chapter 6)."""
+    if len(masks) != len(factors):
+        raise ValueError(f"amplify: {len(masks)} bands but {len(factors)} factors")
+    scale = torch.zeros(delta.shape, dtype=delta.dtype, device=delta.device)
+    for mask, factor in zip(masks, factors):
+        scale = torch.where(mask, torch.as_tensor(float(factor), dtype=delta.dtype, device=delta.device), scale)
+    return delta * scale
+
+
+def greedy_factor(score: Callable[[float], float], start: float = 1.0, step: float = 0.1,
+                  max_steps: int = 30) -> tuple[float, list[tuple[float, float]]]:
+    """The authors' search (chapter 6): from ``start``, move by ±``step`` while the score
+    rises ("rise then fall"); returns the best factor and every (factor, score) tried."""
+    if step <= 0:
+        raise ValueError(f"greedy_factor: step must be > 0, got {step}")
+    tried = {round(start, 6): score(start)}
+    best = round(start, 6)
+    for direction in (+1, -1):
+        current = best
+        for _ in range(max_steps):
+            nxt = round(current + direction * step, 6)
+            if nxt < 0:
+                break
+            if nxt not in tried:
+                tried[nxt] = score(nxt)
+            if tried[nxt] <= tried[current]:
+                break
+            current = nxt
+        if tried[current] > tried[best]:
+            best = current
+    return best, sorted(tried.items())
+
+
+def search_method1(score: Callable[[list[float]], float], n_bands: int, **greedy) -> tuple[list[float], list]:
+    """Method 1 (chapter 6): tune band 0 alone (later bands dropped), fix it, add band 1 and
+    tune only it, and so on. ``score(factors)`` gets one factor per band present."""
+    factors, paths = [], []
+    for b in range(n_bands):
+        best, path = greedy_factor(lambda f, fixed=list(factors): score(fixed + [f]), **greedy)
+        factors.append(best)
+        paths.append(path)
+    return factors, paths
+
+
+def search_method2(score: Callable[[list[float]], float], n_bands: int, **greedy) -> tuple[list[float], list]:
+    """Method 2 (chapter 6): tune band 0 with every later band present at factor 1, then each
+    later band in turn with the earlier factors fixed."""
+    factors, paths = [1.0] * n_bands, []
+    for b in range(n_bands):
+        best, path = greedy_factor(lambda f, b=b: score(factors[:b] + [f] + factors[b + 1:]), **greedy)
+        factors[b] = best
+        paths.append(path)
+    return factors, paths

@@ -1,0 +1,115 @@
+"""Chapter 6's DPPA: Eqs. 1–5 on a hand-worked model, the achieved pruning rate, OWL's rates,
+DPA's bands and the factor searches."""
+import pytest
+import torch
+
+from merging_helpers import dppa
+
+from conftest import _bert_sd
+
+Q0, D0 = "encoder.layer.0.attention.self.query.weight", "encoder.layer.0.output.dense.weight"
+Q1, D1 = "encoder.layer.1.attention.self.query.weight", "encoder.layer.1.output.dense.weight"
+EMB = "embeddings.word_embeddings.weight"
+
+
+def hand_model():
+    return {Q0: torch.tensor([4.0, 1, 1, 1]), D0: torch.tensor([1.0, 1, 1, 1]),
+            Q1: torch.tensor([1.0, 1, -1, 1]), D1: torch.tensor([-8.0, 1, 1, 1]), EMB: torch.tensor([3.0, 0, 0, 0])}
+
+
+def test_significance_by_hand():
+    assert dppa.significance(torch.tensor([4.0, 1, 1, 1]), n=2) == 4.0  # mean 1.75: only 4 > 3.5
+    assert dppa.significance(torch.tensor([1.0, -1, 1, 1]), n=2) == 0.0
+    assert dppa.significance([torch.tensor([4.0, 1, 1, 1]), torch.ones(4)], n=2) == 4.0  # mean 1.375: 4 > 2.75
+    assert dppa.significance(torch.zeros(5)) == 0.0  # no division by zero
+    with pytest.raises(ValueError, match="N must be > 0"):
+        dppa.significance(torch.ones(3), n=0)
+
+
+def test_dp_rates_by_hand():
+    # layer sig (n = 2): [4, 8] → dif = [2, −2] → norm [0.08, −0.08]
+    # linear sig: layer 0 [4, 0] → dif' [−2, 2]; layer 1 [0, 8] → dif' [4, −4] → norm /4·0.08
+    rates = dppa.dp_rates(hand_model(), alpha=0.5, n_layer=2, n_linear=2)
+    assert rates[Q0] == pytest.approx(0.54) and rates[D0] == pytest.approx(0.62)
+    assert rates[Q1] == pytest.approx(0.50) and rates[D1] == pytest.approx(0.34)
+    assert rates[EMB] == 0.5  # outside the blocks: α
+    assert sum(rates[n] for n in (Q0, D0, Q1, D1)) / 4 == pytest.approx(0.5)
+    torch.testing.assert_close(dppa.layer_fluctuation([4.0, 8.0]), torch.tensor([2.0, -2.0], dtype=torch.float64))
+    torch.testing.assert_close(dppa.linear_fluctuation([0.0, 8.0], [4, 12]), torch.tensor([6.0, -2.0], dtype=torch.float64))
+    torch.testing.assert_close(dppa.normalise(torch.tensor([2.0, -4.0]), 0.1), torch.tensor([0.05, -0.1], dtype=torch.float64))
+    assert dppa.normalise(torch.zeros(3)).tolist() == [0.0, 0.0, 0.0]
+
+
+def test_dp_keeps_alpha_overall_on_a_bert_shaped_model():
+    g = torch.Generator().manual_seed(0)
+    sd, _ = _bert_sd(0)
+    deltas = {n: torch.randn(t.shape, generator=g) * (1 + 3 * (n.startswith("encoder.layer.1")))
+              for n, t in sd.items() if t.is_floating_point()}
+    for alpha in (0.5, 0.9):
+        rates = dppa.dp_rates(deltas, alpha)
+        assert len(set(round(r, 6) for r in rates.values())) > 2  # the rates do move
+        pruned = dppa.magnitude_prune(deltas, rates)
+        total = sum(t.numel() for t in deltas.values())
+        dropped = sum(int((p == 0).sum()) for p in pruned.values())
+        assert abs(dropped / total - alpha) <= len(deltas) / total  # rounding: at most one entry per tensor
+        # the more significant layer (×4 scale with the same shape has the same relative outliers, so compare by
+        # what the rates say): every tensor of a layer shares norm(dif_l)
+
+
+def test_owl_rates_average_alpha_and_spare_outlier_layers():
+    g = torch.Generator().manual_seed(1)
+    deltas = {Q0: torch.randn(1000, generator=g), D0: torch.randn(1000, generator=g),
+              Q1: torch.randn(1000, generator=g), D1: torch.randn(1000, generator=g), EMB: torch.randn(10, generator=g)}
+    deltas[Q1][:50] *= 40  # layer 1 has many outliers
+    rates = dppa.owl_rates(deltas, 0.7, lam=0.08, m=3)
+    assert rates[Q1] == rates[D1] < 0.7 < rates[Q0] == rates[D0]
+    assert (rates[Q0] + rates[Q1]) / 2 == pytest.approx(0.7)
+    assert rates[Q0] - rates[Q1] == pytest.approx(0.16)  # the full 2λ spread
+    assert rates[EMB] == 0.7
+
+
+def test_bad_input_is_named():
+    with pytest.raises(ValueError, match="alpha must be in"):
+        dppa.dp_rates(hand_model(), 1.0)
+    with pytest.raises(ValueError, match="lam must be >= 0"):
+        dppa.dp_rates(hand_model(), 0.5, lam=-0.1)
+    with pytest.raises(ValueError, match="N must be > 0"):
+        dppa.dp_rates(hand_model(), 0.5, n_layer=0)
+    with pytest.warns(UserWarning, match="clipped"):
+        rates = dppa.dp_rates(hand_model(), 0.02, lam=0.5, n_layer=2, n_linear=2)
+    assert min(rates.values()) == 0.0
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        dppa.bands(torch.ones(10), [0.8, 0.9])
+    with pytest.raises(ValueError, match=r"in \[0, 1\)"):
+        dppa.bands(torch.ones(10), [1.0])
+    with pytest.raises(ValueError, match="2 bands but 1 factors"):
+        dppa.amplify(torch.ones(4), dppa.bands(torch.arange(4.0), [0.75, 0.5]), [1.0])
+    with pytest.raises(KeyError, match="no rate"):
+        dppa.magnitude_prune(hand_model(), {Q0: 0.5})
+
+
+def test_bands_partition_the_kept_entries_and_unit_factors_give_dp():
+    g = torch.Generator().manual_seed(2)
+    delta = torch.randn(200, generator=g)
+    masks = dppa.bands(delta, [0.9, 0.8, 0.5])
+    assert [int(m.sum()) for m in masks] == [20, 20, 60]
+    assert not (masks[0] & masks[1]).any() and not (masks[1] & masks[2]).any()
+    assert delta[masks[0]].abs().min() >= delta[masks[1]].abs().max()  # band 0 holds the largest |δ|
+    unit = dppa.amplify(delta, masks, [1.0, 1.0, 1.0])
+    torch.testing.assert_close(unit, dppa.magnitude_prune({"w": delta}, {"w": 0.5})["w"])
+    scaled = dppa.amplify(delta, masks, [2.0, 1.0, 0.0])
+    torch.testing.assert_close(scaled[masks[0]], 2 * delta[masks[0]])
+    assert (scaled[masks[2]] == 0).all()
+
+
+def test_greedy_and_the_two_search_methods_find_a_separable_optimum():
+    best, path = dppa.greedy_factor(lambda f: -(f - 1.3) ** 2)
+    assert best == pytest.approx(1.3)
+    assert [f for f, _ in path] == pytest.approx([1.0, 1.1, 1.2, 1.3, 1.4])  # rise, then one step of fall
+    target = [1.3, 0.7]
+    score = lambda fs: -sum((f - t) ** 2 for f, t in zip(fs, target))
+    for search in (dppa.search_method1, dppa.search_method2):
+        factors, paths = search(score, 2)
+        assert factors == pytest.approx(target) and len(paths) == 2
+    with pytest.raises(ValueError, match="step must be > 0"):
+        dppa.greedy_factor(lambda f: 0.0, step=0)
