@@ -14,7 +14,7 @@
    * ``lean``: :func:`merging_helpers.fast.lean_importance.lean_gradient_importances`, one block
      in memory, all tasks in one sweep;
 3. prints, side by side: seconds, peak memory (the device's peak allocation on a GPU, the
-   process's peak RSS on the CPU), and the largest relative difference of the two modes'
+   process's peak resident memory on the CPU, including the interpreter and libraries), and the largest relative difference of the two modes'
    layer-level sums.
 
 Goals (issue #12): the 7B shape, 6 tasks × 5 shots × 128 tokens, ≤ 30 s on one H100/H200 in the
@@ -100,6 +100,18 @@ def run_lean(folders, asked, device, dtype):
     return {t: result[t]["layer"].values for t in asked}
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory: VmHWM (Linux; ru_maxrss would include the parent's
+    peak, since it survives fork and exec), else ru_maxrss."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def child(args):
     spec = json.loads(args.child)
     device, dtype = spec["device"], getattr(torch, spec["dtype"])
@@ -111,7 +123,7 @@ def child(args):
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else peak_rss_bytes()
     torch.save({t: s.double().cpu() for t, s in sums.items()}, spec["out"])
     print(json.dumps({"seconds": seconds, "peak_bytes": peak}))
 
