@@ -1,0 +1,143 @@
+"""Introduced in chapter 7: RMS-adaptive drop rates — one DARE rate per delta matrix from its size.
+
+The slides' method (no public code; equations and ambiguities in ``shared/METHODS.md``), in
+four steps per delta matrix δ_k^t (expert t, matrix k of a block, role r ∈ {attention, ffn}):
+
+1. **Compute** rms_k^t = ‖δ_k^t‖_F / √N (the true RMS; the slide writes ‖·‖_F / N, which
+   ``slide_formula=True`` reproduces), and the dispersion CV = σ/μ (in %) of the experts'
+   average RMS.
+2. **Drop** each entry with probability p_k^t = p_default − λ (rms_k^t − rms_mean), where
+   rms_mean is the mean over *all* experts' matrices of role r when CV ≤ the threshold (50)
+   and over expert t's own matrices of role r when CV is larger ("distribution-aware";
+   ``aware=False`` always uses the global mean). RMS values are ~1e-3 or smaller, so a raw
+   λ barely moves p: ``scale="std"`` reads λ in units of 1/σ (σ = the spread of that role's
+   RMS values), so that λ = 0.1 moves a matrix one standard deviation above the mean by 0.1.
+   Rates are clipped to ``clip`` (a warning says how many).
+3. **Merge**: sign election and disjoint mean of the kept entries (TIES steps 2–3).
+4. **Rescale** each merged matrix by 1 / (1 − min_t p_k^t).
+
+Tensors that are not block matrices (embeddings, norms, biases, heads) are dropped at
+p_default by every expert and rescaled by 1/(1 − p_default); with λ = 0 the method is then
+exactly peft-style DARE-TIES with the same seed (tests/test_rms_adaptive.py). The masks are
+the package's (``rng.EntryRandoms``): adaptive and DARE-TIES with one seed are paired.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from .consensus import disjoint_merge, elect_sign, stack
+from .drop import random_keep_mask
+from .partitions import describe
+from .rng import EntryRandoms
+
+MATRIX_ROLES = ("attention", "ffn")
+CV_THRESHOLD = 50.0  # percent: above it, each expert is compared with its own mean
+
+
+def is_matrix(name: str, tensor: torch.Tensor) -> bool:
+    """A 2-D weight of a linear map inside a block, role attention or ffn (chapter 7)."""
+    info = describe(name)
+    return tensor.dim() == 2 and info.layer is not None and info.role in MATRIX_ROLES
+
+
+def matrix_rms(delta: torch.Tensor, slide_formula: bool = False) -> float:
+    """‖δ‖_F / √N, or the slide's ‖δ‖_F / N (chapter 7)."""
+    norm = float(delta.detach().double().norm())
+    n = delta.numel()
+    return 0.0 if n == 0 else norm / (n if slide_formula else math.sqrt(n))
+
+
+def rms_table(deltas: Mapping[str, Mapping[str, torch.Tensor]], slide_formula: bool = False) -> dict[str, dict[str, float]]:
+    """expert → {matrix name → rms} for every block matrix of every expert (chapter 7)."""
+    return {t: {n: matrix_rms(d, slide_formula) for n, d in sd.items() if is_matrix(n, d)} for t, sd in deltas.items()}
+
+
+def cv_percent(table: Mapping[str, Mapping[str, float]]) -> float:
+    """The dispersion of the experts: σ/μ of their average RMS, in percent (population σ) (chapter 7)."""
+    averages = torch.tensor([sum(v.values()) / len(v) for v in table.values() if v], dtype=torch.float64)
+    if len(averages) < 2 or float(averages.mean()) == 0.0:
+        return 0.0
+    return float(averages.std(unbiased=False) / averages.mean() * 100)
+
+
+def _check(p_default, lam, cv_threshold, clip, scale):
+    if not 0.0 <= p_default < 1.0:
+        raise ValueError(f"adaptive_rates: p_default must be in [0, 1), got {p_default}")
+    if lam < 0:
+        raise ValueError(f"adaptive_rates: lam must be >= 0, got {lam}")
+    if cv_threshold <= 0:
+        raise ValueError(f"adaptive_rates: the CV threshold must be > 0 (percent), got {cv_threshold}")
+    low, high = clip
+    if not 0.0 <= low <= p_default <= high < 1.0:
+        raise ValueError(f"adaptive_rates: clip must satisfy 0 <= low <= p_default <= high < 1, got {clip}")
+    if scale not in ("raw", "std"):
+        raise ValueError(f"adaptive_rates: scale must be 'raw' or 'std', got {scale!r}")
+
+
+def adaptive_rates(table: Mapping[str, Mapping[str, float]], p_default: float, lam: float,
+                   cv_threshold: float = CV_THRESHOLD, aware: bool = True, scale: str = "raw",
+                   clip: tuple[float, float] = (0.0, 0.99)) -> tuple[dict[str, dict[str, float]], dict]:
+    """p_k^t for every matrix of :func:`rms_table` (chapter 7). Returns ``(rates, info)``;
+    ``info`` holds the CV, whether each expert was compared with its own mean, the means and
+    σ per role, and how many rates were clipped. A matrix with a zero delta has rms 0 and
+    gets p_default + λ·rms_mean (it is dropped more, and dropping it changes nothing)."""
+    _check(p_default, lam, cv_threshold, clip, scale)
+    cv = cv_percent(table)
+    own = aware and cv > cv_threshold
+    roles = {n: describe(n).role for v in table.values() for n in v}
+    pooled = {r: [x for v in table.values() for n, x in v.items() if roles[n] == r] for r in MATRIX_ROLES}
+    std = {r: (float(torch.tensor(v, dtype=torch.float64).std(unbiased=False)) if len(v) > 1 else 0.0)
+           for r, v in pooled.items()}
+    global_mean = {r: (sum(v) / len(v) if v else 0.0) for r, v in pooled.items()}
+    rates, clipped, means = {}, 0, {}
+    for t, values in table.items():
+        means[t] = {r: (sum(x for n, x in values.items() if roles[n] == r) / max(1, sum(roles[n] == r for n in values))
+                        if own else global_mean[r]) for r in MATRIX_ROLES}
+        rates[t] = {}
+        for n, x in values.items():
+            r = roles[n]
+            unit = (1.0 / std[r] if std[r] > 0 else 0.0) if scale == "std" else 1.0
+            p = p_default - lam * unit * (x - means[t][r])
+            q = min(max(p, clip[0]), clip[1])
+            clipped += q != p
+            rates[t][n] = q
+    if clipped:
+        total = sum(len(v) for v in rates.values())
+        warnings.warn(f"adaptive_rates: {clipped} of {total} drop rates were clipped to {clip}", stacklevel=2)
+    return rates, {"cv": cv, "own_mean": own, "means": means, "std": std, "clipped": clipped}
+
+
+def merge_tensor(name: str, deltas: Sequence[torch.Tensor], rates: Sequence[float], seed: int = 0,
+                 elect: bool = True, rescale: bool = True) -> torch.Tensor:
+    """Steps 2–4 for one tensor (chapter 7): drop entry i of expert t with probability
+    ``rates[t]`` (the package's DARE masks for (seed, name, t)), elect signs and take the
+    disjoint mean (``elect=False``: the plain mean over experts), rescale by 1/(1 − min rate)."""
+    if len(deltas) != len(rates):
+        raise ValueError(f"merge_tensor({name!r}): {len(deltas)} deltas but {len(rates)} rates")
+    kept = stack([d * random_keep_mask(d, float(p), EntryRandoms(seed, name, t)) for t, (d, p) in enumerate(zip(deltas, rates))])
+    merged = disjoint_merge(kept, elect_sign(kept, "total"), "count") if elect else kept.mean(0)
+    return merged / (1.0 - min(float(p) for p in rates)) if rescale else merged
+
+
+def merge(base: Mapping[str, torch.Tensor], experts: Mapping[str, Mapping[str, torch.Tensor]],
+          rates: Mapping[str, Mapping[str, float]], p_default: float, lam: float = 1.0, seed: int = 0,
+          elect: bool = True, rescale: bool = True) -> dict[str, torch.Tensor]:
+    """θ_b + λ · (RMS-adaptive merge of the experts' deltas) (chapter 7). ``rates``: from
+    :func:`adaptive_rates`; tensors it does not name use ``p_default`` for every expert."""
+    names = list(experts)
+    unknown = sorted(set(rates) - set(names))
+    if unknown:
+        raise KeyError(f"merge: rates for {unknown}, which are not experts ({names})")
+    out = {}
+    for name, b in base.items():
+        if not b.is_floating_point():
+            out[name] = b
+            continue
+        deltas = [experts[t][name].float() - b.float() for t in names]
+        p = [rates.get(t, {}).get(name, p_default) for t in names]
+        out[name] = (b.float() + lam * merge_tensor(name, deltas, p, seed, elect, rescale)).to(b.dtype)
+    return out
