@@ -243,6 +243,20 @@ class Evaluator:
             count += len(y)
         return total / count
 
+    def entropy(self, params, task: str, texts, head=None) -> torch.Tensor:
+        """Mean Shannon entropy (nats) of the predicted label distribution on ``texts`` (no
+        labels are read), a differentiable function of ``params`` like :meth:`loss`: what
+        AdaMerging minimises (chapter 6)."""
+        texts = [str(t) for t in texts]
+        if not texts:
+            raise ValueError(f"entropy: no input texts for task {task!r}")
+        w = self._head(task, head, next(iter(params.values())).dtype)
+        total = 0.0
+        for ids, mask, _ in self.few_shot_batches([(t, 0) for t in texts]):
+            logp = self._logits(params, w, ids, mask).log_softmax(-1)
+            total = total - (logp.exp() * logp).sum()
+        return total / len(texts)
+
     def loss_gradient(self, state_dict, task: str, examples, head=None,
                       dtype=torch.float32) -> dict[str, torch.Tensor]:
         """∇ of :meth:`loss` with respect to every parameter, at ``state_dict`` (chapter 5);
