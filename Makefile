@@ -25,6 +25,7 @@ $(STAMP): requirements.txt pyproject.toml
 
 zoo: $(STAMP)
 	$(BIN)/python -m merging_helpers.zoo
+	$(BIN)/python -m merging_helpers.zoo --tier heavy
 
 book: $(STAMP)
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/jupyter-book build . --warningiserror --keep-going

@@ -241,3 +241,28 @@ def search_method2(score: Callable[[list[float]], float], n_bands: int, **greedy
         factors[b] = best
         paths.append(path)
     return factors, paths
+
+
+def dp_bands(deltas: Mapping[str, torch.Tensor], levels: Sequence[float], lam: float = LAMBDA,
+             n_layer: float = N_SIGNIFICANT, n_linear: float = N_SIGNIFICANT) -> dict[str, list[torch.Tensor]]:
+    """DPA's bands under DP's rates (chapter 6): band 0 of a tensor = the entries DP keeps at
+    target rate ``levels[0]``, band b = those it adds between ``levels[b-1]`` and ``levels[b]``.
+    DP's rate of a tensor is α plus an offset that does not depend on α (unless clipped), so
+    the kept sets are nested and the bands disjoint; their union is DP at ``levels[-1]``."""
+    levels = _check_levels(levels)
+    out = {n: [] for n in deltas}
+    kept = {n: torch.zeros(d.shape, dtype=torch.bool, device=d.device) for n, d in deltas.items()}
+    for level in levels:
+        rates = dp_rates(deltas, level, lam, n_layer, n_linear)
+        for n, d in deltas.items():
+            keep = magnitude_keep_mask(d, 1.0 - rates[n])
+            out[n].append(keep & ~kept[n])
+            kept[n] |= keep
+    return out
+
+
+def amplified(deltas: Mapping[str, torch.Tensor], masks: Mapping[str, Sequence[torch.Tensor]],
+              factors: Sequence[float]) -> dict[str, torch.Tensor]:
+    """Every tensor's delta with its bands scaled by ``factors`` (:func:`amplify`); with all
+    factors 1 it is the pruned delta of the last band's rate (chapter 6)."""
+    return {n: amplify(d, masks[n], factors) for n, d in deltas.items()}

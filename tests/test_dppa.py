@@ -113,3 +113,21 @@ def test_greedy_and_the_two_search_methods_find_a_separable_optimum():
         assert factors == pytest.approx(target) and len(paths) == 2
     with pytest.raises(ValueError, match="step must be > 0"):
         dppa.greedy_factor(lambda f: 0.0, step=0)
+
+
+def test_dp_bands_are_disjoint_nested_and_unit_factors_give_dp_at_the_last_level():
+    g = torch.Generator().manual_seed(3)
+    sd, _ = _bert_sd(0)
+    deltas = {n: torch.randn(t.shape, generator=g) * (1 + 3 * (n.startswith("encoder.layer.1")))
+              for n, t in sd.items() if t.is_floating_point()}
+    masks = dppa.dp_bands(deltas, [0.9, 0.6])
+    high = dppa.magnitude_prune(deltas, dppa.dp_rates(deltas, 0.9))
+    low = dppa.magnitude_prune(deltas, dppa.dp_rates(deltas, 0.6))
+    for n, (b0, b1) in masks.items():
+        assert not (b0 & b1).any()
+        assert torch.equal(b0, high[n] != 0)  # band 0 is DP at 0.9 (random deltas have no exact zeros)
+    unit = dppa.amplified(deltas, masks, [1.0, 1.0])
+    for n in deltas:
+        torch.testing.assert_close(unit[n], low[n])  # DPA with all factors 1 equals DP
+    doubled = dppa.amplified(deltas, masks, [2.0, 1.0])
+    torch.testing.assert_close(doubled[Q1][masks[Q1][0]], 2 * deltas[Q1][masks[Q1][0]])

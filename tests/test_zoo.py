@@ -152,3 +152,28 @@ def test_held_out_task_gets_a_cached_frozen_base_probe_and_is_known_to_the_evalu
     assert torch.equal(again["weight"], head["weight"])
     with pytest.raises(ValueError, match="unknown task"):
         tiny.held_out("product")  # an expert's task is not held out
+
+
+def test_tiers_keep_the_light_cache_name_and_name_a_bad_tier(tmp_path):
+    # the light tier's cache folder must not move when TrainConfig grows a field (it would rebuild the zoo)
+    assert zoo.tier_config("light").fingerprint() == zoo.TrainConfig().fingerprint() == "2bcb79f417"
+    assert zoo.tier_config("heavy").fingerprint() != zoo.TrainConfig().fingerprint()
+    with pytest.raises(ValueError, match="unknown zoo tier 'medium'.*light.*heavy"):
+        zoo.load_zoo(tasks=["product"], tier="medium", cache_dir=tmp_path, progress=False)
+
+
+def test_gradient_clipping_limits_how_far_a_step_moves(tmp_path):
+    task = tasks.make_task("product", 0)
+    tokenizer = zoo.load_tokenizer()
+    two_steps = zoo.TrainConfig(steps=2, batch_size=8, warmup_steps=1, lr=1e-2, weight_decay=0.0)
+    name = "encoder.layer.0.attention.self.query.weight"
+    base = zoo.load_encoder().state_dict()[name]
+    moved = {}
+    for clip in (None, 1e-9):
+        model, _ = zoo.fine_tune(task, zoo.TrainConfig(**{**two_steps.__dict__, "max_grad_norm": clip}), tokenizer,
+                                 progress=False)
+        moved[clip] = float((model.encoder.state_dict()[name] - base).abs().max())
+    # Adam's steps are about lr·sign(g) whatever g's size; clipping the norm to ~0 leaves every
+    # entry of g far below Adam's ε (1e-8), so the steps shrink far below lr
+    assert moved[None] > 5e-3
+    assert moved[1e-9] < 1e-4
