@@ -25,9 +25,9 @@ modules on disk and ``_toc.yml``:
 * ``apl``        – chapter 4: APL — causal tracing of partitions, calibrated drop rates, weights
 * ``apl_explorer`` – chapter 4: the APL explorer (drop-rate maps, prune and score, widget)
 * ``taylor``     – chapter 5: APL's gradient importance and the Taylor terms that check it
-* ``dppa``       – chapter 6 (planned; the method is in, the chapter is not): DPPA's dynamic pruning rates,
-  OWL's layer rates, DPA's bands, amplification and factor searches
-* ``adamerging`` – chapter 6 (planned): AdaMerging, merge coefficients learned by entropy minimisation
+* ``dppa``       – chapter 6: DPPA's dynamic pruning rates, OWL's layer rates, DPA's bands, amplification
+  and factor searches
+* ``adamerging`` – chapter 6: AdaMerging, merge coefficients learned by entropy minimisation
 * ``rms_adaptive`` – chapter 7 (planned; the method is in, the chapter is not): RMS-adaptive drop rates,
   the dispersion switch, the min-rate rescale
 * ``fast``       – chapter 8 (planned; appendix "Merging at scale"): the fast tier, streaming merges of
