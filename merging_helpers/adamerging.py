@@ -105,6 +105,7 @@ def adamerging(scorer, base: Mapping[str, torch.Tensor], deltas: Mapping[str, Ma
     entropies and takes one Adam step on the coefficients, then clips them to [0, 1].
     """
     names = _check(deltas, base, level, steps, lr, init, batch_size)
+    pools = _pools(inputs, batch_size, seed)  # checked before the deltas are stacked
     experts = list(deltas)
     keys = sorted({partition_key(n, level) for n in names})
     group_of = {n: keys.index(partition_key(n, level)) for n in names}
@@ -113,7 +114,6 @@ def adamerging(scorer, base: Mapping[str, torch.Tensor], deltas: Mapping[str, Ma
     stacked = {n: torch.stack([deltas[t][n].to(device, torch.float32) for t in experts]) for n in names}
     coefficients = torch.full((len(experts), len(keys)), float(init), device=device, requires_grad=True)
     optimizer = torch.optim.Adam([coefficients], lr=lr)
-    pools = _pools(inputs, batch_size, seed)
     heads = heads or {}
 
     def total_entropy(batch_of):
