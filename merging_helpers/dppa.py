@@ -178,9 +178,13 @@ def bands(delta: torch.Tensor, levels: Sequence[float]) -> list[torch.Tensor]:
     """DPA's partitions of one tensor (chapter 6): band 0 = the entries kept at pruning rate
     ``levels[0]``, band b = those added between ``levels[b-1]`` and ``levels[b]``; disjoint
     bool masks, their union = magnitude pruning at ``levels[-1]``."""
-    levels = _check_levels(levels)
+    return _nested_bands(delta, _check_levels(levels))
+
+
+def _nested_bands(delta: torch.Tensor, rates: Sequence[float]) -> list[torch.Tensor]:
+    # band b = the entries magnitude pruning at rates[b] keeps and no earlier rate kept
     out, kept = [], torch.zeros(delta.shape, dtype=torch.bool, device=delta.device)
-    for rate in levels:
+    for rate in rates:
         keep = magnitude_keep_mask(delta, 1.0 - rate)
         out.append(keep & ~kept)
         kept |= keep
@@ -249,16 +253,8 @@ def dp_bands(deltas: Mapping[str, torch.Tensor], levels: Sequence[float], lam: f
     target rate ``levels[0]``, band b = those it adds between ``levels[b-1]`` and ``levels[b]``.
     DP's rate of a tensor is α plus an offset that does not depend on α (unless clipped), so
     the kept sets are nested and the bands disjoint; their union is DP at ``levels[-1]``."""
-    levels = _check_levels(levels)
-    out = {n: [] for n in deltas}
-    kept = {n: torch.zeros(d.shape, dtype=torch.bool, device=d.device) for n, d in deltas.items()}
-    for level in levels:
-        rates = dp_rates(deltas, level, lam, n_layer, n_linear)
-        for n, d in deltas.items():
-            keep = magnitude_keep_mask(d, 1.0 - rates[n])
-            out[n].append(keep & ~kept[n])
-            kept[n] |= keep
-    return out
+    per_level = [dp_rates(deltas, level, lam, n_layer, n_linear) for level in _check_levels(levels)]
+    return {n: _nested_bands(d, [rates[n] for rates in per_level]) for n, d in deltas.items()}
 
 
 def amplified(deltas: Mapping[str, torch.Tensor], masks: Mapping[str, Sequence[torch.Tensor]],

@@ -235,11 +235,15 @@ class Evaluator:
         (chapter 5: ``torch.func.grad`` of it, or ``.backward()`` with params that require grad).
         ``params`` must already be on the device (see :meth:`params`); the head and the
         loss are computed in their dtype (float32, or float64 for finite-difference checks)."""
+        return self._mean_over(params, task, examples, head,
+                               lambda logits, y: torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
+
+    def _mean_over(self, params, task, examples, head, summed) -> torch.Tensor:
+        # Σ over the batches of summed(logits, labels), divided by the number of examples
         w = self._head(task, head, next(iter(params.values())).dtype)
         total, count = 0.0, 0
         for ids, mask, y in self.few_shot_batches(examples):
-            logits = self._logits(params, w, ids, mask)
-            total = total + torch.nn.functional.cross_entropy(logits, y, reduction="sum")
+            total = total + summed(self._logits(params, w, ids, mask), y)
             count += len(y)
         return total / count
 
@@ -250,12 +254,11 @@ class Evaluator:
         texts = [str(t) for t in texts]
         if not texts:
             raise ValueError(f"entropy: no input texts for task {task!r}")
-        w = self._head(task, head, next(iter(params.values())).dtype)
-        total = 0.0
-        for ids, mask, _ in self.few_shot_batches([(t, 0) for t in texts]):
-            logp = self._logits(params, w, ids, mask).log_softmax(-1)
-            total = total - (logp.exp() * logp).sum()
-        return total / len(texts)
+        def summed_entropy(logits, _):  # the placeholder labels are not read
+            logp = logits.log_softmax(-1)
+            return -(logp.exp() * logp).sum()
+
+        return self._mean_over(params, task, [(t, 0) for t in texts], head, summed_entropy)
 
     def loss_gradient(self, state_dict, task: str, examples, head=None,
                       dtype=torch.float32) -> dict[str, torch.Tensor]:
