@@ -154,6 +154,9 @@ class MergeConfig:
             raise ValueError("rescale='factor' and rescale_factor go together (a float or a per-partition dict)")
         if self.rescale_factor is not None:
             validate_rates(self.rescale_factor, "factor")
+        if self.rescale == "smallest" and m.drop != "random":
+            raise ValueError(f"rescale='smallest' rescales a random drop (DARE) by its smallest rate; "
+                             f"method {m.name!r} does not drop at random")
         if self.rescale == "keep_prob" and m.drop != "magprune":
             raise ValueError(f"rescale='keep_prob' needs per-entry keep probabilities (della), not {m.name!r}")
         if self.election not in ELECTIONS:

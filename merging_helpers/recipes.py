@@ -20,7 +20,7 @@ from .consensus import disjoint_merge, elect_sign, weighted_sum
 from .deltas import check_compatible, check_like_base
 from .drop import global_magnitude_threshold, magnitude_keep_mask, magprune_keep, random_keep_mask, threshold_keep_mask
 from .methods import METHODS, RULE_RESCALE
-from .partitions import complement
+from .partitions import PerColumn, PerRow, complement
 from .rescale import rescale as apply_rescale
 from .rng import EntryRandoms
 
@@ -34,13 +34,15 @@ def drop_and_rescale(deltas, rule, densities, *, name="", seed=0, offset=0, epsi
                      rescale="auto", factor=None):
     """Chapter 2: drop entries of every expert's delta by ``rule`` ("magnitude", "random",
     "magprune" or None), then rescale the survivors (``rescale="auto"``: the rule's own
-    rescale: 1/(1−p) for random, 1/p_i for magprune, none for magnitude).
+    rescale: 1/(1−p) for random, 1/p_i for magprune, none for magnitude; ``"smallest"``:
+    every expert by 1/(1 − min_t p_t), chapter 7).
     ``densities``: one per expert, a float or a PerRow / PerColumn vector."""
     if rule is None:
         return list(deltas)
     if rule not in RULE_RESCALE:
         raise ValueError(f"drop_and_rescale: unknown drop rule {rule!r}")
     how = RULE_RESCALE[rule] if rescale == "auto" else rescale
+    smallest = smallest_drop_rate(densities, name) if how == "smallest" else None
     out = []
     for t, (delta, density) in enumerate(zip(deltas, densities)):
         randoms, keep_prob = EntryRandoms(seed, name, t, offset), None
@@ -53,9 +55,16 @@ def drop_and_rescale(deltas, rule, densities, *, name="", seed=0, offset=0, epsi
             mask = random_keep_mask(delta, drop_rate, randoms)
         else:
             mask, keep_prob = magprune_keep(delta, density, epsilon, randoms)
-        out.append(apply_rescale(delta * mask, how, original=delta, drop_rate=drop_rate, keep_prob=keep_prob,
-                                 factor=factor))
+        out.append(apply_rescale(delta * mask, how, original=delta, keep_prob=keep_prob, factor=factor,
+                                 drop_rate=drop_rate if smallest is None else smallest))
     return out
+
+
+def smallest_drop_rate(densities, name=""):
+    """min_t p_t of one tensor: the ``"smallest"`` rescale's rate (chapter 7's RMS-adaptive rule)."""
+    if any(isinstance(d, (PerRow, PerColumn)) for d in densities):
+        raise ValueError(f"{name!r}: rescale='smallest' needs one float rate per expert, not per-row / per-column rates")
+    return min(1.0 - d for d in densities)
 
 
 def combine(deltas, config: MergeConfig):

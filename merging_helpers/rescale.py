@@ -5,6 +5,8 @@ multiplies the survivors by 1/(1 − p) so that every entry keeps its expected v
 E[(1 − m_i) Δ_i / (1 − p)] = Δ_i. Alternatives the book compares:
 
 * ``"inverse"``: 1/(1 − p) (DARE paper, peft);
+* ``"smallest"``: 1/(1 − min_t p_t), every expert by the smallest drop rate among the
+  experts for that tensor (RMS-adaptive dropping, chapter 7);
 * ``"l1"``: ‖Δ‖₁ / ‖kept‖₁, so the L1 norm of the tensor is unchanged (mergekit >= 0.1.0);
 * ``"keep_prob"``: per entry 1/p_i (DELLA, whose keep probabilities vary);
 * ``"factor"``: a given factor (e.g. one per partition, DPPA's amplification);
@@ -14,7 +16,7 @@ import torch
 
 from .partitions import PerColumn, PerRow, broadcast_rate
 
-RESCALES = ("inverse", "l1", "keep_prob", "factor", None)
+RESCALES = ("inverse", "smallest", "l1", "keep_prob", "factor", None)
 
 
 def rescale_inverse_keep(delta_kept: torch.Tensor, drop_rate) -> torch.Tensor:
@@ -59,7 +61,7 @@ def rescale_by_factor(kept: torch.Tensor, factor) -> torch.Tensor:
 
 def rescale(kept, how, *, original=None, drop_rate=None, keep_prob=None, factor=None):
     """Dispatch on ``how`` (one of ``RESCALES``) (chapter 2)."""
-    if how == "inverse":
+    if how in ("inverse", "smallest"):  # "smallest": the caller passes min_t p_t as drop_rate
         return rescale_inverse_keep(kept, drop_rate)
     if how == "l1":
         return rescale_l1_match(original, kept)

@@ -29,9 +29,11 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from .config import MergeConfig
 from .consensus import disjoint_merge, elect_sign, stack
 from .drop import random_keep_mask
 from .partitions import describe
+from .recipes import merge_state_dicts
 from .rng import EntryRandoms
 
 MATRIX_ROLES = ("attention", "ffn")
@@ -46,7 +48,7 @@ def is_matrix(name: str, tensor: torch.Tensor) -> bool:
 
 def matrix_rms(delta: torch.Tensor, slide_formula: bool = False) -> float:
     """‖δ‖_F / √N, or the slide's ‖δ‖_F / N (chapter 7)."""
-    norm = float(delta.detach().double().norm())
+    norm = float(torch.linalg.vector_norm(delta.detach(), dtype=torch.float64))
     n = delta.numel()
     return 0.0 if n == 0 else norm / (n if slide_formula else math.sqrt(n))
 
@@ -123,21 +125,28 @@ def merge_tensor(name: str, deltas: Sequence[torch.Tensor], rates: Sequence[floa
     return merged / (1.0 - min(float(p) for p in rates)) if rescale else merged
 
 
+def merge_config(rates: Sequence[Mapping[str, float]], p_default: float, lam: float = 1.0, seed: int = 0,
+                 elect: bool = True, rescale: bool = True) -> MergeConfig:
+    """Steps 2–4 as the engine's data (chapter 7): DARE-TIES (``elect=False``: DARE with the
+    plain mean) with one drop rate per expert and matrix (``rates[t]``, from
+    :func:`adaptive_rates`; ``p_default`` for every tensor it does not name) and the
+    ``"smallest"`` rescale, 1/(1 − min_t p_t) per tensor. The in-memory merge and the
+    streaming one (``merge_folders(..., "rms_adaptive")``) both run it."""
+    n = len(rates)
+    return MergeConfig.build("dare_ties" if elect else "dare_linear", n, drop_rate=[dict(r) for r in rates],
+                             rate_level="tensor", rate_default=p_default, rescale="smallest" if rescale else None,
+                             weights=None if elect else [1.0 / n] * n, seed=seed, lam=lam)
+
+
 def merge(base: Mapping[str, torch.Tensor], experts: Mapping[str, Mapping[str, torch.Tensor]],
           rates: Mapping[str, Mapping[str, float]], p_default: float, lam: float = 1.0, seed: int = 0,
           elect: bool = True, rescale: bool = True) -> dict[str, torch.Tensor]:
-    """θ_b + λ · (RMS-adaptive merge of the experts' deltas) (chapter 7). ``rates``: from
-    :func:`adaptive_rates`; tensors it does not name use ``p_default`` for every expert."""
+    """θ_b + λ · (RMS-adaptive merge of the experts' deltas), through the engine (chapter 7).
+    ``rates``: from :func:`adaptive_rates`; tensors it does not name use ``p_default``.
+    :func:`merge_tensor` is the same merge written out for one tensor (a test compares them)."""
     names = list(experts)
     unknown = sorted(set(rates) - set(names))
     if unknown:
         raise KeyError(f"merge: rates for {unknown}, which are not experts ({names})")
-    out = {}
-    for name, b in base.items():
-        if not b.is_floating_point():
-            out[name] = b
-            continue
-        deltas = [experts[t][name].float() - b.float() for t in names]
-        p = [rates.get(t, {}).get(name, p_default) for t in names]
-        out[name] = (b.float() + lam * merge_tensor(name, deltas, p, seed, elect, rescale)).to(b.dtype)
-    return out
+    config = merge_config([rates.get(t, {}) for t in names], p_default, lam, seed, elect, rescale)
+    return merge_state_dicts(base, experts, config=config, progress=False)

@@ -37,6 +37,7 @@ FUSED_CASES = [
     ("dare_ties", dict(density=0.3, rescale=None, election="frequency")),
     ("dare_ties", dict(density=0.3, weighted_election=True)),  # the benchmark's: sum of agreeing deltas
     ("dare_linear", dict(density=[0.5, 0.3, 0.2], lam=1.3)),
+    ("dare_ties", dict(drop_rate=[0.9, 0.7, 0.8], rescale="smallest", seed=2)),  # chapter 7's RMS-adaptive
     ("task_arithmetic", dict(weights=[0.3, 0.3, 0.4])),
 ]
 

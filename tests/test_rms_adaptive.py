@@ -99,3 +99,31 @@ def test_bad_input_is_named():
     with pytest.raises(KeyError, match="not experts"):
         ra.merge({"w": torch.zeros(2)}, {"a": {"w": torch.ones(2)}}, {"b": {}}, 0.5)
     assert math.isfinite(ra.cv_percent({"a": {Q0: 0.0}, "b": {Q0: 0.0}}))
+
+
+def test_the_engine_merge_equals_the_readable_one():
+    sd, _ = _bert_sd(0)
+    g = torch.Generator().manual_seed(2)
+    experts = {t: {n: (v + s * torch.randn(v.shape, generator=g) if v.is_floating_point() else v) for n, v in sd.items()}
+               for t, s in (("a", 0.01), ("b", 0.03))}
+    deltas = {t: {n: e[n] - sd[n] for n in sd if sd[n].is_floating_point()} for t, e in experts.items()}
+    rates, _ = ra.adaptive_rates(ra.rms_table(deltas), p_default=0.6, lam=0.2, scale="std")
+    assert len({round(p, 6) for v in rates.values() for p in v.values()}) > 4  # the rates really differ
+    for elect, rescale in ((True, True), (False, True), (True, False)):
+        ours = ra.merge(sd, experts, rates, p_default=0.6, seed=4, elect=elect, rescale=rescale)
+        for n, b in sd.items():
+            if not b.is_floating_point():
+                continue
+            p = [rates[t].get(n, 0.6) for t in experts]
+            by_hand = b + ra.merge_tensor(n, [deltas[t][n] for t in experts], p, seed=4, elect=elect, rescale=rescale)
+            torch.testing.assert_close(ours[n], by_hand, rtol=1e-5, atol=1e-6)
+
+
+def test_the_smallest_rescale_rule():
+    deltas = [torch.ones(4, 300), -torch.ones(4, 300)]
+    kept = recipes.drop_and_rescale(deltas, "random", [0.5, 0.8], name="x", rescale="smallest")
+    # each expert's survivors are divided by 1 − min(0.5, 0.2) = 0.8, not by its own keep rate
+    values = torch.cat([k.abs().unique() for k in kept])
+    torch.testing.assert_close(values[values > 0], torch.full_like(values[values > 0], 1 / 0.8))
+    with pytest.raises(ValueError, match="does not drop at random"):
+        ra.MergeConfig.build("ties", 2, density=0.5, rescale="smallest")

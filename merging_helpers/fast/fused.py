@@ -46,7 +46,7 @@ _SCAN_SLACK = 4096  # extra room for the kernel scan's candidates (a test makes 
 def fused_supported(config: MergeConfig, device) -> bool:
     """True if the kernel implements these options (the test per tensor is :meth:`FusedMerge.takes`) (appendix, chapter 8)."""
     return (torch.device(device).type == "cpu" and config.n_experts <= compiled.MAXT
-            and config.method.drop in compiled.DROP and config.rescale_rule in ("inverse", None)
+            and config.method.drop in compiled.DROP and config.rescale_rule in ("inverse", "smallest", None)
             and config.rescale_factor is None)
 
 
@@ -202,6 +202,8 @@ class FusedMerge:
             topk = self._topk(name, b, es, [round(d * n) for d in dens], pieces)
         drop_rates = [1.0 - d for d in dens]  # as recipes.drop_and_rescale
         divisors = [1.0 - p for p in drop_rates]  # as rescale.rescale_inverse_keep
+        if self.config.rescale_rule == "smallest":  # every expert by the smallest rate (recipes.smallest_drop_rate)
+            divisors = [1.0 - min(drop_rates)] * T
         template = self._kernel_args(b, drop_rates, divisors)
         return sum(self._map(lambda ip: self._run_kernel(template, name, b, es, out, pieces[ip], ip, topk),
                              range(len(pieces))))
@@ -223,7 +225,7 @@ class FusedMerge:
         a = c.MergeArgs()
         a.T, a.dtype = T, c.DTYPES[str(b.dtype).removeprefix("torch.")]
         a.drop = c.DROP[self.drop]
-        a.rescale = int(config.rescale_rule == "inverse")
+        a.rescale = int(config.rescale_rule in ("inverse", "smallest"))
         a.weighted = int(self.w is not None)
         a.ties, a.frequency = int(config.method.elects), int(config.election == "frequency")
         a.elect_weighted = int(config.weighted_election and self.w is not None)
