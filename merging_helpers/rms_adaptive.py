@@ -40,10 +40,11 @@ MATRIX_ROLES = ("attention", "ffn")
 CV_THRESHOLD = 50.0  # percent: above it, each expert is compared with its own mean
 
 
-def is_matrix(name: str, tensor: torch.Tensor) -> bool:
-    """A 2-D weight of a linear map inside a block, role attention or ffn (chapter 7)."""
+def is_matrix(name: str, tensor) -> bool:
+    """A 2-D weight of a linear map inside a block, role attention or ffn (chapter 7).
+    ``tensor``: the tensor, or just its shape."""
     info = describe(name)
-    return tensor.dim() == 2 and info.layer is not None and info.role in MATRIX_ROLES
+    return len(getattr(tensor, "shape", tensor)) == 2 and info.layer is not None and info.role in MATRIX_ROLES
 
 
 def matrix_rms(delta: torch.Tensor, slide_formula: bool = False) -> float:
@@ -78,6 +79,32 @@ def _check(p_default, lam, cv_threshold, clip, scale):
         raise ValueError(f"adaptive_rates: clip must satisfy 0 <= low <= p_default <= high < 1, got {clip}")
     if scale not in ("raw", "std"):
         raise ValueError(f"adaptive_rates: scale must be 'raw' or 'std', got {scale!r}")
+
+
+# the options of the method by name (``merge_folders(..., "rms_adaptive", **options)``): the rate rule's
+# (drop_scale is the slides' λ: named so, because ``lam`` already scales the merged delta) and the merge's
+RATE_OPTIONS = {"p_default", "drop_scale", "cv_threshold", "aware", "scale", "clip", "slide_formula"}
+MERGE_OPTIONS = {"lam", "seed", "elect", "rescale"}
+
+
+def split_options(options: Mapping) -> tuple[dict, dict]:
+    """Check the options of the method by name and split them into :func:`adaptive_rates`'
+    keyword arguments (plus ``slide_formula``) and :func:`merge_config`'s (chapter 7)."""
+    unknown = sorted(set(options) - RATE_OPTIONS - MERGE_OPTIONS)
+    if unknown:
+        raise TypeError(f"rms_adaptive: unknown option(s) {unknown}; the options are "
+                        f"{sorted(RATE_OPTIONS | MERGE_OPTIONS)}")
+    if "p_default" not in options:
+        raise TypeError("rms_adaptive needs p_default (the drop rate of a matrix of average RMS)")
+    rate = {k: options[k] for k in RATE_OPTIONS if k in options}
+    rate["lam"] = rate.pop("drop_scale", 0.0)
+    if not rate["lam"] >= 0:
+        raise ValueError(f"rms_adaptive: drop_scale (the slides' λ) must be >= 0, got {rate['lam']}")
+    merge = {k: options[k] for k in MERGE_OPTIONS if k in options}
+    _check(rate["p_default"], rate["lam"], rate.get("cv_threshold", CV_THRESHOLD), rate.get("clip", (0.0, 0.99)),
+           rate.get("scale", "raw"))
+    merge_config([{}], rate["p_default"], **merge)  # the merge's own checks (lam, seed)
+    return rate, merge
 
 
 def adaptive_rates(table: Mapping[str, Mapping[str, float]], p_default: float, lam: float,

@@ -373,3 +373,38 @@ def test_a_merge_of_the_wrong_shape_is_refused(families, tmp_path, chunk_elems):
         merge_folders(base_dir, expert_dirs, tmp_path / "o", "task_arithmetic", progress=False,
                       chunk_elems=chunk_elems, merge_fn=scalar_merge)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("case", ["llama-bf16-sharded", "bert-fp16-sharded"])
+def test_rms_adaptive_streams_like_in_memory(families, tmp_path, case):
+    from merging_helpers import rms_adaptive as ra
+
+    base_dir, expert_dirs = families[case]
+    base_sd = load_state_dict(base_dir)
+    experts = {"a": load_state_dict(expert_dirs[0]), "b": load_state_dict(expert_dirs[1])}
+    deltas = {t: {n: sd[n].float() - base_sd[n].float() for n in base_sd if base_sd[n].is_floating_point()}
+              for t, sd in experts.items()}
+    options = dict(p_default=0.7, drop_scale=0.1, scale="std", seed=3)
+    rates, _ = ra.adaptive_rates(ra.rms_table(deltas), 0.7, 0.1, scale="std")
+    assert len({round(p, 6) for v in rates.values() for p in v.values()}) > 2
+    ref = ra.merge(base_sd, experts, rates, p_default=0.7, seed=3)
+    for kernel in ("auto", "reference"):
+        out = merge_folders(base_dir, dict(zip("ab", expert_dirs)), tmp_path / kernel, "rms_adaptive",
+                            progress=False, prefetch_bytes=4096, chunk_elems=256, kernel=kernel, **options)
+        merged = load_state_dict(out)
+        for name, t in base_sd.items():
+            assert torch.equal(merged[name], ref[name]), (kernel, name)
+
+
+@pytest.mark.parametrize("kw, error, match", [
+    (dict(p_default=1.0), ValueError, r"p_default must be in \[0, 1\)"),
+    (dict(p_default=0.5, drop_scale=-1), ValueError, "drop_scale .* must be >= 0"),
+    (dict(p_default=0.5, cv_threshold=0), ValueError, "CV threshold must be > 0"),
+    (dict(drop_scale=0.1), TypeError, "needs p_default"),
+    (dict(p_default=0.5, density=0.3), TypeError, r"unknown option\(s\) \['density'\]"),
+])
+def test_rms_adaptive_bad_options_fail_before_reading(families, tmp_path, kw, error, match, monkeypatch):
+    base_dir, expert_dirs = families["llama-fp32-single"]
+    monkeypatch.setattr(streaming, "_streamed_rms_table", lambda *a, **k: pytest.fail("read before checking"))
+    with pytest.raises(error, match=match):
+        merge_folders(base_dir, expert_dirs, tmp_path / "out", "rms_adaptive", progress=False, **kw)

@@ -65,6 +65,7 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
+from .. import rms_adaptive as ra
 from ..config import as_config
 from ..deltas import far_from_base
 from ..recipes import merge_tensor, model_thresholds
@@ -225,6 +226,27 @@ def _model_thresholds(base: CheckpointFolder, experts: Sequence[CheckpointFolder
     return model_thresholds([deltas_of(cf) for cf in experts], config)
 
 
+def _streamed_rms_table(base: CheckpointFolder, experts: Sequence[CheckpointFolder], expert_names: Sequence[str],
+                        names: Sequence[str], slide_formula: bool, prefetch_bytes: int, progress: bool) -> dict:
+    """``rms_adaptive.rms_table`` on deltas streamed from the folders: one read of every block matrix."""
+    matrices = [n for n in names if ra.is_matrix(n, base.tensors[n].shape)]
+    table = {who: {} for who in expert_names}
+    pool = _BufferPool()
+    prefetch = _Prefetcher([base, *experts], matrices, prefetch_bytes, pool)
+    try:
+        from tqdm.auto import tqdm
+        for name, (b, *ex) in tqdm(prefetch, total=len(matrices), desc="rms statistics", disable=not progress):
+            bf = b.float()
+            for who, e in zip(expert_names, ex):
+                table[who][name] = ra.matrix_rms(e.float() - bf, slide_formula)
+            for t in (b, *ex):
+                if t.numel():
+                    pool.put(_as_bytes(t))
+    finally:
+        prefetch.close()
+    return table
+
+
 def _row_chunks(shape: tuple[int, ...], chunk_elems: int):
     """Row ranges (dim 0) of about ``chunk_elems`` entries each."""
     rows = shape[0]
@@ -299,7 +321,12 @@ def merge_folders(
             (``density``, ``drop_rate``, ``weights``, ``lam``, ``seed``, ``rescale``,
             ``election``, ``weighted_election``, per-partition rates with ``rate_level`` /
             ``rate_default``, ``magnitude_scope="model"``, ...), or a ready ``config``
-            (:class:`~merging_helpers.config.MergeConfig`).
+            (:class:`~merging_helpers.config.MergeConfig`). ``"rms_adaptive"`` (chapter 7)
+            takes ``p_default``, ``drop_scale`` (the slides' λ), ``cv_threshold``, ``aware``,
+            ``scale``, ``clip``, ``slide_formula``, ``elect``, ``rescale`` (True/False), ``lam``
+            and ``seed``: a first pass reads every block matrix once for its RMS
+            (:func:`merging_helpers.rms_adaptive.adaptive_rates`), then the merge streams
+            as DARE-TIES with those rates (:func:`merging_helpers.rms_adaptive.merge_config`).
         device: where the arithmetic runs ("cpu", "cuda", "cuda:1", ...).
         chunk_elems: row-chunk size for the reference path (see module docstring).
         max_shard_size: largest output shard ("2GB", "500MB" or bytes).
@@ -332,7 +359,12 @@ def merge_folders(
     # ---- 1. validate everything before any work
     base_dir = Path(base_dir)
     expert_names, dirs = _expert_names(expert_dirs)
-    config = as_config(method, len(dirs), config, **options)
+    adaptive = method == "rms_adaptive"  # chapter 7: its rates come from a statistics pass (below)
+    if adaptive:
+        rate_options, merge_options = ra.split_options(options)
+        config = ra.merge_config([{}] * len(dirs), rate_options["p_default"], **merge_options)
+    else:
+        config = as_config(method, len(dirs), config, **options)
     for d, who in [(base_dir, "base")] + list(zip(dirs, expert_names)):
         if not d.is_dir():
             raise FileNotFoundError(f"{who}: folder not found: {d}")
@@ -349,6 +381,12 @@ def merge_folders(
         floating = [n for n in names if base.tensors[n].dtype.is_floating_point]
         config.check_tensors({n: base.tensors[n].shape for n in floating})
         _warn_if_not_the_base(base, experts, expert_names, floating)
+        if adaptive:
+            slide_formula = rate_options.pop("slide_formula", False)
+            table = _streamed_rms_table(base, experts, expert_names, floating, slide_formula, prefetch_bytes, progress)
+            rates, _ = ra.adaptive_rates(table, **rate_options)
+            config = ra.merge_config([rates[who] for who in expert_names], rate_options["p_default"], **merge_options)
+            lib = _kernel_for(kernel, config, device) if fused and merge_fn is None else None
         if config.magnitude_scope == "model":
             config = config.replace(thresholds=_model_thresholds(base, experts, floating, config, progress))
 
