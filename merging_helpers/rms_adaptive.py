@@ -47,11 +47,22 @@ def is_matrix(name: str, tensor) -> bool:
     return len(getattr(tensor, "shape", tensor)) == 2 and info.layer is not None and info.role in MATRIX_ROLES
 
 
+RMS_CHUNK = 1 << 18  # entries summed per float32 block (the streaming pass works in blocks this size)
+
+
 def matrix_rms(delta: torch.Tensor, slide_formula: bool = False) -> float:
     """‖δ‖_F / √N, or the slide's ‖δ‖_F / N (chapter 7)."""
-    norm = float(torch.linalg.vector_norm(delta.detach(), dtype=torch.float64))
-    n = delta.numel()
-    return 0.0 if n == 0 else norm / (n if slide_formula else math.sqrt(n))
+    flat = delta.detach().reshape(-1)
+    return rms_of_blocks((flat[s:s + RMS_CHUNK].float() for s in range(0, flat.numel(), RMS_CHUNK)),
+                         flat.numel(), slide_formula)
+
+
+def rms_of_blocks(blocks, n: int, slide_formula: bool = False) -> float:
+    """:func:`matrix_rms` from the delta's consecutive float32 blocks of ``RMS_CHUNK`` entries:
+    each block's Σδ² in float32, their total in float64 — so a streamed delta, never held
+    whole, gets exactly the in-memory value (chapter 7)."""
+    total = sum(float(torch.dot(b, b)) for b in blocks)
+    return 0.0 if n == 0 else math.sqrt(total) / (n if slide_formula else math.sqrt(n))
 
 
 def rms_table(deltas: Mapping[str, Mapping[str, torch.Tensor]], slide_formula: bool = False) -> dict[str, dict[str, float]]:

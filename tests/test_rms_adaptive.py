@@ -17,6 +17,8 @@ def test_rms_and_matrices():
     assert ra.matrix_rms(d) == pytest.approx(0.5)
     assert ra.matrix_rms(d, slide_formula=True) == pytest.approx(0.5 * 4 / 16)  # ‖δ‖_F / N
     assert ra.matrix_rms(torch.zeros(3, 3)) == 0.0
+    big = torch.randn(700, 1000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)  # 3 blocks
+    assert ra.matrix_rms(big) == pytest.approx(float(big.square().mean().sqrt()), rel=1e-6)
     assert ra.is_matrix(Q0, d) and ra.is_matrix(D0, d)
     assert not ra.is_matrix("encoder.layer.0.attention.self.query.bias", torch.zeros(8))
     assert not ra.is_matrix("embeddings.word_embeddings.weight", d)

@@ -15,7 +15,7 @@ from conftest import FAMILY_CASES
 
 from merging_helpers.config import MergeConfig
 from merging_helpers.fast import checkpoints as ckpt
-from merging_helpers.fast import streaming
+from merging_helpers.fast import compiled, streaming
 from merging_helpers.fast.checkpoints import (
     SAFETENSORS_INDEX,
     CheckpointFolder,
@@ -376,9 +376,10 @@ def test_a_merge_of_the_wrong_shape_is_refused(families, tmp_path, chunk_elems):
 
 
 @pytest.mark.parametrize("case", ["llama-bf16-sharded", "bert-fp16-sharded"])
-def test_rms_adaptive_streams_like_in_memory(families, tmp_path, case):
+def test_rms_adaptive_streams_like_in_memory(families, tmp_path, case, monkeypatch):
     from merging_helpers import rms_adaptive as ra
 
+    monkeypatch.setattr(ra, "RMS_CHUNK", 100)  # several blocks per matrix, as on a real model
     base_dir, expert_dirs = families[case]
     base_sd = load_state_dict(base_dir)
     experts = {"a": load_state_dict(expert_dirs[0]), "b": load_state_dict(expert_dirs[1])}
@@ -388,12 +389,17 @@ def test_rms_adaptive_streams_like_in_memory(families, tmp_path, case):
     rates, _ = ra.adaptive_rates(ra.rms_table(deltas), 0.7, 0.1, scale="std")
     assert len({round(p, 6) for v in rates.values() for p in v.values()}) > 2
     ref = ra.merge(base_sd, experts, rates, p_default=0.7, seed=3)
+    calls = []
+    real_call = streaming.FusedMerge.__call__
+    monkeypatch.setattr(streaming.FusedMerge, "__call__", lambda self, *a: calls.append(1) or real_call(self, *a))
     for kernel in ("auto", "reference"):
         out = merge_folders(base_dir, dict(zip("ab", expert_dirs)), tmp_path / kernel, "rms_adaptive",
                             progress=False, prefetch_bytes=4096, chunk_elems=256, kernel=kernel, **options)
         merged = load_state_dict(out)
         for name, t in base_sd.items():
             assert torch.equal(merged[name], ref[name]), (kernel, name)
+        assert bool(calls) == (kernel == "auto" and compiled.load() is not None)  # the fused path ran
+        calls.clear()
 
 
 @pytest.mark.parametrize("kw, error, match", [

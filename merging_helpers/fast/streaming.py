@@ -235,10 +235,20 @@ def _streamed_rms_table(base: CheckpointFolder, experts: Sequence[CheckpointFold
     prefetch = _Prefetcher([base, *experts], matrices, prefetch_bytes, pool)
     try:
         from tqdm.auto import tqdm
+        block = ra.RMS_CHUNK
         for name, (b, *ex) in tqdm(prefetch, total=len(matrices), desc="rms statistics", disable=not progress):
-            bf = b.float()
+            b, n = b.reshape(-1), b.numel()
+            bf = torch.empty(min(n, block))  # cache-sized float32 blocks, reused: one pass over memory
+            delta = torch.empty_like(bf)
+            starts = range(0, n, block)
             for who, e in zip(expert_names, ex):
-                table[who][name] = ra.matrix_rms(e.float() - bf, slide_formula)
+                e = e.reshape(-1)
+
+                def blocks(e=e):
+                    for s in starts:
+                        m = min(block, n - s)
+                        yield delta[:m].copy_(e[s:s + m]).sub_(bf[:m].copy_(b[s:s + m]))
+                table[who][name] = ra.rms_of_blocks(blocks(), n, slide_formula)
             for t in (b, *ex):
                 if t.numel():
                     pool.put(_as_bytes(t))
@@ -370,7 +380,8 @@ def merge_folders(
             raise FileNotFoundError(f"{who}: folder not found: {d}")
     recover_leftovers(out_dir)
     check_output_path(out_dir, [base_dir, *dirs], overwrite)
-    lib = _kernel_for(kernel, config, device) if fused and merge_fn is None else None
+    use_kernel = fused and merge_fn is None
+    lib = _kernel_for(kernel, config, device) if use_kernel else None
     merge_fn = merge_fn or merge_tensor
     base = CheckpointFolder(base_dir)
     experts = [CheckpointFolder(d) for d in dirs]
@@ -386,7 +397,7 @@ def merge_folders(
             table = _streamed_rms_table(base, experts, expert_names, floating, slide_formula, prefetch_bytes, progress)
             rates, _ = ra.adaptive_rates(table, **rate_options)
             config = ra.merge_config([rates[who] for who in expert_names], rate_options["p_default"], **merge_options)
-            lib = _kernel_for(kernel, config, device) if fused and merge_fn is None else None
+            lib = _kernel_for(kernel, config, device) if use_kernel else None
         if config.magnitude_scope == "model":
             config = config.replace(thresholds=_model_thresholds(base, experts, floating, config, progress))
 
