@@ -26,6 +26,7 @@ $(STAMP): requirements.txt pyproject.toml
 zoo: $(STAMP)
 	$(BIN)/python -m merging_helpers.zoo
 	$(BIN)/python -m merging_helpers.zoo --tier heavy
+	$(BIN)/python -m merging_helpers.zoo --tier lora
 
 book: $(STAMP)
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/jupyter-book build . --warningiserror --keep-going

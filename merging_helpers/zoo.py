@@ -40,6 +40,9 @@ class ZooCacheError(RuntimeError):
     """A cached zoo file is damaged; the message says which and how to rebuild (chapter 0)."""
 
 
+LATE_FIELDS = ("max_grad_norm", "lora_rank", "lora_alpha", "lora_targets")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """How each expert is fine-tuned (the same recipe for every task) (chapter 0)."""
@@ -53,11 +56,15 @@ class TrainConfig:
     max_length: int = 40
     seed: int = 0
     max_grad_norm: float | None = None  # clip the gradient's norm (the heavy tier, chapter 6)
+    lora_rank: int | None = None  # train LoRA adapters of this rank instead of the whole encoder (chapter 7)
+    lora_alpha: float | None = None  # LoRA's ΔW = (lora_alpha / lora_rank) · B A
+    lora_targets: tuple[str, ...] | None = None  # the linear maps that get adapters (peft's target_modules)
 
     def fingerprint(self) -> str:
         fields = asdict(self)
-        if fields["max_grad_norm"] is None:  # added after the light tier: its cache name stays the same
-            del fields["max_grad_norm"]
+        for late in LATE_FIELDS:  # added after the light tier: unset, the cache names stay the same
+            if fields[late] is None:
+                del fields[late]
         blob = json.dumps({"format": ZOO_FORMAT, **fields}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
@@ -72,11 +79,16 @@ class TrainConfig:
 # weight-sized delta that long continued training leaves, and the regime where DARE's rescale
 # (×10 at p = 0.9) pushes entries far past their base value.
 HEAVY = TrainConfig(steps=400, lr=4e-4, weight_decay=2.0, warmup_steps=40, max_grad_norm=1.0)
-TIERS = {"light": TrainConfig(), "heavy": HEAVY}
+# The LoRA tier (chapter 7): as in the RMS-adaptive slides, rank-8 adapters on the attention's query
+# and value maps only (peft), the rest of the encoder frozen; the head is trained in full. Adapters
+# learn with a larger step than full fine-tunes (their B starts at zero).
+LORA = TrainConfig(lr=1e-3, lora_rank=8, lora_alpha=16.0, lora_targets=("query", "value"))
+TIERS = {"light": TrainConfig(), "heavy": HEAVY, "lora": LORA}
 
 
 def tier_config(tier: str) -> TrainConfig:
-    """The training recipe of a zoo tier, ``"light"`` (chapters 0–5) or ``"heavy"`` (chapter 6)."""
+    """The training recipe of a zoo tier: ``"light"`` (chapters 0–5), ``"heavy"`` (chapter 6) or
+    ``"lora"`` (chapter 7)."""
     if tier not in TIERS:
         raise ValueError(f"unknown zoo tier {tier!r}: choose one of {list(TIERS)}")
     return TIERS[tier]
@@ -229,8 +241,10 @@ def fine_tune(task: Task, config: TrainConfig, tokenizer, device="cpu", progress
     """Fully fine-tune a fresh copy of the base encoder plus a new head on ``task`` (chapter 0)."""
     torch.manual_seed(config.seed)
     model = Classifier(load_encoder(device=device), task.num_labels).to(device).train()
+    if config.lora_rank is not None:
+        model.encoder = with_lora(model.encoder, config)
     optimizer = torch.optim.AdamW([
-        {"params": model.encoder.parameters(), "lr": config.lr},
+        {"params": [p for p in model.encoder.parameters() if p.requires_grad], "lr": config.lr},
         {"params": model.head.parameters(), "lr": config.head_lr},
     ], weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(
@@ -250,6 +264,18 @@ def fine_tune(task: Task, config: TrainConfig, tokenizer, device="cpu", progress
         losses.append(loss.item())
         bar.set_postfix(loss=f"{loss.item():.3f}")
     return model.eval(), losses
+
+
+def with_lora(encoder: nn.Module, config: TrainConfig) -> nn.Module:
+    """The encoder with peft LoRA adapters on ``config.lora_targets``; only they train (chapter 7)."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+    with warnings.catch_warnings():  # peft calls a transformers method that warns of its own renaming
+        warnings.simplefilter("ignore", FutureWarning)
+        return get_peft_model(encoder, LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha,
+                                                  target_modules=list(config.lora_targets), lora_dropout=0.0,
+                                                  bias="none"))
 
 
 @torch.no_grad()
@@ -306,6 +332,12 @@ class Zoo:
 
     def expert_dir(self, name: str) -> Path:
         return self.root / "experts" / check_task_names([name])[0]
+
+    def adapter_dir(self, name: str) -> Path:
+        """The peft LoRA adapter folder of an expert of the LoRA tier (chapter 7)."""
+        if self.config.lora_rank is None:
+            raise ValueError("adapter_dir: this zoo's experts are full fine-tunes; load_zoo(tier='lora') has adapters")
+        return self.expert_dir(name) / "adapter"
 
     @property
     def base_dir(self) -> Path:
@@ -388,7 +420,11 @@ def _build_expert(target: Path, task: Task, config: TrainConfig, tokenizer, devi
     def fill(tmp):
         start = time.time()
         model, losses = fine_tune(task, config, tokenizer, device, progress)
-        _save_hf_folder(model.encoder.to("cpu"), tokenizer, tmp)
+        encoder = model.encoder.to("cpu")
+        if config.lora_rank is not None:  # the adapter itself, and the encoder with it merged in (peft)
+            encoder.save_pretrained(str(tmp / "adapter"))
+            encoder = encoder.merge_and_unload()
+        _save_hf_folder(encoder, tokenizer, tmp)
         save_file({k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()},
                   str(tmp / "head.safetensors"), metadata={"task": task.name, "labels": json.dumps(task.labels)})
         (tmp / "train_log.json").write_text(json.dumps(
@@ -414,7 +450,8 @@ def _load_state_dict(folder: Path, filename="model.safetensors") -> dict[str, to
 def load_zoo(tasks=TASK_NAMES, config: TrainConfig | None = None, cache_dir=None,
              device=None, progress=True, rebuild=False, tier: str = "light") -> Zoo:
     """Load the zoo from the cache, building whatever is missing first (≈ 6 min on 2 CPU cores
-    for the light tier, ≈ 10 min for the heavy one) (chapter 0).
+    for the light tier, ≈ 10 min for the heavy one) (chapter 0). The LoRA tier's experts are
+    the encoders with their adapters merged in; :meth:`Zoo.adapter_dir` holds the adapters.
 
     ``tier`` picks the training recipe (:data:`TIERS`); ``config`` overrides it. ``device`` is
     only used for building (training runs on a GPU when there is one); the returned weights
