@@ -28,8 +28,9 @@ modules on disk and ``_toc.yml``:
 * ``dppa``       – chapter 6: DPPA's dynamic pruning rates, OWL's layer rates, DPA's bands, amplification
   and factor searches
 * ``adamerging`` – chapter 6: AdaMerging, merge coefficients learned by entropy minimisation
-* ``rms_adaptive`` – chapter 7 (planned; the method is in, the chapter is not): RMS-adaptive drop rates,
-  the dispersion switch, the min-rate rescale
+* ``lora``       – chapter 7: LoRA experts as deltas (peft adapters read without unpickling, ΔW = (α/r)·BA)
+* ``rms_adaptive`` – chapter 7: RMS-adaptive drop rates, the dispersion switch, the min-rate rescale
+* ``rms_explorer`` – chapter 7: the RMS-adaptive explorer (drop-rate maps, merge and score, widget)
 * ``fast``       – chapter 8 (planned; appendix "Merging at scale"): the fast tier, streaming merges of
   HF folders, the fused path and its compiled kernel; it imports the reference, never the other way round
 
