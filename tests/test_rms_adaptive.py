@@ -129,3 +129,10 @@ def test_the_smallest_rescale_rule():
     torch.testing.assert_close(values[values > 0], torch.full_like(values[values > 0], 1 / 0.8))
     with pytest.raises(ValueError, match="does not drop at random"):
         ra.MergeConfig.build("ties", 2, density=0.5, rescale="smallest")
+
+
+def test_a_zero_delta_gets_the_rate_its_rms_of_zero_gives():
+    table = ra.rms_table({"a": {Q0: torch.zeros(4, 4)}, "b": {Q0: torch.full((4, 4), 2.0)}})
+    assert table["a"][Q0] == 0.0
+    rates, info = ra.adaptive_rates(table, p_default=0.5, lam=0.1, aware=False)  # mean rms 1 → 0.5 + 0.1 · 1
+    assert rates["a"][Q0] == pytest.approx(0.6) and rates["b"][Q0] == pytest.approx(0.4)
