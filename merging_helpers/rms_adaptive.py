@@ -51,17 +51,23 @@ RMS_CHUNK = 1 << 18  # entries summed per float32 block (the streaming pass work
 
 
 def matrix_rms(delta: torch.Tensor, slide_formula: bool = False) -> float:
-    """‖δ‖_F / √N, or the slide's ‖δ‖_F / N (chapter 7)."""
+    """‖δ‖_F / √N, or the slide's ‖δ‖_F / N (chapter 7). Σδ² is summed per float32 block of
+    ``RMS_CHUNK`` entries, the blocks' sums in float64 and in order — so a streamed delta,
+    never held whole, gets exactly this value (``fast.streaming``)."""
     flat = delta.detach().reshape(-1)
-    return rms_of_blocks((flat[s:s + RMS_CHUNK].float() for s in range(0, flat.numel(), RMS_CHUNK)),
-                         flat.numel(), slide_formula)
+    total = 0.0
+    for s in range(0, flat.numel(), RMS_CHUNK):
+        total += sum_of_squares(flat[s:s + RMS_CHUNK].float())
+    return rms_from_sum(total, flat.numel(), slide_formula)
 
 
-def rms_of_blocks(blocks, n: int, slide_formula: bool = False) -> float:
-    """:func:`matrix_rms` from the delta's consecutive float32 blocks of ``RMS_CHUNK`` entries:
-    each block's Σδ² in float32, their total in float64 — so a streamed delta, never held
-    whole, gets exactly the in-memory value (chapter 7)."""
-    total = sum(float(torch.dot(b, b)) for b in blocks)
+def sum_of_squares(block: torch.Tensor) -> float:
+    """Σδ² of one float32 block (chapter 7's RMS)."""
+    return float(torch.dot(block, block))
+
+
+def rms_from_sum(total: float, n: int, slide_formula: bool = False) -> float:
+    """The RMS of N entries whose squares sum to ``total`` (the slide's formula: √total / N) (chapter 7)."""
     return 0.0 if n == 0 else math.sqrt(total) / (n if slide_formula else math.sqrt(n))
 
 

@@ -240,15 +240,14 @@ def _streamed_rms_table(base: CheckpointFolder, experts: Sequence[CheckpointFold
             b, n = b.reshape(-1), b.numel()
             bf = torch.empty(min(n, block))  # cache-sized float32 blocks, reused: one pass over memory
             delta = torch.empty_like(bf)
-            starts = range(0, n, block)
-            for who, e in zip(expert_names, ex):
-                e = e.reshape(-1)
-
-                def blocks(e=e):
-                    for s in starts:
-                        m = min(block, n - s)
-                        yield delta[:m].copy_(e[s:s + m]).sub_(bf[:m].copy_(b[s:s + m]))
-                table[who][name] = ra.rms_of_blocks(blocks(), n, slide_formula)
+            totals = dict.fromkeys(expert_names, 0.0)
+            for s in range(0, n, block):  # the blocks of ra.matrix_rms, in its order
+                m = min(block, n - s)
+                base_block = bf[:m].copy_(b[s:s + m])
+                for who, e in zip(expert_names, ex):
+                    totals[who] += ra.sum_of_squares(delta[:m].copy_(e.reshape(-1)[s:s + m]).sub_(base_block))
+            for who in expert_names:
+                table[who][name] = ra.rms_from_sum(totals[who], n, slide_formula)
             for t in (b, *ex):
                 if t.numel():
                     pool.put(_as_bytes(t))
