@@ -7,7 +7,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: book test install clean-book zoo
+.PHONY: book test install clean-book zoo assignments
 
 install: $(STAMP)
 
@@ -27,6 +27,7 @@ zoo: $(STAMP)
 	$(BIN)/python -m merging_helpers.zoo
 	$(BIN)/python -m merging_helpers.zoo --tier heavy
 	$(BIN)/python -m merging_helpers.zoo --tier lora
+	$(BIN)/python -m merging_helpers.zoo --tier grading
 
 book: $(STAMP)
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/jupyter-book build . --warningiserror --keep-going
@@ -38,6 +39,10 @@ book: $(STAMP)
 # the same code paths); `make book` runs them in full.
 test: $(STAMP)
 	PATH=$(abspath $(BIN)):$$PATH MERGING_BOOK_QUICK=1 $(BIN)/python -m pytest tests book --nbval-lax -p no:cacheprovider -q
+
+# The course assignments: student notebooks and autograder zips in _build/assignments (not committed).
+assignments: $(STAMP)
+	$(BIN)/python assignments/build.py
 
 clean-book:
 	rm -rf _build

@@ -119,10 +119,12 @@ def glue_run_time() -> float:
 
 
 def repository_files(root) -> list:
-    """The files that name the book's repository: _config.yml, the chapters, this module, the README (chapter 0)."""
+    """The files that name the book's repository: _config.yml, the chapters, this module, the README,
+    the assignments' grading requirements (chapter 0)."""
     from pathlib import Path
     root = Path(root)
-    return [root / "_config.yml", root / "README.md", Path(__file__)] + sorted((root / "book").glob("*.ipynb"))
+    return ([root / "_config.yml", root / "README.md", Path(__file__), root / "assignments" / "requirements.txt"]
+            + sorted((root / "book").glob("*.ipynb")))
 
 
 def set_repository(url: str, root=".") -> list:

@@ -83,12 +83,18 @@ HEAVY = TrainConfig(steps=400, lr=4e-4, weight_decay=2.0, warmup_steps=40, max_g
 # and value maps only (peft), the rest of the encoder frozen; the head is trained in full. Adapters
 # learn with a larger step than full fine-tunes (their B starts at zero).
 LORA = TrainConfig(lr=1e-3, lora_rank=8, lora_alpha=16.0, lora_targets=("query", "value"))
-TIERS = {"light": TrainConfig(), "heavy": HEAVY, "lora": LORA}
+# The grading tier (the course assignments): three dissimilar tasks, 60 short steps, so that a
+# grading container builds it in under two minutes on one CPU core. Weaker experts (sentiment
+# barely learns), but merges of them still differ in ways a test can check.
+GRADING = TrainConfig(steps=60, lr=2e-4, warmup_steps=6, max_length=32)
+GRADING_TASKS = ("news", "sentiment", "sign")
+TIERS = {"light": TrainConfig(), "heavy": HEAVY, "lora": LORA, "grading": GRADING}
+TIER_TASKS = {"grading": GRADING_TASKS}  # the other tiers have all five tasks
 
 
 def tier_config(tier: str) -> TrainConfig:
-    """The training recipe of a zoo tier: ``"light"`` (chapters 0–5), ``"heavy"`` (chapter 6) or
-    ``"lora"`` (chapter 7)."""
+    """The training recipe of a zoo tier: ``"light"`` (chapters 0–5), ``"heavy"`` (chapter 6),
+    ``"lora"`` (chapter 7) or ``"grading"`` (the course assignments)."""
     if tier not in TIERS:
         raise ValueError(f"unknown zoo tier {tier!r}: choose one of {list(TIERS)}")
     return TIERS[tier]
@@ -447,18 +453,19 @@ def _load_state_dict(folder: Path, filename="model.safetensors") -> dict[str, to
     return load_file(str(folder / filename))
 
 
-def load_zoo(tasks=TASK_NAMES, config: TrainConfig | None = None, cache_dir=None,
+def load_zoo(tasks=None, config: TrainConfig | None = None, cache_dir=None,
              device=None, progress=True, rebuild=False, tier: str = "light") -> Zoo:
     """Load the zoo from the cache, building whatever is missing first (≈ 6 min on 2 CPU cores
     for the light tier, ≈ 10 min for the heavy one) (chapter 0). The LoRA tier's experts are
     the encoders with their adapters merged in; :meth:`Zoo.adapter_dir` holds the adapters.
 
-    ``tier`` picks the training recipe (:data:`TIERS`); ``config`` overrides it. ``device`` is
+    ``tier`` picks the training recipe (:data:`TIERS`); ``config`` overrides it. ``tasks``
+    defaults to the tier's tasks (all five but for the grading tier). ``device`` is
     only used for building (training runs on a GPU when there is one); the returned weights
     are CPU tensors. Same seed and same machine give the same weights.
     """
     config = config or tier_config(tier)
-    names = check_task_names(tasks)
+    names = check_task_names(TIER_TASKS.get(tier, TASK_NAMES) if tasks is None else tasks)
     device = default_device(device)
     root = cache_root(cache_dir) / f"zoo-v{ZOO_FORMAT}-{config.fingerprint()}"
     if rebuild and root.exists():

@@ -74,7 +74,8 @@ def test_set_repository_rewrites_every_place(tmp_path):
 
     root = tmp_path / "copy"
     (root / "book").mkdir(parents=True)
-    for f in ["_config.yml", "README.md"]:
+    (root / "assignments").mkdir()
+    for f in ["_config.yml", "README.md", "assignments/requirements.txt"]:
         shutil.copy(BOOK.parent / f, root / f)
     for c in CHAPTERS:
         shutil.copy(c, root / "book" / c.name)

@@ -159,6 +159,8 @@ def test_tiers_keep_the_light_cache_name_and_name_a_bad_tier(tmp_path):
     assert zoo.tier_config("light").fingerprint() == zoo.TrainConfig().fingerprint() == "2bcb79f417"
     assert zoo.tier_config("heavy").fingerprint() == "548c13350f"  # nor the heavy tier's (chapter 6)
     assert zoo.tier_config("lora").fingerprint() not in ("2bcb79f417", "548c13350f")
+    assert len({zoo.tier_config(t).fingerprint() for t in zoo.TIERS}) == len(zoo.TIERS)
+    assert set(zoo.GRADING_TASKS) < set(zoo.TASK_NAMES) and 2 <= len(zoo.GRADING_TASKS) <= 3  # the course's tier
     with pytest.raises(ValueError, match="unknown zoo tier 'medium'.*light.*heavy.*lora"):
         zoo.load_zoo(tasks=["product"], tier="medium", cache_dir=tmp_path, progress=False)
 

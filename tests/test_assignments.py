@@ -1,0 +1,84 @@
+"""The course assignments (assignments/): every master's solution passes all its tests,
+public and hidden; every student copy, run as handed out, fails each test with a
+GradingError that says what was expected; no solution or hidden test leaks into it."""
+
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytest.importorskip("otter", reason="otter-grader is in requirements.txt; install it to check the assignments")
+spec = importlib.util.spec_from_file_location("assignments_build", ROOT / "assignments" / "build.py")
+build = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(build)
+
+MASTERS = build.masters()
+MARKERS = ("BEGIN SOLUTION", "END SOLUTION", "# SOLUTION", "BEGIN QUESTION", "# HIDDEN", "ASSIGNMENT CONFIG")
+
+
+def test_there_are_assignments_and_a_generator_that_wrote_them():
+    assert len(MASTERS) >= 4
+    spec = importlib.util.spec_from_file_location("make_masters", ROOT / "assignments" / "make_masters.py")
+    make = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make)
+    for master in MASTERS:  # the committed notebook is what make_masters.py writes (edit there)
+        written = json.dumps(make.notebook(make.MASTERS[master.stem]), indent=1, ensure_ascii=False) + "\n"
+        assert master.read_text() == written, f"{master.name} differs from make_masters.py: run it again"
+
+
+@pytest.fixture(scope="module", params=MASTERS, ids=lambda m: m.stem)
+def assigned(request, tmp_path_factory):
+    master = request.param
+    return master, build.assign(master, tmp_path_factory.mktemp("assignments"))
+
+
+def _source(notebook: Path) -> list[dict]:
+    return json.loads(notebook.read_text())["cells"]
+
+
+def test_the_solution_passes_every_test_public_and_hidden(assigned, tmp_path):
+    master, folder = assigned
+    scores = build.grade(folder, folder / "autograder" / master.name, tmp_path)
+    assert scores, "the autograder graded no question"
+    failed = {q: t["output"] for q, t in scores.items() if t["score"] != t["max_score"]}
+    assert not failed, f"{master.name}: the solution fails\n{failed}"
+
+
+def test_the_student_copy_fails_every_test_with_a_clear_message(assigned, tmp_path):
+    master, folder = assigned
+    scores = build.grade(folder, folder / "student" / master.name, tmp_path)
+    assert scores and all(t["score"] == 0 for t in scores.values()), {q: t["score"] for q, t in scores.items()}
+    for question, t in scores.items():
+        errors = re.findall(r"^\s*(\w+): ", t["output"], flags=re.M)
+        failures = t["output"].count("Test case failed")
+        assert failures and errors.count("GradingError") == failures, (
+            f"{question}: every failing test should end in a GradingError that says what was expected:\n{t['output']}")
+
+
+def test_no_solution_or_hidden_test_leaks_into_the_student_copy(assigned):
+    master, folder = assigned
+    student = (folder / "student" / master.name).read_text()
+    for marker in MARKERS:
+        assert marker not in student, f"{marker!r} is in the student copy of {master.name}"
+    solution_lines, hidden_tests = set(), []
+    inside = False
+    for cell in _source(master):
+        text = "".join(cell["source"])
+        if cell["cell_type"] == "raw" and text.startswith(("# BEGIN SOLUTION", "# END SOLUTION")):
+            inside = text.startswith("# BEGIN SOLUTION")
+            continue
+        if inside:
+            block = re.search(r"# BEGIN SOLUTION\n(.*?)# END SOLUTION", text, flags=re.S)
+            solution_lines |= {line.strip() for line in (block.group(1) if block else text).splitlines()}
+        if cell["cell_type"] == "code" and text.startswith("# HIDDEN"):
+            hidden_tests.append(re.search(r"def (\w+)", text).group(1))
+    everything = "\n".join("".join(c["source"]) for c in _source(master))
+    # a solution line that the master has nowhere else must not be in the student copy
+    leaked = [line for line in solution_lines if len(line) > 12 and line in student and everything.count(line) == 1]
+    assert not leaked, f"solution lines in the student copy of {master.name}: {leaked[:3]}"
+    assert hidden_tests, f"{master.name} has no hidden test"
+    for name in hidden_tests:
+        assert name not in student, f"hidden test {name} is in the student copy of {master.name}"
