@@ -33,6 +33,7 @@ modules on disk and ``_toc.yml``:
 * ``rms_explorer`` – chapter 7: the RMS-adaptive explorer (drop-rate maps, merge and score, widget)
 * ``fast``       – chapter 8 (planned; appendix "Merging at scale"): the fast tier, streaming merges of
   HF folders, the fused path and its compiled kernel; it imports the reference, never the other way round
+* ``grading``    – the course assignments: checks that tell a student what was expected (not a traceback)
 
 ``streaming`` and ``checkpoints`` at the top level are deprecated aliases of
 ``fast.streaming`` and ``fast.checkpoints``, kept for code written against the first edition.

@@ -123,3 +123,11 @@ def expect_pair(result, name: str, what: str) -> None:
     _not_filled(result, name, what)
     if not (isinstance(result, tuple) and len(result) == 2):
         raise GradingError(f"{name} should return {what}, got a {type(result).__name__}")
+
+
+def expect_keys(result, name: str, keys) -> None:
+    """``result`` is a dict with exactly these keys."""
+    _not_filled(result, name, f"a dict with keys {sorted(keys)}")
+    if not isinstance(result, Mapping) or set(result) != set(keys):
+        got = sorted(result) if isinstance(result, Mapping) else type(result).__name__
+        raise GradingError(f"{name} should return a dict with keys {sorted(keys)}, got {got}")

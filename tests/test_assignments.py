@@ -16,7 +16,7 @@ build = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(build)
 
 MASTERS = build.masters()
-MARKERS = ("BEGIN SOLUTION", "END SOLUTION", "# SOLUTION", "BEGIN QUESTION", "# HIDDEN", "ASSIGNMENT CONFIG")
+MARKERS = ("BEGIN SOLUTION", "END SOLUTION", "# SOLUTION", "# BEGIN QUESTION", "# HIDDEN", "ASSIGNMENT CONFIG")
 
 
 def test_there_are_assignments_and_a_generator_that_wrote_them():
@@ -82,3 +82,24 @@ def test_no_solution_or_hidden_test_leaks_into_the_student_copy(assigned):
     assert hidden_tests, f"{master.name} has no hidden test"
     for name in hidden_tests:
         assert name not in student, f"hidden test {name} is in the student copy of {master.name}"
+
+
+# A plausible wrong answer loses the points of its question (the hidden tests are not vacuous):
+# DARE without the rescale is biased; the statistical test must see it.
+WRONG = {"a2_dare": ("delta / (1 - p), torch.zeros_like(delta)", "delta, torch.zeros_like(delta)", "q1_dare")}
+
+
+@pytest.mark.parametrize("name", list(WRONG))
+def test_a_wrong_answer_loses_its_points(name, tmp_path):
+    old, new, question = WRONG[name]
+    folder = build.assign(ROOT / "assignments" / f"{name}.ipynb", tmp_path / "built")
+    graded = folder / "autograder" / f"{name}.ipynb"
+    text = graded.read_text()
+    assert text.count(old) == 1, f"the mutation of {name} no longer applies: update WRONG"
+    wrong = tmp_path / f"{name}.ipynb"
+    wrong.write_text(text.replace(old, new))
+    scores = build.grade(folder, wrong, tmp_path / "graded")
+    assert scores[question]["score"] < scores[question]["max_score"], scores[question]["output"]
+    assert "biased" in scores[question]["output"]
+    others = [q for q in scores if q != question]
+    assert all(scores[q]["score"] == scores[q]["max_score"] for q in others if q != "q2_dare_merge")

@@ -18,12 +18,13 @@ import merging_helpers
 
 ROOT = Path(merging_helpers.__file__).resolve().parent
 ALIASES = {"streaming", "checkpoints"}  # first-edition module names, now deprecated aliases of merging_helpers.fast.*
-LINE = re.compile(r"^\* ``(\w+)``\s+– chapter (\d)( \(planned)?")
+LINE = re.compile(r"^\* ``(\w+)``\s+– (?:chapter (\d)( \(planned)?|(the course assignments))")
+ASSIGNMENTS = 99  # modules of the course assignments' page come after every chapter
 
 
 def _docstring_modules():
     rows = [LINE.match(line) for line in merging_helpers.__doc__.splitlines()]
-    return [(m.group(1), int(m.group(2)), bool(m.group(3))) for m in rows if m]
+    return [(m.group(1), ASSIGNMENTS if m.group(4) else int(m.group(2)), bool(m.group(3))) for m in rows if m]
 
 
 def _toc_chapters():
@@ -40,19 +41,27 @@ def test_docstring_lists_the_modules_on_disk_in_chapter_order():
     assert chapters == sorted(chapters), "modules are not in chapter order"
     toc = _toc_chapters()
     for module, chapter, planned in listed:
+        if chapter == ASSIGNMENTS:
+            assert "book/assignments" in (ROOT.parent / "_toc.yml").read_text(), "the instructors' page is not in _toc.yml"
+            continue
         assert chapter in toc or planned, f"{module}: chapter {chapter} is not in _toc.yml and not marked planned"
 
 
 def test_each_module_docstring_names_its_chapter():
     for module, chapter, _ in _docstring_modules():
         doc = importlib.import_module(f"merging_helpers.{module}").__doc__ or ""
+        if chapter == ASSIGNMENTS:
+            assert "course assignments" in doc, module
+            continue
         assert re.search(rf"[Cc]hapters? (\d[–-])?{chapter}\b|chapters? {chapter}[–-]", doc), module
 
 
 def test_every_public_function_and_class_names_a_chapter():
     missing = []
+    assignments = {m for m, chapter, _ in _docstring_modules() if chapter == ASSIGNMENTS}  # their module says so
     for info in pkgutil.walk_packages(merging_helpers.__path__, "merging_helpers."):
-        if info.name.rsplit(".", 1)[-1] in ALIASES and info.name.count(".") == 1:
+        short = info.name.rsplit(".", 1)[-1]
+        if (short in ALIASES or short in assignments) and info.name.count(".") == 1:
             continue
         mod = importlib.import_module(info.name)
         for name, obj in vars(mod).items():
