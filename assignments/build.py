@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,9 +26,12 @@ def masters() -> list[Path]:
     return sorted(HERE.glob("a[0-9]*.ipynb"))
 
 
-def otter(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Run the otter command line of this Python (so the same environment grades)."""
-    result = subprocess.run([sys.executable, "-m", "otter", *args], cwd=cwd, capture_output=True, text=True)
+def otter(*args: str, cwd: Path | None = None, threads: int | None = None) -> subprocess.CompletedProcess:
+    """Run the otter command line of this Python (so the same environment grades); ``threads``
+    caps torch's threads in the grading kernel (when gradings run side by side)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
+    result = subprocess.run([sys.executable, "-m", "otter", *args], check=False, cwd=cwd, capture_output=True, text=True,
+                            env=env)
     if result.returncode != 0:
         raise RuntimeError(f"otter {' '.join(args)} failed ({result.returncode}):\n{result.stdout[-3000:]}"
                            f"\n{result.stderr[-3000:]}")
@@ -49,11 +53,11 @@ def autograder_zip(folder: Path) -> Path:
     return found
 
 
-def grade(folder: Path, notebook: Path, out: Path) -> dict[str, dict]:
+def grade(folder: Path, notebook: Path, out: Path, threads: int | None = None) -> dict[str, dict]:
     """Grade ``notebook`` with the assignment's autograder (``otter run``, no container).
     Returns question → {"score", "max_score", "output"}."""
     out.mkdir(parents=True, exist_ok=True)
-    otter("run", "--no-logo", "-a", str(autograder_zip(folder)), "-o", str(out), str(notebook))
+    otter("run", "--no-logo", "-a", str(autograder_zip(folder)), "-o", str(out), str(notebook), threads=threads)
     tests = json.loads((out / "results.json").read_text())["tests"]
     return {t["name"]: t for t in tests if t.get("max_score") is not None}
 

@@ -708,7 +708,504 @@ A4 = [
         """, [], manual=True),
 ]
 
-MASTERS = {"a1_task_arithmetic": A1, "a2_dare": A2, "a3_ties": A3, "a4_magprune": A4}
+# ----------------------------------------------------------------------------- assignment 5
+
+A5 = [
+    config("a5_rms_rates"),
+    md("""
+        # Assignment 5 — RMS-adaptive drop rates
+
+        Chapter 7 of the book. The RMS-adaptive method gives every delta *matrix* its own
+        DARE drop rate from its size: p_k^t = p_default − λ (rms_k^t − rms_mean), where
+        rms = ‖δ‖_F / √N and rms_mean is the mean RMS of the matrices of the same role
+        (attention or ffn) over all experts — or over the expert's own matrices when the
+        experts differ a lot (their average RMS values have a coefficient of variation
+        above 50 %). You will compute the RMS, the dispersion and the rates, and check them
+        against the package on the grading zoo. Use only `torch` and `math`. Expected time: 1–1.5 hours.
+
+        A matrix's role is `describe(name).role` (`from merging_helpers.partitions import describe`).
+        """),
+    SETUP,
+    *question("q1_matrix_rms", 2, """
+        **Question 1.** Write `matrix_rms(delta)`: ‖δ‖_F / √N as a Python float (N =
+        number of entries; compute in float64 so large matrices do not lose digits).
+        """, '''
+        def matrix_rms(delta):
+            """The root mean square of a delta matrix (chapter 7)."""
+            # BEGIN SOLUTION
+            values = delta.detach().double()
+            return float(values.pow(2).sum().sqrt() / values.numel() ** 0.5)
+            # END SOLUTION
+        ''', [
+        test("test_matrix_rms_on_a_toy", "matrix_rms", """
+            grading.expect_signature(matrix_rms, "matrix_rms", ("delta",))
+            got = grading.call(matrix_rms, "matrix_rms", torch.tensor([[3.0, -4.0], [0.0, 0.0]]))
+            grading.expect_close(grading.expect_number(got, "matrix_rms"), torch.tensor(2.5), "matrix_rms([[3, -4], [0, 0]]) = 5 / √4")
+            """),
+        test("test_matrix_rms_matches_the_package", "matrix_rms, zoo", """
+            from merging_helpers.rms_adaptive import matrix_rms as reference
+            delta = deltas.task_vector(zoo.base, zoo.experts[zoo.task_names[0]])
+            for name in ("encoder.layer.0.attention.self.query.weight", "encoder.layer.5.output.dense.weight"):
+                got = grading.call(matrix_rms, "matrix_rms", delta[name])
+                grading.expect_close(grading.expect_number(got, "matrix_rms"), torch.tensor(reference(delta[name])), f"matrix_rms({name})")
+            """, hidden=True)]),
+    *question("q2_cv", 2, """
+        **Question 2.** Write `cv_percent(table)`: `table` maps expert → {matrix name → rms};
+        return σ/μ × 100 of the experts' *average* RMS (σ the population standard deviation).
+        """, '''
+        def cv_percent(table):
+            """The experts' dispersion: σ/μ of their average RMS, in percent (chapter 7)."""
+            # BEGIN SOLUTION
+            averages = torch.tensor([sum(v.values()) / len(v) for v in table.values()], dtype=torch.float64)
+            return float(averages.std(unbiased=False) / averages.mean() * 100)
+            # END SOLUTION
+        ''', [
+        test("test_cv_on_a_toy", "cv_percent", """
+            grading.expect_signature(cv_percent, "cv_percent", ("table",))
+            table = {"a": {"m1": 1.0, "m2": 3.0}, "b": {"m1": 4.0, "m2": 8.0}}   # averages 2 and 6: σ = 2, μ = 4
+            got = grading.call(cv_percent, "cv_percent", table)
+            grading.expect_close(grading.expect_number(got, "cv_percent"), torch.tensor(50.0), "cv_percent of averages 2 and 6")
+            """),
+        test("test_cv_matches_the_package", "cv_percent, zoo", """
+            from merging_helpers import rms_adaptive
+            table = rms_adaptive.rms_table({n: deltas.task_vector(zoo.base, zoo.experts[n]) for n in zoo.task_names})
+            got = grading.call(cv_percent, "cv_percent", table)
+            grading.expect_close(grading.expect_number(got, "cv_percent"), torch.tensor(rms_adaptive.cv_percent(table)), "cv_percent(zoo)")
+            """, hidden=True)]),
+    *question("q3_rates", 4, """
+        **Question 3.** Write `adaptive_rates(table, p_default, lam, cv_threshold=50.0)`:
+        expert → {matrix name → p}, with p = p_default − λ (rms − mean) clipped to
+        [0, 0.99], where `mean` is the mean RMS of the matrices of the same role over
+        *all* experts when `cv_percent(table)` ≤ `cv_threshold`, and over that expert's own
+        matrices of the role when it is larger.
+        """, '''
+        from merging_helpers.partitions import describe
+
+
+        def adaptive_rates(table, p_default, lam, cv_threshold=50.0):
+            """One DARE drop rate per matrix from its RMS (chapter 7)."""
+            # BEGIN SOLUTION
+            own = cv_percent(table) > cv_threshold
+            role = {n: describe(n).role for v in table.values() for n in v}
+
+            def mean_of(values, r):
+                chosen = [x for n, x in values if role[n] == r]
+                return sum(chosen) / len(chosen)
+
+            pooled = [(n, x) for v in table.values() for n, x in v.items()]
+            rates = {}
+            for t, values in table.items():
+                source = list(values.items()) if own else pooled
+                means = {r: mean_of(source, r) for r in set(role.values())}
+                rates[t] = {n: min(max(p_default - lam * (x - means[role[n]]), 0.0), 0.99) for n, x in values.items()}
+            return rates
+            # END SOLUTION
+        ''', [
+        test("test_rates_on_a_toy", "adaptive_rates", """
+            grading.expect_signature(adaptive_rates, "adaptive_rates", ("table", "p_default", "lam", "cv_threshold"))
+            q, f = "encoder.layer.0.attention.self.query.weight", "encoder.layer.0.intermediate.dense.weight"
+            table = {"a": {q: 0.010, f: 0.020}, "b": {q: 0.014, f: 0.030}}    # CV 19 %: the global means
+            rates = grading.call(adaptive_rates, "adaptive_rates", table, 0.9, 10.0)
+            grading.expect_keys(rates, "adaptive_rates", ("a", "b"))
+            got = torch.tensor([rates["a"][q], rates["a"][f], rates["b"][q], rates["b"][f]])
+            grading.expect_close(got, torch.tensor([0.92, 0.95, 0.88, 0.85]), "adaptive_rates (a-q, a-ffn, b-q, b-ffn)")
+            """),
+        test("test_rates_match_the_package", "adaptive_rates, zoo", """
+            import warnings
+            from merging_helpers import rms_adaptive
+            table = rms_adaptive.rms_table({n: deltas.task_vector(zoo.base, zoo.experts[n]) for n in zoo.task_names})
+            spread = {t: {n: x * (1 + 3 * i) for n, x in v.items()} for i, (t, v) in enumerate(table.items())}  # CV > 50
+            for case, tab, lam in (("the zoo", table, 50.0), ("experts far apart (CV > 50 %)", spread, 30.0)):
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    want, _ = rms_adaptive.adaptive_rates(tab, 0.9, lam)
+                got = grading.call(adaptive_rates, "adaptive_rates", tab, 0.9, lam)
+                grading.expect_keys(got, "adaptive_rates", tuple(tab))
+                for t in tab:
+                    grading.expect_keys(got[t], f"adaptive_rates(...)[{t!r}]", tuple(tab[t]))
+                    grading.expect_close(torch.tensor([got[t][n] for n in tab[t]]), torch.tensor([want[t][n] for n in tab[t]]),
+                                         f"the rates of expert {t!r} on {case}")
+            """, hidden=True)]),
+    md("""
+        The rates of the grading zoo's experts, layer by layer:
+        """),
+    code("""
+        from merging_helpers import rms_adaptive
+        table = rms_adaptive.rms_table({n: deltas.task_vector(zoo.base, zoo.experts[n]) for n in zoo.task_names})
+        print(f"CV = {cv_percent(table):.1f} %")
+        rates = adaptive_rates(table, 0.9, 50.0)
+        for t, r in rates.items():
+            print(t, "lowest drop rate:", min(r, key=r.get), round(min(r.values()), 3))
+        """),
+    *question("q4_reading", 2, """
+        **Question 4 (written).** Which matrices get the lowest drop rates on this zoo, and
+        why does "a larger RMS → drop less" make sense given the variance of DARE's rescale
+        (assignment 2)? What would the per-expert branch (CV > 50 %) protect against? Three to five sentences.
+        """, """
+        Matrices whose deltas are large (high RMS) get lower rates: DARE's rescaled survivors have
+        variance Δ² p / (1 − p), which grows with the delta's size and explodes as p → 1, so the
+        matrices where the fine-tune put the most change are the ones where dropping 90 % hurts
+        most; keeping more of them trades sparsity where it is cheap for accuracy where it is not.
+        The per-expert branch protects an expert whose deltas are all small (e.g. a light
+        fine-tune merged with a heavy one): against the global mean every one of its matrices
+        would look small and be dropped hardest, although within that expert some matter most.
+        """, [], manual=True),
+]
+
+# ----------------------------------------------------------------------------- assignment 6
+
+A6 = [
+    config("a6_dppa_rates"),
+    md("""
+        # Assignment 6 — DPPA's dynamic pruning rates Θ_lj
+
+        Chapter 6 of the book. DP prunes each linear map j of layer l by magnitude at its own
+        rate Θ_lj = α + norm(dif_l) + norm(dif'_lj), where
+
+        * sig(block) = Σ |δ| over the block's *outliers*, the entries with |δ| > N · mean|δ| (N = 5);
+        * dif_l = −sig_l + mean_l sig_l (a layer with more outlier mass is pruned less);
+        * dif'_lj = −sig_lj + Σ_j sig_lj n_lj / Σ_j n_lj within layer l (n_lj: the map's entry count);
+        * norm(x) = x · λ / max|x|, over all layers for dif and over all linear maps of the model for dif'.
+
+        You will write sig and Θ and check them against the package's `dp_rates` on the
+        grading zoo. Use only `torch`. Expected time: 1–1.5 hours.
+        """),
+    SETUP,
+    *question("q1_significance", 2, """
+        **Question 1.** Write `significance(tensors, n=5.0)`: for a list of tensors taken
+        together as one block, Σ |δ| over the entries with |δ| > n · mean|δ| (in float64; 0 for an empty block).
+        """, '''
+        def significance(tensors, n=5.0):
+            """DP's sig (chapter 6): the |δ| mass of a block's outliers."""
+            # BEGIN SOLUTION
+            values = torch.cat([t.detach().abs().flatten().double() for t in tensors])
+            if values.numel() == 0:
+                return 0.0
+            return float(values[values > n * values.mean()].sum())
+            # END SOLUTION
+        ''', [
+        test("test_significance_on_a_toy", "significance", """
+            grading.expect_signature(significance, "significance", ("tensors", "n"))
+            block = [torch.tensor([1.0, -1.0, 1.0, 1.0, -1.0, 1.0, 1.0, 1.0, 1.0, 30.0])]   # mean |δ| = 3.9
+            got = grading.call(significance, "significance", block, 5.0)
+            grading.expect_close(grading.expect_number(got, "significance"), torch.tensor(30.0), "significance (only 30 > 5 · 3.9)")
+            """),
+        test("test_significance_matches_the_package", "significance", """
+            from merging_helpers.dppa import significance as reference
+            g = torch.Generator().manual_seed(0)
+            block = [torch.randn(50, 40, generator=g) ** 3, torch.randn(40, generator=g) ** 3]   # heavy tails
+            for n in (3.0, 5.0):
+                got = grading.call(significance, "significance", block, n)
+                grading.expect_close(grading.expect_number(got, "significance"), torch.tensor(reference(block, n)), f"significance(n={n})")
+            """, hidden=True)]),
+    *question("q2_theta", 4, """
+        **Question 2.** Write `theta(layer_sig, linear_sig, sizes, alpha, lam=0.08)`: given
+        the significance of each layer (a tensor of L values), of each linear map (an L × J
+        tensor) and the maps' entry counts (L × J), return the L × J tensor of Θ_lj.
+        """, '''
+        def theta(layer_sig, linear_sig, sizes, alpha, lam=0.08):
+            """DP's pruning rate of every linear map of every layer (chapter 6, Eqs. 1–5)."""
+            # BEGIN SOLUTION
+            def norm(x):
+                top = x.abs().max()
+                return torch.zeros_like(x) if float(top) == 0 else x * lam / top
+
+            layer_sig, linear_sig, sizes = (torch.as_tensor(x, dtype=torch.float64) for x in (layer_sig, linear_sig, sizes))
+            dif = -layer_sig + layer_sig.mean()
+            weighted = (linear_sig * sizes).sum(dim=1, keepdim=True) / sizes.sum(dim=1, keepdim=True)
+            dif_linear = -linear_sig + weighted
+            return alpha + norm(dif)[:, None] + norm(dif_linear)
+            # END SOLUTION
+        ''', [
+        test("test_theta_on_a_toy", "theta", """
+            grading.expect_signature(theta, "theta", ("layer_sig", "linear_sig", "sizes", "alpha", "lam"))
+            got = grading.call(theta, "theta", torch.tensor([1.0, 3.0]), torch.tensor([[1.0, 3.0], [2.0, 2.0]]),
+                               torch.tensor([[1.0, 1.0], [1.0, 1.0]]), 0.5, 0.1)
+            got = grading.expect_tensor(got, "theta", (2, 2))
+            # dif = [1, −1] → norm [0.1, −0.1]; dif' = [[1, −1], [0, 0]] → norm [[0.1, −0.1], [0, 0]]
+            grading.expect_close(got, torch.tensor([[0.7, 0.5], [0.4, 0.4]], dtype=got.dtype), "theta on two layers")
+            """),
+        test("test_theta_matches_dp_rates_on_the_zoo", "theta, significance, zoo", """
+            from merging_helpers import dppa
+            delta = deltas.task_vector(zoo.base, zoo.experts[zoo.task_names[0]])
+            layers, linears = dppa._structure(delta)
+            ids = list(layers)
+            maps = sorted({j for (_, j) in linears})
+            layer_sig = torch.tensor([dppa.significance([delta[n] for n in layers[l]]) for l in ids])
+            linear_sig = torch.tensor([[dppa.significance([delta[n] for n in linears[l, j]]) for j in maps] for l in ids])
+            sizes = torch.tensor([[float(sum(delta[n].numel() for n in linears[l, j])) for j in maps] for l in ids])
+            got = grading.expect_tensor(grading.call(theta, "theta", layer_sig, linear_sig, sizes, 0.5, 0.08), "theta",
+                                        (len(ids), len(maps)))
+            want = dppa.dp_rates(delta, 0.5, 0.08)
+            expected = torch.tensor([[want[linears[l, j][0]] for j in maps] for l in ids])
+            grading.expect_close(got, expected, "theta on the zoo's first expert (α = 0.5) against dp_rates")
+            """, hidden=True)]),
+    *question("q3_budget", 2, """
+        **Question 3 (written).** Show that, when all linear maps of a layer have the same
+        size and all layers the same number of entries, DP keeps the same number of entries
+        as pruning everything at α. Which layers and maps does it prune *less*, and why is
+        that a sensible use of a fixed budget on a fine-tune with outliers? Three to five sentences.
+        """, """
+        dif_l sums to zero over layers (−sig_l + mean sig) and dif'_lj sums to zero within a layer
+        when weighted by size (Σ_j n_lj(−sig_lj) + Σ_j n_lj · Σ_j sig_lj n_lj / Σ_j n_lj = 0); norm only
+        rescales, so with equal sizes Σ Θ_lj n_lj = α Σ n_lj: the same kept count as α everywhere,
+        to rounding. Layers and maps whose outliers carry more |δ| mass get negative dif and so a
+        lower pruning rate: they keep more. Outlier entries are where a fine-tune put its largest
+        changes, so spending the budget there loses the least of the delta's effect.
+        """, [], manual=True),
+]
+
+# ----------------------------------------------------------------------------- assignment 7
+
+A7 = [
+    config("a7_apl_tracing"),
+    md("""
+        # Assignment 7 — APL: which layers carry a task, by causal intervention
+
+        Chapter 4 of the book. APL measures how much a *partition* of an expert's parameters
+        matters by reverting it to the base and watching the expert's probability of the
+        true label on a few-shot set drop: importance(s) = P_t* − P_t, where P_t is the
+        clean expert's mean true-label probability and P_t* the one with partition s set back
+        to θ_b (more negative = more important). You will write the layer-level partitions and
+        the tracing, and compare them with the package's `apl.trace`. Expected time: 1–1.5 hours.
+
+        A parameter's layer is `describe(name).layer` (`from merging_helpers.partitions import
+        describe`; `None` outside the transformer blocks). `evaluator.true_label_probability(state_dict,
+        task, examples)` scores a state dict on a few-shot set.
+        """),
+    SETUP,
+    code("""
+        from merging_helpers.tasks import few_shot
+        examples = {name: few_shot(zoo.task(name), 16, seed=0) for name in zoo.task_names}   # 16 per label
+        """),
+    *question("q1_layer_partitions", 2, """
+        **Question 1.** Write `layer_partitions(names)`: a dict `"layer.l"` → the list of
+        names of layer l (in the order given), for every layer l that has a name, sorted by
+        l. Names outside the blocks (embeddings, pooler) are in no partition.
+        """, '''
+        from merging_helpers.partitions import describe
+
+
+        def layer_partitions(names):
+            """APL's layer-level partitions (chapter 4): the parameter names of each transformer block."""
+            # BEGIN SOLUTION
+            out = {}
+            for name in names:
+                layer = describe(name).layer
+                if layer is not None:
+                    out.setdefault(layer, []).append(name)
+            return {f"layer.{layer}": out[layer] for layer in sorted(out)}
+            # END SOLUTION
+        ''', [
+        test("test_layer_partitions_on_the_zoo", "layer_partitions, zoo", """
+            grading.expect_signature(layer_partitions, "layer_partitions", ("names",))
+            parts = grading.call(layer_partitions, "layer_partitions", list(zoo.base))
+            grading.expect_keys(parts, "layer_partitions", tuple(f"layer.{l}" for l in range(6)))
+            assert list(parts) == [f"layer.{l}" for l in range(6)], f"the layers should be sorted, got {list(parts)}"
+            assert "encoder.layer.3.attention.self.query.weight" in parts["layer.3"], "layer.3 lacks its query weight"
+            """),
+        test("test_layer_partitions_match_the_package", "layer_partitions, zoo", """
+            from merging_helpers import apl
+            want = apl.groups(zoo.experts[zoo.task_names[0]], "layer")
+            got = grading.call(layer_partitions, "layer_partitions", list(zoo.experts[zoo.task_names[0]]))
+            grading.expect_keys(got, "layer_partitions", tuple(want))
+            for key in want:
+                assert sorted(got[key]) == sorted(want[key]), f"{key}: the names differ from apl.groups(..., 'layer')"
+            """, hidden=True)]),
+    *question("q2_trace_layers", 4, """
+        **Question 2.** Write `trace_layers(evaluator, base, expert, task, examples)`: a dict
+        `"layer.l"` → P_t* − P_t for every layer partition, where P_t =
+        `evaluator.true_label_probability(expert, task, examples)` and P_t* is the same for
+        `expert` with that layer's tensors replaced by `base`'s. Do not modify `expert`.
+        """, '''
+        def trace_layers(evaluator, base, expert, task, examples):
+            """Causal tracing at the layer level (chapter 4): P* − P per layer."""
+            # BEGIN SOLUTION
+            clean = evaluator.true_label_probability(expert, task, examples)
+            out = {}
+            for key, names in layer_partitions(list(expert)).items():
+                corrupted = {**expert, **{n: base[n] for n in names}}
+                out[key] = evaluator.true_label_probability(corrupted, task, examples) - clean
+            return out
+            # END SOLUTION
+        ''', [
+        test("test_trace_layers_returns_one_value_per_layer", "trace_layers, zoo, evaluator, examples", """
+            grading.expect_signature(trace_layers, "trace_layers", ("evaluator", "base", "expert", "task", "examples"))
+            task = zoo.task_names[0]
+            got = grading.call(trace_layers, "trace_layers", evaluator, zoo.base, zoo.experts[task], task, examples[task])
+            grading.expect_keys(got, "trace_layers", tuple(f"layer.{l}" for l in range(6)))
+            assert all(-1 <= float(v) <= 1 for v in got.values()), "a difference of two probabilities is in [−1, 1]"
+            """),
+        test("test_trace_layers_matches_the_package", "trace_layers, zoo, evaluator, examples", """
+            from merging_helpers import apl
+            for task in zoo.task_names:
+                before = copy.deepcopy(zoo.experts[task])
+                got = grading.call(trace_layers, "trace_layers", evaluator, zoo.base, zoo.experts[task], task, examples[task])
+                want = apl.trace(evaluator, zoo.base, zoo.experts[task], task, examples[task], "layer", naive=True).as_dict()
+                grading.expect_keys(got, "trace_layers", tuple(want))
+                grading.expect_close(torch.tensor([float(got[k]) for k in want]), torch.tensor(list(want.values())),
+                                     f"trace_layers on {task!r}", atol=1e-4)
+                grading.expect_unchanged(before, zoo.experts[task], "trace_layers")
+            """, hidden=True)]),
+    code("""
+        for name in zoo.task_names:
+            importance = trace_layers(evaluator, zoo.base, zoo.experts[name], name, examples[name])
+            print(f"{name:10s}", "  ".join(f"{k}: {v:+.3f}" for k, v in importance.items()))
+        """),
+    *question("q3_reading", 2, """
+        **Question 3 (written).** Which layers matter most for each task, and is the pattern
+        the same across tasks? APL turns these importances into drop rates (important
+        partitions dropped less): what could go wrong if you used layer-level importances
+        measured on 16 examples per label? Three to five sentences.
+        """, """
+        On the grading zoo the last layers carry most of each task (their P* − P is the most
+        negative), with the ordering differing between tasks. Reverting one whole layer is a
+        large intervention, so the importances mix the layer's own contribution with how the
+        later layers react to its removal; and 16 examples per label give noisy probabilities,
+        so small differences between layers are not reliable. Turning noisy, coarse scores into
+        drop rates can protect the wrong layer; the chapter's hidden-state level and several
+        few-shot seeds address both.
+        """, [], manual=True),
+]
+
+# ----------------------------------------------------------------------------- assignment 8
+
+A8 = [
+    config("a8_gradient_importance"),
+    md("""
+        # Assignment 8 — APL's gradient importance and the Taylor check
+
+        Chapter 5 of the book. Tracing needs one forward pass per partition; APL's
+        approximation needs one backward pass: with g = ∇L(θ_b) the gradient of the
+        few-shot loss at the base, adding partition s of Δ changes the loss by about
+        Σ_{i∈s} Δ_i g_i (first-order Taylor), and APL scores s by −|Σ_{i∈s} Δ_i g_i|. You
+        will compute it per layer and check the first-order term numerically: for small t,
+        L(θ_b + t Δ_s) − L(θ_b) ≈ t Σ_{i∈s} Δ_i g_i. Expected time: 1–1.5 hours.
+
+        `evaluator.loss_gradient(state_dict, task, examples)` returns the gradient (a dict
+        name → tensor); `evaluator.loss(evaluator.params(state_dict), task, examples)` the loss.
+        """),
+    SETUP,
+    code("""
+        from merging_helpers.partitions import describe
+        from merging_helpers.tasks import few_shot
+        examples = {name: few_shot(zoo.task(name), 16, seed=0) for name in zoo.task_names}
+        layers = {}
+        for name in zoo.base:
+            if describe(name).layer is not None:
+                layers.setdefault(f"layer.{describe(name).layer}", []).append(name)
+        """),
+    *question("q1_gradient_importance", 4, """
+        **Question 1.** Write `gradient_importance(evaluator, base, expert, task, examples, layers)`:
+        the gradient g of the few-shot loss at `base`, then, for every key of `layers` (a dict
+        key → list of names), −|Σ_{i∈s} Δ_i g_i| with Δ = expert − base (in float64). Return a dict key → float.
+        """, '''
+        def gradient_importance(evaluator, base, expert, task, examples, layers):
+            """APL's gradient importance (chapter 5): −|Σ_{i∈s} Δ_i g_i| per partition, from one backward pass."""
+            # BEGIN SOLUTION
+            gradient = evaluator.loss_gradient(base, task, examples)
+            out = {}
+            for key, names in layers.items():
+                total = sum(float(((expert[n].double() - base[n].double()) * gradient[n].double().cpu()).sum())
+                            for n in names)
+                out[key] = -abs(total)
+            return out
+            # END SOLUTION
+        ''', [
+        test("test_gradient_importance_is_not_positive", "gradient_importance, zoo, evaluator, examples, layers", """
+            grading.expect_signature(gradient_importance, "gradient_importance",
+                                     ("evaluator", "base", "expert", "task", "examples", "layers"))
+            task = zoo.task_names[0]
+            got = grading.call(gradient_importance, "gradient_importance", evaluator, zoo.base, zoo.experts[task], task,
+                               examples[task], layers)
+            grading.expect_keys(got, "gradient_importance", tuple(layers))
+            assert all(float(v) <= 0 for v in got.values()), "−|Σ Δ g| is never positive"
+            """),
+        test("test_gradient_importance_matches_the_package", "gradient_importance, zoo, evaluator, examples, layers", """
+            from merging_helpers import taylor
+            for task in zoo.task_names:
+                got = grading.call(gradient_importance, "gradient_importance", evaluator, zoo.base, zoo.experts[task],
+                                   task, examples[task], layers)
+                want = taylor.gradient_importance(evaluator, zoo.base, zoo.experts[task], task, examples[task],
+                                                  "layer").as_dict()
+                grading.expect_keys(got, "gradient_importance", tuple(want))
+                grading.expect_close(torch.tensor([float(got[k]) for k in want]), torch.tensor(list(want.values())),
+                                     f"gradient_importance on {task!r}")
+            """, hidden=True)]),
+    *question("q2_taylor_check", 4, """
+        **Question 2.** Write `taylor_check(evaluator, base, expert, task, examples, names, t)`:
+        return `(predicted, actual)`, where predicted = t Σ_{i∈s} Δ_i g_i over the tensors
+        `names` (g at the base, as above) and actual = L(θ_b + t Δ_s) − L(θ_b), the loss
+        change when only those tensors move by t Δ (computed without gradients).
+        """, '''
+        def taylor_check(evaluator, base, expert, task, examples, names, t):
+            """The first-order Taylor term against the real loss change (chapter 5)."""
+            # BEGIN SOLUTION
+            gradient = evaluator.loss_gradient(base, task, examples)
+            delta = {n: expert[n].float() - base[n].float() for n in names}
+            predicted = t * sum(float((delta[n].double() * gradient[n].double().cpu()).sum()) for n in names)
+            moved = {**base, **{n: base[n] + t * delta[n] for n in names}}
+            with torch.no_grad():
+                actual = float(evaluator.loss(evaluator.params(moved), task, examples)
+                               - evaluator.loss(evaluator.params(base), task, examples))
+            return predicted, actual
+            # END SOLUTION
+        ''', [
+        test("test_taylor_check_agrees_for_a_small_step", "taylor_check, zoo, evaluator, examples, layers", """
+            grading.expect_signature(taylor_check, "taylor_check",
+                                     ("evaluator", "base", "expert", "task", "examples", "names", "t"))
+            task = zoo.task_names[0]
+            result = grading.call(taylor_check, "taylor_check", evaluator, zoo.base, zoo.experts[task], task,
+                                  examples[task], layers["layer.5"], 0.01)
+            grading.expect_pair(result, "taylor_check", "(predicted, actual)")
+            predicted, actual = (float(grading.expect_number(x, "taylor_check's result")) for x in result)
+            assert abs(actual - predicted) <= 0.02 * abs(predicted), (
+                f"at t = 0.01 the first-order term {predicted:.3e} and the loss change {actual:.3e} should agree "
+                "within 2 %")
+            """),
+        test("test_taylor_check_matches_the_package", "taylor_check, zoo, evaluator, examples, layers", """
+            from merging_helpers import apl, taylor
+            task = zoo.task_names[1]
+            gradient = evaluator.loss_gradient(zoo.base, task, examples[task])
+            delta = deltas.task_vector(zoo.base, zoo.experts[task])
+            parts = apl.groups(zoo.experts[task], "layer")
+            want = float(taylor.partition_products(delta, gradient, {"layer.2": parts["layer.2"]})[0])
+            for t in (0.01, 0.1):
+                result = grading.call(taylor_check, "taylor_check", evaluator, zoo.base, zoo.experts[task], task,
+                                      examples[task], layers["layer.2"], t)
+                grading.expect_pair(result, "taylor_check", "(predicted, actual)")
+                predicted, actual = (float(grading.expect_number(x, "taylor_check's result")) for x in result)
+                grading.expect_close(torch.tensor(predicted), torch.tensor(t * want), f"predicted at t = {t}", atol=1e-6)
+                moved = {**zoo.base, **{n: zoo.base[n] + t * delta[n] for n in parts["layer.2"]}}
+                with torch.no_grad():
+                    real = float(evaluator.loss(evaluator.params(moved), task, examples[task])
+                                 - evaluator.loss(evaluator.params(zoo.base), task, examples[task]))
+                grading.expect_close(torch.tensor(actual), torch.tensor(real), f"actual at t = {t}", atol=1e-5)
+            """, hidden=True)]),
+    code("""
+        task = zoo.task_names[0]
+        for t in (1.0, 0.3, 0.1, 0.03, 0.01):
+            predicted, actual = taylor_check(evaluator, zoo.base, zoo.experts[task], task, examples[task], layers["layer.5"], t)
+            print(f"t = {t:<5} predicted {predicted:+.3e}  actual {actual:+.3e}  relative error {abs(actual - predicted) / abs(predicted):.1e}")
+        """),
+    *question("q3_reading", 2, """
+        **Question 3 (written).** How does the relative error of the first-order term change
+        as t shrinks, and what does that tell you about the order of the neglected term? APL
+        applies the approximation at t = 1 (the whole delta): when is that justified, and when
+        would you trust tracing more? Three to five sentences.
+        """, """
+        The relative error shrinks roughly in proportion to t (the absolute error like t²), as
+        it should when the neglected term is the second-order one, ½ t² Δ_sᵀ H Δ_s. At t = 1 the
+        approximation is good only when the deltas are small relative to the curvature of the
+        loss (light fine-tunes); for large, dense deltas (the book's heavy tier) the second-order
+        term can dominate and even flip the ranking of partitions, and tracing, which measures
+        the real change, is the one to trust; the chapter's Table 4 re-measure shows where the
+        two agree.
+        """, [], manual=True),
+]
+
+MASTERS = {"a1_task_arithmetic": A1, "a2_dare": A2, "a3_ties": A3, "a4_magprune": A4, "a5_rms_rates": A5,
+           "a6_dppa_rates": A6, "a7_apl_tracing": A7, "a8_gradient_importance": A8}
 
 
 def notebook(cells: list[dict]) -> dict:

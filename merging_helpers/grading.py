@@ -131,3 +131,14 @@ def expect_keys(result, name: str, keys) -> None:
     if not isinstance(result, Mapping) or set(result) != set(keys):
         got = sorted(result) if isinstance(result, Mapping) else type(result).__name__
         raise GradingError(f"{name} should return a dict with keys {sorted(keys)}, got {got}")
+
+
+def expect_number(result, name: str) -> torch.Tensor:
+    """``result`` is a real number (a Python or NumPy number, or a one-element tensor); returns it as a 0-d tensor."""
+    _not_filled(result, name, "a number")
+    if isinstance(result, torch.Tensor) and result.numel() == 1:
+        return result.detach().cpu().double().reshape(())
+    try:
+        return torch.tensor(float(result), dtype=torch.float64)
+    except (TypeError, ValueError):
+        raise GradingError(f"{name} should return a number, got a {type(result).__name__}") from None

@@ -5,6 +5,7 @@ GradingError that says what was expected; no solution or hidden test leaks into 
 import importlib.util
 import json
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -29,30 +30,42 @@ def test_there_are_assignments_and_a_generator_that_wrote_them():
         assert master.read_text() == written, f"{master.name} differs from make_masters.py: run it again"
 
 
-@pytest.fixture(scope="module", params=MASTERS, ids=lambda m: m.stem)
-def assigned(request, tmp_path_factory):
-    master = request.param
-    return master, build.assign(master, tmp_path_factory.mktemp("assignments"))
+@pytest.fixture(scope="module")
+def graded(tmp_path_factory):
+    """Every master assigned, and its solution and its untouched student copy graded: two
+    gradings at a time, one thread each (most of a grading is starting a kernel and loading)."""
+    out = tmp_path_factory.mktemp("assignments")
+    folders = {master.stem: build.assign(master, out) for master in MASTERS}
+    jobs = [(name, who) for name in folders for who in ("autograder", "student")]
+    with ThreadPoolExecutor(2) as pool:
+        scores = pool.map(lambda job: build.grade(folders[job[0]], folders[job[0]] / job[1] / f"{job[0]}.ipynb",
+                                                  out / f"graded-{job[1]}-{job[0]}", threads=1), jobs)
+        return {"folders": folders, **{job: s for job, s in zip(jobs, scores)}}
+
+
+@pytest.fixture(params=MASTERS, ids=lambda m: m.stem)
+def assigned(request, graded):
+    return request.param, graded["folders"][request.param.stem]
 
 
 def _source(notebook: Path) -> list[dict]:
     return json.loads(notebook.read_text())["cells"]
 
 
-def test_the_solution_passes_every_test_public_and_hidden(assigned, tmp_path):
-    master, folder = assigned
-    scores = build.grade(folder, folder / "autograder" / master.name, tmp_path)
+def test_the_solution_passes_every_test_public_and_hidden(assigned, graded):
+    master, _ = assigned
+    scores = graded[master.stem, "autograder"]
     assert scores, "the autograder graded no question"
     failed = {q: t["output"] for q, t in scores.items() if t["score"] != t["max_score"]}
     assert not failed, f"{master.name}: the solution fails\n{failed}"
 
 
-def test_the_student_copy_fails_every_test_with_a_clear_message(assigned, tmp_path):
-    master, folder = assigned
-    scores = build.grade(folder, folder / "student" / master.name, tmp_path)
+def test_the_student_copy_fails_every_test_with_a_clear_message(assigned, graded):
+    master, _ = assigned
+    scores = graded[master.stem, "student"]
     assert scores and all(t["score"] == 0 for t in scores.values()), {q: t["score"] for q, t in scores.items()}
     for question, t in scores.items():
-        errors = re.findall(r"^\s*(\w+): ", t["output"], flags=re.M)
+        errors = re.findall(r"^\s*(\w+): ", t["output"], flags=re.MULTILINE)
         failures = t["output"].count("Test case failed")
         assert failures and errors.count("GradingError") == failures, (
             f"{question}: every failing test should end in a GradingError that says what was expected:\n{t['output']}")
@@ -71,7 +84,7 @@ def test_no_solution_or_hidden_test_leaks_into_the_student_copy(assigned):
             inside = text.startswith("# BEGIN SOLUTION")
             continue
         if inside:
-            block = re.search(r"# BEGIN SOLUTION\n(.*?)# END SOLUTION", text, flags=re.S)
+            block = re.search(r"# BEGIN SOLUTION\n(.*?)# END SOLUTION", text, flags=re.DOTALL)
             solution_lines |= {line.strip() for line in (block.group(1) if block else text).splitlines()}
         if cell["cell_type"] == "code" and text.startswith("# HIDDEN"):
             hidden_tests.append(re.search(r"def (\w+)", text).group(1))
