@@ -34,6 +34,8 @@ def test_there_are_assignments_and_a_generator_that_wrote_them():
 def graded(tmp_path_factory):
     """Every master assigned, and its solution and its untouched student copy graded: two
     gradings at a time, one thread each (most of a grading is starting a kernel and loading)."""
+    from merging_helpers.zoo import load_zoo
+    load_zoo(tier="grading", progress=False)  # built once here (cold cache), not by two gradings at once
     out = tmp_path_factory.mktemp("assignments")
     folders = {master.stem: build.assign(master, out) for master in MASTERS}
     jobs = [(name, who) for name in folders for who in ("autograder", "student")]
