@@ -454,16 +454,21 @@ def _load_state_dict(folder: Path, filename="model.safetensors") -> dict[str, to
 
 
 def load_zoo(tasks=None, config: TrainConfig | None = None, cache_dir=None,
-             device=None, progress=True, rebuild=False, tier: str = "light") -> Zoo:
+             device=None, progress=True, rebuild=False, tier: str | None = None) -> Zoo:
     """Load the zoo from the cache, building whatever is missing first (≈ 6 min on 2 CPU cores
     for the light tier, ≈ 10 min for the heavy one) (chapter 0). The LoRA tier's experts are
     the encoders with their adapters merged in; :meth:`Zoo.adapter_dir` holds the adapters.
 
-    ``tier`` picks the training recipe (:data:`TIERS`); ``config`` overrides it. ``tasks``
-    defaults to the tier's tasks (all five but for the grading tier). ``device`` is
+    ``tier`` picks the training recipe (:data:`TIERS`, default ``"light"``), or ``config`` gives
+    one of your own (not both). ``tasks`` defaults to the tier's tasks (all five but for the
+    grading tier). ``device`` is
     only used for building (training runs on a GPU when there is one); the returned weights
     are CPU tensors. Same seed and same machine give the same weights.
     """
+    if config is not None and tier is not None:
+        raise ValueError(f"load_zoo: give tier={tier!r} or a config of your own, not both (the config would "
+                         "silently replace the tier's recipe)")
+    tier = tier or "light"
     config = config or tier_config(tier)
     names = check_task_names(TIER_TASKS.get(tier, TASK_NAMES) if tasks is None else tasks)
     device = default_device(device)

@@ -163,6 +163,8 @@ def test_tiers_keep_the_light_cache_name_and_name_a_bad_tier(tmp_path):
     assert set(zoo.GRADING_TASKS) < set(zoo.TASK_NAMES) and 2 <= len(zoo.GRADING_TASKS) <= 3  # the course's tier
     with pytest.raises(ValueError, match="unknown zoo tier 'medium'.*light.*heavy.*lora"):
         zoo.load_zoo(tasks=["product"], tier="medium", cache_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="give tier='heavy' or a config of your own, not both"):
+        zoo.load_zoo(tasks=["product"], tier="heavy", config=TINY, cache_dir=tmp_path, progress=False)
 
 
 def test_gradient_clipping_limits_how_far_a_step_moves(tmp_path):
