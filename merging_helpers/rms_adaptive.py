@@ -38,6 +38,7 @@ from .rng import EntryRandoms
 
 MATRIX_ROLES = ("attention", "ffn")
 CV_THRESHOLD = 50.0  # percent: above it, each expert is compared with its own mean
+CLIP = (0.0, 0.99)  # the drop rates' default bounds
 
 
 def is_matrix(name: str, tensor) -> bool:
@@ -118,7 +119,7 @@ def split_options(options: Mapping) -> tuple[dict, dict]:
     if not rate["lam"] >= 0:
         raise ValueError(f"rms_adaptive: drop_scale (the slides' λ) must be >= 0, got {rate['lam']}")
     merge = {k: options[k] for k in MERGE_OPTIONS if k in options}
-    _check(rate["p_default"], rate["lam"], rate.get("cv_threshold", CV_THRESHOLD), rate.get("clip", (0.0, 0.99)),
+    _check(rate["p_default"], rate["lam"], rate.get("cv_threshold", CV_THRESHOLD), rate.get("clip", CLIP),
            rate.get("scale", "raw"))
     merge_config([{}], rate["p_default"], **merge)  # the merge's own checks (lam, seed)
     return rate, merge
@@ -126,7 +127,7 @@ def split_options(options: Mapping) -> tuple[dict, dict]:
 
 def adaptive_rates(table: Mapping[str, Mapping[str, float]], p_default: float, lam: float,
                    cv_threshold: float = CV_THRESHOLD, aware: bool = True, scale: str = "raw",
-                   clip: tuple[float, float] = (0.0, 0.99)) -> tuple[dict[str, dict[str, float]], dict]:
+                   clip: tuple[float, float] = CLIP) -> tuple[dict[str, dict[str, float]], dict]:
     """p_k^t for every matrix of :func:`rms_table` (chapter 7). Returns ``(rates, info)``;
     ``info`` holds the CV, whether each expert was compared with its own mean, the means and
     σ per role, and how many rates were clipped. A matrix with a zero delta has rms 0 and
