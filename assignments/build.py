@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -42,7 +43,6 @@ def assign(master: Path, out: Path = DEFAULT_OUT) -> Path:
     """``otter assign`` one master into ``out/<name>`` (replaced if it exists); returns that folder."""
     target = out / master.stem
     if target.exists():
-        import shutil
         shutil.rmtree(target)
     otter("assign", "--no-pdfs", "--no-run-tests", master.name, str(target), cwd=master.parent)
     return target

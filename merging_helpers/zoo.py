@@ -461,9 +461,8 @@ def load_zoo(tasks=None, config: TrainConfig | None = None, cache_dir=None,
 
     ``tier`` picks the training recipe (:data:`TIERS`, default ``"light"``), or ``config`` gives
     one of your own (not both). ``tasks`` defaults to the tier's tasks (all five but for the
-    grading tier). ``device`` is
-    only used for building (training runs on a GPU when there is one); the returned weights
-    are CPU tensors. Same seed and same machine give the same weights.
+    grading tier). ``device`` is only used for building (training runs on a GPU when there is
+    one); the returned weights are CPU tensors. Same seed and same machine give the same weights.
     """
     if config is not None and tier is not None:
         raise ValueError(f"load_zoo: give tier={tier!r} or a config of your own, not both (the config would "

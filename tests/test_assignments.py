@@ -80,17 +80,18 @@ def test_no_solution_or_hidden_test_leaks_into_the_student_copy(assigned):
         assert marker not in student, f"{marker!r} is in the student copy of {master.name}"
     solution_lines, hidden_tests = set(), []
     inside = False
-    for cell in _source(master):
+    cells = _source(master)
+    for cell in cells:
         text = "".join(cell["source"])
         if cell["cell_type"] == "raw" and text.startswith(("# BEGIN SOLUTION", "# END SOLUTION")):
             inside = text.startswith("# BEGIN SOLUTION")
             continue
-        if inside:
-            block = re.search(r"# BEGIN SOLUTION\n(.*?)# END SOLUTION", text, flags=re.DOTALL)
-            solution_lines |= {line.strip() for line in (block.group(1) if block else text).splitlines()}
+        if inside:  # every marked block of the cell (a cell may hold several), or the whole cell
+            blocks = re.findall(r"# BEGIN SOLUTION\n(.*?)# END SOLUTION", text, flags=re.DOTALL) or [text]
+            solution_lines |= {line.strip() for block in blocks for line in block.splitlines()}
         if cell["cell_type"] == "code" and text.startswith("# HIDDEN"):
             hidden_tests.append(re.search(r"def (\w+)", text).group(1))
-    everything = "\n".join("".join(c["source"]) for c in _source(master))
+    everything = "\n".join("".join(c["source"]) for c in cells)
     # a solution line that the master has nowhere else must not be in the student copy
     leaked = [line for line in solution_lines if len(line) > 12 and line in student and everything.count(line) == 1]
     assert not leaked, f"solution lines in the student copy of {master.name}: {leaked[:3]}"
