@@ -10,6 +10,8 @@ import time
 import numpy as np
 import torch
 
+from . import results
+
 # The book's repository: the same URL as _config.yml's repository.url, the chapters'
 # Colab badges and install lines (tests/test_book.py checks they agree; change them all
 # at once with `python -m merging_helpers.notebook set-repository URL`).
@@ -63,8 +65,12 @@ def check_repository(url: str = REPO_URL) -> str:
     return url
 
 
-def setup(seed: int = 0, device: str | None = None, quiet: bool = False, hub: bool | None = None) -> torch.device:
+def setup(seed: int = 0, device: str | None = None, quiet: bool = False, hub: bool | None = None,
+          chapter: str | None = None) -> torch.device:
     """Seed everything, quiet the libraries' chatter, style the plots; return the device (chapter 0).
+
+    ``chapter`` (the notebook's file stem, e.g. ``"04_apl"``): keep every value the chapter
+    glues in its record on disk, which chapter 8 reads (:mod:`merging_helpers.results`).
 
     ``hub``: allow downloads from the Hugging Face hub. By default (None) the hub is on
     on Colab or where ``$MERGING_BOOK_HUB=1``, and off elsewhere (``HF_HUB_OFFLINE=1``:
@@ -86,6 +92,8 @@ def setup(seed: int = 0, device: str | None = None, quiet: bool = False, hub: bo
     except ImportError:
         pass
     dev = pick_device(device)
+    if chapter is not None:
+        results.start(chapter, "quick" if quick_mode() else "full")
     if not quiet:
         print(f"torch {torch.__version__} | device: {dev} | colab: {in_colab()} | seed: {seed}")
     return dev
@@ -99,6 +107,7 @@ def glue(name: str, value, display: bool = False):
     ``glue(...)`` shows nothing more."""
     if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
         value = value.item()  # numpy / torch scalars: myst-nb formats `{glue:text}`x:.1f`` from a plain repr
+    results.add(name, value)
     try:
         from myst_nb import glue as myst_glue
     except ImportError:
@@ -110,11 +119,13 @@ def glue(name: str, value, display: bool = False):
 
 def glue_run_time() -> float:
     """Seconds since :func:`setup`, printed and glued as ``chapter_seconds`` (with
-    ``chapter_cpus``) for the chapter's header (chapter 0)."""
+    ``chapter_cpus``) for the chapter's header; as the chapter's last cell, it also writes the
+    chapter's record of glued values (chapter 0)."""
     seconds = time.perf_counter() - _chapter_started
     print(f"chapter run time: {seconds:.0f} s on {os.cpu_count()} CPUs")
     glue("chapter_seconds", round(seconds))
     glue("chapter_cpus", os.cpu_count())
+    results.finish(seconds)
     return seconds
 
 

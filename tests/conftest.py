@@ -1,5 +1,7 @@
 """Shared fixtures: tiny BERT- and Llama-shaped state dicts and HF folders, and
 tensors with heavy-tailed deltas. Every test module that needs a model takes it from here."""
+import re
+
 import pytest
 import torch
 
@@ -115,3 +117,13 @@ def families(tmp_path_factory):
         out[p.id] = make_family(root, arch, dtype, shard)
     return out
 
+
+
+def glued_keys(cells):
+    """Literal keys, and the literal prefixes of f-string keys, that a chapter's code cells glue."""
+    code = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+    literal = set(re.findall(r"""glue\(\s*["']([\w.-]+)["']""", code))
+    prefixes = set(re.findall(r"""glue\(\s*f["']([\w.-]*)\{""", code))
+    if "glue_run_time()" in code:
+        literal |= {"chapter_seconds", "chapter_cpus"}
+    return literal, prefixes

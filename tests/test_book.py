@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import glued_keys as _glue_keys
 from markdown_it import MarkdownIt
 
 BOOK = Path(__file__).resolve().parent.parent / "book"
@@ -221,16 +222,6 @@ if __name__ == "__main__" and sys.argv[1:] == ["--sync-answers"]:
 
 
 # ---- numbers in prose come from cells: every {glue} reference has a glue call ---------------
-
-def _glue_keys(cells):
-    """Literal keys, and the literal prefixes of f-string keys, that the chapter's code glues."""
-    code = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
-    literal = set(re.findall(r"""glue\(\s*["']([\w.-]+)["']""", code))
-    prefixes = set(re.findall(r"""glue\(\s*f["']([\w.-]*)\{""", code))
-    if "glue_run_time()" in code:
-        literal |= {"chapter_seconds", "chapter_cpus"}
-    return literal, prefixes
-
 
 def _glue_references(cells):
     text = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")

@@ -1,0 +1,129 @@
+"""Every chapter's glued numbers, kept on disk so that chapter 8 can read them.
+
+Introduced in chapter 8. A chapter that calls ``setup(chapter="04_apl")`` starts a
+*record*; every :func:`merging_helpers.notebook.glue` adds its value to it, and the last
+cell (:func:`merging_helpers.notebook.glue_run_time`) marks it complete. The record is a
+small JSON file in the zoo cache, one per chapter and mode (``results/04_apl.full.json``,
+``.quick.json`` for the CI's quick mode), written atomically: an interrupted chapter
+leaves the previous complete record in place. Chapter 8 reads these records instead of
+recomputing chapters 2–7, and runs a chapter again (:func:`run_chapter`) when its record
+is missing.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+MODES = ("full", "quick")
+_current: dict | None = None  # the record of the chapter this kernel is running
+
+
+class MissingResult(LookupError):
+    """A chapter's record, or a value in it, is not on disk (chapter 8)."""
+
+
+def results_dir(root=None) -> Path:
+    """``<zoo cache>/results`` (chapter 8)."""
+    from .zoo import cache_root
+    folder = cache_root(root) / "results"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def record_path(chapter: str, mode: str, root=None) -> Path:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    return results_dir(root) / f"{chapter}.{mode}.json"
+
+
+def _plain(value):
+    """A JSON-able copy of a glued value: numbers, text (Markdown → its text), lists."""
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    data = getattr(value, "data", None)  # IPython.display.Markdown
+    return data if isinstance(data, str) else str(value)
+
+
+def _write_atomically(path: Path, payload: dict) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f, indent=1, sort_keys=True, allow_nan=True)
+    os.replace(tmp, path)
+
+
+def start(chapter: str, mode: str, root=None) -> None:
+    """Begin the record of ``chapter`` (called by ``setup(chapter=...)``)."""
+    global _current
+    if not chapter or "/" in chapter or chapter.startswith("."):
+        raise ValueError(f"chapter must be a notebook's file stem such as '04_apl', got {chapter!r}")
+    _current = {"chapter": chapter, "mode": mode, "root": root, "values": {}, "started": time.time()}
+
+
+def add(name: str, value) -> None:
+    """Add one glued value to the current record (no-op when no chapter started one)."""
+    if _current is not None:
+        _current["values"][name] = _plain(value)
+
+
+def finish(seconds: float) -> Path | None:
+    """Write the current record, marked complete, and return its path (the chapter's last cell)."""
+    if _current is None:
+        return None
+    payload = {"chapter": _current["chapter"], "mode": _current["mode"], "seconds": round(seconds, 1),
+               "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "values": _current["values"]}
+    path = record_path(_current["chapter"], _current["mode"], _current["root"])
+    _write_atomically(path, payload)
+    return path
+
+
+def load(chapter: str, mode: str, root=None) -> dict:
+    """The complete record of ``chapter`` in ``mode``; :class:`MissingResult` when there is none."""
+    path = record_path(chapter, mode, root)
+    if not path.exists():
+        raise MissingResult(f"no {mode} record of chapter {chapter} in {path.parent}: run the chapter "
+                            f"(or results.run_chapter({chapter!r}))")
+    return json.loads(path.read_text())
+
+
+def run_chapter(chapter: str, mode: str, book_dir=None, timeout: int = 3600) -> dict:
+    """Execute ``book/<chapter>.ipynb`` in ``mode`` (its record is written by its own last
+    cell) and return the record. Needs the book's folder (a clone of the repository)."""
+    import nbformat
+    from nbclient import NotebookClient
+    book_dir = Path(book_dir) if book_dir is not None else Path.cwd()
+    path = book_dir / f"{chapter}.ipynb"
+    if not path.exists():
+        raise MissingResult(f"chapter {chapter} has no record and its notebook {path} is not here: "
+                            "run the chapter first, or pass book_dir= (the book/ folder of a clone)")
+    saved = os.environ.get("MERGING_BOOK_QUICK")
+    os.environ["MERGING_BOOK_QUICK"] = "1" if mode == "quick" else "0"
+    try:
+        notebook = nbformat.read(path, as_version=4)
+        NotebookClient(notebook, timeout=timeout, resources={"metadata": {"path": str(book_dir)}}).execute()
+    finally:
+        if saved is None:
+            os.environ.pop("MERGING_BOOK_QUICK", None)
+        else:
+            os.environ["MERGING_BOOK_QUICK"] = saved
+    return load(chapter, mode)
+
+
+def load_or_run(chapters, mode: str, book_dir=None, progress: bool = True) -> dict[str, dict]:
+    """The records of ``chapters``, running (in order) the chapters whose record is missing (chapter 8)."""
+    from tqdm.auto import tqdm
+    records = {}
+    for chapter in tqdm(list(chapters), desc="chapter records", disable=not progress):
+        try:
+            records[chapter] = load(chapter, mode)
+        except MissingResult:
+            records[chapter] = run_chapter(chapter, mode, book_dir)
+    return records

@@ -1,0 +1,95 @@
+"""Chapter records: what setup(chapter=...), glue and glue_run_time leave on disk for chapter 8."""
+import json
+import sys
+import types
+
+import nbformat
+import numpy as np
+import pytest
+
+from merging_helpers import notebook, results
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MERGING_BOOK_CACHE", str(tmp_path))
+    monkeypatch.setattr(results, "_current", None)
+    monkeypatch.setitem(sys.modules, "myst_nb", types.SimpleNamespace(glue=lambda *a, **k: None))
+    return tmp_path
+
+
+def test_a_chapter_leaves_every_glued_value_in_its_record(cache, monkeypatch, capsys):
+    from IPython.display import Markdown
+    monkeypatch.delenv("MERGING_BOOK_QUICK", raising=False)
+    notebook.setup(quiet=True, chapter="04_apl")
+    notebook.glue("diff", np.float64(1.25))
+    notebook.glue("count", np.int64(3))
+    notebook.glue("verdict", Markdown("holds"))
+    notebook.glue("diff", 2.5)  # glued again: the last value counts
+    notebook.glue_run_time()
+    record = results.load("04_apl", "full")
+    assert record["values"]["diff"] == 2.5 and record["values"]["count"] == 3
+    assert record["values"]["verdict"] == "holds" and record["mode"] == "full"
+    assert set(record["values"]) >= {"chapter_seconds", "chapter_cpus"}
+    assert (cache / "results" / "04_apl.full.json").exists()
+    assert not list((cache / "results").glob(".*"))  # no temporary file left behind
+
+
+def test_quick_and_full_records_are_kept_apart(cache, monkeypatch):
+    monkeypatch.setenv("MERGING_BOOK_QUICK", "1")
+    notebook.setup(quiet=True, chapter="02_x")
+    notebook.glue("a", 1)
+    notebook.glue_run_time()
+    assert results.load("02_x", "quick")["values"]["a"] == 1
+    with pytest.raises(results.MissingResult, match="no full record of chapter 02_x"):
+        results.load("02_x", "full")
+
+
+def test_an_interrupted_chapter_leaves_the_last_complete_record(cache, monkeypatch):
+    monkeypatch.delenv("MERGING_BOOK_QUICK", raising=False)
+    notebook.setup(quiet=True, chapter="03_ties")
+    notebook.glue("a", 1)
+    notebook.glue_run_time()
+    notebook.setup(quiet=True, chapter="03_ties")
+    notebook.glue("a", 2)  # ... and the kernel dies before the last cell
+    assert results.load("03_ties", "full")["values"]["a"] == 1
+
+
+def test_without_a_chapter_nothing_is_written(cache):
+    notebook.setup(quiet=True)
+    notebook.glue("a", 1)
+    notebook.glue_run_time()
+    assert not list((cache / "results").glob("*.json")) if (cache / "results").exists() else True
+
+
+@pytest.mark.parametrize("bad", ["", "../up", "a/b", ".hidden"])
+def test_a_chapter_name_must_be_a_file_stem(cache, bad):
+    with pytest.raises(ValueError, match="file stem"):
+        results.start(bad, "full")
+
+
+def test_a_missing_record_is_recomputed_by_running_the_chapter(cache, tmp_path, monkeypatch):
+    monkeypatch.delenv("MERGING_BOOK_QUICK", raising=False)
+    book = tmp_path / "book"
+    book.mkdir()
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
+        "from merging_helpers.notebook import setup, glue, glue_run_time, quick_mode\n"
+        "setup(quiet=True, chapter='09_tiny')\n"
+        "glue('answer', 6 * 7 if not quick_mode() else -1)\n"
+        "glue_run_time()")])
+    nbformat.write(nb, book / "09_tiny.ipynb")
+    records = results.load_or_run(["09_tiny"], "quick", book_dir=book, progress=False)
+    assert records["09_tiny"]["values"]["answer"] == -1
+    assert results.load_or_run(["09_tiny"], "full", book_dir=book, progress=False)["09_tiny"]["values"]["answer"] == 42
+    with pytest.raises(results.MissingResult, match="10_absent.ipynb is not here"):
+        results.load_or_run(["10_absent"], "full", book_dir=book, progress=False)
+
+
+def test_records_are_plain_json(cache, monkeypatch):
+    import torch
+    monkeypatch.delenv("MERGING_BOOK_QUICK", raising=False)
+    results.start("01_x", "full")
+    results.add("t", torch.tensor(0.5))
+    results.add("pair", (np.float32(1.5), "x"))
+    path = results.finish(1.0)
+    assert json.loads(path.read_text())["values"] == {"t": 0.5, "pair": [1.5, "x"]}
