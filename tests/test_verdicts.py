@@ -1,0 +1,98 @@
+"""The verdict rules on hand-worked cases, and every claim tied to values its chapter glues."""
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from merging_helpers import verdicts
+from merging_helpers.verdicts import CLAIMS, FAILS, HOLDS, OPEN, Claim, verdict, verdict_table
+
+BOOK = Path(__file__).resolve().parent.parent / "book"
+
+
+def _claim(test, margin=0.0, interval=True):
+    return Claim("P", "c", "ch", "d", "lo" if interval else None, "hi" if interval else None, test=test, margin=margin)
+
+
+@pytest.mark.parametrize("test, margin, d, lo, hi, expected", [
+    ("above", 0, 1.0, 0.2, 1.8, HOLDS),
+    ("above", 0, 0.5, -0.1, 1.1, OPEN),
+    ("above", 0, -1.0, -1.5, -0.5, FAILS),
+    ("above", 0, 0.0, 0.0, 0.0, OPEN),          # an interval that touches 0 shows nothing
+    ("below", 0, -1.0, -1.5, -0.5, HOLDS),
+    ("below", 0, 1.0, 0.5, 1.5, FAILS),
+    ("below", 0, 0.1, -0.2, 0.4, OPEN),
+    ("within", 1, -0.3, -0.9, 0.4, HOLDS),
+    ("within", 1, -0.5, -1.2, 0.2, OPEN),
+    ("within", 1, -2.0, -2.5, -1.5, FAILS),
+    ("within", 1, 2.0, 1.5, 2.5, FAILS),
+    ("above", 0, float("nan"), float("nan"), float("nan"), OPEN),
+])
+def test_interval_rules(test, margin, d, lo, hi, expected):
+    assert verdict(_claim(test, margin), {"d": d, "lo": lo, "hi": hi}) == expected
+
+
+def test_point_rule():
+    claim = _claim("at_least", -2.0, interval=False)
+    assert verdict(claim, {"d": -1.9}) == HOLDS
+    assert verdict(claim, {"d": -2.1}) == FAILS
+
+
+def test_a_claim_needs_its_interval_and_a_known_rule():
+    with pytest.raises(ValueError, match="needs both ends"):
+        Claim("P", "c", "ch", "d", test="above")
+    with pytest.raises(ValueError, match="test must be one of"):
+        Claim("P", "c", "ch", "d", "lo", "hi", test="bigger")
+
+
+def test_a_missing_value_names_the_chapter_and_the_key():
+    with pytest.raises(KeyError, match=r"04_apl has no glued value\(s\) \['fig3_low_995'"):
+        verdict(CLAIMS[0], {"fig3_diff_995": 1.0, "fig3_high_995": 2.0})
+
+
+def _glue_patterns(chapter: str):
+    """Every key the chapter's code glues, as a regex (an f-string's fields match any word)."""
+    cells = json.loads((BOOK / f"{chapter}.ipynb").read_text())["cells"]
+    code = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+    names = re.findall(r"""glue\(\s*f?["']([^"']+)["']""", code)
+    return [re.compile(re.sub(r"\\\{[^}]*\\\}", r"\\w+", re.escape(n)) + "$") for n in names]
+
+
+@pytest.mark.parametrize("claim", CLAIMS, ids=[f"{c.chapter}:{c.ours}" for c in CLAIMS])
+def test_every_claim_reads_values_its_chapter_glues(claim):
+    assert (BOOK / f"{claim.chapter}.ipynb").exists(), f"{claim.chapter}: no such chapter"
+    patterns = _glue_patterns(claim.chapter)
+    missing = [k for k in claim.keys if not any(p.match(k) for p in patterns)]
+    assert not missing, f"{claim.chapter} glues no {missing} (claim: {claim.claim})"
+
+
+def test_the_glue_check_catches_a_typo():
+    good = Claim("P", "c", "04_apl", "fig3_diff_995", "fig3_low_995", "fig3_high_995")
+    typo = Claim("P", "c", "04_apl", "fig3_diff_995", "fig3_low_995", "fig3_high_959")
+    patterns = _glue_patterns("04_apl")
+    assert all(any(p.match(k) for p in patterns) for k in good.keys)
+    assert not any(p.match("fig3_high_959") for p in patterns)
+    assert any(p.match("t1_ta_diff") for p in _glue_patterns("04b_apl_merging"))  # f-string keys
+    assert not any(p.match("t1_ta_dif") for p in _glue_patterns("04b_apl_merging"))
+    del typo
+
+
+def test_the_table_reads_each_verdict_from_the_records():
+    record = {"mode": "quick", "written": "2026-11-30T00:00:00+00:00"}
+    claims = (Claim("P", "up", "a", "d", "lo", "hi", paper=1.0),
+              Claim("P", "close", "b", "d", "lo", "hi", paper="glue:p", test="within", margin=1.0))
+    records = {"a": {**record, "values": {"d": 1.0, "lo": 0.5, "hi": 1.5}},
+               "b": {**record, "values": {"d": 0.0, "lo": -2.0, "hi": 0.5, "p": -0.4}}}
+    table = verdict_table(records, claims)
+    assert table["verdict"].tolist() == [HOLDS, OPEN]
+    assert table["paper"].tolist() == [1.0, -0.4]
+    assert table["measured in"].tolist() == ["a (quick, 2026-11-30)", "b (quick, 2026-11-30)"]
+    records["a"]["values"]["lo"] = -0.5  # the same table, another measurement: another verdict
+    assert verdict_table(records, claims)["verdict"].tolist() == [OPEN, OPEN]
+
+
+def test_every_claim_of_the_issue_has_a_row():
+    sources = {c.source for c in verdicts.CLAIMS}
+    assert sources >= {"APL, Fig. 3", "APL, Table 1", "APL, Table 4", "APL, Fig. 4", "APL, Fig. 5",
+                       "APL, Table 2", "DPPA, Table 1", "DPPA, Limitations", "RMS slides"}
