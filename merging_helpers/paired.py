@@ -24,13 +24,17 @@ import numpy as np
 import torch
 
 
-def _as_bool(x, what: str) -> np.ndarray:
+def _as_scores(x, what: str) -> np.ndarray:
+    """Right/wrong per example as booleans, or (a random merge scored with several seeds) the
+    share of seeds that got each example right, as floats in [0, 1]."""
     arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
     if arr.ndim != 1 or arr.size == 0:
         raise ValueError(f"{what}: expected a non-empty 1-D vector of right/wrong per example, got shape {arr.shape}")
-    if arr.dtype != bool and not np.isin(arr, (0, 1)).all():
-        raise ValueError(f"{what}: entries must be booleans (or 0/1)")
-    return arr.astype(bool)
+    if arr.dtype == bool or np.isin(arr, (0, 1)).all():
+        return arr.astype(bool)
+    if not (np.issubdtype(arr.dtype, np.floating) and ((arr >= 0) & (arr <= 1)).all()):
+        raise ValueError(f"{what}: entries must be booleans (or 0/1), or shares of seeds in [0, 1]")
+    return arr.astype(float)
 
 
 def _paired(correct_a: Mapping, correct_b: Mapping) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -38,7 +42,7 @@ def _paired(correct_a: Mapping, correct_b: Mapping) -> dict[str, tuple[np.ndarra
         raise ValueError(f"the two merges were scored on different tasks: {sorted(correct_a)} vs {sorted(correct_b)}")
     out = {}
     for task in correct_a:
-        a, b = _as_bool(correct_a[task], f"A[{task!r}]"), _as_bool(correct_b[task], f"B[{task!r}]")
+        a, b = _as_scores(correct_a[task], f"A[{task!r}]"), _as_scores(correct_b[task], f"B[{task!r}]")
         if a.shape != b.shape:
             raise ValueError(f"task {task!r}: A has {a.size} examples, B has {b.size}; a paired comparison "
                              "needs the same examples")
@@ -51,6 +55,8 @@ def mcnemar(correct_a, correct_b) -> tuple[int, int, float]:
     (b_only, a_only, p): the examples only B gets right, only A gets right, and the
     probability of a split at least this uneven if neither merge were better."""
     a, b = _paired({"task": correct_a}, {"task": correct_b})["task"]
+    if a.dtype != bool or b.dtype != bool:
+        raise ValueError("mcnemar: needs right/wrong booleans for both merges, not shares of seeds")
     b_only, a_only = int((b & ~a).sum()), int((a & ~b).sum())
     n, k = b_only + a_only, min(b_only, a_only)
     if n == 0:
@@ -77,7 +83,9 @@ def paired_bootstrap(correct_a: Mapping, correct_b: Mapping, n_boot: int = 2000,
                      seed: int = 0) -> PairedResult:
     """Mean-over-tasks accuracy of B minus A (points) and a percentile bootstrap interval
     (chapter 3). ``correct_a[task]`` is a bool vector: example i of ``task``'s split right
-    or wrong under merge A (:meth:`Evaluator.correct`); B must cover the same examples."""
+    or wrong under merge A (:meth:`Evaluator.correct`); B must cover the same examples.
+    A merge scored with several seeds may give the share of its seeds that got each example
+    right instead (chapter 8); its per-task McNemar entries are then NaN."""
     if not 0 < level < 1:
         raise ValueError(f"paired_bootstrap: level must be in (0, 1), got {level}")
     if n_boot < 100:
@@ -90,7 +98,8 @@ def paired_bootstrap(correct_a: Mapping, correct_b: Mapping, n_boot: int = 2000,
         diff = b.astype(float) - a.astype(float)          # +1, 0 or -1 per example
         idx = rng.integers(0, diff.size, size=(n_boot, diff.size))
         boot += diff[idx].mean(axis=1)
-        per_task[task] = (100 * diff.mean(), *mcnemar(a, b))
+        exact = a.dtype == bool and b.dtype == bool
+        per_task[task] = (100 * diff.mean(), *(mcnemar(a, b) if exact else (math.nan,) * 3))
     boot *= 100 / len(pairs)
     point = float(np.mean([d for d, *_ in per_task.values()]))
     low, high = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2])

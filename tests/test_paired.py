@@ -65,7 +65,8 @@ def test_mean_over_tasks_and_swapping_negates():
     ({"t": [True]}, {"u": [True]}, "different tasks"),
     ({"t": [True, False]}, {"t": [True]}, "same examples"),
     ({"t": []}, {"t": []}, "non-empty"),
-    ({"t": [0.5, 1.0]}, {"t": [1, 0]}, "booleans"),
+    ({"t": [1.5, 1.0]}, {"t": [1, 0]}, "booleans"),
+    ({"t": ["x", "y"]}, {"t": [1, 0]}, "booleans"),
 ])
 def test_bad_input_is_named(a, b, match):
     with pytest.raises(ValueError, match=match):
@@ -80,3 +81,19 @@ def test_seed_interval_hand_worked_and_bad_input():
         paired.seed_interval([1.0])
     with pytest.raises(ValueError, match="level"):
         paired.seed_interval([1.0, 2.0], level=1.5)
+
+
+def test_shares_of_seeds_give_the_mean_of_the_per_seed_differences():
+    rng = np.random.default_rng(3)
+    a = {t: rng.random(50) < 0.7 for t in ("x", "y")}
+    seeds = [{t: rng.random(50) < 0.6 for t in ("x", "y")} for _ in range(5)]
+    shares = {t: np.mean([s[t] for s in seeds], axis=0) for t in ("x", "y")}
+    pooled = paired_bootstrap(a, shares)
+    per_seed = np.mean([paired_bootstrap(a, s).difference for s in seeds])
+    assert pooled.difference == pytest.approx(per_seed)
+    assert pooled.low < pooled.difference < pooled.high
+    assert all(np.isnan(p) for *_, p in pooled.per_task.values())  # no McNemar on shares
+    hand = paired_bootstrap({"t": np.array([True, False, True, False])}, {"t": np.array([1, 1, 0.5, 0.25])})
+    assert hand.difference == pytest.approx(100 * (0 + 1 - 0.5 + 0.25) / 4)
+    with pytest.raises(ValueError, match="shares of seeds in"):
+        paired_bootstrap({"t": np.array([True, False])}, {"t": np.array([1.5, 0.2])})

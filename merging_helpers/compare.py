@@ -1,0 +1,258 @@
+"""Every method on the same experts, the same kept-parameter budget and the same tuning protocol.
+
+Introduced in chapter 8. A :class:`Contender` is a method written as one function: the
+experts' deltas, a budget (the kept fraction of every delta, or None for dense methods)
+and a seed in; the merged delta at scale 1 out. :func:`tune_and_test` is the protocol
+the chapter applies to all of them alike:
+
+1. merge once per seed (random methods) or once (deterministic ones), timed;
+2. score θ_b + λ·τ on the **validation** split for every λ of one shared grid — the only
+   knob tuned, so no method wins by having more knobs (each method's own knobs are
+   fixed at its chapter's choice, stated in :data:`CONTENDERS`);
+3. take the λ with the best validation accuracy, averaged over seeds;
+4. score that λ on the **test** split for every seed, keeping right/wrong per example.
+
+The test scores of two contenders are then compared example by example
+(:func:`merging_helpers.paired.paired_bootstrap`; a random method enters with the share
+of its seeds that got each example right).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import apl, dppa, rms_adaptive
+from .deltas import apply_delta
+from .recipes import merge_state_dicts
+
+LAMBDAS = (0.4, 0.7, 1.0, 1.3, 1.6)  # the one grid every method tunes on validation
+BUDGETS = (0.1, 0.2, 0.5)            # kept fraction of every expert's delta
+SEEDS = (0, 1, 2, 3, 4)
+
+
+def _zero_like(delta):
+    return {n: torch.zeros_like(t) for n, t in delta.items()}
+
+
+def _engine(method: str, **options) -> Callable:
+    """A recipe of the engine (chapters 2–3) as a contender's merge: merged on a zero base."""
+    def merge(deltas, budget, seed):
+        rate = {} if budget is None else {"density": budget}
+        return merge_state_dicts(_zero_like(deltas[0]), deltas, method, seed=seed, progress=False, **rate, **options)
+    return merge
+
+
+def _dp(deltas, budget, seed):
+    """DPPA's dynamic pruning (chapter 6, Eqs. 1–5): per-layer and per-map magnitude rates around
+    α = 1 − budget, then Task Arithmetic's sum (the amplification's search is left out: see the chapter)."""
+    pruned = [dppa.magnitude_prune(d, dppa.dp_rates(d, 1.0 - budget)) for d in deltas]
+    return {n: sum(p[n] for p in pruned) for n in deltas[0]}
+
+
+def _rms(deltas, budget, seed, lam=0.1):
+    """RMS-adaptive drop rates around p = 1 − budget (chapter 7), distribution-aware, then DARE-TIES."""
+    named = {f"expert{t}": d for t, d in enumerate(deltas)}
+    rates, _ = rms_adaptive.adaptive_rates(rms_adaptive.rms_table(named), 1.0 - budget, lam)
+    return rms_adaptive.merge(_zero_like(deltas[0]), named, rates, 1.0 - budget, seed=seed)
+
+
+@dataclass
+class Contender:
+    """One method of the comparison (chapter 8): ``merge(deltas, budget, seed) -> merged delta``."""
+
+    name: str
+    chapter: str
+    merge: Callable
+    random: bool = False
+    budgeted: bool = True            # False: a dense method, the same at every budget
+    prepare: Callable | None = None  # one-off work before merging (APL's importances), timed apart
+    knobs: str = ""                  # its own knobs, fixed (not tuned)
+    state: dict = field(default_factory=dict, repr=False)
+
+
+def apl_gradient(scorer, base, experts: Mapping, few_shot: Mapping, level: str = "layer") -> Contender:
+    """APL with gradient importances on Task Arithmetic (chapters 4–5): ε = (1 − p)/2, τ = 5."""
+    contender = Contender("APL (gradient, TA)", "05_gradient_importance", None, random=True,
+                          knobs=f"{level} level, ε = (1 − p)/2, τ = 5, k = {len(next(iter(few_shot.values())))} shots")
+    names = list(experts)
+
+    def prepare():
+        from .taylor import gradient_importance
+        contender.state["importances"] = {t: gradient_importance(scorer, base, experts[t], t, few_shot[t], level)
+                                          for t in names}
+
+    def merge(deltas, budget, seed):
+        p = 1.0 - budget
+        named = dict(zip(names, deltas))
+        return apl.merge(_zero_like(deltas[0]), named, contender.state["importances"], p, p / 2, seed=seed)
+    contender.prepare, contender.merge = prepare, merge
+    return contender
+
+
+CONTENDERS: dict[str, Contender] = {c.name: c for c in (
+    Contender("Task Arithmetic", "02_task_arithmetic_and_dare", _engine("task_arithmetic"), budgeted=False),
+    Contender("magnitude", "02_task_arithmetic_and_dare", _engine("magnitude")),
+    Contender("DARE", "02_task_arithmetic_and_dare", _engine("dare_linear"), random=True),
+    Contender("TIES", "03_ties", _engine("ties")),
+    Contender("DARE-TIES", "03_ties", _engine("dare_ties"), random=True),
+    Contender("DELLA", "03_ties", _engine("della", epsilon=0.0), random=True, knobs="ε = 0 (MagPrune, no band)"),
+    Contender("DP (DPPA's pruning)", "06_dppa", _dp, knobs=f"λ = {dppa.LAMBDA}, n = {dppa.N_SIGNIFICANT:g} (DPPA's defaults)"),
+    Contender("RMS-adaptive", "07_rms_adaptive", _rms, random=True, knobs="λ = 0.1, aware, raw scale"),
+)}
+
+
+@dataclass
+class Outcome:
+    """One contender at one budget (chapter 8)."""
+
+    name: str
+    budget: float | None
+    lam: float
+    validation: dict          # λ → validation accuracy (mean over tasks and seeds, %)
+    test_per_seed: list       # test accuracy per seed (mean over tasks, %)
+    shares: dict              # task → share of seeds right, per test example
+    merge_seconds: float      # per merge
+    prepare_seconds: float
+    evaluations: int
+
+    @property
+    def test(self) -> float:
+        return float(np.mean(self.test_per_seed))
+
+
+def _mean_accuracy(scores: Mapping[str, float]) -> float:
+    return 100 * float(np.mean(list(scores.values())))
+
+
+def tune_and_test(evaluator, base, deltas: Sequence[Mapping], contender: Contender, budget: float | None,
+                  lambdas: Sequence[float] = LAMBDAS, seeds: Sequence[int] = SEEDS, tasks=None,
+                  bar=None) -> Outcome:
+    """The chapter's protocol for one contender at one budget: merge (per seed), choose λ on
+    validation, score the chosen λ on test (chapter 8)."""
+    if not lambdas:
+        raise ValueError("tune_and_test: give at least one λ")
+    if budget is not None and not 0 < budget <= 1:
+        raise ValueError(f"tune_and_test: budget is the kept fraction, in (0, 1], got {budget}")
+    if contender.budgeted and budget is None:
+        raise ValueError(f"{contender.name} prunes: give a budget (kept fraction)")
+    seeds = list(seeds) if contender.random else [0]
+    prepare_seconds = 0.0
+    if contender.prepare is not None and not contender.state:
+        start = time.perf_counter()
+        contender.prepare()
+        prepare_seconds = time.perf_counter() - start
+    merged, merge_seconds = [], 0.0
+    for seed in seeds:
+        start = time.perf_counter()
+        merged.append(contender.merge(list(deltas), budget if contender.budgeted else None, seed))
+        merge_seconds += time.perf_counter() - start
+    validation = {}
+    for lam in lambdas:
+        validation[lam] = float(np.mean([_mean_accuracy(evaluator.accuracy(apply_delta(base, m, lam), "validation",
+                                                                            tasks)) for m in merged]))
+        if bar is not None:
+            bar.update(len(merged))
+    lam = max(validation, key=lambda k: (validation[k], -abs(k - 1.0)))  # ties: the λ nearest 1
+    correct = [evaluator.correct(apply_delta(base, m, lam), "test", tasks) for m in merged]
+    shares = {t: torch.stack([c[t].float() for c in correct]).mean(0).numpy() for t in correct[0]}
+    test_per_seed = [100 * float(np.mean([c[t].float().mean() for t in c])) for c in correct]
+    return Outcome(contender.name, budget if contender.budgeted else None, lam, validation, test_per_seed, shares,
+                   merge_seconds / len(seeds), prepare_seconds, len(seeds) * (len(lambdas) + 1))
+
+
+# ---- a cache of outcomes, so that a warm re-run of chapter 8 re-reads instead of re-merging -----------
+
+def _code_fingerprint() -> str:
+    """SHA-256 of the package's reference modules: a changed method invalidates every cached outcome."""
+    from . import __file__ as package_init
+    folder = os.path.dirname(package_init)
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".py"):
+            with open(os.path.join(folder, name), "rb") as f:
+                h.update(name.encode() + f.read())
+    return h.hexdigest()[:16]
+
+
+def outcome_key(zoo_root, evaluator_splits: Mapping, contender: Contender, budget, lambdas, seeds, tasks) -> str:
+    """What an outcome depends on: the zoo, the examples scored, the method, its settings, the code."""
+    blob = json.dumps({"zoo": str(zoo_root), "splits": evaluator_splits, "method": contender.name,
+                       "knobs": contender.knobs, "budget": budget, "lambdas": list(lambdas),
+                       "seeds": list(seeds) if contender.random else [0], "tasks": tasks,
+                       "code": _code_fingerprint()}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def _save(path, outcome: Outcome) -> None:
+    payload = dataclasses.asdict(outcome)
+    payload["shares"] = {t: [float(x) for x in v] for t, v in outcome.shares.items()}
+    payload["validation"] = [[k, v] for k, v in outcome.validation.items()]
+    fd, tmp = tempfile.mkstemp(prefix=".outcome.", dir=os.path.dirname(path))
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f)
+    os.replace(tmp, path)
+
+
+def _load(path) -> Outcome:
+    with open(path) as f:
+        payload = json.load(f)
+    payload["shares"] = {t: np.asarray(v) for t, v in payload["shares"].items()}
+    payload["validation"] = {k: v for k, v in payload["validation"]}
+    return Outcome(**payload)
+
+
+def run_comparison(evaluator, base, deltas, contenders: Sequence[Contender], budgets=BUDGETS,
+                   lambdas=LAMBDAS, seeds=SEEDS, tasks=None, progress: bool = True, cache=None) -> list[Outcome]:
+    """:func:`tune_and_test` for every contender at every budget (dense ones once) (chapter 8).
+
+    ``cache``: a folder; each outcome is stored there as JSON under :func:`outcome_key` and
+    read back instead of recomputed (None: no cache)."""
+    runs = [(c, b) for c in contenders for b in (budgets if c.budgeted else [None])]
+    splits = {t: {s: len(v) for s, v in task.splits.items()} for t, task in evaluator.zoo.tasks.items()}
+    paths = {}
+    if cache is not None:
+        os.makedirs(cache, exist_ok=True)
+        paths = {(c.name, b): os.path.join(cache, outcome_key(evaluator.zoo.root, splits, c, b, lambdas, seeds, tasks)
+                                           + ".json") for c, b in runs}
+    todo = [(c, b) for c, b in runs if not os.path.exists(paths.get((c.name, b), ""))]
+    total = sum((len(seeds) if c.random else 1) * len(lambdas) for c, _ in todo)
+    out = []
+    with tqdm(total=total, desc="validation scans", disable=not progress) as bar:
+        for contender, budget in runs:
+            path = paths.get((contender.name, budget))
+            if path and os.path.exists(path):
+                out.append(_load(path))
+                continue
+            outcome = tune_and_test(evaluator, base, deltas, contender, budget, lambdas, seeds, tasks, bar)
+            if path:
+                _save(path, outcome)
+            out.append(outcome)
+    return out
+
+
+def outcome_table(outcomes: Sequence[Outcome], reference: str = "Task Arithmetic"):
+    """One row per (method, budget): chosen λ, test accuracy (mean ± std over seeds), the paired
+    difference to ``reference`` with its bootstrap interval, and the cost (chapter 8)."""
+    import pandas as pd
+    from .paired import paired_bootstrap
+    ref = next(o for o in outcomes if o.name == reference)
+    rows = []
+    for o in outcomes:
+        diff = paired_bootstrap(ref.shares, o.shares)
+        rows.append({"method": o.name, "kept": o.budget if o.budget is not None else 1.0, "λ": o.lam,
+                     "test accuracy (%)": o.test,
+                     "std over seeds": float(np.std(o.test_per_seed, ddof=1)) if len(o.test_per_seed) > 1 else 0.0,
+                     f"− {reference} (points)": diff.difference, "95% CI low": diff.low, "95% CI high": diff.high,
+                     "seeds": len(o.test_per_seed), "merge s": o.merge_seconds, "prepare s": o.prepare_seconds,
+                     "evaluations": o.evaluations})
+    return pd.DataFrame(rows)
