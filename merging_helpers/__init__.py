@@ -31,7 +31,11 @@ modules on disk and ``_toc.yml``:
 * ``lora``       – chapter 7: LoRA experts as deltas (peft adapters read without unpickling, ΔW = (α/r)·BA)
 * ``rms_adaptive`` – chapter 7: RMS-adaptive drop rates, the dispersion switch, the min-rate rescale
 * ``rms_explorer`` – chapter 7: the RMS-adaptive explorer (drop-rate maps, merge and score, widget)
-* ``fast``       – chapter 8 (planned; appendix "Merging at scale"): the fast tier, streaming merges of
+* ``results``    – chapter 8: every chapter's glued numbers, kept on disk for chapter 8
+* ``verdicts``   – chapter 8: the papers' claims as data, and the rule that reads each verdict
+* ``compare``    – chapter 8: every method on one protocol (equal budgets, λ tuned on validation, seeds, cost)
+* ``mergekit_yaml`` – chapter 8 (appendix "Merging at scale"): our merge configs as mergekit YAML, and back
+* ``fast``       – chapter 8 (appendix "Merging at scale"): the fast tier, streaming merges of
   HF folders, the fused path and its compiled kernel; it imports the reference, never the other way round
 * ``grading``    – the course assignments: checks that tell a student what was expected (not a traceback)
 

@@ -1,0 +1,169 @@
+"""Our merge configurations as mergekit YAML, and mergekit YAML as our configurations.
+
+Introduced in chapter 8's appendix ("Merging at scale"). mergekit describes a merge in a
+YAML file (``merge_method``, ``base_model``, ``models`` with per-model ``weight`` and
+``density``, shared ``parameters``); :class:`~merging_helpers.config.MergeConfig` holds
+the same choices under the book's names. The methods both tools share translate both
+ways; what one side cannot say is refused with the option that cannot be said:
+
+    mergekit                                ours (MergeConfig)
+    merge_method  task_arithmetic           method task_arithmetic
+                  dare_linear, ties,        the same name
+                  dare_ties, della
+    weight (per model)                      weights
+    density (per model)                     density (a list, one per expert)
+    epsilon (per model, della)              epsilon (one value for all experts)
+    lambda                                  lam
+    normalize  true / false                 divide_by "weight_sum" / "nothing" (elect methods);
+                                            weights divided by their sum (sum methods)
+    rescale    true / false                 rescale "l1" / None (mergekit's DARE and DELLA
+                                            rescale matches the L1 norm, not 1/(1 − p))
+    (always: sign elected on weighted Δ)    weighted_election=True, election "total"
+
+The random masks cannot match: mergekit draws from torch's global generator, we from
+counter-based words keyed by (seed, tensor, expert) (chapter 2), so a DARE merge agrees
+with mergekit's in distribution, not entry by entry. YAML is read with ``yaml.safe_load``.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from .config import MergeConfig
+
+SHARED_METHODS = ("task_arithmetic", "dare_linear", "ties", "dare_ties", "della")
+# mergekit's defaults (0.1.5, merge_methods/registry.py): normalize, rescale
+DEFAULTS = {"task_arithmetic": (False, False), "dare_linear": (False, True), "ties": (True, False),
+            "dare_ties": (False, True), "della": (True, True)}
+MODEL_KEYS = {"weight", "density", "epsilon"}
+SHARED_KEYS = {"normalize", "rescale", "lambda", "int8_mask"}
+
+
+class NotRepresentable(ValueError):
+    """A merge option one of the two tools cannot express (chapter 8's appendix)."""
+
+
+def _floats(value, n: int, what: str) -> list[float]:
+    if isinstance(value, (list, tuple)):
+        if len(value) != n or not all(isinstance(v, (int, float)) for v in value):
+            raise NotRepresentable(f"{what}: mergekit takes one number per model; got {value!r}")
+        return [float(v) for v in value]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return [float(value)] * n
+    raise NotRepresentable(f"{what}: mergekit takes one number per model, not per-partition or per-row rates "
+                           f"(got a {type(value).__name__})")
+
+
+def to_mergekit(config: MergeConfig, base_model: str, models: Sequence[str], dtype: str = "bfloat16") -> str:
+    """The mergekit YAML of ``config`` merging ``models`` onto ``base_model`` (chapter 8's appendix).
+    Raises :class:`NotRepresentable` naming the option mergekit cannot express."""
+    import yaml
+    m = config.method
+    if m.name not in SHARED_METHODS:
+        raise NotRepresentable(f"method {m.name!r} has no mergekit counterpart; shared methods: {SHARED_METHODS}")
+    n = config.n_experts
+    if len(models) != n:
+        raise ValueError(f"the config merges {n} experts, got {len(models)} model paths")
+    weights = list(config.weights) if config.weights is not None else [1.0] * n
+    unit = all(w == 1.0 for w in weights)
+    if m.elects:
+        if config.election != "total":
+            raise NotRepresentable(f"election={config.election!r}: mergekit elects by the total (sum) only")
+        if not config.weighted_election and not unit:
+            raise NotRepresentable("weighted_election=False with unequal weights: mergekit elects the sign on the "
+                                   "weighted deltas (set weighted_election=True)")
+        divisor = config.divisor
+        if divisor == "count" and not unit:
+            raise NotRepresentable("divide_by='count' with unequal weights: mergekit divides by the sum of the "
+                                   "agreeing weights (divide_by='weight_sum') or not at all ('nothing')")
+        normalize = divisor != "nothing"
+    else:
+        normalize = False
+    rescale = None if config.rescale == "auto" and m.rescale is None else config.rescale
+    if m.needs_rate:
+        if rescale not in ("l1", None):
+            raise NotRepresentable(f"rescale={config.rescale!r}: mergekit's {m.name} rescales by L1 norm matching "
+                                   "(rescale='l1') or not at all (rescale=None)")
+    elif rescale is not None:
+        raise NotRepresentable(f"rescale={config.rescale!r}: {m.name} drops nothing, so it has nothing to rescale")
+    densities = [1.0] * n
+    if m.needs_rate:
+        if config.density is not None:
+            densities = _floats(config.density, n, "density")
+        else:
+            densities = [1.0 - p for p in _floats(config.drop_rate, n, "drop_rate")]
+    if config.rescale_factor is not None or config.thresholds is not None or config.magnitude_scope != "tensor":
+        raise NotRepresentable("rescale_factor, thresholds and magnitude_scope='model' have no mergekit counterpart")
+    entries = []
+    for path, w, d in zip(models, weights, densities):
+        params = {"weight": w}
+        if m.needs_rate:
+            params["density"] = d
+        if m.name == "della":
+            params["epsilon"] = float(config.epsilon)
+        entries.append({"model": str(path), "parameters": params})
+    doc = {"merge_method": m.name, "base_model": str(base_model), "models": entries,
+           "parameters": {"normalize": normalize, "rescale": rescale == "l1", "lambda": float(config.lam)},
+           "dtype": dtype}
+    header = f"# written by merging_helpers.mergekit_yaml (seed {config.seed}: mergekit's masks use its own RNG)\n"
+    return header + yaml.safe_dump(doc, sort_keys=False)
+
+
+def from_mergekit(text: str) -> tuple[MergeConfig, str, list[str], str | None]:
+    """``(config, base_model, models, dtype)`` from a mergekit YAML (chapter 8's appendix).
+    Raises :class:`NotRepresentable` for what our engine cannot run as mergekit would."""
+    import yaml
+    doc = yaml.safe_load(text)
+    if not isinstance(doc, dict):
+        raise ValueError("a mergekit config is a YAML mapping with merge_method, base_model and models")
+    if "slices" in doc:
+        raise NotRepresentable("'slices' (layer ranges from different models) are not supported; list whole models")
+    method = doc.get("merge_method")
+    if method not in SHARED_METHODS:
+        raise NotRepresentable(f"merge_method {method!r} has no counterpart here; shared methods: {SHARED_METHODS}")
+    base, models = doc.get("base_model"), doc.get("models")
+    if not base:
+        raise ValueError(f"{method}: mergekit's task-vector methods need a base_model")
+    if not isinstance(models, list) or not models:
+        raise ValueError("models: expected a list of {model: ..., parameters: ...}")
+    models = [e for e in models if str(e.get("model")) != str(base)]  # mergekit lets the base be listed too
+    shared = dict(doc.get("parameters") or {})
+    unknown = sorted(set(shared) - SHARED_KEYS - MODEL_KEYS)
+    if unknown:
+        raise NotRepresentable(f"parameters {unknown} are not understood; known: {sorted(SHARED_KEYS | MODEL_KEYS)}")
+    per_model = []
+    for e in models:
+        params = {**{k: v for k, v in shared.items() if k in MODEL_KEYS}, **(e.get("parameters") or {})}
+        bad = sorted(set(params) - MODEL_KEYS)
+        if bad:
+            raise NotRepresentable(f"model {e.get('model')!r}: parameters {bad} are not understood")
+        if any(isinstance(v, (list, dict)) for v in params.values()):
+            raise NotRepresentable(f"model {e.get('model')!r}: gradient (per-layer) parameters are not supported")
+        if "weight" not in params:
+            raise ValueError(f"model {e.get('model')!r}: mergekit needs a weight for every model")
+        per_model.append(params)
+    default_normalize, default_rescale = DEFAULTS[method]
+    normalize = bool(shared.get("normalize", default_normalize))
+    rescale = bool(shared.get("rescale", default_rescale))
+    weights = [float(p["weight"]) for p in per_model]
+    options = {"lam": float(shared.get("lambda", 1.0)), "weighted_election": True}
+    elects = method in ("ties", "dare_ties", "della")
+    if elects:
+        options["divide_by"] = "weight_sum" if normalize else "nothing"
+    elif normalize:
+        total = sum(weights)
+        weights = [w / (total if abs(total) >= 1e-8 else 1.0) for w in weights]
+    options["weights"] = weights
+    if method != "task_arithmetic":
+        options["density"] = [float(p.get("density", 1.0)) for p in per_model]
+        options["rescale"] = "l1" if rescale else None
+    if method == "della":
+        eps = {float(p.get("epsilon", 0.15)) for p in per_model}
+        if len(eps) != 1:
+            raise NotRepresentable(f"della: one epsilon for every model, got {sorted(eps)}")
+        options["epsilon"] = eps.pop()
+    for w in weights:
+        if not math.isfinite(w):
+            raise ValueError(f"weights must be finite numbers, got {weights}")
+    config = MergeConfig.build(method, len(models), **options)
+    return config, str(base), [str(e["model"]) for e in models], doc.get("dtype")

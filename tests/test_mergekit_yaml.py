@@ -1,0 +1,151 @@
+"""mergekit YAML ↔ MergeConfig: hand-worked translations, refusals, and (with mergekit installed)
+our merge of an imported config against mergekit's own output on a tiny Llama family."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import make_family
+
+from merging_helpers.config import MergeConfig
+from merging_helpers.mergekit_yaml import NotRepresentable, from_mergekit, to_mergekit
+
+MODELS = ["org/a", "org/b"]
+
+
+def test_a_mergekit_ties_config_reads_as_ours():
+    text = """
+merge_method: ties
+base_model: org/base
+models:
+  - model: org/base
+  - model: org/a
+    parameters: {weight: 1.0, density: 0.5}
+  - model: org/b
+    parameters: {weight: 0.5, density: 0.3}
+parameters: {lambda: 0.8}
+dtype: bfloat16
+"""
+    config, base, models, dtype = from_mergekit(text)
+    assert (base, models, dtype) == ("org/base", MODELS, "bfloat16")
+    assert config.method.name == "ties" and config.weights == (1.0, 0.5) and config.lam == 0.8
+    assert list(config.density) == [0.5, 0.3] and config.weighted_election
+    assert config.divisor == "weight_sum" and config.rescale is None  # ties: normalize on, rescale off
+
+
+@pytest.mark.parametrize("method, divisor, rescale", [("dare_ties", "nothing", "l1"), ("della", "weight_sum", "l1")])
+def test_mergekit_defaults_per_method(method, divisor, rescale):
+    text = yaml.safe_dump({"merge_method": method, "base_model": "b",
+                           "models": [{"model": m, "parameters": {"weight": 1, "density": 0.4}} for m in MODELS]})
+    config = from_mergekit(text)[0]
+    assert config.divisor == divisor and config.rescale == rescale
+    if method == "della":
+        assert config.epsilon == 0.15  # mergekit's default
+
+
+def test_normalize_on_a_sum_method_divides_the_weights():
+    text = yaml.safe_dump({"merge_method": "task_arithmetic", "base_model": "b", "parameters": {"normalize": True},
+                           "models": [{"model": "x", "parameters": {"weight": 3}}, {"model": "y", "parameters": {"weight": 1}}]})
+    assert from_mergekit(text)[0].weights == (0.75, 0.25)
+
+
+@pytest.mark.parametrize("options", [
+    dict(method="ties", density=0.3, weights=[1.0, 0.5], weighted_election=True, divide_by="weight_sum", lam=0.7),
+    dict(method="dare_ties", density=[0.4, 0.6], rescale="l1", weighted_election=True, seed=3),
+    dict(method="dare_linear", drop_rate=0.9, rescale="l1", weights=[0.5, 0.5]),
+    dict(method="task_arithmetic", weights=[1.0, 2.0], lam=0.4),
+    dict(method="della", density=0.5, epsilon=0.1, rescale="l1", weighted_election=True),
+])
+def test_export_then_import_gives_the_same_merge(options):
+    method = options.pop("method")
+    config = MergeConfig.build(method, 2, **options)
+    back, base, models, dtype = from_mergekit(to_mergekit(config, "org/base", MODELS, "float32"))
+    assert (base, models, dtype) == ("org/base", MODELS, "float32")
+    assert back.method == config.method and back.lam == config.lam
+    assert list(back.weights) == list(config.weights or [1.0, 1.0])
+    if config.method.needs_rate:
+        expected = config.density if config.density is not None else [1 - config.drop_rate] * 2
+        got = back.density
+        assert [pytest.approx(x) for x in (expected if isinstance(expected, (list, tuple)) else [expected] * 2)] == list(got)
+    if config.method.elects:
+        assert back.divisor == config.divisor
+
+
+@pytest.mark.parametrize("options, match", [
+    (dict(method="magnitude", density=0.2), "no mergekit counterpart"),
+    (dict(method="dare_linear", drop_rate=0.9), r"rescale='auto'.*L1 norm"),
+    (dict(method="ties", density=0.2, election="frequency"), "elects by the total"),
+    (dict(method="ties", density=0.2, weights=[1.0, 0.5]), "weighted_election=False"),
+    (dict(method="ties", density={"layer.0": 0.2}, rate_default=0.5, rate_level="layer"), "per-partition"),
+])
+def test_what_mergekit_cannot_say_is_refused_by_name(options, match):
+    method = options.pop("method")
+    config = MergeConfig.build(method, 2, **options)
+    with pytest.raises(NotRepresentable, match=match):
+        to_mergekit(config, "b", MODELS)
+
+
+@pytest.mark.parametrize("text, match", [
+    ("merge_method: slerp\nbase_model: b\nmodels: [{model: a}]", "no counterpart"),
+    ("slices: []\nmerge_method: ties", "slices"),
+    ("merge_method: ties\nmodels: [{model: a, parameters: {weight: 1}}]", "need a base_model"),
+    ("merge_method: ties\nbase_model: b\nmodels: [{model: a, parameters: {weight: 1, gamma: 0.1}}]", r"\['gamma'\]"),
+    ("merge_method: ties\nbase_model: b\nmodels: [{model: a, parameters: {weight: [0, 1]}}]", "gradient"),
+    ("merge_method: ties\nbase_model: b\nmodels: [{model: a, parameters: {density: 0.5}}]", "needs a weight"),
+    ("- just a list", "YAML mapping"),
+])
+def test_what_we_cannot_run_is_refused_by_name(text, match):
+    with pytest.raises(ValueError, match=match):
+        from_mergekit(text)
+
+
+def test_yaml_is_read_safely():
+    with pytest.raises(yaml.YAMLError):
+        from_mergekit("merge_method: !!python/object/apply:os.system ['echo pwned']")
+
+
+# ---- against mergekit itself ------------------------------------------------------------------
+
+def _mergekit(config_path, out):
+    exe = shutil.which("mergekit-yaml") or str(Path(sys.executable).parent / "mergekit-yaml")
+    run = subprocess.run([exe, str(config_path), str(out)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
+@pytest.mark.parametrize("yaml_params", [
+    {"merge_method": "ties", "density": [0.5, 0.25], "weight": [1.0, 0.5], "lambda": 0.8},  # density·n whole: see below
+    {"merge_method": "task_arithmetic", "weight": [0.7, 0.4], "lambda": 1.0},
+    {"merge_method": "dare_ties", "density": [1.0, 1.0], "weight": [1.0, 1.0], "lambda": 0.9},  # no entry dropped
+])
+def test_our_merge_of_an_imported_config_equals_mergekits(tmp_path, yaml_params):
+    # TIES keeps round(density·n) entries per tensor, mergekit int(density·n): with densities 0.5 and
+    # 0.25 every tensor of this family has a whole density·n, so both keep the same entries; DARE-TIES
+    # at density 1 drops nothing (the masks' generators differ), which checks weights, λ and the election.
+    pytest.importorskip("mergekit", reason="mergekit is only in the benchmark environment (requirements-bench.txt)")
+    from merging_helpers.fast.checkpoints import CheckpointFolder
+    from merging_helpers.fast.streaming import merge_folders
+    base, experts = make_family(tmp_path / "family", "llama", torch.float32, n_experts=2)
+    for folder in (base, *experts):  # mergekit reads the architecture from config.json
+        cfg = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**cfg, "architectures": ["LlamaForCausalLM"]}))
+    models = []
+    for t, e in enumerate(experts):
+        params = {"weight": yaml_params["weight"][t]}
+        if "density" in yaml_params:
+            params["density"] = yaml_params["density"][t]
+        models.append({"model": str(e), "parameters": params})
+    text = yaml.safe_dump({"merge_method": yaml_params["merge_method"], "base_model": str(base), "models": models,
+                           "parameters": {"lambda": yaml_params["lambda"]}, "dtype": "float32"})
+    (tmp_path / "mk.yml").write_text(text)
+    _mergekit(tmp_path / "mk.yml", tmp_path / "theirs")
+    config, base_path, model_paths, _ = from_mergekit(text)
+    merge_folders(base_path, model_paths, tmp_path / "ours", config=config, progress=False)
+    with CheckpointFolder(tmp_path / "ours") as a, CheckpointFolder(tmp_path / "theirs") as b:
+        names = a.names()
+        assert set(names) == set(b.names())
+        for name in names:
+            torch.testing.assert_close(a.read(name), b.read(name), rtol=1e-5, atol=1e-6, msg=name)
