@@ -10,7 +10,7 @@
 #               1.1B Llama shape, T=3, bf16, page cache dropped before every run);
 #   zoo         builds the zoo on the GPU (timed), then the scorer's tests on it (gradient against
 #               finite differences, batched variants) with MERGING_TEST_DEVICE=cuda;
-#   chapters    chapters 0-4 under nbval on the GPU (they pick the GPU themselves);
+#   chapters    every chapter (0-8 and the appendix) under nbval on the GPU (they pick the GPU themselves);
 #   apl         APL causal tracing at Llama-2-7B shape (bf16, 6 tasks, 5 shots x 128 tokens): layer
 #               level in full, hidden-state level on 256 of the 4096 states, extrapolated (chapter 4).
 #   gradient    APL's gradient importance at the same shape and tasks, the plain backward pass against
@@ -22,7 +22,8 @@
 # the notebook tools, and it cannot reach a package index. Carry them as wheels (see the
 # device tool's README): wheels in ./.whl, and in $GPU_WHEELS if set, are installed first;
 # benchmarks/gpu_wheels.sh packs them and says how to carry them.
-# Later chapters add their GPU checks as further steps here.
+# Later chapters add their GPU checks as further steps here. A whole-book check in one call:
+#   bash benchmarks/gpu_check.sh chapters apl gradient
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 MERGING_BOOK_CACHE=${MERGING_BOOK_CACHE:-/tmp/merging_book} MERGING_TEST_DEVICE=cuda

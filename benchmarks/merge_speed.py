@@ -55,6 +55,7 @@ SHAPES = {
     # name: hidden, layers, intermediate, heads, kv heads, vocab
     "tiny": (256, 8, 688, 8, 4, 8000),          # ~10M parameters
     "small": (768, 12, 2048, 12, 4, 32000),     # ~124M
+    "300m": (1024, 24, 2816, 16, 8, 32000),     # ~350M: the appendix of chapter 8
     "tinyllama": (2048, 22, 5632, 32, 4, 32000),  # TinyLlama 1.1B
     "7b": (4096, 32, 11008, 32, 32, 32000),     # Llama-2 7B
 }
@@ -466,7 +467,7 @@ def main(argv=None) -> int:
         names = ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
                  f"model.layers.{SHAPES[args.shape][1] // 2}.mlp.down_proj.weight",
                  "model.layers.0.input_layernorm.weight", "lm_head.weight"]
-        for method in methods:
+        for method in [m for m in methods if (outdir / f"mergekit-{m}").exists()]:  # mergekit has no rms_adaptive
             rows = compare_outputs(outdir / f"ours-{method}", outdir / f"mergekit-{method}", base, names,
                                    getattr(torch, args.dtype))
             report[f"agreement_{method}"] = rows

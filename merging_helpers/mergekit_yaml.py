@@ -30,6 +30,7 @@ import math
 from collections.abc import Sequence
 
 from .config import MergeConfig
+from .methods import get_method
 
 SHARED_METHODS = ("task_arithmetic", "dare_linear", "ties", "dare_ties", "della")
 # mergekit's defaults (0.1.5, merge_methods/registry.py): normalize, rescale
@@ -146,17 +147,19 @@ def from_mergekit(text: str) -> tuple[MergeConfig, str, list[str], str | None]:
     normalize = bool(shared.get("normalize", default_normalize))
     rescale = bool(shared.get("rescale", default_rescale))
     weights = [float(p["weight"]) for p in per_model]
-    options = {"lam": float(shared.get("lambda", 1.0)), "weighted_election": True}
-    elects = method in ("ties", "dare_ties", "della")
-    if elects:
+    options = {"lam": float(shared.get("lambda", 1.0))}
+    if get_method(method).elects:
+        options["weighted_election"] = True
         options["divide_by"] = "weight_sum" if normalize else "nothing"
     elif normalize:
         total = sum(weights)
         weights = [w / (total if abs(total) >= 1e-8 else 1.0) for w in weights]
     options["weights"] = weights
     if method != "task_arithmetic":
-        options["density"] = [float(p.get("density", 1.0)) for p in per_model]
-        options["rescale"] = "l1" if rescale else None
+        densities = [float(p.get("density", 1.0)) for p in per_model]
+        options["density"] = densities[0] if len(set(densities)) == 1 else densities
+        # no rescale: "auto" where the drop rule brings none (TIES), else None
+        options["rescale"] = "l1" if rescale else ("auto" if get_method(method).rescale is None else None)
     if method == "della":
         eps = {float(p.get("epsilon", 0.15)) for p in per_model}
         if len(eps) != 1:
