@@ -81,7 +81,8 @@ class Contender:
 
 
 def apl_gradient(scorer, base, experts: Mapping, few_shot: Mapping, level: str = "layer") -> Contender:
-    """APL with gradient importances on Task Arithmetic (chapters 4–5): ε = (1 − p)/2, τ = 5."""
+    """APL with gradient importances on Task Arithmetic (chapters 4–5; a contender of chapter 8):
+    ε = (1 − p)/2, τ = 5."""
     contender = Contender("APL (gradient, TA)", "05_gradient_importance", None, random=True,
                           knobs=f"{level} level, ε = (1 − p)/2, τ = 5, k = {len(next(iter(few_shot.values())))} shots")
     names = list(experts)
@@ -94,7 +95,7 @@ def apl_gradient(scorer, base, experts: Mapping, few_shot: Mapping, level: str =
     def merge(deltas, budget, seed):
         p = 1.0 - budget
         named = dict(zip(names, deltas))
-        return apl.merge(_zero_like(deltas[0]), named, contender.state["importances"], p, p / 2, seed=seed)
+        return apl.merge(_zero_like(deltas[0]), named, contender.state["importances"], p, (1.0 - p) / 2, seed=seed)
     contender.prepare, contender.merge = prepare, merge
     return contender
 
@@ -124,6 +125,8 @@ class Outcome:
     merge_seconds: float      # per merge
     prepare_seconds: float
     evaluations: int
+    seconds: float = 0.0        # wall time of the whole protocol for this outcome
+    computed_here: bool = True  # False when read from the cache
 
     @property
     def test(self) -> float:
@@ -145,6 +148,7 @@ def tune_and_test(evaluator, base, deltas: Sequence[Mapping], contender: Contend
         raise ValueError(f"tune_and_test: budget is the kept fraction, in (0, 1], got {budget}")
     if contender.budgeted and budget is None:
         raise ValueError(f"{contender.name} prunes: give a budget (kept fraction)")
+    started = time.perf_counter()
     seeds = list(seeds) if contender.random else [0]
     prepare_seconds = 0.0
     if contender.prepare is not None and not contender.state:
@@ -167,7 +171,8 @@ def tune_and_test(evaluator, base, deltas: Sequence[Mapping], contender: Contend
     shares = {t: torch.stack([c[t].float() for c in correct]).mean(0).numpy() for t in correct[0]}
     test_per_seed = [100 * float(np.mean([c[t].float().mean() for t in c])) for c in correct]
     return Outcome(contender.name, budget if contender.budgeted else None, lam, validation, test_per_seed, shares,
-                   merge_seconds / len(seeds), prepare_seconds, len(seeds) * (len(lambdas) + 1))
+                   merge_seconds / len(seeds), prepare_seconds, len(seeds) * (len(lambdas) + 1),
+                   time.perf_counter() - started)
 
 
 # ---- a cache of outcomes, so that a warm re-run of chapter 8 re-reads instead of re-merging -----------
@@ -185,7 +190,7 @@ def _code_fingerprint() -> str:
 
 
 def outcome_key(zoo_root, evaluator_splits: Mapping, contender: Contender, budget, lambdas, seeds, tasks) -> str:
-    """What an outcome depends on: the zoo, the examples scored, the method, its settings, the code."""
+    """What an outcome depends on: the zoo, the examples scored, the method, its settings, the code (chapter 8)."""
     blob = json.dumps({"zoo": str(zoo_root), "splits": evaluator_splits, "method": contender.name,
                        "knobs": contender.knobs, "budget": budget, "lambdas": list(lambdas),
                        "seeds": list(seeds) if contender.random else [0], "tasks": tasks,
@@ -208,6 +213,7 @@ def _load(path) -> Outcome:
         payload = json.load(f)
     payload["shares"] = {t: np.asarray(v) for t, v in payload["shares"].items()}
     payload["validation"] = {k: v for k, v in payload["validation"]}
+    payload["computed_here"] = False
     return Outcome(**payload)
 
 

@@ -129,3 +129,17 @@ def test_the_table_pairs_every_row_with_the_reference(family):
         table.loc["TIES", "test accuracy (%)"] - table.loc["Task Arithmetic", "test accuracy (%)"])
     assert table.loc["TIES", "kept"] == 0.2 and table.loc["Task Arithmetic", "kept"] == 1.0
     assert compare.LAMBDAS == tuple(sorted(compare.LAMBDAS))
+
+
+def test_the_apl_contender_keeps_about_its_budget_and_needs_its_importances(family):
+    from merging_helpers import apl
+    base, deltas = family
+    experts = {"x": {n: base[n] + deltas[0][n] if n in deltas[0] else base[n] for n in base}}
+    contender = compare.apl_gradient(None, base, experts, {"x": [("text", 0)] * 5})
+    parts = apl.groups(experts["x"], "layer")
+    values = torch.linspace(-1.0, 0.0, len(parts))  # some partitions matter more than others
+    contender.state["importances"] = {"x": apl.Importance("x", "layer", list(parts), values, 1.0, 1.0)}
+    merged = contender.merge([deltas[0]], 0.2, 0)
+    floating = {n: t for n, t in merged.items() if t.is_floating_point()}
+    assert _kept(floating) == pytest.approx(0.2, abs=0.05)
+    assert "ε = (1 − p)/2" in contender.knobs
