@@ -62,7 +62,8 @@ def test_a_random_method_is_merged_per_seed_and_scored_by_shares(family):
     ev = FakeEvaluator(base)
     ev.scale = float(sum(d[ev.name] for d in deltas).norm())
     out = tune_and_test(ev, base, deltas, CONTENDERS["DARE"], 0.5, lambdas=(1.0,), seeds=(0, 1, 2))
-    assert len(out.test_per_seed) == 3 and out.evaluations == 6
+    assert len(out.test_per_seed) == 3 and out.evaluations == 4  # one λ scanned on seed 0, 3 tests
+    assert ev.calls == ["validation", "test", "test", "test"]
     assert all(0 <= v <= 1 for v in out.shares["a"])
     assert np.mean(out.shares["a"]) * 100 == pytest.approx(out.test, abs=1e-4)
 
