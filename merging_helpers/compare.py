@@ -85,8 +85,10 @@ class Contender:
 def apl_gradient(scorer, base, experts: Mapping, few_shot: Mapping, level: str = "layer") -> Contender:
     """APL with gradient importances on Task Arithmetic (chapters 4–5; a contender of chapter 8):
     ε = (1 − p)/2, τ = 5."""
+    first = list(next(iter(few_shot.values())))
+    per_label = len(first) // max(1, len({label for _, label in first}))
     contender = Contender("APL (gradient, TA)", "05_gradient_importance", None, random=True,
-                          knobs=f"{level} level, ε = (1 − p)/2, τ = 5, k = {len(next(iter(few_shot.values())))} shots")
+                          knobs=f"{level} level, ε = (1 − p)/2, τ = 5, {per_label} shots per label")
     names = list(experts)
 
     def prepare():
