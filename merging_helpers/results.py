@@ -35,6 +35,7 @@ def results_dir(root=None) -> Path:
 
 
 def record_path(chapter: str, mode: str, root=None) -> Path:
+    """``<cache>/results/<chapter>.<mode>.json`` (chapter 8)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     return results_dir(root) / f"{chapter}.{mode}.json"
@@ -60,7 +61,7 @@ def _write_atomically(path: Path, payload: dict) -> None:
 
 
 def start(chapter: str, mode: str, root=None) -> None:
-    """Begin the record of ``chapter`` (called by ``setup(chapter=...)``)."""
+    """Begin the record of ``chapter`` (called by ``setup(chapter=...)``, chapter 8)."""
     global _current
     if not chapter or "/" in chapter or chapter.startswith("."):
         raise ValueError(f"chapter must be a notebook's file stem such as '04_apl', got {chapter!r}")
@@ -68,13 +69,13 @@ def start(chapter: str, mode: str, root=None) -> None:
 
 
 def add(name: str, value) -> None:
-    """Add one glued value to the current record (no-op when no chapter started one)."""
+    """Add one glued value to the current record (no-op when no chapter started one) (chapter 8)."""
     if _current is not None:
         _current["values"][name] = _plain(value)
 
 
 def finish(seconds: float) -> Path | None:
-    """Write the current record, marked complete, and return its path (the chapter's last cell)."""
+    """Write the current record and return its path (a chapter's last cell; chapter 8)."""
     if _current is None:
         return None
     payload = {"chapter": _current["chapter"], "mode": _current["mode"], "seconds": round(seconds, 1),
@@ -86,7 +87,7 @@ def finish(seconds: float) -> Path | None:
 
 
 def load(chapter: str, mode: str, root=None) -> dict:
-    """The complete record of ``chapter`` in ``mode``; :class:`MissingResult` when there is none."""
+    """The complete record of ``chapter`` in ``mode``; :class:`MissingResult` when there is none (chapter 8)."""
     path = record_path(chapter, mode, root)
     if not path.exists():
         raise MissingResult(f"no {mode} record of chapter {chapter} in {path.parent}: run the chapter "
@@ -96,7 +97,7 @@ def load(chapter: str, mode: str, root=None) -> dict:
 
 def run_chapter(chapter: str, mode: str, book_dir=None, timeout: int = 3600) -> dict:
     """Execute ``book/<chapter>.ipynb`` in ``mode`` (its record is written by its own last
-    cell) and return the record. Needs the book's folder (a clone of the repository)."""
+    cell) and return the record. Needs the book's folder (a clone of the repository) (chapter 8)."""
     import nbformat
     from nbclient import NotebookClient
     book_dir = Path(book_dir) if book_dir is not None else Path.cwd()

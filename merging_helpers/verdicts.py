@@ -109,7 +109,7 @@ def verdict(claim: Claim, values: Mapping[str, object]) -> str:
 
 
 def paper_value(claim: Claim, values: Mapping[str, object]):
-    """The paper's number of ``claim`` (read from the chapter when it glued it)."""
+    """The paper's number of ``claim`` (read from the chapter when it glued it) (chapter 8)."""
     if isinstance(claim.paper, str) and claim.paper.startswith("glue:"):
         return values[claim.paper[5:]]
     return claim.paper
