@@ -244,3 +244,11 @@ def test_the_glue_check_catches_a_typo():
     refs = _glue_references(cells)
     assert refs == ["ta_maen", "gain_09"]
     assert [k for k in refs if k not in literal and not any(k.startswith(p) for p in prefixes)] == ["ta_maen"]
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=[c.stem for c in CHAPTERS])
+def test_every_chapter_keeps_its_record_under_its_own_name(chapter):
+    """Chapter 8 reads each chapter's glued values from the record named by setup(chapter=...)."""
+    code = "\n".join("".join(c["source"]) for c in json.loads(chapter.read_text())["cells"] if c["cell_type"] == "code")
+    assert re.findall(r"setup\(seed=0, chapter=\"([\w.-]+)\"\)", code) == [chapter.stem], \
+        f"{chapter.name}: the setup cell must call setup(seed=0, chapter=\"{chapter.stem}\")"
