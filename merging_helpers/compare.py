@@ -24,7 +24,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import apl, dppa, rms_adaptive
+from . import apl, dppa, results, rms_adaptive
 from .deltas import apply_delta
 from .recipes import merge_state_dicts
 
@@ -205,10 +204,7 @@ def _save(path, outcome: Outcome) -> None:
     payload = dataclasses.asdict(outcome)
     payload["shares"] = {t: [float(x) for x in v] for t, v in outcome.shares.items()}
     payload["validation"] = [[k, v] for k, v in outcome.validation.items()]
-    fd, tmp = tempfile.mkstemp(prefix=".outcome.", dir=os.path.dirname(path))
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f)
-    os.replace(tmp, path)
+    results.write_json_atomically(path, payload)
 
 
 def _load(path) -> Outcome:

@@ -53,7 +53,9 @@ def _plain(value):
     return data if isinstance(data, str) else str(value)
 
 
-def _write_atomically(path: Path, payload: dict) -> None:
+def write_json_atomically(path, payload) -> None:
+    """Write ``payload`` as JSON to ``path`` through a temporary file and one ``os.replace`` (chapter 8)."""
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     with os.fdopen(fd, "w") as f:
         json.dump(payload, f, indent=1, sort_keys=True, allow_nan=True)
@@ -82,7 +84,7 @@ def finish(seconds: float) -> Path | None:
                "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "values": _current["values"]}
     path = record_path(_current["chapter"], _current["mode"], _current["root"])
-    _write_atomically(path, payload)
+    write_json_atomically(path, payload)
     return path
 
 
