@@ -8,7 +8,8 @@ the chapter applies to all of them alike:
 1. merge once per seed (random methods) or once (deterministic ones), timed;
 2. score θ_b + λ·τ of the first seed's merge on the **validation** split for every λ of
    one shared grid — the only knob tuned, so no method wins by having more knobs (each
-   method's own knobs are fixed at its chapter's choice, stated in :data:`CONTENDERS`);
+   method's own knobs are fixed at its chapter's choice, stated in :data:`CONTENDERS`;
+   weight averaging alone keeps its λ = 1, since fixing the scale is what defines it);
    one seed chooses λ because scoring is what costs: a scan per seed would multiply the
    chapter's run time by the number of seeds;
 3. take the λ with the best validation accuracy;
@@ -78,32 +79,66 @@ class Contender:
     budgeted: bool = True            # False: a dense method, the same at every budget
     prepare: Callable | None = None  # one-off work before merging (APL's importances), timed apart
     knobs: str = ""                  # its own knobs, fixed (not tuned)
+    tuned: bool = True               # False: λ = 1, no validation scan (weight averaging fixes its own scale)
     state: dict = field(default_factory=dict, repr=False)
 
 
-def apl_gradient(scorer, base, experts: Mapping, few_shot: Mapping, level: str = "layer") -> Contender:
-    """APL with gradient importances on Task Arithmetic (chapters 4–5; a contender of chapter 8):
-    ε = (1 − p)/2, τ = 5."""
+def _average(deltas, budget, seed):
+    """Weight averaging: θ_b + mean of the deltas, i.e. the mean of the experts (chapter 2)."""
+    return {n: sum(d[n] for d in deltas) / len(deltas) for n in deltas[0]}
+
+
+APL_IMPORTANCES = ("gradient", "causal")
+APL_WEIGHTINGS = ("TA", "MI-TA")
+
+
+def apl_contender(scorer, base, experts: Mapping, few_shot: Mapping, importance: str = "gradient",
+                  weighting: str = "TA", level: str = "layer") -> Contender:
+    """APL as a contender of chapter 8: ``level`` importances by causal tracing (chapter 4) or by
+    the gradient (chapter 5), on Task Arithmetic or MI-Task Arithmetic (Eq. 12's expert weights
+    from model-level importances, summing to T); ε = (1 − p)/2, τ = 5."""
+    if importance not in APL_IMPORTANCES:
+        raise ValueError(f"APL contender: importance must be one of {APL_IMPORTANCES}, got {importance!r}")
+    if weighting not in APL_WEIGHTINGS:
+        raise ValueError(f"APL contender: weighting must be one of {APL_WEIGHTINGS}, got {weighting!r}")
     first = list(next(iter(few_shot.values())))
     per_label = len(first) // max(1, len({label for _, label in first}))
-    contender = Contender("APL (gradient, TA)", "05_gradient_importance", None, random=True,
+    chapter = "04_apl" if importance == "causal" else "05_gradient_importance"
+    contender = Contender(f"APL ({importance}, {weighting})", chapter, None, random=True,
                           knobs=f"{level} level, ε = (1 − p)/2, τ = 5, {per_label} shots per label")
     names = list(experts)
+    levels = (level, "model") if weighting == "MI-TA" else (level,)
+
+    def importances_of(t):
+        if importance == "gradient":
+            from .taylor import gradient_importances
+            return gradient_importances(scorer, base, experts[t], t, few_shot[t], levels)
+        return {lv: apl.trace(scorer, base, experts[t], t, few_shot[t], lv) for lv in levels}
 
     def prepare():
-        from .taylor import gradient_importance
-        contender.state["importances"] = {t: gradient_importance(scorer, base, experts[t], t, few_shot[t], level)
-                                          for t in names}
+        found = {t: importances_of(t) for t in names}
+        contender.state["importances"] = {t: found[t][level] for t in names}
+        contender.state["weights"] = (apl.expert_weights([float(found[t]["model"].values[0]) for t in names],
+                                                         total=len(names)) if weighting == "MI-TA" else None)
 
     def merge(deltas, budget, seed):
         p = 1.0 - budget
         named = dict(zip(names, deltas))
-        return apl.merge(_zero_like(deltas[0]), named, contender.state["importances"], p, (1.0 - p) / 2, seed=seed)
+        return apl.merge(_zero_like(deltas[0]), named, contender.state["importances"], p, (1.0 - p) / 2,
+                         weights=contender.state["weights"], seed=seed)
     contender.prepare, contender.merge = prepare, merge
     return contender
 
 
+def apl_contenders(scorer, base, experts: Mapping, few_shot: Mapping) -> list[Contender]:
+    """The three APL contenders of chapter 8: gradient on TA, causal on TA, gradient on MI-TA."""
+    return [apl_contender(scorer, base, experts, few_shot, i, w)
+            for i, w in (("gradient", "TA"), ("causal", "TA"), ("gradient", "MI-TA"))]
+
+
 CONTENDERS: dict[str, Contender] = {c.name: c for c in (
+    Contender("weight averaging", "02_task_arithmetic_and_dare", _average, budgeted=False, tuned=False,
+              knobs="λ = 1/T, not tuned"),
     Contender("Task Arithmetic", "02_task_arithmetic_and_dare", _engine("task_arithmetic"), budgeted=False),
     Contender("magnitude", "02_task_arithmetic_and_dare", _engine("magnitude")),
     Contender("DARE", "02_task_arithmetic_and_dare", _engine("dare_linear"), random=True),
@@ -136,6 +171,10 @@ class Outcome:
         return float(np.mean(self.test_per_seed))
 
 
+def _lambdas(contender: Contender, lambdas: Sequence[float]) -> list[float]:
+    return list(lambdas) if contender.tuned else [1.0]
+
+
 def _mean_accuracy(scores: Mapping[str, float]) -> float:
     return 100 * float(np.mean(list(scores.values())))
 
@@ -147,6 +186,7 @@ def tune_and_test(evaluator, base, deltas: Sequence[Mapping], contender: Contend
     validation (the first seed's merge), score the chosen λ on test for every seed (chapter 8)."""
     if not lambdas:
         raise ValueError("tune_and_test: give at least one λ")
+    lambdas = _lambdas(contender, lambdas)
     if budget is not None and not 0 < budget <= 1:
         raise ValueError(f"tune_and_test: budget is the kept fraction, in (0, 1], got {budget}")
     if contender.budgeted and budget is None:
@@ -177,6 +217,58 @@ def tune_and_test(evaluator, base, deltas: Sequence[Mapping], contender: Contend
                    time.perf_counter() - started)
 
 
+@dataclass(frozen=True)
+class Setting:
+    """A group of experts to merge (chapter 8): a zoo tier and the tasks whose experts enter."""
+
+    name: str
+    tier: str = "light"
+    tasks: tuple[str, ...] | None = None  # None: every task of the tier
+
+
+SETTINGS = (  # APL's Table 5 pairs mirrored: topic + sentiment (similar), topic + arithmetic (dissimilar)
+    Setting("light, 5 experts"),
+    Setting("light, similar pair", tasks=("news", "sentiment")),
+    Setting("light, dissimilar pair", tasks=("news", "compare")),
+    Setting("light, 3 experts", tasks=("news", "sentiment", "compare")),
+    Setting("heavy, 5 experts", tier="heavy"),
+    Setting("LoRA, 5 experts", tier="lora"),
+)
+
+
+def experts_outcome(evaluator, experts: Mapping, tasks: Sequence[str]) -> Outcome:
+    """Each task scored by its own fine-tuned expert, unmerged: the ceiling a merge is measured against (chapter 8)."""
+    correct = {t: evaluator.correct(experts[t], "test", [t])[t] for t in tasks}
+    shares = {t: c.float().numpy() for t, c in correct.items()}
+    accuracy = 100 * float(np.mean([c.float().mean() for c in correct.values()]))
+    return Outcome("fine-tuned experts", None, float("nan"), {}, [accuracy], shares, 0.0, 0.0, len(tasks))
+
+
+def average_ranks(scores):
+    """Mean rank of each method over blocks (chapter 8; Demšar 2006).
+
+    ``scores``: a DataFrame with one row per block (a setting at a budget) and one column per
+    method, higher is better. Within a block the best method ranks 1 and tied methods share
+    their mean rank. Only methods measured in every block are ranked."""
+    complete = scores.dropna(axis=1)
+    if complete.shape[1] < 2:
+        raise ValueError(f"average_ranks: need 2 or more methods scored in every block, got {list(complete.columns)}")
+    return complete.rank(axis=1, ascending=False, method="average").mean().sort_values()
+
+
+def critical_difference(methods: int, blocks: int, alpha: float = 0.05) -> float:
+    """Nemenyi's critical difference of mean ranks (chapter 8; Demšar 2006, Eq. 5): two methods
+    differ at level ``alpha`` when their mean ranks differ by more than q_α·√(k(k+1)/(6N)),
+    q_α the studentized range quantile for k methods divided by √2."""
+    from scipy.stats import studentized_range
+    if methods < 2 or blocks < 1:
+        raise ValueError(f"critical_difference: need ≥ 2 methods and ≥ 1 block, got {methods} and {blocks}")
+    if not 0 < alpha < 1:
+        raise ValueError(f"critical_difference: alpha in (0, 1), got {alpha}")
+    q = studentized_range.ppf(1 - alpha, methods, np.inf) / np.sqrt(2)
+    return float(q * np.sqrt(methods * (methods + 1) / (6 * blocks)))
+
+
 # ---- a cache of outcomes, so that a warm re-run of chapter 8 re-reads instead of re-merging -----------
 
 def _code_fingerprint() -> str:
@@ -194,7 +286,7 @@ def _code_fingerprint() -> str:
 def outcome_key(zoo_root, evaluator_splits: Mapping, contender: Contender, budget, lambdas, seeds, tasks) -> str:
     """What an outcome depends on: the zoo, the examples scored, the method, its settings, the code (chapter 8)."""
     blob = json.dumps({"zoo": str(zoo_root), "splits": evaluator_splits, "method": contender.name,
-                       "knobs": contender.knobs, "budget": budget, "lambdas": list(lambdas),
+                       "knobs": contender.knobs, "budget": budget, "lambdas": _lambdas(contender, lambdas),
                        "seeds": list(seeds) if contender.random else [0], "tasks": tasks,
                        "code": _code_fingerprint()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
@@ -230,7 +322,7 @@ def run_comparison(evaluator, base, deltas, contenders: Sequence[Contender], bud
         paths = {(c.name, b): os.path.join(cache, outcome_key(evaluator.zoo.root, splits, c, b, lambdas, seeds, tasks)
                                            + ".json") for c, b in runs}
     todo = [(c, b) for c, b in runs if not os.path.exists(paths.get((c.name, b), ""))]
-    total = len(todo) * len(lambdas)
+    total = sum(len(_lambdas(c, lambdas)) for c, _ in todo)
     out = []
     with tqdm(total=total, desc="validation scans", disable=not progress) as bar:
         for contender, budget in runs:

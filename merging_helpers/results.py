@@ -76,12 +76,25 @@ def add(name: str, value) -> None:
         _current["values"][name] = _plain(value)
 
 
+def _stamp() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def current() -> dict:
+    """The record the running chapter has glued so far, shaped like :func:`load`'s (chapter 8: its
+    own claims sit beside the earlier chapters')."""
+    if _current is None:
+        raise MissingResult("no chapter record is open: call setup(chapter=...) first")
+    return {"chapter": _current["chapter"], "mode": _current["mode"], "written": _stamp(),
+            "values": dict(_current["values"])}
+
+
 def finish(seconds: float) -> Path | None:
     """Write the current record and return its path (a chapter's last cell; chapter 8)."""
     if _current is None:
         return None
     payload = {"chapter": _current["chapter"], "mode": _current["mode"], "seconds": round(seconds, 1),
-               "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "written": _stamp(),
                "values": _current["values"]}
     path = record_path(_current["chapter"], _current["mode"], _current["root"])
     write_json_atomically(path, payload)

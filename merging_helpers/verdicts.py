@@ -84,6 +84,12 @@ CLAIMS: tuple[Claim, ...] = (
           "07_rms_adaptive", "gain_full", "gain_full_low", "gain_full_high", paper="glue:gain_slides"),
     Claim("RMS slides", "an expert's RMS correlates with its merge gain (pooled Pearson r, full fine-tunes)",
           "07_rms_adaptive", "pcc_full_r", "pcc_full_low", "pcc_full_high", paper="+0.85 to +0.90", unit="r"),
+    Claim("APL, Table 5", "with two similar tasks, Task Arithmetic stays within 1 point of the fine-tuned experts "
+          "(news + sentiment, kept 0.2 setting)", "08_side_by_side", "t5_similar_diff", "t5_similar_low",
+          "t5_similar_high", paper=(94.17 + 96.33) / 2 - (94.42 + 95.53) / 2, test="within", margin=1.0),
+    Claim("APL, Table 5", "with two dissimilar tasks, Task Arithmetic stays within 1 point of the fine-tuned "
+          "experts (news + compare)", "08_side_by_side", "t5_dissimilar_diff", "t5_dissimilar_low",
+          "t5_dissimilar_high", paper=(94.24 + 76.32) / 2 - (94.42 + 75.45) / 2, test="within", margin=1.0),
 )
 
 

@@ -132,15 +132,93 @@ def test_the_table_pairs_every_row_with_the_reference(family):
     assert compare.LAMBDAS == tuple(sorted(compare.LAMBDAS))
 
 
-def test_the_apl_contender_keeps_about_its_budget_and_needs_its_importances(family):
+def _apl_with_importances(contender, experts, weights=None):
     from merging_helpers import apl
-    base, deltas = family
-    experts = {"x": {n: base[n] + deltas[0][n] if n in deltas[0] else base[n] for n in base}}
-    contender = compare.apl_gradient(None, base, experts, {"x": [("text", 0)] * 5})
     parts = apl.groups(experts["x"], "layer")
     values = torch.linspace(-1.0, 0.0, len(parts))  # some partitions matter more than others
     contender.state["importances"] = {"x": apl.Importance("x", "layer", list(parts), values, 1.0, 1.0)}
+    contender.state["weights"] = weights
+    return contender
+
+
+def test_the_apl_contender_keeps_about_its_budget_and_needs_its_importances(family):
+    base, deltas = family
+    experts = {"x": {n: base[n] + deltas[0][n] if n in deltas[0] else base[n] for n in base}}
+    contender = _apl_with_importances(compare.apl_contender(None, base, experts, {"x": [("text", 0)] * 5}), experts)
     merged = contender.merge([deltas[0]], 0.2, 0)
     floating = {n: t for n, t in merged.items() if t.is_floating_point()}
     assert _kept(floating) == pytest.approx(0.2, abs=0.05)
-    assert "ε = (1 − p)/2" in contender.knobs
+    assert "ε = (1 − p)/2" in contender.knobs and contender.name == "APL (gradient, TA)"
+
+
+def test_mi_task_arithmetic_scales_each_expert_by_its_weight(family):
+    base, deltas = family
+    experts = {"x": {n: base[n] + deltas[0][n] if n in deltas[0] else base[n] for n in base}}
+    shots = {"x": [("text", 0)] * 5}
+    ta = _apl_with_importances(compare.apl_contender(None, base, experts, shots), experts)
+    mi = _apl_with_importances(compare.apl_contender(None, base, experts, shots, "causal", "MI-TA"), experts,
+                               torch.tensor([0.5], dtype=torch.float64))
+    assert mi.name == "APL (causal, MI-TA)" and mi.chapter == "04_apl"
+    plain, weighted = ta.merge([deltas[0]], 0.3, 7), mi.merge([deltas[0]], 0.3, 7)  # same masks
+    for n in plain:
+        torch.testing.assert_close(weighted[n], 0.5 * plain[n], msg=n)
+    with pytest.raises(ValueError, match="weighting must be one of"):
+        compare.apl_contender(None, base, experts, shots, weighting="MI")
+    with pytest.raises(ValueError, match="importance must be one of"):
+        compare.apl_contender(None, base, experts, shots, importance="fisher")
+
+
+def test_weight_averaging_is_the_mean_of_the_experts_and_is_not_tuned(family):
+    base, deltas = family
+    experts = [{n: base[n] + d[n] for n in d} for d in deltas]
+    ev = FakeEvaluator(base)
+    ev.scale = 1.0
+    avg = CONTENDERS["weight averaging"]
+    out = tune_and_test(ev, base, deltas, avg, None, lambdas=(0.4, 1.0, 1.6))
+    assert out.lam == 1.0 and list(out.validation) == [1.0] and ev.calls == ["validation", "test"]
+    merged = avg.merge(deltas, None, 0)
+    for n in merged:  # θ_b + merged = (θ_1 + θ_2 + θ_3) / 3
+        torch.testing.assert_close(base[n] + merged[n], sum(e[n] for e in experts) / 3, msg=n)
+
+
+def test_the_experts_row_scores_each_task_with_its_own_expert():
+    seen = []
+
+    class OwnTask:
+        def correct(self, params, split="test", tasks=None):
+            seen.append((params["id"], tuple(tasks), split))
+            return {t: torch.tensor([True, params["id"] == t, False, True]) for t in tasks}
+
+    out = compare.experts_outcome(OwnTask(), {"a": {"id": "a"}, "b": {"id": "b"}}, ["a", "b"])
+    assert seen == [("a", ("a",), "test"), ("b", ("b",), "test")]
+    assert out.test == pytest.approx(75.0) and out.budget is None
+    np.testing.assert_array_equal(out.shares["b"], [1.0, 1.0, 0.0, 1.0])
+
+
+def test_average_ranks_on_a_hand_worked_case():
+    import pandas as pd
+    scores = pd.DataFrame({"x": [90, 80, 70], "y": [85, 80, 75], "z": [60, 70, 80], "partial": [99, None, 99]})
+    # block 1: x 1, y 2, z 3; block 2: x and y tie for 1–2 → 1.5 each, z 3; block 3: z 1, y 2, x 3
+    ranks = compare.average_ranks(scores)
+    assert ranks.to_dict() == pytest.approx({"x": (1 + 1.5 + 3) / 3, "y": (2 + 1.5 + 2) / 3, "z": (3 + 3 + 1) / 3})
+    assert "partial" not in ranks  # not scored in every block
+    with pytest.raises(ValueError, match="need 2 or more methods"):
+        compare.average_ranks(scores[["x", "partial"]])
+
+
+def test_critical_difference_matches_demsar():
+    # Demšar (2006), Table 5(a): q_0.05 for k = 2..10, and his worked example CD = 1.25 (k = 4, N = 14)
+    q_table = [1.960, 2.343, 2.569, 2.728, 2.850, 2.949, 3.031, 3.102, 3.164]
+    for k, q in zip(range(2, 11), q_table):
+        assert compare.critical_difference(k, 6) == pytest.approx(q * np.sqrt(k * (k + 1) / 36), abs=2e-3), k
+    assert compare.critical_difference(4, 14) == pytest.approx(1.25, abs=5e-3)
+    with pytest.raises(ValueError, match="alpha in"):
+        compare.critical_difference(4, 14, alpha=1.5)
+
+
+def test_every_setting_names_known_tasks_of_its_tier():
+    from merging_helpers import zoo
+    assert compare.SETTINGS[0].tasks is None and compare.SETTINGS[0].tier == "light"
+    for s in compare.SETTINGS:
+        assert s.tier in zoo.TIERS
+        assert set(s.tasks or ()) <= set(zoo.TIER_TASKS.get(s.tier, zoo.TASK_NAMES)), s

@@ -55,6 +55,18 @@ def test_an_interrupted_chapter_leaves_the_last_complete_record(cache, monkeypat
     assert results.load("03_ties", "full")["values"]["a"] == 1
 
 
+def test_the_running_chapter_reads_its_own_record_so_far(cache, monkeypatch):
+    monkeypatch.setenv("MERGING_BOOK_QUICK", "1")
+    with pytest.raises(results.MissingResult, match="no chapter record is open"):
+        results.current()
+    notebook.setup(quiet=True, chapter="08_x")
+    notebook.glue("a", 1)
+    now = results.current()
+    notebook.glue("a", 2)
+    assert now["values"] == {"a": 1} and now["mode"] == "quick" and now["chapter"] == "08_x"  # a copy
+    assert not (cache / "results" / "08_x.quick.json").exists()  # nothing written before the last cell
+
+
 def test_without_a_chapter_nothing_is_written(cache):
     notebook.setup(quiet=True)
     notebook.glue("a", 1)
