@@ -271,24 +271,12 @@ def critical_difference(methods: int, blocks: int, alpha: float = 0.05) -> float
 
 # ---- a cache of outcomes, so that a warm re-run of chapter 8 re-reads instead of re-merging -----------
 
-def _code_fingerprint() -> str:
-    """SHA-256 of the package's reference modules: a changed method invalidates every cached outcome."""
-    from . import __file__ as package_init
-    folder = os.path.dirname(package_init)
-    h = hashlib.sha256()
-    for name in sorted(os.listdir(folder)):
-        if name.endswith(".py"):
-            with open(os.path.join(folder, name), "rb") as f:
-                h.update(name.encode() + f.read())
-    return h.hexdigest()[:16]
-
-
 def outcome_key(zoo_root, evaluator_splits: Mapping, contender: Contender, budget, lambdas, seeds, tasks) -> str:
     """What an outcome depends on: the zoo, the examples scored, the method, its settings, the code (chapter 8)."""
     blob = json.dumps({"zoo": str(zoo_root), "splits": evaluator_splits, "method": contender.name,
                        "knobs": contender.knobs, "budget": budget, "lambdas": _lambdas(contender, lambdas),
                        "seeds": list(seeds) if contender.random else [0], "tasks": tasks,
-                       "code": _code_fingerprint()}, sort_keys=True)
+                       "code": results.code_fingerprint()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 

@@ -8,14 +8,20 @@ small JSON file in the zoo cache, one per chapter and mode (``results/04_apl.ful
 leaves the previous complete record in place. Chapter 8 reads these records instead of
 recomputing chapters 2–7, and runs a chapter again (:func:`run_chapter`) when its record
 is missing.
+
+:func:`memo` keeps the expensive grids of chapters 6–8 the same way (``results/memo/``):
+a rebuild with the same code re-reads them; ``MERGING_BOOK_FRESH=1`` recomputes everything.
 """
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
+import re
 import tempfile
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 MODES = ("full", "quick")
@@ -143,3 +149,67 @@ def load_or_run(chapters, mode: str, book_dir=None, progress: bool = True) -> di
         except MissingResult:
             records[chapter] = run_chapter(chapter, mode, book_dir)
     return records
+
+
+# ---- memo: a chapter's expensive grid, re-read by a warm rebuild --------------------------------------------
+
+# modules that keep records, draw widgets, grade or translate configs: no merge or score reads them
+BOOKKEEPING = ("results.py", "verdicts.py", "notebook.py", "mergekit_yaml.py", "explorer.py", "apl_explorer.py",
+               "rms_explorer.py", "grading.py")
+
+
+def code_fingerprint(folder=None) -> str:
+    """SHA-256 (16 hex digits) of the package's reference modules but the :data:`BOOKKEEPING`
+    ones: a changed method invalidates every stored result computed with it (chapter 8)."""
+    if folder is None:
+        from . import __file__ as package_init
+        folder = os.path.dirname(package_init)
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".py") and name not in BOOKKEEPING:
+            with open(os.path.join(folder, name), "rb") as f:
+                h.update(name.encode() + f.read())
+    return h.hexdigest()[:16]
+
+
+def _cells_so_far() -> list[str]:
+    """The notebook's code cells run so far, this one included ([] outside IPython)."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return []
+    shell = get_ipython()
+    return list(shell.user_ns.get("In", [])) if shell is not None else []
+
+
+def fresh() -> bool:
+    """True where ``$MERGING_BOOK_FRESH=1``: :func:`memo` recomputes (and stores) every value (chapter 6)."""
+    return os.environ.get("MERGING_BOOK_FRESH", "") == "1"
+
+
+def memo(name: str, key: Mapping, compute: Callable[[], object], root=None):
+    """``compute()``, stored as JSON and read back when the same ``name`` and ``key`` come again
+    with the same code (chapters 6–8: a warm rebuild re-reads a chapter's grid of merges).
+
+    "The same code" is the package's reference modules and, in a notebook, every cell run so
+    far (so an edit anywhere above recomputes); the quick/full mode is part of the key. The value
+    must be JSON (numbers, text, None, lists, dicts with text keys); a cold run returns it as
+    read back from JSON too, so a cold and a warm build compute on the same types."""
+    from .notebook import quick_mode
+    if not re.fullmatch(r"[A-Za-z0-9_.\-]+", name):
+        raise ValueError(f"memo: name must be letters, digits, '_', '.' or '-', got {name!r}")
+    cells = hashlib.sha256("\x00".join(_cells_so_far()).encode()).hexdigest()[:16]
+    blob = json.dumps({"name": name, "key": key, "quick": quick_mode(), "code": code_fingerprint(),
+                       "cells": cells}, sort_keys=True, default=str)
+    folder = results_dir(root) / "memo"
+    folder.mkdir(exist_ok=True)
+    path = folder / f"{name}-{hashlib.sha256(blob.encode()).hexdigest()[:20]}.json"
+    if path.exists() and not fresh():
+        return json.loads(path.read_text())["value"]
+    value = compute()
+    try:
+        text = json.dumps(value, allow_nan=True)
+    except TypeError as error:
+        raise TypeError(f"memo {name!r}: the value must be JSON (numbers, text, lists, dicts): {error}") from None
+    write_json_atomically(path, {"name": name, "key": json.loads(blob)["key"], "value": json.loads(text)})
+    return json.loads(text)

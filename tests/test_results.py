@@ -105,3 +105,58 @@ def test_records_are_plain_json(cache, monkeypatch):
     results.add("pair", (np.float32(1.5), "x"))
     path = results.finish(1.0)
     assert json.loads(path.read_text())["values"] == {"t": 0.5, "pair": [1.5, "x"]}
+
+
+def test_memo_computes_once_and_reads_back_what_json_keeps(cache, monkeypatch):
+    monkeypatch.delenv("MERGING_BOOK_QUICK", raising=False)
+    monkeypatch.delenv("MERGING_BOOK_FRESH", raising=False)
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"rows": [(1, 2.5)], "none": None}
+
+    cold = results.memo("06_x.grid", {"rate": 0.9}, compute)
+    warm = results.memo("06_x.grid", {"rate": 0.9}, compute)
+    assert cold == warm == {"rows": [[1, 2.5]], "none": None} and len(calls) == 1  # a tuple comes back a list
+    results.memo("06_x.grid", {"rate": 0.8}, compute)                 # another key
+    monkeypatch.setenv("MERGING_BOOK_QUICK", "1")
+    results.memo("06_x.grid", {"rate": 0.9}, compute)                 # another mode
+    monkeypatch.setenv("MERGING_BOOK_FRESH", "1")
+    results.memo("06_x.grid", {"rate": 0.9}, compute)                 # asked to recompute
+    assert len(calls) == 4
+    assert len(list((cache / "results" / "memo").glob("06_x.grid-*.json"))) == 3
+    assert not list((cache / "results" / "memo").glob(".*"))
+
+
+def test_memo_recomputes_when_an_earlier_cell_changed(cache, monkeypatch):
+    monkeypatch.delenv("MERGING_BOOK_FRESH", raising=False)
+    cells = ["x = 1", "memo(...)"]
+    monkeypatch.setattr(results, "_cells_so_far", lambda: list(cells))
+    calls = []
+    results.memo("g", {}, lambda: calls.append(1) or 1)
+    results.memo("g", {}, lambda: calls.append(1) or 1)
+    cells[0] = "x = 2"
+    results.memo("g", {}, lambda: calls.append(1) or 1)
+    assert len(calls) == 2
+
+
+def test_memo_refuses_values_json_cannot_keep_and_odd_names(cache):
+    with pytest.raises(TypeError, match="memo 'g': the value must be JSON"):
+        results.memo("g", {}, lambda: {"t": object()})
+    with pytest.raises(ValueError, match="name must be letters"):
+        results.memo("../g", {}, lambda: 1)
+    assert not list((cache / "results" / "memo").glob("*"))
+
+
+def test_the_code_fingerprint_ignores_bookkeeping_but_not_methods(tmp_path):
+    import shutil
+    from pathlib import Path
+    package = Path(results.__file__).parent
+    for f in package.glob("*.py"):
+        shutil.copy(f, tmp_path / f.name)
+    before = results.code_fingerprint(tmp_path)
+    (tmp_path / "verdicts.py").write_text((tmp_path / "verdicts.py").read_text() + "\n# a new claim\n")
+    assert results.code_fingerprint(tmp_path) == before
+    (tmp_path / "dppa.py").write_text((tmp_path / "dppa.py").read_text() + "\n# a changed method\n")
+    assert results.code_fingerprint(tmp_path) != before
