@@ -119,12 +119,17 @@ def glue(name: str, value, display: bool = False):
 
 def glue_run_time() -> float:
     """Seconds since :func:`setup`, printed and glued as ``chapter_seconds`` (with
-    ``chapter_cpus``) for the chapter's header; as the chapter's last cell, it also writes the
-    chapter's record of glued values (chapter 0)."""
+    ``chapter_cpus``, and ``memo_cells`` / ``memo_read`` / ``memo_minutes`` from
+    :func:`merging_helpers.results.memo_tally`) for the chapter's header; as the chapter's last
+    cell, it also writes the chapter's record of glued values (chapter 0)."""
     seconds = time.perf_counter() - _chapter_started
     print(f"chapter run time: {seconds:.0f} s on {os.cpu_count()} CPUs")
     glue("chapter_seconds", round(seconds))
     glue("chapter_cpus", os.cpu_count())
+    tally = results.memo_tally()  # the grids a rebuild re-read (results.memo), and what computing them takes
+    glue("memo_cells", tally["read"] + tally["computed"])
+    glue("memo_read", tally["read"])
+    glue("memo_minutes", round(tally["seconds"] / 60, 1))
     results.finish(seconds)
     return seconds
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 MODES = ("full", "quick")
 _current: dict | None = None  # the record of the chapter this kernel is running
+_tally = {"read": 0, "computed": 0, "seconds": 0.0}  # this chapter's memo: cells re-read / computed, compute time
 
 
 class MissingResult(LookupError):
@@ -74,6 +75,7 @@ def start(chapter: str, mode: str, root=None) -> None:
     if not chapter or "/" in chapter or chapter.startswith("."):
         raise ValueError(f"chapter must be a notebook's file stem such as '04_apl', got {chapter!r}")
     _current = {"chapter": chapter, "mode": mode, "root": root, "values": {}, "started": time.time()}
+    _tally.update(read=0, computed=0, seconds=0.0)
 
 
 def add(name: str, value) -> None:
@@ -205,11 +207,25 @@ def memo(name: str, key: Mapping, compute: Callable[[], object], root=None):
     folder.mkdir(exist_ok=True)
     path = folder / f"{name}-{hashlib.sha256(blob.encode()).hexdigest()[:20]}.json"
     if path.exists() and not fresh():
-        return json.loads(path.read_text())["value"]
+        stored = json.loads(path.read_text())
+        _tally["read"] += 1
+        _tally["seconds"] += stored.get("seconds", 0.0)
+        return stored["value"]
+    started = time.perf_counter()
     value = compute()
+    seconds = time.perf_counter() - started
     try:
         text = json.dumps(value, allow_nan=True)
     except TypeError as error:
         raise TypeError(f"memo {name!r}: the value must be JSON (numbers, text, lists, dicts): {error}") from None
-    write_json_atomically(path, {"name": name, "key": json.loads(blob)["key"], "value": json.loads(text)})
+    write_json_atomically(path, {"name": name, "key": json.loads(blob)["key"], "seconds": round(seconds, 3),
+                                 "value": json.loads(text)})
+    _tally["computed"] += 1
+    _tally["seconds"] += seconds
     return json.loads(text)
+
+
+def memo_tally() -> dict:
+    """This chapter's :func:`memo` calls so far: ``read`` (from disk), ``computed``, and ``seconds``,
+    the time computing all of them takes (measured now or when stored) (chapters 6–8)."""
+    return dict(_tally)

@@ -125,5 +125,5 @@ def glued_keys(cells):
     literal = set(re.findall(r"""glue\(\s*["']([\w.-]+)["']""", code))
     prefixes = set(re.findall(r"""glue\(\s*f["']([\w.-]*)\{""", code))
     if "glue_run_time()" in code:
-        literal |= {"chapter_seconds", "chapter_cpus"}
+        literal |= {"chapter_seconds", "chapter_cpus", "memo_cells", "memo_read", "memo_minutes"}
     return literal, prefixes

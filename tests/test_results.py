@@ -160,3 +160,17 @@ def test_the_code_fingerprint_ignores_bookkeeping_but_not_methods(tmp_path):
     assert results.code_fingerprint(tmp_path) == before
     (tmp_path / "dppa.py").write_text((tmp_path / "dppa.py").read_text() + "\n# a changed method\n")
     assert results.code_fingerprint(tmp_path) != before
+
+
+def test_the_tally_counts_what_was_re_read_and_what_computing_it_costs(cache, monkeypatch):
+    monkeypatch.delenv("MERGING_BOOK_FRESH", raising=False)
+    notebook.setup(quiet=True, chapter="06_x")
+    results.memo("g", {"k": 1}, lambda: 1)
+    notebook.setup(quiet=True, chapter="06_x")  # a rebuild: the tally starts again
+    results.memo("g", {"k": 1}, lambda: 1)
+    results.memo("g", {"k": 2}, lambda: 2)
+    tally = results.memo_tally()
+    assert tally["read"] == 1 and tally["computed"] == 1 and tally["seconds"] >= 0
+    notebook.glue_run_time()
+    values = results.load("06_x", "quick" if notebook.quick_mode() else "full")["values"]
+    assert values["memo_cells"] == 2 and values["memo_read"] == 1
