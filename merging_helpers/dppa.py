@@ -257,6 +257,24 @@ def dp_bands(deltas: Mapping[str, torch.Tensor], levels: Sequence[float], lam: f
     return {n: _nested_bands(d, [rates[n] for rates in per_level]) for n, d in deltas.items()}
 
 
+def dare_bands(deltas: Mapping[str, torch.Tensor], dropped: Mapping[str, torch.Tensor], level: float = 0.9,
+               lam: float = LAMBDA) -> dict[str, list[torch.Tensor]]:
+    """DARE + DPA's partitions (chapter 6, the paper's Table 3): the entries a DARE-pruned delta
+    ``dropped`` kept, split into those DP keeps at ``level`` (band 0, the most significant) and
+    the rest (band 1). :func:`amplified` of ``dropped`` with factors below 1 then *reduces*
+    DARE's 1/(1 − p) rescale band by band; with factors 1 it gives ``dropped`` back."""
+    missing = [n for n in deltas if n not in dropped]
+    if missing:
+        raise KeyError(f"dare_bands: no DARE-pruned tensor for {missing[:3]}")
+    shapes = [n for n in deltas if dropped[n].shape != deltas[n].shape]
+    if shapes:
+        n = shapes[0]
+        raise ValueError(f"dare_bands: {n} is {tuple(deltas[n].shape)} but its DARE-pruned delta "
+                         f"{tuple(dropped[n].shape)}")
+    significant = dp_bands(deltas, [level], lam)
+    return {n: [(dropped[n] != 0) & significant[n][0], (dropped[n] != 0) & ~significant[n][0]] for n in deltas}
+
+
 def amplified(deltas: Mapping[str, torch.Tensor], masks: Mapping[str, Sequence[torch.Tensor]],
               factors: Sequence[float]) -> dict[str, torch.Tensor]:
     """Every tensor's delta with its bands scaled by ``factors`` (:func:`amplify`); with all

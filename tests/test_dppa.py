@@ -131,3 +131,24 @@ def test_dp_bands_are_disjoint_nested_and_unit_factors_give_dp_at_the_last_level
         torch.testing.assert_close(unit[n], low[n])  # DPA with all factors 1 equals DP
     doubled = dppa.amplified(deltas, masks, [2.0, 1.0])
     torch.testing.assert_close(doubled[Q1][masks[Q1][0]], 2 * deltas[Q1][masks[Q1][0]])
+
+
+def test_dare_bands_split_dares_survivors_and_unit_factors_give_dare_back():
+    g = torch.Generator().manual_seed(5)
+    sd, _ = _bert_sd(0)
+    deltas = {n: torch.randn(t.shape, generator=g) for n, t in sd.items() if t.is_floating_point()}
+    dropped = {n: d * (torch.rand(d.shape, generator=g) >= 0.9) / 0.1 for n, d in deltas.items()}  # DARE at 0.9
+    masks = dppa.dare_bands(deltas, dropped, 0.9)
+    dp = dppa.magnitude_prune(deltas, dppa.dp_rates(deltas, 0.9))
+    for n, (b0, b1) in masks.items():
+        assert not (b0 & b1).any() and torch.equal(b0 | b1, dropped[n] != 0)
+        assert torch.equal(b0, (dropped[n] != 0) & (dp[n] != 0))  # band 0: survivors DP also keeps
+    unit = dppa.amplified(dropped, masks, [1.0, 1.0])
+    reduced = dppa.amplified(dropped, masks, [0.5, 1.0])
+    for n in deltas:
+        torch.testing.assert_close(unit[n], dropped[n])
+        torch.testing.assert_close(reduced[n][masks[n][0]], 0.5 * dropped[n][masks[n][0]])
+    with pytest.raises(ValueError, match=f"{Q0} is"):
+        dppa.dare_bands(deltas, {**dropped, Q0: dropped[Q0][:2]})
+    with pytest.raises(KeyError, match="no DARE-pruned tensor"):
+        dppa.dare_bands(deltas, {n: v for n, v in dropped.items() if n != Q0})
