@@ -80,6 +80,8 @@ CLAIMS: tuple[Claim, ...] = (
     Claim("DPPA, Limitations", "DPPA is weaker than DARE on light fine-tunes (light tier, drop 0.9, "
           "Domain-Ratio)", "06_dppa", "light_vs_dare", "light_vs_dare_low", "light_vs_dare_high",
           paper="below (no number)", test="below"),
+    Claim("DPPA, Table 3", "DPA's band-wise reduction improves DARE at a pruning rate of 0.9 (heavy tier, mean "
+          "Domain-Ratio)", "06_dppa", "t3_heavy_diff", "t3_heavy_low", "t3_heavy_high", paper="glue:t3_paper_diff"),
     Claim("RMS slides", "RMS-adaptive rates beat DARE+TIES (full fine-tunes, mean over groups and rates)",
           "07_rms_adaptive", "gain_full", "gain_full_low", "gain_full_high", paper="glue:gain_slides"),
     Claim("RMS slides", "an expert's RMS correlates with its merge gain (pooled Pearson r, full fine-tunes)",
