@@ -61,11 +61,13 @@ def _plain(value):
 
 
 def write_json_atomically(path, payload) -> None:
-    """Write ``payload`` as JSON to ``path`` through a temporary file and one ``os.replace`` (chapter 8)."""
+    """Write ``payload`` as JSON to ``path`` through a temporary file and one ``os.replace`` (chapter 8).
+    Keys keep their order, so a value read back iterates as the one written (a bootstrap over
+    tasks draws the same indices from a cached outcome as from a fresh one)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=1, sort_keys=True, allow_nan=True)
+        json.dump(payload, f, indent=1, allow_nan=True)
     os.replace(tmp, path)
 
 

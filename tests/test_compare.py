@@ -1,4 +1,5 @@
 """Chapter 8's protocol on a fake evaluator whose accuracy is a known function of the merge."""
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -11,6 +12,7 @@ from merging_helpers.compare import CONTENDERS, Contender, outcome_table, run_co
 from merging_helpers.deltas import task_vectors
 
 TASKS = ("a", "b")
+compare_tests = sys.modules[__name__]
 
 
 class FakeEvaluator:
@@ -222,3 +224,21 @@ def test_every_setting_names_known_tasks_of_its_tier():
     for s in compare.SETTINGS:
         assert s.tier in zoo.TIERS
         assert set(s.tasks or ()) <= set(zoo.TIER_TASKS.get(s.tier, zoo.TASK_NAMES)), s
+
+
+def test_a_cached_outcome_gives_the_same_interval_as_a_fresh_one(family, tmp_path, monkeypatch):
+    # tasks out of alphabetical order, each with its own right/wrong pattern: the bootstrap draws
+    # per task in order, so a cache that reordered the tasks would move the interval
+    monkeypatch.setattr(compare_tests, "TASKS", ("news", "compare"))
+    base, deltas = family
+    ev = FakeEvaluator(base, n=400)
+    ev.scale = float(sum(d[ev.name] for d in deltas).norm())
+    plain = ev.correct
+    odd = torch.arange(400) % 3 == 0
+    ev.correct = lambda sd, split="test", tasks=None: {t: v if t == "news" else v.flip(0) & odd
+                                                       for t, v in plain(sd, split, tasks).items()}
+    contenders = [CONTENDERS["Task Arithmetic"], CONTENDERS["DARE"]]
+    args = dict(budgets=(0.5,), lambdas=(1.0,), seeds=(0, 1), progress=False, cache=tmp_path)
+    fresh = outcome_table(run_comparison(ev, base, deltas, contenders, **args))
+    cached = outcome_table(run_comparison(ev, base, deltas, contenders, **args))
+    assert fresh[["95% CI low", "95% CI high"]].equals(cached[["95% CI low", "95% CI high"]])

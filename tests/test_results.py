@@ -174,3 +174,10 @@ def test_the_tally_counts_what_was_re_read_and_what_computing_it_costs(cache, mo
     notebook.glue_run_time()
     values = results.load("06_x", "quick" if notebook.quick_mode() else "full")["values"]
     assert values["memo_cells"] == 2 and values["memo_read"] == 1
+
+
+def test_json_written_and_read_back_keeps_the_order_of_its_keys(cache):
+    # a cached outcome's shares iterate in the evaluator's task order, as a fresh one's do
+    path = results.results_dir() / "x.json"
+    results.write_json_atomically(path, {"shares": {"news": [1], "compare": [0], "sign": [1]}})
+    assert list(json.loads(path.read_text())["shares"]) == ["news", "compare", "sign"]
