@@ -162,12 +162,20 @@ BOOKKEEPING = ("results.py", "verdicts.py", "notebook.py", "mergekit_yaml.py", "
                "rms_explorer.py", "grading.py")
 
 
+_package_fingerprint: str | None = None
+
+
 def code_fingerprint(folder=None) -> str:
     """SHA-256 (16 hex digits) of the package's reference modules but the :data:`BOOKKEEPING`
-    ones: a changed method invalidates every stored result computed with it (chapter 8)."""
+    ones: a changed method invalidates every stored result computed with it (chapter 8).
+    For the package itself it is read once per process, so it names the code this kernel
+    loaded, not a file edited on disk since (and a grid of many cells hashes it once)."""
+    global _package_fingerprint
     if folder is None:
-        from . import __file__ as package_init
-        folder = os.path.dirname(package_init)
+        if _package_fingerprint is None:
+            from . import __file__ as package_init
+            _package_fingerprint = code_fingerprint(os.path.dirname(package_init))
+        return _package_fingerprint
     h = hashlib.sha256()
     for name in sorted(os.listdir(folder)):
         if name.endswith(".py") and name not in BOOKKEEPING:

@@ -181,3 +181,12 @@ def test_json_written_and_read_back_keeps_the_order_of_its_keys(cache):
     path = results.results_dir() / "x.json"
     results.write_json_atomically(path, {"shares": {"news": [1], "compare": [0], "sign": [1]}})
     assert list(json.loads(path.read_text())["shares"]) == ["news", "compare", "sign"]
+
+
+def test_the_package_fingerprint_is_the_code_this_process_loaded(monkeypatch):
+    first = results.code_fingerprint()
+
+    def no_more_reading(*args):
+        raise AssertionError("read the package again")
+    monkeypatch.setattr(results.os, "listdir", no_more_reading)
+    assert results.code_fingerprint() == first  # an edit on disk since does not change it
