@@ -59,3 +59,30 @@ def test_lean_bad_input_is_named(family):
                                   progress=False)
     with pytest.raises(ValueError, match="APL level"):
         lean_gradient_importances(base_dir, {"a": expert_dirs[0]}, {"a": prompts_for(0)}, ("block",), progress=False)
+
+
+def test_lean_encoder_equals_the_whole_model_backward_on_the_zoo():
+    """The zoo's BERT encoder: the same sums as taylor.gradient_importances at every level, for
+    two experts in one sweep (one with a two-label head, one with four)."""
+    from merging_helpers import zoo as zoo_lib
+    from merging_helpers.evaluation import Evaluator
+    from merging_helpers.fast.lean_importance import lean_encoder_importances
+    from merging_helpers.tasks import few_shot
+    zoo = zoo_lib.load_zoo(device="cpu", progress=False)
+    scorer = Evaluator(zoo, device="cpu")
+    tasks = ("news", "sentiment")
+    shots = {t: few_shot(zoo.tasks[t], 3, seed=1) for t in tasks}
+    lean = lean_encoder_importances(zoo.base_dir, {t: zoo.expert_dir(t) for t in tasks}, shots, zoo.heads,
+                                    max_length=zoo.config.max_length, signed=True, progress=False)
+    for t in tasks:
+        expected = taylor.gradient_importances(scorer, zoo.base, zoo.experts[t], t, shots[t], signed=True)
+        for level in apl.LEVELS:
+            assert lean[t][level].keys == expected[level].keys
+            torch.testing.assert_close(lean[t][level].values, expected[level].values, rtol=1e-4, atol=1e-8)
+        assert lean[t]["model"].clean == pytest.approx(expected["model"].clean, rel=1e-5)
+    with pytest.raises(ValueError, match="outside its head"):
+        lean_encoder_importances(zoo.base_dir, {"news": zoo.expert_dir("news")}, {"news": [("a text", 7)]}, zoo.heads,
+                                 progress=False)
+    with pytest.raises(KeyError, match="every expert needs"):
+        lean_encoder_importances(zoo.base_dir, {"news": zoo.expert_dir("news")}, {"sign": shots["news"]}, zoo.heads,
+                                 progress=False)

@@ -4,23 +4,26 @@ and memory"): for models whose weights and gradients do not fit on the device to
 :func:`merging_helpers.taylor.gradient_importances` holds the whole model and its gradient
 (a 7B model in bf16: 13.5 GB of weights and as much again of gradient). The importances only
 need Σ_{i∈s} Δ_i g_i per partition, and g can be consumed block by block as backpropagation
-produces it. :func:`lean_gradient_importances` does that for Llama-style causal LMs stored as
-Hugging Face folders:
+produces it. One sweep does that for every expert at once, with the weights read from Hugging
+Face folders:
 
 1. **forward**, without autograd: the embeddings, then each block with its base weights read
    from the folder and dropped after use; only the hidden states *between* blocks are kept;
-2. the **loss** at the top (final norm and LM head, with autograd): cross-entropy of each
-   prompt's answer token at its last position, mean over prompts;
+2. the **loss** at the top, with autograd: a causal LM's final norm and LM head (cross-entropy
+   of each prompt's answer token at its last position), or the zoo's mean pooling and task head
+   (cross-entropy of the label);
 3. **backward**, from the last block down: the block's weights are read again and its forward
    is recomputed from the kept input with autograd; the gradient goes through it, Δ·g is summed
    per partition for its tensors (Δ = expert − base, read one tensor at a time), and the block
    is dropped;
-4. the **embeddings**: Σ over the prompt tokens of Δ_embed[token]·∂L/∂h₀ — the embedding-sized
-   gradient is never formed.
+4. the **embeddings**: the small embedding tensors (positions, the norm) get their gradient by
+   recomputing the embedding layer; the token embedding only needs Σ over the prompt tokens of
+   Δ_embed[token]·∂L/∂e[token] — the embedding-sized gradient is never formed.
 
-Several experts share one sweep: each block is read once and used for every task's prompts.
-The sums equal those of the reference (tests/test_lean_importance.py, on a tiny Llama).
-Prompts of one task must share a length (no padding).
+Two model families (:func:`lean_gradient_importances` for Llama-style causal LMs,
+:func:`lean_encoder_importances` for the zoo's BERT encoder with its task heads) differ only
+in steps 2 and 4 and in how a block is called; each is a small class below. The sums equal
+those of the whole-model backward pass (tests/test_lean_importance.py: a tiny Llama and the zoo).
 """
 from __future__ import annotations
 
@@ -35,15 +38,113 @@ from ..evaluation import check_finite_gradient
 from .checkpoints import CheckpointFolder
 
 
-def _skeleton(config_folder):
-    """The model's modules on the meta device (no memory), its config, and a real rotary embedding."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-    config = AutoConfig.from_pretrained(config_folder)
-    config._attn_implementation = "sdpa"
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return model, config
+# ----------------------------------------------------------------------------- the families
+# What the sweep asks of a family: ``embed`` (the token embedding's name), ``stem`` (the other
+# embedding tensors), ``top`` (tensors between the last block and the loss), ``layers``,
+# ``block_prefix(l)`` / ``block(l)`` (a block's tensor names and its module), ``stream(inputs)`` (a
+# task's inputs on the device), ``embedded(stem, rows, stream)`` (the embedding layer's output from
+# the looked-up token rows; it also puts the blocks' attention context in the stream) and
+# ``loss(top, hidden, stream, head)``.
 
+class _CausalLM:
+    """A Llama-style causal LM: a task's stream is its prompts ``(ids, answers)`` (no padding)."""
+
+    embed = "model.embed_tokens.weight"
+
+    def __init__(self, config_folder, device, shapes):
+        from transformers import AutoConfig, AutoModelForCausalLM
+        config = AutoConfig.from_pretrained(config_folder)
+        config._attn_implementation = "sdpa"
+        with torch.device("meta"):
+            self.model = AutoModelForCausalLM.from_config(config).eval()
+        with torch.device(device):
+            self.rotary = type(self.model.model.rotary_emb)(config=config)
+        self.config, self.device = config, device
+        self.layers = config.num_hidden_layers
+        self.vocab = config.vocab_size
+        self.stem = []  # tensors of the embedding layer other than the token embedding: none
+        head = "lm_head.weight" if "lm_head.weight" in shapes else self.embed  # tied embeddings
+        self.top = ["model.norm.weight", head]
+
+    def block_prefix(self, layer: int) -> str:
+        return f"model.layers.{layer}."
+
+    def block(self, layer: int):
+        return self.model.model.layers[layer]
+
+    def stream(self, prompt):
+        ids, answers = prompt
+        return {"ids": ids.to(self.device), "answers": answers.to(self.device)}
+
+    def embedded(self, stem, rows, stream):
+        from transformers.masking_utils import create_causal_mask
+        if "context" not in stream:
+            ids = stream["ids"]
+            position_ids = torch.arange(ids.shape[1], device=self.device)[None]
+            mask = create_causal_mask(config=self.config, inputs_embeds=rows, attention_mask=torch.ones_like(ids),
+                                      past_key_values=None, position_ids=position_ids)
+            stream["context"] = {"attention_mask": mask, "position_ids": position_ids,
+                                 "position_embeddings": self.rotary(rows, position_ids)}
+        return rows
+
+    def loss(self, top, hidden, stream, head):
+        normed = torch.func.functional_call(self.model.model.norm, {"weight": top["model.norm.weight"]},
+                                            (hidden[:, -1],))
+        logits = torch.nn.functional.linear(normed, top[self.top[1]]).float()
+        return torch.nn.functional.cross_entropy(logits, stream["answers"])
+
+
+class _Encoder:
+    """The zoo's BERT encoder read by a task head (mean pooling, then a linear map): a stream
+    is one task's few-shot set, tokenized in one padded batch (the mask keeps the pads out)."""
+
+    embed = "embeddings.word_embeddings.weight"
+
+    def __init__(self, config_folder, device, shapes, max_length: int):
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+        config = AutoConfig.from_pretrained(config_folder)
+        config._attn_implementation = "sdpa"
+        with torch.device("meta"):
+            self.model = AutoModel.from_config(config).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(str(config_folder))
+        self.config, self.device, self.max_length = config, device, max_length
+        self.layers = config.num_hidden_layers
+        self.vocab = config.vocab_size
+        self.stem = [n for n in shapes if n.startswith("embeddings.") and n != self.embed]
+        self.top = []  # the task head is not a partition of the encoder; the pooler is not on the path
+
+    def block_prefix(self, layer: int) -> str:
+        return f"encoder.layer.{layer}."
+
+    def block(self, layer: int):
+        return self.model.encoder.layer[layer]
+
+    def stream(self, examples):
+        examples = [(str(t), int(y)) for t, y in examples]
+        enc = self.tokenizer([t for t, _ in examples], padding=True, truncation=True, max_length=self.max_length,
+                             return_tensors="pt")
+        return {"ids": enc["input_ids"].to(self.device), "mask": enc["attention_mask"].to(self.device),
+                "answers": torch.tensor([y for _, y in examples], device=self.device)}
+
+    def embedded(self, stem, rows, stream):
+        from transformers.masking_utils import create_bidirectional_mask
+        ids = stream["ids"]
+        positions = torch.arange(ids.shape[1], device=self.device)[None].expand_as(ids)
+        local = {n[len("embeddings."):]: t for n, t in stem.items()}
+        hidden = torch.func.functional_call(self.model.embeddings, local, (), {
+            "inputs_embeds": rows, "position_ids": positions, "token_type_ids": torch.zeros_like(ids)}, strict=False)
+        if "context" not in stream:
+            stream["context"] = {"attention_mask": create_bidirectional_mask(
+                config=self.config, inputs_embeds=hidden, attention_mask=stream["mask"])}
+        return hidden
+
+    def loss(self, top, hidden, stream, head):
+        from ..zoo import mean_pool
+        logits = mean_pool(hidden, stream["mask"]) @ head["weight"].T + head["bias"]
+        return torch.nn.functional.cross_entropy(logits.float(), stream["answers"])
+
+
+# ----------------------------------------------------------------------------- the sweep
 
 def _index(shapes, levels):
     """name → [(level, group position, row or None)]: where each tensor's Δ·g goes."""
@@ -58,135 +159,193 @@ def _index(shapes, levels):
     return where, keys
 
 
-def _check_prompts(prompts, experts, vocab):
+def _open_folders(base_folder, experts, what):
+    base = CheckpointFolder(base_folder)
+    folders = {t: CheckpointFolder(experts[t]) for t in experts}
+    shapes = {n: base.tensors[n].shape for n in base.names()}
+    for t, folder in folders.items():
+        mismatched = [n for n in shapes if n not in folder.tensors or folder.tensors[n].shape != shapes[n]]
+        if mismatched:
+            for f in (base, *folders.values()):
+                f.close()
+            raise ValueError(f"{what}: expert {t!r} lacks or reshapes {mismatched[:3]}")
+    return base, folders, shapes
+
+
+def _output(out):
+    """A block's hidden states (older transformers return them in a tuple)."""
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _sweep(family, base, folders, shapes, inputs, heads, levels, device, dtype, signed, progress, what):
+    """Steps 1–4 of the module docstring for every task at once; returns task → level → Importance."""
+    tasks = list(folders)
+    where, keys = _index(shapes, levels)
+    sums = {t: {level: torch.zeros(len(keys[level]), dtype=torch.float64) for level in levels} for t in tasks}
+    stream = {t: family.stream(inputs[t]) for t in tasks}
+    for t in tasks:
+        if int(stream[t]["ids"].max()) >= family.vocab or int(stream[t]["ids"].min()) < 0:
+            raise ValueError(f"{what}: {t!r} has token ids outside the vocabulary (0..{family.vocab - 1})")
+    head = {t: {k: v.to(device=device, dtype=torch.float32) for k, v in heads[t].items()} for t in tasks} if heads else {}
+
+    def read(folder, name):
+        return folder.read(name).to(device=device, dtype=dtype)
+
+    def add(name, gradient):
+        """Adds Σ Δ·g of tensor ``name`` to its partitions; ``gradient``: task → ∂L/∂(that tensor)."""
+        check_finite_gradient({f"{name} ({t})": g for t, g in gradient.items()})
+        b = base.read(name).to(device=device, dtype=torch.float32)
+        for t, g in gradient.items():
+            product = (folders[t].read(name).to(device=device, dtype=torch.float32) - b) * g.float()
+            rows = product.reshape(product.shape[0], -1).sum(1) if product.dim() else product.reshape(1)
+            rows = rows.double().cpu()
+            for level, position, row in where.get(name, ()):
+                sums[t][level][position] += rows.sum() if row is None else rows[row]
+
+    def block_params(layer, grad=False):
+        prefix = family.block_prefix(layer)
+        return {n[len(prefix):]: read(base, n).requires_grad_(grad) for n in shapes if n.startswith(prefix)}
+
+    bar = tqdm(total=2 * family.layers + 2, desc="lean gradient importance", disable=not progress)
+
+    # 1. forward, keeping only the hidden states between blocks
+    stem = {n: read(base, n) for n in family.stem}
+    with torch.no_grad():
+        embedding = read(base, family.embed)
+        hidden = {t: [family.embedded(stem, embedding[stream[t]["ids"]], stream[t])] for t in tasks}
+        del embedding
+        bar.update()
+        for layer in range(family.layers):
+            params = block_params(layer)
+            for t in tasks:
+                hidden[t].append(_output(torch.func.functional_call(family.block(layer), params, (hidden[t][-1],),
+                                                                    stream[t]["context"])))
+            del params
+            bar.update()
+
+    # 2. the loss and its gradient at the top
+    top = {n: read(base, n).requires_grad_(True) for n in family.top}
+    grad_out, loss_at_base, top_grads = {}, {}, {n: {} for n in top}
+    for t in tasks:
+        last = hidden[t][-1].detach().requires_grad_(True)
+        loss = family.loss(top, last, stream[t], head.get(t))
+        *grads, grad_out[t] = torch.autograd.grad(loss, (*top.values(), last))
+        for n, g in zip(top, grads):
+            top_grads[n][t] = g
+        loss_at_base[t] = float(loss.detach())
+    for n in top:
+        add(n, top_grads[n])  # a tied head adds its part to the embedding's sums
+    del top, top_grads
+    bar.update()
+
+    # 3. backward, one block at a time: recompute, push the gradient through, sum Δ·g, drop
+    for layer in reversed(range(family.layers)):
+        params = block_params(layer, grad=True)
+        grads = {}
+        for t in tasks:
+            inputs_ = hidden[t][layer].detach().requires_grad_(True)
+            out = _output(torch.func.functional_call(family.block(layer), params, (inputs_,), stream[t]["context"]))
+            *param_grads, grad_out[t] = torch.autograd.grad(out, (*params.values(), inputs_), grad_out[t])
+            grads[t] = dict(zip(params, param_grads))
+            hidden[t][layer + 1] = None
+        for local in params:
+            add(family.block_prefix(layer) + local, {t: grads[t][local] for t in tasks})
+        del params, grads
+        bar.update()
+
+    # 4. the embeddings: the small tensors by recomputing the layer, the token embedding by its rows
+    stem = {n: p.requires_grad_(True) for n, p in stem.items()}
+    stem_grads = {n: {} for n in stem}
+    b_embed = base.read(family.embed)
+    for t in tasks:
+        ids = stream[t]["ids"].cpu()
+        rows = b_embed[ids].to(device=device, dtype=dtype).requires_grad_(True)
+        *grads, g_rows = torch.autograd.grad(family.embedded(stem, rows, stream[t]), (*stem.values(), rows), grad_out[t])
+        for n, g in zip(stem, grads):
+            stem_grads[n][t] = g
+        delta_rows = (folders[t].read(family.embed)[ids].float() - b_embed[ids].float()).to(device)
+        value = float((delta_rows * g_rows.float()).sum())
+        for level, position, row in where.get(family.embed, ()):  # in no hidden-state group: its total suffices
+            sums[t][level][position] += value
+    for n in stem:
+        add(n, stem_grads[n])
+    bar.update()
+    bar.close()
+    return {t: {level: apl.Importance(t, level, keys[level], sums[t][level] if signed else -sums[t][level].abs(),
+                                      loss_at_base[t], float("nan")) for level in levels} for t in tasks}
+
+
+def _levels(levels):
+    return [apl._check_level(level) for level in ([levels] if isinstance(levels, str) else levels)]
+
+
+# ----------------------------------------------------------------------------- public entry points
+
+def _check_prompts(prompts, experts):
     if set(prompts) != set(experts):
         raise KeyError(f"lean_gradient_importances: prompts for {sorted(prompts)} but experts for {sorted(experts)}")
     for task, (ids, answers) in prompts.items():
         if ids.dim() != 2 or answers.shape != (ids.shape[0],):
             raise ValueError(f"lean_gradient_importances: {task!r} needs ids of shape (n, tokens) and answers of "
                              f"shape (n,), got {tuple(ids.shape)} and {tuple(answers.shape)}")
-        if int(ids.max()) >= vocab or int(answers.max()) >= vocab or int(ids.min()) < 0:
-            raise ValueError(f"lean_gradient_importances: {task!r} has token ids outside the vocabulary (0..{vocab - 1})")
 
 
 def lean_gradient_importances(base_folder: str | os.PathLike, experts: Mapping[str, str | os.PathLike],
                               prompts: Mapping[str, tuple[torch.Tensor, torch.Tensor]], levels=apl.LEVELS,
                               device: str = "cpu", dtype: torch.dtype | None = None, signed: bool = False,
                               progress: bool = True) -> dict[str, dict[str, apl.Importance]]:
-    """APL's gradient importance of every expert at every level, one block in memory (chapter 5).
+    """APL's gradient importance of every expert of a Llama-style causal LM at every level, one
+    block in memory (chapter 5).
 
     ``experts``: task → expert folder; ``prompts``: task → ``(ids, answers)``, ids ``(n, tokens)``
-    and one answer token per prompt. Returns task → level → :class:`~merging_helpers.apl.Importance`
-    in Eq. 5's convention (−|Σ Δ g|, or Σ Δ g with ``signed``), ``clean`` = the loss at the base,
-    ``few_shot_accuracy`` = NaN (no forward pass of the expert is made). ``dtype``: the compute
-    dtype (default: the folder's on a GPU, float32 on the CPU)."""
-    levels = [apl._check_level(level) for level in ([levels] if isinstance(levels, str) else levels)]
+    and one answer token per prompt (the prompts of one task share a length). Returns task → level
+    → :class:`~merging_helpers.apl.Importance` in Eq. 5's convention (−|Σ Δ g|, or Σ Δ g with
+    ``signed``), ``clean`` = the loss at the base, ``few_shot_accuracy`` = NaN (no forward pass of
+    the expert is made). ``dtype``: the compute dtype (default: the folder's on a GPU, float32 on the CPU)."""
+    levels = _levels(levels)
+    _check_prompts(prompts, experts)
     device = torch.device(device)
-    model, config = _skeleton(base_folder)
-    _check_prompts(prompts, experts, config.vocab_size)
-    tasks = list(experts)
-    base = CheckpointFolder(base_folder)
-    folders = {t: CheckpointFolder(experts[t]) for t in tasks}
+    base, folders, shapes = _open_folders(base_folder, experts, "lean_gradient_importances")
     try:
-        shapes = {n: base.tensors[n].shape for n in base.names()}
-        for t, folder in folders.items():
-            mismatched = [n for n in shapes if n not in folder.tensors or folder.tensors[n].shape != shapes[n]]
-            if mismatched:
-                raise ValueError(f"lean_gradient_importances: expert {t!r} lacks or reshapes {mismatched[:3]}")
         if dtype is None:
             dtype = base.tensors[next(iter(shapes))].dtype if device.type == "cuda" else torch.float32
-        where, keys = _index(shapes, levels)
-        sums = {t: {level: torch.zeros(len(keys[level]), dtype=torch.float64) for level in levels} for t in tasks}
-
-        def read(folder, name):
-            return folder.read(name).to(device=device, dtype=dtype)
-
-        def add_products(name, gradient):
-            check_finite_gradient({f"{name} ({t})": g for t, g in gradient.items()})
-            b = base.read(name).to(device=device, dtype=torch.float32)
-            for t in tasks:
-                product = (folders[t].read(name).to(device=device, dtype=torch.float32) - b) * gradient[t].float()
-                rows = product.reshape(product.shape[0], -1).sum(1).double().cpu() if product.dim() else product.reshape(1).double().cpu()
-                for level, position, row in where.get(name, ()):
-                    sums[t][level][position] += rows.sum() if row is None else rows[row]
-
-        def block_params(layer):
-            prefix = f"model.layers.{layer}."
-            return {n[len(prefix):]: read(base, n) for n in shapes if n.startswith(prefix)}
-
-        from transformers.masking_utils import create_causal_mask
-        with torch.device(device):
-            rotary = type(model.model.rotary_emb)(config=config)
-        embed_name, norm_name = "model.embed_tokens.weight", "model.norm.weight"
-        head_name = "lm_head.weight" if "lm_head.weight" in shapes else embed_name  # tied embeddings
-        ids = {t: prompts[t][0].to(device) for t in tasks}
-        answers = {t: prompts[t][1].to(device) for t in tasks}
-        layers = config.num_hidden_layers
-        bar = tqdm(total=2 * layers + 2, desc="lean gradient importance", disable=not progress)
-
-        # 1. forward, keeping only the hidden states between blocks
-        embedding = read(base, embed_name)
-        hidden = {t: [embedding[ids[t]]] for t in tasks}
-        del embedding
-        context = {}
-        for t in tasks:
-            position_ids = torch.arange(ids[t].shape[1], device=device)[None]
-            mask = create_causal_mask(config=config, inputs_embeds=hidden[t][0], attention_mask=torch.ones_like(ids[t]),
-                                      past_key_values=None, position_ids=position_ids)
-            context[t] = {"attention_mask": mask, "position_ids": position_ids,
-                          "position_embeddings": rotary(hidden[t][0], position_ids)}
-        bar.update()
-        with torch.no_grad():
-            for layer in range(layers):
-                params = block_params(layer)
-                for t in tasks:
-                    hidden[t].append(torch.func.functional_call(model.model.layers[layer], params, (hidden[t][-1],),
-                                                                context[t]))
-                del params
-                bar.update()
-
-        # 2. the loss and its gradient at the top
-        norm_w = read(base, norm_name).requires_grad_(True)
-        head_w = read(base, head_name).requires_grad_(True)
-        grad_out, loss_at_base = {}, {}
-        norm_grads, head_grads = {}, {}
-        for t in tasks:
-            top = hidden[t][-1].detach().requires_grad_(True)
-            normed = torch.func.functional_call(model.model.norm, {"weight": norm_w}, (top[:, -1],))
-            loss = torch.nn.functional.cross_entropy(torch.nn.functional.linear(normed, head_w).float(), answers[t])
-            norm_grads[t], head_grads[t], grad_out[t] = torch.autograd.grad(loss, (norm_w, head_w, top))
-            loss_at_base[t] = float(loss.detach())
-        add_products(norm_name, norm_grads)
-        add_products(head_name, head_grads)  # a tied head adds its part to the embedding's sums
-        del norm_w, head_w, norm_grads, head_grads
-        bar.update()
-
-        # 3. backward, one block at a time: recompute, push the gradient through, sum Δ·g, drop
-        for layer in reversed(range(layers)):
-            params = {n: p.requires_grad_(True) for n, p in block_params(layer).items()}
-            grads = {}
-            for t in tasks:
-                inputs = hidden[t][layer].detach().requires_grad_(True)
-                out = torch.func.functional_call(model.model.layers[layer], params, (inputs,), context[t])
-                *param_grads, grad_out[t] = torch.autograd.grad(out, (*params.values(), inputs), grad_out[t])
-                grads[t] = dict(zip(params, param_grads))
-                hidden[t][layer + 1] = None
-            for local in params:
-                add_products(f"model.layers.{layer}.{local}", {t: grads[t][local] for t in tasks})
-            del params, grads
-            bar.update()
-
-        # 4. the embeddings: Σ over tokens of Δ_embed[token] · ∂L/∂h₀
-        b = base.read(embed_name)
-        for t in tasks:
-            delta_rows = (folders[t].read(embed_name)[ids[t].cpu()].float() - b[ids[t].cpu()].float()).to(device)
-            value = float((delta_rows * grad_out[t].float()).sum())
-            for level, position, row in where.get(embed_name, ()):
-                sums[t][level][position] += value
-        bar.close()
+        family = _CausalLM(base_folder, device, shapes)
+        if max(int(a.max()) for _, a in prompts.values()) >= family.vocab:
+            raise ValueError(f"lean_gradient_importances: answers outside the vocabulary (0..{family.vocab - 1})")
+        return _sweep(family, base, folders, shapes, prompts, None, levels, device, dtype, signed, progress,
+                      "lean_gradient_importances")
     finally:
-        base.close()
-        for folder in folders.values():
-            folder.close()
-    return {t: {level: apl.Importance(t, level, keys[level], sums[t][level] if signed else -sums[t][level].abs(),
-                                      loss_at_base[t], float("nan")) for level in levels} for t in tasks}
+        for f in (base, *folders.values()):
+            f.close()
+
+
+def lean_encoder_importances(base_folder: str | os.PathLike, experts: Mapping[str, str | os.PathLike],
+                             examples: Mapping[str, list], heads: Mapping[str, Mapping[str, torch.Tensor]],
+                             levels=apl.LEVELS, max_length: int = 128, device: str = "cpu", signed: bool = False,
+                             progress: bool = True) -> dict[str, dict[str, apl.Importance]]:
+    """:func:`lean_gradient_importances` for the zoo's encoder (chapter 5): the loss is the
+    few-shot cross-entropy of ``heads[task]`` (``{"weight", "bias"}``) on the mean-pooled
+    encoder, as :meth:`~merging_helpers.evaluation.Evaluator.loss` computes it. ``examples``:
+    task → few-shot list of (text, label); the folders are the zoo's (``zoo.base_dir``,
+    ``zoo.expert_dir(task)``); ``max_length``: the zoo's (``zoo.config.max_length``). Equals
+    :func:`~merging_helpers.taylor.gradient_importances` (a test checks it), float32."""
+    levels = _levels(levels)
+    if set(examples) != set(experts) or not set(experts) <= set(heads):
+        raise KeyError(f"lean_encoder_importances: examples for {sorted(examples)}, experts for {sorted(experts)}, "
+                       f"heads for {sorted(heads)}: every expert needs its few-shot set and its head")
+    for t, shots in examples.items():
+        if not list(shots):
+            raise ValueError(f"lean_encoder_importances: the few-shot set of {t!r} is empty")
+        labels = heads[t]["weight"].shape[0]
+        bad = [y for _, y in shots if not 0 <= int(y) < labels]
+        if bad:
+            raise ValueError(f"lean_encoder_importances: {t!r} has label {bad[0]} outside its head's 0..{labels - 1}")
+    device = torch.device(device)
+    base, folders, shapes = _open_folders(base_folder, experts, "lean_encoder_importances")
+    try:
+        family = _Encoder(base_folder, device, shapes, max_length)
+        return _sweep(family, base, folders, shapes, examples, heads, levels, device, torch.float32, signed,
+                      progress, "lean_encoder_importances")
+    finally:
+        for f in (base, *folders.values()):
+            f.close()
