@@ -342,7 +342,8 @@ def main(argv=None) -> int:
     p.add_argument("--tools", default="ours,mergekit")
     p.add_argument("--device", default="cpu", help="device of our merge (cpu, cuda); mergekit gets --cuda too")
     p.add_argument("--cache", choices=["cold", "warm"], default="cold",
-                   help="cold: drop the page cache before every run (root only); warm: read the inputs once before")
+                   help="cold: drop the page cache before every run (root only); warm: flush earlier outputs (sync) and read "
+                        "the inputs once before every run")
     p.add_argument("--dare-rescale", choices=["auto", "l1"], default="auto",
                    help="our DARE rescale: auto = 1/(1-p) (DARE paper, fused path); l1 = mergekit's L1 matching "
                         "(runs recipes.merge_tensor per tensor, ~10x slower)")
@@ -400,7 +401,8 @@ def main(argv=None) -> int:
                 shutil.rmtree(out)
             if args.cache == "cold":
                 drop_page_cache()
-            else:
+            else:  # the previous run's output is flushed first, so that no run pays for another's writes
+                os.sync()
                 read_speed([f for d in [base, *experts] for f in sorted(d.glob("*.safetensors"))])
             if tool == "mergekit" and method == "rms_adaptive":
                 print("mergekit has no rms_adaptive method: skipped", flush=True)
