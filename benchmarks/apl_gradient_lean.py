@@ -178,8 +178,12 @@ def rss_bytes() -> int:
 
 
 def child(args):
-    import transformers  # noqa: F401  (imported before the baseline is read: libraries are not the mode's memory)
+    # the libraries both modes use are imported before the baseline is read: they are not the mode's memory
+    import transformers.masking_utils  # noqa: F401
+    import transformers.models.bert.modeling_bert  # noqa: F401
+    import transformers.models.llama.modeling_llama  # noqa: F401
     import merging_helpers.fast.lean_importance  # noqa: F401
+    import merging_helpers.zoo  # noqa: F401
     spec = json.loads(args.child)
     device, dtype = spec["device"], getattr(torch, spec["dtype"])
     zoo = spec["shape"] == "zoo"

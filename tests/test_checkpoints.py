@@ -45,6 +45,19 @@ def folder(tmp_path):
     return d
 
 
+def test_read_rows_reads_the_rows_asked_for(tmp_path):
+    x = torch.randn(50, 3, 4).to(torch.bfloat16)
+    _st_file(tmp_path / "model.safetensors", {"emb": x, "s": torch.tensor(1.0)})
+    rows = torch.tensor([[7, 0, 7], [49, 3, 3]])
+    with CheckpointFolder(tmp_path) as cf:
+        assert torch.equal(cf.read_rows("emb", rows.reshape(-1)), x[rows.reshape(-1)])
+        assert cf.read_rows("emb", torch.tensor([], dtype=torch.long)).shape == (0, 3, 4)
+        with pytest.raises(IndexError, match="0..49"):
+            cf.read_rows("emb", torch.tensor([50]))
+        with pytest.raises(ValueError, match="scalar"):
+            cf.read_rows("s", torch.tensor([0]))
+
+
 def test_overlapping_byte_ranges_are_refused(folder):
     def share(h):  # "b" reads a's bytes: the safetensors library refuses this too
         h["b"]["data_offsets"] = [0, 16]

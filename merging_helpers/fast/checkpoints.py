@@ -366,6 +366,27 @@ class CheckpointFolder:
                 done += n
         return buf.view(info.dtype).view(info.shape) if info.shape else buf.view(info.dtype).reshape(())
 
+    def read_rows(self, name: str, rows: torch.Tensor) -> torch.Tensor:
+        """Rows ``rows`` (int indices along the first dimension, any order, repeats allowed) of
+        tensor ``name``, reading only those rows' bytes: e.g. the embeddings of a prompt's tokens
+        without the whole vocabulary (chapter 5's lean importance)."""
+        info = self.tensors[name]
+        rows = torch.as_tensor(rows, dtype=torch.int64).reshape(-1)
+        if not info.shape:
+            raise ValueError(f"read_rows({name!r}): a scalar has no rows")
+        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= info.shape[0]):
+            raise IndexError(f"read_rows({name!r}): rows must be in 0..{info.shape[0] - 1}")
+        if self.format == "bin":
+            return self.read(name)[rows]
+        unique, inverse = torch.unique(rows, return_inverse=True)
+        row_bytes = info.nbytes // info.shape[0]
+        buf = torch.empty(len(unique) * row_bytes, dtype=torch.uint8)
+        view, fd = memoryview(buf.numpy()), self._fd(info.file)
+        for i, r in enumerate(unique.tolist()):
+            if os.preadv(fd, [view[i * row_bytes:(i + 1) * row_bytes]], info.start + r * row_bytes) != row_bytes:
+                raise IOError(f"{info.file}: unexpected end of file reading row {r} of {name!r}")
+        return buf.view(info.dtype).view(len(unique), *info.shape[1:])[inverse]
+
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)

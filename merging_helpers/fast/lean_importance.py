@@ -18,7 +18,8 @@ Face folders:
    is dropped;
 4. the **embeddings**: the small embedding tensors (positions, the norm) get their gradient by
    recomputing the embedding layer; the token embedding only needs Σ over the prompt tokens of
-   Δ_embed[token]·∂L/∂e[token] — the embedding-sized gradient is never formed.
+   Δ_embed[token]·∂L/∂e[token] — only those rows are read, and the embedding-sized gradient is
+   never formed.
 
 Two model families (:func:`lean_gradient_importances` for Llama-style causal LMs,
 :func:`lean_encoder_importances` for the zoo's BERT encoder with its task heads) differ only
@@ -202,6 +203,10 @@ def _sweep(family, base, folders, shapes, inputs, heads, levels, device, dtype, 
             for level, position, row in where.get(name, ()):
                 sums[t][level][position] += rows.sum() if row is None else rows[row]
 
+    def token_rows(folder, t):  # the token embedding's rows of task t's prompts (not the whole vocabulary)
+        ids = stream[t]["ids"].cpu()
+        return folder.read_rows(family.embed, ids.reshape(-1)).view(*ids.shape, -1)
+
     def block_params(layer, grad=False):
         prefix = family.block_prefix(layer)
         return {n[len(prefix):]: read(base, n).requires_grad_(grad) for n in shapes if n.startswith(prefix)}
@@ -211,9 +216,8 @@ def _sweep(family, base, folders, shapes, inputs, heads, levels, device, dtype, 
     # 1. forward, keeping only the hidden states between blocks
     stem = {n: read(base, n) for n in family.stem}
     with torch.no_grad():
-        embedding = read(base, family.embed)
-        hidden = {t: [family.embedded(stem, embedding[stream[t]["ids"]], stream[t])] for t in tasks}
-        del embedding
+        hidden = {t: [family.embedded(stem, token_rows(base, t).to(device=device, dtype=dtype), stream[t])]
+                  for t in tasks}
         bar.update()
         for layer in range(family.layers):
             params = block_params(layer)
@@ -256,14 +260,13 @@ def _sweep(family, base, folders, shapes, inputs, heads, levels, device, dtype, 
     # 4. the embeddings: the small tensors by recomputing the layer, the token embedding by its rows
     stem = {n: p.requires_grad_(True) for n, p in stem.items()}
     stem_grads = {n: {} for n in stem}
-    b_embed = base.read(family.embed)
     for t in tasks:
-        ids = stream[t]["ids"].cpu()
-        rows = b_embed[ids].to(device=device, dtype=dtype).requires_grad_(True)
+        b_rows = token_rows(base, t)
+        rows = b_rows.to(device=device, dtype=dtype).requires_grad_(True)
         *grads, g_rows = torch.autograd.grad(family.embedded(stem, rows, stream[t]), (*stem.values(), rows), grad_out[t])
         for n, g in zip(stem, grads):
             stem_grads[n][t] = g
-        delta_rows = (folders[t].read(family.embed)[ids].float() - b_embed[ids].float()).to(device)
+        delta_rows = (token_rows(folders[t], t).float() - b_rows.float()).to(device)
         value = float((delta_rows * g_rows.float()).sum())
         for level, position, row in where.get(family.embed, ()):  # in no hidden-state group: its total suffices
             sums[t][level][position] += value
