@@ -262,7 +262,7 @@ def _sweep(family, base, folders, shapes, inputs, heads, levels, device, dtype, 
     stem_grads = {n: {} for n in stem}
     for t in tasks:
         b_rows = token_rows(base, t)
-        rows = b_rows.to(device=device, dtype=dtype).requires_grad_(True)
+        rows = b_rows.to(device=device, dtype=dtype, copy=True).requires_grad_(True)
         *grads, g_rows = torch.autograd.grad(family.embedded(stem, rows, stream[t]), (*stem.values(), rows), grad_out[t])
         for n, g in zip(stem, grads):
             stem_grads[n][t] = g
