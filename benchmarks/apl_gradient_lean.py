@@ -77,24 +77,31 @@ def prompts(tasks: int, shots: int, tokens: int, vocab: int) -> dict:
 
 def run_plain(folders, asked, device, dtype):
     from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(folders["base"], dtype=dtype).to(device)
+
+    def loss(ids, answers):
+        logits = model(ids.to(device), logits_to_keep=1).logits[:, -1].float()
+        return torch.nn.functional.cross_entropy(logits, answers.to(device))
+    return {task: layer_sums(model, lambda: loss(*prompt), folders["experts"][task], device)
+            for task, prompt in asked.items()}
+
+
+def layer_sums(model, loss, expert_folder, device) -> torch.Tensor:
+    """The plain mode for one task: backward through the whole model, then Σ Δ·g per block
+    (Δ read one tensor at a time from the expert's folder)."""
     from merging_helpers import apl
     from merging_helpers.fast.checkpoints import CheckpointFolder
-    model = AutoModelForCausalLM.from_pretrained(folders["base"], dtype=dtype).to(device)
     groups = apl.groups({n: p.shape for n, p in model.named_parameters()}, "layer")
     position = {n: i for i, g in enumerate(groups.values()) for n in g}
-    out = {}
-    for task, (ids, answers) in asked.items():
-        model.zero_grad(set_to_none=True)
-        logits = model(ids.to(device), logits_to_keep=1).logits[:, -1].float()
-        torch.nn.functional.cross_entropy(logits, answers.to(device)).backward()
-        sums = torch.zeros(len(groups), dtype=torch.float64)
-        with CheckpointFolder(folders["experts"][task]) as expert:
-            for n, p in model.named_parameters():
-                if n in position:
-                    delta = expert.read(n).to(device, torch.float32) - p.detach().float()
-                    sums[position[n]] += float((delta * p.grad.float()).sum())
-        out[task] = sums
-    return out
+    model.zero_grad(set_to_none=True)
+    loss().backward()
+    sums = torch.zeros(len(groups), dtype=torch.float64)
+    with CheckpointFolder(expert_folder) as expert:
+        for n, p in model.named_parameters():
+            if n in position:
+                delta = expert.read(n).to(device, torch.float32) - p.detach().float()
+                sums[position[n]] += float((delta * p.grad.float()).sum())
+    return sums
 
 
 def zoo_family(tasks: int) -> dict:
@@ -119,29 +126,18 @@ def zoo_heads(folders) -> dict:
 
 def run_plain_zoo(folders, asked, device, dtype):
     """The whole encoder and its gradient in memory, one backward pass per task."""
-    from merging_helpers import apl
-    from merging_helpers.fast.checkpoints import CheckpointFolder
     from merging_helpers.zoo import load_encoder, load_tokenizer, mean_pool
     model, tokenizer = load_encoder(Path(folders["base"]), device), load_tokenizer(Path(folders["base"]))
     heads = zoo_heads(folders)
-    groups = apl.groups({n: p.shape for n, p in model.named_parameters()}, "layer")
-    position = {n: i for i, g in enumerate(groups.values()) for n in g}
-    out = {}
-    for task, shots in asked.items():
-        model.zero_grad(set_to_none=True)
+
+    def loss(task, shots):
         enc = tokenizer([t for t, _ in shots], padding=True, truncation=True, max_length=folders["max_length"],
                         return_tensors="pt").to(device)
         pooled = mean_pool(model(**enc).last_hidden_state, enc["attention_mask"])
         logits = pooled @ heads[task]["weight"].to(device).T + heads[task]["bias"].to(device)
-        torch.nn.functional.cross_entropy(logits, torch.tensor([y for _, y in shots], device=device)).backward()
-        sums = torch.zeros(len(groups), dtype=torch.float64)
-        with CheckpointFolder(folders["experts"][task]) as expert:
-            for n, p in model.named_parameters():
-                if n in position:
-                    delta = expert.read(n).to(device, torch.float32) - p.detach().float()
-                    sums[position[n]] += float((delta * p.grad.float()).sum())
-        out[task] = sums
-    return out
+        return torch.nn.functional.cross_entropy(logits, torch.tensor([y for _, y in shots], device=device))
+    return {task: layer_sums(model, lambda: loss(task, shots), folders["experts"][task], device)
+            for task, shots in asked.items()}
 
 
 def run_lean_zoo(folders, asked, device, dtype):
