@@ -83,6 +83,8 @@ def test_lean_encoder_equals_the_whole_model_backward_on_the_zoo():
     with pytest.raises(ValueError, match="outside its head"):
         lean_encoder_importances(zoo.base_dir, {"news": zoo.expert_dir("news")}, {"news": [("a text", 7)]}, zoo.heads,
                                  progress=False)
+    with pytest.raises(ValueError, match="few-shot set of 'news' is empty"):
+        lean_encoder_importances(zoo.base_dir, {"news": zoo.expert_dir("news")}, {"news": []}, zoo.heads, progress=False)
     with pytest.raises(KeyError, match="every expert needs"):
         lean_encoder_importances(zoo.base_dir, {"news": zoo.expert_dir("news")}, {"sign": shots["news"]}, zoo.heads,
                                  progress=False)
