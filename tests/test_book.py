@@ -237,6 +237,28 @@ def test_every_glue_reference_is_glued_by_the_chapter(chapter):
     assert "chapter_seconds" in _glue_references(cells), f"{chapter.name}: the header's run time is not glued"
 
 
+def _glue_call_sites(cells):
+    """key → how many code cells glue that literal key (myst-nb warns on a key glued by two cells)."""
+    counts = {}
+    for c in cells:
+        if c["cell_type"] == "code":
+            for key in set(re.findall(r"""glue\(\s*["']([\w.-]+)["']""", "".join(c["source"]))):
+                counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=[c.stem for c in CHAPTERS])
+def test_no_key_is_glued_by_two_cells(chapter):
+    twice = sorted(k for k, n in _glue_call_sites(json.loads(chapter.read_text())["cells"]).items() if n > 1)
+    assert not twice, f"{chapter.name}: glued by more than one cell (a -W build fails on the duplicate): {twice}"
+
+
+def test_the_duplicate_glue_check_catches_one():
+    cells = [{"cell_type": "code", "source": ['glue("n", 1)\nglue("m", 2)']},
+             {"cell_type": "code", "source": ['glue( "n", 3)']}]
+    assert _glue_call_sites(cells) == {"n": 2, "m": 1}
+
+
 def test_the_glue_check_catches_a_typo():
     cells = [{"cell_type": "code", "source": ['glue("ta_mean", 1.0)\nglue(f"gain_{key}", 2)']},
              {"cell_type": "markdown", "source": ["{glue:text}`ta_maen:.1f` and {glue:text}`gain_09`"]}]
