@@ -81,6 +81,40 @@ def test_fused_equals_merge_tensor(shape, dtype, path, monkeypatch):
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("n", [4099, 512, 7])  # a tile tail of 3 entries; one whole tile; shorter than 8
+def test_bracket_scan_counts_and_copies_like_numpy(dtype, n):
+    """bracket_scan, checked directly: per expert, how many |Δ| > hi, and the |Δ| in
+    [lo, hi] in flat order; -1 where a tile might not fit the buffer."""
+    import ctypes
+
+    import numpy as np
+
+    base, experts = heavy_tailed((n,), dtype, seed=n)
+    absd = [(e.float() - base.float()).abs().numpy() for e in experts]
+    mid = float(absd[1][n // 2])  # expert 1: a bracket of one value (with its ties)
+    lo = [float(np.quantile(absd[0], 0.4)), mid, 0.0]  # expert 2: everything
+    hi = [float(np.quantile(absd[0], 0.6)), mid, float("inf")]
+    config = MergeConfig.build("ties", 3, density=0.3)
+    fused = FusedMerge(config, compiled.load())
+    args = fused._piece_args(fused._kernel_args(base, [0.0] * 3, [1.0] * 3), base, experts, None, 0, n)
+    T = ctypes.c_float * 3
+    cands = [np.full(n + compiled.SCAN_PAST, np.nan, dtype=np.float32) for _ in range(3)]
+    ptrs = (ctypes.c_void_p * 3)(*[c.ctypes.data for c in cands])
+    above, count = (ctypes.c_int64 * 3)(), (ctypes.c_int64 * 3)()
+    rc = fused.lib.bracket_scan(ctypes.byref(args), T(*lo), T(*hi), above, ptrs, count, n + compiled.SCAN_PAST)
+    assert rc == 0
+    for t, a in enumerate(absd):
+        assert above[t] == int((a > hi[t]).sum())
+        want = a[(a >= lo[t]) & (a <= hi[t])]
+        assert count[t] == want.size and np.array_equal(cands[t][:count[t]], want)
+    assert count[2] == n  # the whole tensor
+    # a buffer one entry short of a whole tile's room is refused before anything is written
+    assert fused.lib.bracket_scan(ctypes.byref(args), T(*lo), T(*hi), above, ptrs, count,
+                                  min(n, 512) + compiled.SCAN_PAST - 1) == -1
+
+
+@needs_kernel
 def test_fused_dare_over_several_random_blocks():
     from merging_helpers.rng import BLOCK
 
@@ -201,7 +235,7 @@ def test_compiled_kernel_build_errors_and_fallback(families, tmp_path, monkeypat
 def test_portable_kernel_build_gives_the_same_numbers(tmp_path, monkeypatch):
     """Without -mavx2 (as on ARM) the kernel takes its portable branches (8-byte tie
     search, branch-free candidate copy): still merge_tensor's numbers."""
-    monkeypatch.setattr(compiled, "CFLAGS", [f for f in compiled.CFLAGS if f not in ("-mavx2", "-mf16c")])
+    monkeypatch.setattr(compiled, "CFLAGS", [f for f in compiled.CFLAGS if f not in ("-mavx2", "-mf16c", "-mpopcnt")])
     monkeypatch.setattr(compiled, "_cache_dir", lambda: tmp_path)
     monkeypatch.setattr(compiled, "_LIB", None)
     monkeypatch.setattr(compiled, "_TRIED", False)

@@ -28,6 +28,7 @@ import numpy as np
 
 SOURCE = Path(__file__).with_name("csrc") / "fused_merge.c"
 MAXT = 16  # as in the C file
+SCAN_PAST = 8  # as in the C file: bracket_scan writes up to this many entries past its last candidate
 DTYPES = {"float32": 0, "bfloat16": 1, "float16": 2}
 DROP = {None: 0, "magnitude": 1, "random": 2}
 MODES = {"nothing": 0, "count": 1, "weight_sum": 2}  # what the disjoint merge divides by
@@ -35,7 +36,7 @@ MODES = {"nothing": 0, "count": 1, "weight_sum": 2}  # what the disjoint merge d
 # round once where torch rounds twice (no -ffast-math for the same reason)
 CFLAGS = ["-O3", "-shared", "-fPIC", "-ffp-contract=off", "-fno-fast-math", "-std=gnu11"]
 if os.uname().machine in ("x86_64", "AMD64"):
-    CFLAGS += ["-mavx2", "-mf16c"]  # chosen at load time only if the CPU has them (see _cpu_ok)
+    CFLAGS += ["-mavx2", "-mf16c", "-mpopcnt"]  # chosen at load time only if the CPU has them (see _cpu_ok)
 
 _F = ctypes.c_float * MAXT
 
@@ -56,14 +57,14 @@ class MergeArgs(ctypes.Structure):
 
 
 def _cpu_ok() -> bool:
-    """The CPU runs the flags we compile with (AVX2 and F16C on x86-64)."""
+    """The CPU runs the flags we compile with (AVX2, F16C and POPCNT on x86-64)."""
     if "-mavx2" not in CFLAGS:
         return True
     try:
         flags = Path("/proc/cpuinfo").read_text().split()
     except OSError:
         return False
-    return "avx2" in flags and "f16c" in flags
+    return "avx2" in flags and "f16c" in flags and "popcnt" in flags
 
 
 def _compiler() -> str | None:
@@ -120,7 +121,7 @@ def load():
             if os.environ.get("MERGING_HELPERS_NO_KERNEL"):
                 ERROR = "disabled by MERGING_HELPERS_NO_KERNEL"
             elif not _cpu_ok():
-                ERROR = "AVX2/F16C not found in /proc/cpuinfo"
+                ERROR = "AVX2/F16C/POPCNT not found in /proc/cpuinfo"
             else:
                 try:
                     _LIB = ctypes.CDLL(str(build()))

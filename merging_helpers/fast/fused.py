@@ -13,7 +13,8 @@ it with ``merge_tensor`` bit for bit) at a few ns per parameter:
 * the exact per-tensor top-k threshold (TIES, magnitude) is found in one pass: a
   strided sample brackets the k-th largest |Δ| in [lo, hi]; the kernel's
   ``bracket_scan`` counts the entries above hi and copies those inside the bracket (a
-  few %), whose k-th largest (``selection.kth_largest_abs``) is the exact threshold.
+  few %; with AVX2, 8 at a time and without branches), whose k-th largest (a numpy
+  selection: the value ``selection.kth_largest_abs`` gives) is the exact threshold.
   Ties at the threshold are kept in increasing flat-index order, as in
   ``selection.top_k_mask``. If the bracket misses (it is checked), the exact
   whole-tensor rule is used.
@@ -123,11 +124,11 @@ class FusedMerge:
         """Per expert: (lo, hi) around the k-th largest |Δ| from a strided sample, and the
         fraction of the sample inside the bracket."""
         n = b.numel()
-        idx = torch.arange(_SAMPLE, dtype=torch.int64) * (n // _SAMPLE)
-        bs = b[idx].float()
+        every = slice(0, _SAMPLE * (n // _SAMPLE), n // _SAMPLE)  # entries 0, s, 2s, ... (s = n // _SAMPLE)
+        bs = b[every].float()
         lo, hi, frac = [], [], []
         for e, k in zip(es, ks):
-            sample = (e[idx].float() - bs).abs_().numpy()
+            sample = (e[every].float() - bs).abs_().numpy()
             q = k / n
             r = q * _SAMPLE  # rank (from the top) of the k-th largest, in the sample
             margin = _BRACKET_SIGMAS * math.sqrt(_SAMPLE * q * (1 - q)) + 16
@@ -151,13 +152,14 @@ class FusedMerge:
         def scan(piece):  # count |Δ| > hi, copy lo <= |Δ| <= hi, per piece in flat order
             s0, s1 = piece
             a = self._piece_args(template, b, es, None, s0, s1)
-            # twice the expected count, else room for every entry (+ 1: bracket_scan writes one past its last)
-            for cap in (max(1, int(2 * max(frac) * (s1 - s0)) + _SCAN_SLACK), s1 - s0 + 1):
+            # twice the expected count, else room for every entry (bracket_scan writes up to
+            # SCAN_PAST entries past its last)
+            for cap in (max(1, int(2 * max(frac) * (s1 - s0)) + _SCAN_SLACK), s1 - s0 + compiled.SCAN_PAST):
                 cands = [np.empty(cap, dtype=np.float32) for _ in range(self.T)]
                 above, count = (ctypes.c_int64 * self.T)(), (ctypes.c_int64 * self.T)()
                 ptrs = (ctypes.c_void_p * self.T)(*[c.ctypes.data for c in cands])
                 if self.lib.bracket_scan(ctypes.byref(a), lo_hi[0], lo_hi[1], above, ptrs, count, cap) == 0:
-                    return list(above), [torch.from_numpy(c[:k]) for c, k in zip(cands, count)]
+                    return list(above), [c[:k] for c, k in zip(cands, count)]
             raise RuntimeError(f"{name!r}: bracket_scan failed")
 
         results = self._map(scan, pieces)
@@ -165,14 +167,16 @@ class FusedMerge:
         for t, k in enumerate(ks):
             above = sum(r[0][t] for r in results)
             per_piece = [r[1][t] for r in results]
-            cands = torch.cat(per_piece)
+            cands = np.concatenate(per_piece)
             k2 = k - above
-            if k == 0 or k >= n or not 1 <= k2 <= cands.numel():  # edge cases, or the bracket missed
+            if k == 0 or k >= n or not 1 <= k2 <= cands.size:  # edge cases, or the bracket missed
                 out.append(self._exact_topk(b, es[t], k, pieces))
                 continue
-            thr = kth_largest_abs(cands, k2)
-            missing = k - above - int((cands > thr).sum())
-            out.append(_TopK(thr, missing, [int((c == thr).sum()) for c in per_piece]))
+            # the k2-th largest candidate (numpy's introselect: the value kth_largest_abs finds)
+            cands.partition(cands.size - k2)  # in place: cands is a fresh copy
+            thr = float(cands[cands.size - k2])
+            missing = k - above - int(np.count_nonzero(cands > thr))
+            out.append(_TopK(thr, missing, [int(np.count_nonzero(c == thr)) for c in per_piece]))
         return out
 
     # -- merge -------------------------------------------------------------------

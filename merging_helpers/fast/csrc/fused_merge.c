@@ -361,7 +361,62 @@ int merge_piece(merge_args *a) {
 /* The one pass of the fused path's exact top-k threshold (fast.fused.FusedMerge._topk), for
  * the n entries of one piece: for every expert t, above[t] = the number of entries with
  * |D_t| > hi[t], and cands[t][0 .. count[t]) = the |D_t| in [lo[t], hi[t]], in order.
- * Returns -1 (and stops) if an expert has more than cap - 1 candidates, else 0. */
+ * It writes up to SCAN_PAST entries past the last candidate: returns -1 (and stops) if a
+ * whole tile might not fit in cap entries (checked before each tile; never with
+ * cap >= n + SCAN_PAST), else 0. */
+#define SCAN_PAST 8
+
+#ifdef __AVX2__
+/* 8 entries of src from index at, as float32 */
+static inline __attribute__((always_inline)) __m256 load8(const void *src, const int dtype, int64_t at) {
+    if (dtype == BF16)
+        return _mm256_castsi256_ps(
+            _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)src + at))), 16));
+    if (dtype == F16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)src + at)));
+    return _mm256_loadu_ps((const float *)src + at);
+}
+
+/* COMPRESS[bits]: the positions of the set bits of an 8-bit mask, lowest first, 4 bits
+   each (unused nibbles 0): the lane order that packs the selected lanes to the front */
+static uint32_t COMPRESS[256];
+__attribute__((constructor)) static void build_compress_table(void) {
+    for (int bits = 0; bits < 256; bits++) {
+        uint32_t packed = 0;
+        for (int i = 0, k = 0; i < 8; i++)
+            if (bits >> i & 1) packed |= (uint32_t)i << (4 * k++);
+        COMPRESS[bits] = packed;
+    }
+}
+
+/* the first m8 (a multiple of 8) entries of a tile: returns how many |D| > h, copies
+   the |D| in [l, h] to c[*k ...] (in order; it writes up to 8 floats past the last) and
+   adds their number to *k.  No branches on the data: a few % of the entries are
+   inside, at places no branch predictor can guess */
+static inline __attribute__((always_inline)) int64_t scan8(const float *bf, const void *e, const int dtype, int64_t at,
+                                                           float l, float h, float *c, int64_t *k, int m8) {
+    const __m256 L = _mm256_set1_ps(l), H = _mm256_set1_ps(h);
+    const __m256 ABS = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    const __m256i SHIFTS = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28), NIBBLE = _mm256_set1_epi32(0xF);
+    __m256i above = _mm256_setzero_si256(); /* per lane: minus the count (a true compare is -1) */
+    int64_t kk = *k;
+    for (int j = 0; j < m8; j += 8) {
+        __m256 v = _mm256_and_ps(_mm256_sub_ps(load8(e, dtype, at + j), _mm256_loadu_ps(bf + j)), ABS);
+        above = _mm256_add_epi32(above, _mm256_castps_si256(_mm256_cmp_ps(v, H, _CMP_GT_OQ)));
+        unsigned bits = (unsigned)_mm256_movemask_ps(
+            _mm256_and_ps(_mm256_cmp_ps(v, L, _CMP_GE_OQ), _mm256_cmp_ps(v, H, _CMP_LE_OQ)));
+        __m256i order = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)COMPRESS[bits]), SHIFTS), NIBBLE);
+        _mm256_storeu_ps(c + kk, _mm256_permutevar8x32_ps(v, order));
+        kk += __builtin_popcount(bits);
+    }
+    *k = kk;
+    int32_t lanes[8];
+    _mm256_storeu_si256((__m256i *)lanes, above);
+    int64_t n = 0;
+    for (int i = 0; i < 8; i++) n -= lanes[i];
+    return n;
+}
+#endif
+
 int bracket_scan(const merge_args *a, const float *lo, const float *hi, int64_t *above, float **cands,
                  int64_t *count, int64_t cap) {
     const int T = a->T;
@@ -372,36 +427,30 @@ int bracket_scan(const merge_args *a, const float *lo, const float *hi, int64_t 
         const int m = (int)(a->n - at < TILE ? a->n - at : TILE);
         load_f32(bf, a->base, a->dtype, at, m);
         for (int t = 0; t < T; t++) {
-            load_f32(d, a->experts[t], a->dtype, at, m);
+            if (count[t] + m + SCAN_PAST > cap) return -1;
             const float l = lo[t], h = hi[t];
-            int64_t n_above = 0, n_in = 0;
-            for (int j = 0; j < m; j++) {
-                float v = __builtin_fabsf(d[j] - bf[j]);
-                d[j] = v;
-                n_above += v > h;
-                n_in += (v >= l) & (v <= h);
-            }
-            above[t] += n_above;
-            if (n_in == 0) continue;
-            if (count[t] + n_in + 1 > cap) return -1; /* + 1: the loop below writes one past the last */
             float *c = cands[t] + count[t];
             int64_t k = 0;
             int j = 0;
 #ifdef __AVX2__
-            /* a few % of the entries are inside: test 8 at a time, copy only those */
-            const __m256 L = _mm256_set1_ps(l), H = _mm256_set1_ps(h);
-            for (; j + 8 <= m; j += 8) {
-                __m256 v = _mm256_loadu_ps(d + j);
-                __m256 inside = _mm256_and_ps(_mm256_cmp_ps(v, L, _CMP_GE_OQ), _mm256_cmp_ps(v, H, _CMP_LE_OQ));
-                for (unsigned bits = (unsigned)_mm256_movemask_ps(inside); bits; bits &= bits - 1)
-                    c[k++] = d[j + __builtin_ctz(bits)];
+            const int m8 = m & ~7;
+            switch (a->dtype) { /* a constant dtype: one loop per case */
+            case BF16: above[t] += scan8(bf, a->experts[t], BF16, at, l, h, c, &k, m8); break;
+            case F16: above[t] += scan8(bf, a->experts[t], F16, at, l, h, c, &k, m8); break;
+            default: above[t] += scan8(bf, a->experts[t], F32, at, l, h, c, &k, m8);
             }
+            j = m8;
 #endif
-            for (; j < m; j++) { /* branch-free: always write, advance where inside */
-                c[k] = d[j];
-                k += (d[j] >= l) & (d[j] <= h);
+            if (j < m) {
+                load_f32(d, a->experts[t], a->dtype, at + j, m - j);
+                for (int i = 0; i < m - j; i++) { /* branch-free: always write, advance where inside */
+                    float v = __builtin_fabsf(d[i] - bf[j + i]);
+                    above[t] += v > h;
+                    c[k] = v;
+                    k += (v >= l) & (v <= h);
+                }
             }
-            count[t] += n_in;
+            count[t] += k;
         }
     }
     return 0;
