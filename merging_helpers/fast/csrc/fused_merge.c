@@ -62,18 +62,24 @@ typedef struct {
 typedef unsigned __int128 u128;
 
 /* ------------------------------------------------------------------ conversions */
+static inline __attribute__((always_inline)) float to_f32(const void *src, const int dtype, int64_t i) {
+    if (dtype == BF16) { /* the high half of a float32 */
+        uint32_t u = (uint32_t)((const uint16_t *)src)[i] << 16;
+        float f;
+        memcpy(&f, &u, 4);
+        return f;
+    }
+    if (dtype == F16) return (float)((const _Float16 *)src)[i];
+    return ((const float *)src)[i];
+}
+
 static void load_f32(float *dst, const void *src, int dtype, int64_t at, int m) {
     if (dtype == F32) {
         memcpy(dst, (const float *)src + at, (size_t)m * sizeof(float));
     } else if (dtype == BF16) {
-        const uint16_t *s = (const uint16_t *)src + at;
-        for (int j = 0; j < m; j++) {
-            uint32_t u = (uint32_t)s[j] << 16;
-            memcpy(dst + j, &u, 4);
-        }
+        for (int j = 0; j < m; j++) dst[j] = to_f32(src, BF16, at + j);
     } else {
-        const _Float16 *s = (const _Float16 *)src + at;
-        for (int j = 0; j < m; j++) dst[j] = (float)s[j];
+        for (int j = 0; j < m; j++) dst[j] = to_f32(src, F16, at + j);
     }
 }
 
@@ -199,17 +205,50 @@ static void magnitude_keep(float *restrict keep, const float *restrict d, float 
     }
 }
 
-/* out = ((x - base) * keep) / divisor, each step optional (base, keep NULL; rescale 0),
-   in one pass */
-static void drop_rescale(float *out, const float *x, const float *restrict base, const float *restrict keep,
-                         float divisor, int rescale, int m) {
-    for (int j = 0; j < m; j++) { /* the tests are loop-invariant: the compiler makes one loop per case */
-        float v = x[j];
-        if (base) v -= base[j];
+/* d = (d * keep) / divisor (the division only if rescale), in place */
+static void drop_rescale(float *restrict d, const float *restrict keep, float divisor, int rescale, int m) {
+    if (rescale)
+        for (int j = 0; j < m; j++) d[j] = (d[j] * keep[j]) / divisor;
+    else
+        for (int j = 0; j < m; j++) d[j] *= keep[j];
+}
+
+/* steps 1.-3. for one expert in one pass over the tile: D = ((float(expert) - base) *
+   keep) / divisor, with keep = 1 everywhere (keep NULL) or keep[j], the division only if
+   rescale.  Returns 0 if an expert entry is not finite.  Called with constant dtype,
+   (keep != NULL) and rescale: one vectorised loop each.  (A magnitude keep computed
+   inline, v * (|v| > thr), is not vectorised by gcc: it stays a loop of its own.) */
+static inline __attribute__((always_inline)) int expert_deltas(float *restrict d, const void *src, const int dtype,
+                                                               int64_t at, const float *restrict bf,
+                                                               const float *restrict keep, const int rescale,
+                                                               float divisor, int m) {
+    int ok = 1;
+    for (int j = 0; j < m; j++) {
+        const float x = to_f32(src, dtype, at + j);
+        ok &= __builtin_fabsf(x) <= 3.40282347e+38f;
+        float v = x - bf[j];
         if (keep) v *= keep[j];
         if (rescale) v /= divisor;
-        out[j] = v;
+        d[j] = v;
     }
+    return ok;
+}
+
+static int expert_deltas_any(float *d, const void *src, int dtype, int64_t at, const float *bf, const float *keep,
+                             int rescale, float divisor, int m) {
+#define CASES(DT)                                                                                         \
+    case DT:                                                                                              \
+        if (keep) return rescale ? expert_deltas(d, src, DT, at, bf, keep, 1, divisor, m)                 \
+                                 : expert_deltas(d, src, DT, at, bf, keep, 0, divisor, m);                \
+        return rescale ? expert_deltas(d, src, DT, at, bf, NULL, 1, divisor, m)                            \
+                       : expert_deltas(d, src, DT, at, bf, NULL, 0, divisor, m);
+    switch (dtype) {
+        CASES(BF16)
+        CASES(F16)
+        CASES(F32)
+    }
+#undef CASES
+    return 0;
 }
 
 /* ------------------------------------------------------------------ helpers */
@@ -284,18 +323,19 @@ int merge_piece(merge_args *a) {
         if (a->drop == DROP_RANDOM) high_bytes(hb, state, inc, T, m);
         for (int t = 0; t < T; t++) {
             float *d = D[t], *k = A[t];
-            load_f32(d, a->experts[t], a->dtype, at, m);
-            if (!all_finite(d, m)) return -(10 + t);
+            const void *e = a->experts[t];
+            int ok;
             if (a->drop == DROP_MAGNITUDE) {
-                for (int j = 0; j < m; j++) d[j] -= bf[j];
+                ok = expert_deltas_any(d, e, a->dtype, at, bf, NULL, 0, 1.0f, m);
                 magnitude_keep(k, d, a->thr[t], a->tie_value[t], &allow[t], m);
-                drop_rescale(d, d, NULL, k, a->divisor[t], a->rescale, m);
+                drop_rescale(d, k, a->divisor[t], a->rescale, m);
             } else if (a->drop == DROP_RANDOM) {
                 random_keep(k, hb[t], a->key[t], a->t_hi[t], a->t_lo[t], at, m);
-                drop_rescale(d, d, bf, k, a->divisor[t], a->rescale, m);
+                ok = expert_deltas_any(d, e, a->dtype, at, bf, k, a->rescale, a->divisor[t], m);
             } else {
-                drop_rescale(d, d, bf, NULL, a->divisor[t], a->rescale, m);
+                ok = expert_deltas_any(d, e, a->dtype, at, bf, NULL, a->rescale, a->divisor[t], m);
             }
+            if (!ok) return -(10 + t);
         }
 
         /* 4. combine */
