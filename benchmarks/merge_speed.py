@@ -5,6 +5,7 @@
     python benchmarks/merge_speed.py --shape tinyllama
     python benchmarks/merge_speed.py --shape tiny --tools ours   # quick check
     python benchmarks/merge_speed.py --tools ours --methods dare_ties,rms_adaptive   # chapter 7's cost
+    python benchmarks/merge_speed.py --tools ours,ours-direct,mergekit   # both of our write modes
 
 What it does, in one run:
 
@@ -339,7 +340,8 @@ def main(argv=None) -> int:
     p.add_argument("--experts", type=int, default=3)
     p.add_argument("--density", type=float, default=0.3)
     p.add_argument("--methods", default="ties,dare_ties")
-    p.add_argument("--tools", default="ours,mergekit")
+    p.add_argument("--tools", default="ours,mergekit",
+                   help="comma list of ours, ours-direct (our merge, output with O_DIRECT), mergekit")
     p.add_argument("--device", default="cpu", help="device of our merge (cpu, cuda); mergekit gets --cuda too")
     p.add_argument("--cache", choices=["cold", "warm"], default="cold",
                    help="cold: drop the page cache before every run (root only); warm: flush earlier outputs (sync) and read "
@@ -387,6 +389,8 @@ def main(argv=None) -> int:
     if args.kernel == "c" and compiled.load() is None:
         raise SystemExit(f"--kernel c: {compiled.ERROR}")
     writes = ("direct" if args.direct else "buffered") + (" + fsync" if args.fsync else ", not flushed")
+    if "ours-direct" in tools:
+        writes += " (ours-direct: O_DIRECT" + (" + fsync)" if args.fsync else ", not flushed)")
     path = (f"the reference engine on {args.device}" if args.device.startswith("cuda")
             else f"fused CPU path with {kernel}")
     print(f"ours: {path}; writes {writes} (mergekit: buffered, not flushed)", flush=True)
@@ -407,12 +411,13 @@ def main(argv=None) -> int:
             if tool == "mergekit" and method == "rms_adaptive":
                 print("mergekit has no rms_adaptive method: skipped", flush=True)
                 continue
-            if tool == "ours":
+            if tool in ("ours", "ours-direct"):  # ours-direct: the same merge, output written with O_DIRECT
                 cmd = [sys.executable, str(Path(__file__).resolve()), "_ours", "--base", str(base),
                        "--experts", *map(str, experts), "--out", str(out), "--method", method,
                        "--density", str(args.density), "--device", args.device,
                        "--dare-rescale", args.dare_rescale, "--workers", str(args.workers),
-                       "--kernel", args.kernel] + ["--direct"] * args.direct + ["--fsync"] * args.fsync
+                       "--kernel", args.kernel] + ["--direct"] * (args.direct or tool == "ours-direct") + [
+                           "--fsync"] * args.fsync
             elif tool == "mergekit":
                 cfg = outdir / f"mergekit-{method}.yml"
                 cfg.write_text(mergekit_config(method, base, experts, args.density, args.dtype))
@@ -442,7 +447,7 @@ def main(argv=None) -> int:
         f"cold read {cold:.2f} GB/s, memcpy {mem:.1f} GB/s, input per merge {input_bytes / 1e9:.2f} GB",
         f"ours: {path}; writes {writes}; mergekit: buffered, not flushed",
         "",
-        f"{'tool':10s} {'method':12s} {'wall s':>8s} {'input GB/s':>11s} {'peak RSS GB':>12s} {'speedup':>8s} "
+        f"{'tool':12s} {'method':12s} {'wall s':>8s} {'input GB/s':>11s} {'peak RSS GB':>12s} {'speedup':>8s} "
         f"{'CPU s':>8s} {'CPU speedup':>12s} {'load avg':>10s}",
     ]
     ref_cpu = {r["method"]: r["cpu_s"] for r in results if r["tool"] == "mergekit"}
@@ -450,7 +455,7 @@ def main(argv=None) -> int:
         sp, sc = ref.get(r["method"]), ref_cpu.get(r["method"])
         speed = f"{sp / r['wall_s']:.1f}x" if sp else "-"
         cspeed = f"{sc / r['cpu_s']:.1f}x" if sc else "-"
-        lines.append(f"{r['tool']:10s} {r['method']:12s} {r['wall_s']:8.1f} {r['input_gbps']:11.3f} "
+        lines.append(f"{r['tool']:12s} {r['method']:12s} {r['wall_s']:8.1f} {r['input_gbps']:11.3f} "
                      f"{r['peak_rss_gb']:12.2f} {speed:>8s} {r['cpu_s']:8.1f} {cspeed:>12s} "
                      f"{r['load_before']:4.1f}->{r['load_after']:<4.1f}")
     lines.append("(speedup = mergekit's wall time / ours, same files, same run; CPU s = user + sys of the "
