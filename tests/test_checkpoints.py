@@ -58,6 +58,56 @@ def test_read_rows_reads_the_rows_asked_for(tmp_path):
             cf.read_rows("s", torch.tensor([0]))
 
 
+def test_map_gives_read_s_tensors_without_a_copy(tmp_path):
+    """map() == read() for every dtype, a scalar and an empty tensor, at offsets that are
+    not page-aligned; writes to the mapped tensor never reach the file."""
+    tensors = {"bf": torch.randn(300, 7).to(torch.bfloat16), "f32": torch.randn(1000), "s": torch.tensor(2.5),
+               "e": torch.zeros(0, 3), "h": torch.randn(5, 5).half()}
+    f = _st_file(tmp_path / "model.safetensors", tensors)
+    before = f.read_bytes()
+    with CheckpointFolder(tmp_path) as cf:
+        for name, t in tensors.items():
+            m = cf.map(name)
+            assert m.dtype == t.dtype and m.shape == t.shape and torch.equal(m, cf.read(name))
+        m = cf.map("f32")
+        m += 1  # copy-on-write: the process's pages change, the file does not
+        assert torch.equal(cf.map("f32"), tensors["f32"])
+    assert f.read_bytes() == before
+
+
+def test_map_cached_only_declines_pages_not_in_the_page_cache(tmp_path):
+    f = _st_file(tmp_path / "model.safetensors", {"w": torch.randn(512, 1024)})  # 2 MB
+    with CheckpointFolder(tmp_path) as cf:
+        cf.read("w")  # now cached
+        assert torch.equal(cf.map("w", cached_only=True), cf.read("w"))
+        if not hasattr(os, "posix_fadvise"):
+            pytest.skip("no posix_fadvise: cannot evict the file's pages")
+        os.sync()  # clean pages can be dropped
+        fd = os.open(f, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+        if ckpt._cached(*_mapping_of(f)):
+            pytest.skip("the kernel kept the pages cached")
+        assert cf.map("w", cached_only=True) is None
+        assert torch.equal(cf.map("w"), cf.read("w"))
+
+
+def _mapping_of(path):
+    import mmap
+    fd = os.open(path, os.O_RDONLY)
+    m = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+    os.close(fd)
+    buf = torch.frombuffer(m, dtype=torch.uint8)
+    return buf.data_ptr(), buf.numel()
+
+
+def test_map_of_a_file_that_shrank_names_file_and_tensor(folder):
+    with CheckpointFolder(folder) as cf:
+        os.truncate(folder / "model.safetensors", 40)  # after the header was read
+        with pytest.raises(ckpt.ShortFileError, match=r"model.safetensors: ends before tensor 'b'"):
+            cf.map("b")
+
+
 def test_overlapping_byte_ranges_are_refused(folder):
     def share(h):  # "b" reads a's bytes: the safetensors library refuses this too
         h["b"]["data_offsets"] = [0, 16]

@@ -63,6 +63,42 @@ def test_streaming_equals_in_memory(families, tmp_path, case, method):
         assert any(not torch.equal(a[n], b[n]) for n in a if a[n].is_floating_point())
 
 
+@pytest.mark.parametrize("method", ["ties", "dare_ties"])
+def test_inputs_read_or_mapped_give_the_same_merge(families, tmp_path, monkeypatch, method):
+    """On the CPU the prefetcher maps inputs that are in the page cache (as they are here)
+    and reads the others into pool buffers: both ways give the same bytes, the pool
+    takes back only its own buffers, and every input tensor went the way forced."""
+    base_dir, expert_dirs = families["llama-bf16-sharded"]
+    kw = METHOD_KWARGS[method]
+    ways = []
+    real_map = CheckpointFolder.map
+
+    def spy_map(self, name, cached_only=False):
+        t = None if force_read else real_map(self, name, cached_only)
+        ways.append("read" if t is None else "mapped")
+        return t
+    monkeypatch.setattr(CheckpointFolder, "map", spy_map)
+    outs = {}
+    for force_read in (False, True):
+        ways.clear()
+        outs[force_read] = load_state_dict(merge_folders(base_dir, expert_dirs, tmp_path / f"o{force_read}", method,
+                                                         progress=False, **kw))
+        assert ways and set(ways) == {"read" if force_read else "mapped"}
+    assert all(torch.equal(outs[True][n], outs[False][n]) for n in outs[True])
+
+
+def test_buffer_pool_takes_back_only_its_own_buffers():
+    pool = streaming._BufferPool(cap=1 << 20)
+    mine, other = pool.get(1000), torch.empty(1000, dtype=torch.uint8)
+    pool.put(other)
+    assert pool.idle == 0
+    pool.put(mine)
+    assert pool.idle == 1000 and pool.get(1000) is mine
+    big = pool.get(2 << 20)
+    pool.put(big)  # over the cap: dropped and forgotten
+    assert pool.idle == 0 and big.data_ptr() not in pool.mine
+
+
 def test_chunked_task_arithmetic_equals_whole(families, tmp_path):
     base_dir, expert_dirs = families["llama-bf16-sharded"]
     kw = METHOD_KWARGS["task_arithmetic"]

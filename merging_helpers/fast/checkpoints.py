@@ -9,9 +9,11 @@ parameters in memory, so everything here works tensor by tensor:
   *headers* (a few kB) and give every tensor's name, dtype, shape and byte range.
 * :func:`read_tensor` reads one tensor lazily with ``safetensors.safe_open``.
 * :meth:`CheckpointFolder.read` reads one tensor with a plain ``pread`` into a
-  fresh buffer: one copy from the page cache, no memory map that stays resident
-  (with a memory map every page touched counts in the process's RSS until the
-  file is closed) and safe to call from a prefetch thread.
+  fresh buffer: one copy from the page cache, safe to call from a prefetch thread.
+* :meth:`CheckpointFolder.map` gives one tensor without a copy: a private memory map
+  of just its pages, filled before it returns, unmapped when its last view is freed
+  (so, unlike a map of the whole file, the pages count in the process's RSS only
+  while the tensor is in use). The streaming merge on the CPU reads this way.
 * :class:`ShardedSafetensorsWriter` writes a sharded safetensors checkpoint whose
   layout (shards, headers, offsets) is planned up front from the names, dtypes and
   shapes, so each tensor is written at its final offset as soon as it is ready and
@@ -44,6 +46,7 @@ from fnmatch import fnmatch
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -99,6 +102,7 @@ for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 
 _MAX_IO = 1 << 30  # bytes per pread/pwrite call (Linux caps one call at ~2 GiB)
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux >= 5.14: fault the pages in now
 _ALIGN = 4096  # O_DIRECT: file offsets, lengths and memory aligned to the page size
 _BOUNCE = 16 << 20  # bytes of the aligned buffer that O_DIRECT writes go through
 _DIRECT_MIN = 1 << 20  # smaller tensors go through the page cache
@@ -265,6 +269,39 @@ def _torch_load_weights_only(path: Path) -> dict[str, torch.Tensor]:
     return dict(sd)
 
 
+class ShortFileError(OSError):
+    """A weight file ends before a tensor its header lists: it changed after the header was read (appendix, chapter 8)."""
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True) if hasattr(os, "uname") else None  # Unix: madvise, mincore
+
+
+def _cached(addr: int, length: int) -> bool:
+    """True if every page of the mapping at ``addr`` is in the page cache (mincore(2))."""
+    mincore = getattr(_LIBC, "mincore", None)
+    if mincore is None:
+        return False
+    mincore.argtypes, mincore.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p], ctypes.c_int
+    vec = np.empty(-(-length // mmap.PAGESIZE), dtype=np.uint8)
+    return mincore(addr, length, vec.ctypes.data) == 0 and bool((vec & 1).all())
+
+
+def _fill(addr: int, length: int, m: mmap.mmap, file: Path, name: str) -> None:
+    """Fault in every page of the map now (reading the disk if they are not cached).
+    madvise goes through ctypes, which lets other threads run meanwhile (mmap.madvise
+    holds the GIL while the disk is read)."""
+    madvise = getattr(_LIBC, "madvise", None)
+    if madvise is not None:
+        madvise.argtypes, madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+        if madvise(addr, length, _MADV_POPULATE_READ) == 0:
+            return
+        err = ctypes.get_errno()
+        if err == errno.EFAULT:  # a page past the end of the file: it shrank since its header was read
+            raise ShortFileError(f"{file}: ends before tensor {name!r} does (was it changed during the merge?)")
+    m[::mmap.PAGESIZE]  # older kernels (EINVAL) or no madvise: touch one byte per page
+    # (a file that shrank raises SIGBUS here; Linux >= 5.14 takes the branch above)
+
+
 class CheckpointFolder:
     """Tensor-by-tensor access to a Hugging Face model folder (appendix, chapter 8).
 
@@ -364,6 +401,40 @@ class CheckpointFolder:
                 if n <= 0:
                     raise IOError(f"{info.file}: unexpected end of file reading {name!r}")
                 done += n
+        return buf.view(info.dtype).view(info.shape) if info.shape else buf.view(info.dtype).reshape(())
+
+    def map(self, name: str, cached_only: bool = False) -> torch.Tensor | None:
+        """Tensor ``name`` without a copy: a view of its bytes in the page cache (appendix, chapter 8).
+
+        A private (copy-on-write) memory map of the pages that hold the tensor, filled
+        before this returns, so that the disk is read here (e.g. in a prefetch thread)
+        and not where the tensor is first used. Writes to the tensor never reach the
+        file. The map is released when the last view of the tensor is freed. Pickled
+        checkpoints and empty tensors are read with :meth:`read`.
+
+        ``cached_only=True`` returns None unless every page is already in the page cache
+        (the streaming merge then reads into a buffer instead: pages just read from the
+        disk were slower to merge from mapped than copied, on our VM). Raises
+        :class:`ShortFileError` if the file ends before the tensor; ``OSError`` if the
+        file system cannot map files.
+        """
+        info = self.tensors[name]
+        nbytes = info.end - info.start
+        if self.format == "bin" or nbytes == 0:
+            return self.read(name)
+        if nbytes != info.nbytes:
+            raise ValueError(f"{info.file}: tensor {name!r} byte range does not match its shape")
+        start = info.start - info.start % mmap.ALLOCATIONGRANULARITY
+        try:
+            m = mmap.mmap(self._fd(info.file), info.end - start, offset=start, access=mmap.ACCESS_COPY)
+        except ValueError as e:  # "mmap length is greater than file size"
+            raise ShortFileError(f"{info.file}: ends before tensor {name!r} does (was it changed since its "
+                                 f"header was read?)") from e
+        buf = torch.frombuffer(m, dtype=torch.uint8, count=nbytes, offset=info.start - start)  # keeps m alive
+        addr = buf.data_ptr() - (info.start - start)
+        if cached_only and not _cached(addr, len(m)):
+            return None
+        _fill(addr, len(m), m, info.file, name)
         return buf.view(info.dtype).view(info.shape) if info.shape else buf.view(info.dtype).reshape(())
 
     def read_rows(self, name: str, rows: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,9 @@ a new folder without ever holding a whole model in memory:
 2. plan the output shards from the names, dtypes and shapes (see
    :class:`~merging_helpers.fast.checkpoints.ShardedSafetensorsWriter`);
 3. for every tensor, in the base's on-disk order: read it from the base and every
-   expert (a prefetch thread reads ahead while the current one is merged), merge it
+   expert (a prefetch thread reads ahead while the current one is merged; on the CPU
+   it maps the tensor's pages instead of copying them where they are in the page
+   cache already, :meth:`~merging_helpers.fast.checkpoints.CheckpointFolder.map`), merge it
    in float32 on ``device``, cast it back to the input dtype and hand it to a writer
    thread that writes it at its final offset (through the page cache, unflushed, by
    default; ``fsync=True`` flushes every shard first);
@@ -70,7 +72,8 @@ from ..config import as_config
 from ..deltas import far_from_base
 from ..recipes import merge_tensor, model_thresholds
 from . import compiled
-from .checkpoints import CheckpointFolder, ShardedSafetensorsWriter, check_output_path, recover_leftovers
+from .checkpoints import (CheckpointFolder, ShardedSafetensorsWriter, ShortFileError, check_output_path,
+                          recover_leftovers)
 from .fused import FusedMerge, fused_supported
 
 __all__ = ["merge_folders", "validate_folders", "fused_supported", "KERNELS"]
@@ -118,10 +121,12 @@ class _BufferPool:
     """Reusable uint8 buffers by exact size (a model repeats the same shapes layer
     after layer), so reads and outputs do not page-fault fresh memory every time.
     Keeps at most ``cap`` bytes of idle buffers: 1 GiB holds the embedding matrices
-    of base and experts until the LM head (same shape) reuses them."""
+    of base and experts until the LM head (same shape) reuses them. ``put`` takes
+    back only buffers that ``get`` gave out (not, e.g., a memory-mapped input)."""
 
     def __init__(self, cap: int = 1 << 30, pin: bool = False):
         self.cap, self.idle, self.free, self.pin = cap, 0, {}, pin
+        self.mine: set[int] = set()  # data pointers of the buffers made here
         self.lock = threading.Lock()
 
     def get(self, nbytes: int) -> torch.Tensor:
@@ -132,14 +137,21 @@ class _BufferPool:
                 return lst.pop()
         # pinned (page-locked) buffers when merging on a GPU: reads land where the GPU's copy
         # engine can fetch them asynchronously, at full PCIe speed
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin)
+        buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin)
+        with self.lock:
+            self.mine.add(buf.data_ptr())
+        return buf
 
     def put(self, buf: torch.Tensor) -> None:
         n = buf.numel()
         with self.lock:
+            if buf.data_ptr() not in self.mine:
+                return
             if self.idle + n <= self.cap:
                 self.free.setdefault(n, []).append(buf)
                 self.idle += n
+            else:  # dropped: its address may come back as someone else's memory
+                self.mine.discard(buf.data_ptr())
 
 
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -156,8 +168,8 @@ class _Prefetcher:
     _DONE = object()
 
     def __init__(self, folders: Sequence[CheckpointFolder], names: Sequence[str], budget: int,
-                 pool: _BufferPool | None = None):
-        self.folders, self.names, self.budget, self.pool = folders, list(names), budget, pool
+                 pool: _BufferPool | None = None, mapped: bool = False):
+        self.folders, self.names, self.budget, self.pool, self.mapped = folders, list(names), budget, pool, mapped
         self.q: queue.Queue = queue.Queue()
         self.cv = threading.Condition()
         self.pending = 0  # bytes read but not yet released by the consumer
@@ -186,7 +198,18 @@ class _Prefetcher:
         self.q.put((self._DONE, None, 0))
 
     def _read(self, folder: CheckpointFolder, name: str) -> torch.Tensor:
-        if self.pool is None or folder.format != "safetensors" or not folder.tensors[name].nbytes:
+        if folder.format != "safetensors" or not folder.tensors[name].nbytes:
+            return folder.read(name)
+        if self.mapped:  # in the page cache already: map it, no copy
+            try:
+                t = folder.map(name, cached_only=True)
+                if t is not None:
+                    return t
+            except ShortFileError:
+                raise
+            except OSError:  # a file system that cannot map files: read instead
+                pass
+        if self.pool is None:
             return folder.read(name)
         return folder.read(name, buffer=self.pool.get(folder.tensors[name].nbytes))
 
@@ -232,7 +255,7 @@ def _streamed_rms_table(base: CheckpointFolder, experts: Sequence[CheckpointFold
     matrices = [n for n in names if ra.is_matrix(n, base.tensors[n].shape)]
     table = {who: {} for who in expert_names}
     pool = _BufferPool()
-    prefetch = _Prefetcher([base, *experts], matrices, prefetch_bytes, pool)
+    prefetch = _Prefetcher([base, *experts], matrices, prefetch_bytes, pool, mapped=True)
     try:
         from tqdm.auto import tqdm
         block = ra.RMS_CHUNK
@@ -443,7 +466,8 @@ def merge_folders(
                 ThreadPoolExecutor(1, thread_name_prefix="merge-write") as wpool:
             pending: list = []
             pool = _BufferPool(pin=device.type == "cuda")
-            prefetch = _Prefetcher(folders, names, prefetch_bytes, pool)
+            # on the CPU, inputs already in the page cache are mapped, not copied: no buffer to fill
+            prefetch = _Prefetcher(folders, names, prefetch_bytes, pool, mapped=device.type == "cpu")
 
             def write(name, out, release):
                 writer.write(name, out)
