@@ -701,9 +701,10 @@ class ShardedSafetensorsWriter:
     * ``direct=True`` sends the page-aligned middle of every large tensor straight to
       the disk (``O_DIRECT``, through an aligned bounce buffer; buffered where the file
       system refuses), so a merge larger than RAM does not fill the page cache with
-      dirty pages. On our 2-core VM a 2.2 GB output took 2.0 s this way against 0.4 s
-      buffered (and written back after the merge); on the H100 machine the three ways
-      were within 15 % of each other.
+      dirty pages. Which way is faster depends on the machine: on our 2-core VM, where
+      every fresh page of memory costs the host a fault, direct writes made the whole
+      merge faster; on the H100 machine the ways were within 15 % of each other
+      (``benchmarks/merge_speed.py --tools ours,ours-direct`` measures both).
 
     On success the temporary folder (``.<out>.tmp-*`` next to ``out``) gets
     ``model.safetensors.index.json`` (when there is more than one shard), the base's
