@@ -38,6 +38,7 @@ import pickle
 import re
 import shutil
 import struct
+import sys
 import tempfile
 import threading
 import warnings
@@ -102,7 +103,8 @@ for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 
 _MAX_IO = 1 << 30  # bytes per pread/pwrite call (Linux caps one call at ~2 GiB)
-_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux >= 5.14: fault the pages in now
+# Linux >= 5.14: fault a mapping's pages in now (22 is Linux's value; other systems lack this advice)
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform == "linux" else None)
 _ALIGN = 4096  # O_DIRECT: file offsets, lengths and memory aligned to the page size
 _BOUNCE = 16 << 20  # bytes of the aligned buffer that O_DIRECT writes go through
 _DIRECT_MIN = 1 << 20  # smaller tensors go through the page cache
@@ -291,7 +293,7 @@ def _fill(addr: int, length: int, m: mmap.mmap, file: Path, name: str) -> None:
     madvise goes through ctypes, which lets other threads run meanwhile (mmap.madvise
     holds the GIL while the disk is read)."""
     madvise = getattr(_LIBC, "madvise", None)
-    if madvise is not None:
+    if madvise is not None and _MADV_POPULATE_READ is not None:
         madvise.argtypes, madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
         if madvise(addr, length, _MADV_POPULATE_READ) == 0:
             return
