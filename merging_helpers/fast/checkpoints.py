@@ -13,7 +13,8 @@ parameters in memory, so everything here works tensor by tensor:
 * :meth:`CheckpointFolder.map` gives one tensor without a copy: a private memory map
   of just its pages, filled before it returns, unmapped when its last view is freed
   (so, unlike a map of the whole file, the pages count in the process's RSS only
-  while the tensor is in use). The streaming merge on the CPU reads this way.
+  while the tensor is in use). The streaming merge on the CPU maps the tensors whose
+  pages are in the page cache already.
 * :class:`ShardedSafetensorsWriter` writes a sharded safetensors checkpoint whose
   layout (shards, headers, offsets) is planned up front from the names, dtypes and
   shapes, so each tensor is written at its final offset as soon as it is ready and
@@ -276,6 +277,10 @@ class ShortFileError(OSError):
 
 
 _LIBC = ctypes.CDLL(None, use_errno=True) if hasattr(os, "uname") else None  # Unix: madvise, mincore
+for _fn, _args in (("madvise", ctypes.c_int), ("mincore", ctypes.c_void_p)):
+    if hasattr(_LIBC, _fn):  # (addr, length, advice / result vector) -> 0 or -1
+        getattr(_LIBC, _fn).argtypes = [ctypes.c_void_p, ctypes.c_size_t, _args]
+        getattr(_LIBC, _fn).restype = ctypes.c_int
 
 
 def _cached(addr: int, length: int) -> bool:
@@ -283,7 +288,6 @@ def _cached(addr: int, length: int) -> bool:
     mincore = getattr(_LIBC, "mincore", None)
     if mincore is None:
         return False
-    mincore.argtypes, mincore.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p], ctypes.c_int
     vec = np.empty(-(-length // mmap.PAGESIZE), dtype=np.uint8)
     return mincore(addr, length, vec.ctypes.data) == 0 and bool((vec & 1).all())
 
@@ -294,7 +298,6 @@ def _fill(addr: int, length: int, m: mmap.mmap, file: Path, name: str) -> None:
     holds the GIL while the disk is read)."""
     madvise = getattr(_LIBC, "madvise", None)
     if madvise is not None and _MADV_POPULATE_READ is not None:
-        madvise.argtypes, madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
         if madvise(addr, length, _MADV_POPULATE_READ) == 0:
             return
         err = ctypes.get_errno()
@@ -302,6 +305,11 @@ def _fill(addr: int, length: int, m: mmap.mmap, file: Path, name: str) -> None:
             raise ShortFileError(f"{file}: ends before tensor {name!r} does (was it changed during the merge?)")
     m[::mmap.PAGESIZE]  # older kernels (EINVAL) or no madvise: touch one byte per page
     # (a file that shrank raises SIGBUS here; Linux >= 5.14 takes the branch above)
+
+
+def _typed(buf: torch.Tensor, info: TensorInfo) -> torch.Tensor:
+    """The uint8 bytes ``buf`` viewed as tensor ``info``'s dtype and shape."""
+    return buf.view(info.dtype).view(info.shape) if info.shape else buf.view(info.dtype).reshape(())
 
 
 class CheckpointFolder:
@@ -403,7 +411,7 @@ class CheckpointFolder:
                 if n <= 0:
                     raise IOError(f"{info.file}: unexpected end of file reading {name!r}")
                 done += n
-        return buf.view(info.dtype).view(info.shape) if info.shape else buf.view(info.dtype).reshape(())
+        return _typed(buf, info)
 
     def map(self, name: str, cached_only: bool = False) -> torch.Tensor | None:
         """Tensor ``name`` without a copy: a view of its bytes in the page cache (appendix, chapter 8).
@@ -437,7 +445,7 @@ class CheckpointFolder:
         if cached_only and not _cached(addr, len(m)):
             return None
         _fill(addr, len(m), m, info.file, name)
-        return buf.view(info.dtype).view(info.shape) if info.shape else buf.view(info.dtype).reshape(())
+        return _typed(buf, info)
 
     def read_rows(self, name: str, rows: torch.Tensor) -> torch.Tensor:
         """Rows ``rows`` (int indices along the first dimension, any order, repeats allowed) of
