@@ -118,11 +118,13 @@ def families(tmp_path_factory):
     return out
 
 
+GLUE_KEY = r"""glue\(\s*["']([\w.-]+)["']"""  # the literal key of a glue("key", ...) call
+
 
 def glued_keys(cells):
     """Literal keys, and the literal prefixes of f-string keys, that a chapter's code cells glue."""
     code = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
-    literal = set(re.findall(r"""glue\(\s*["']([\w.-]+)["']""", code))
+    literal = set(re.findall(GLUE_KEY, code))
     prefixes = set(re.findall(r"""glue\(\s*f["']([\w.-]*)\{""", code))
     if "glue_run_time()" in code:
         literal |= {"chapter_seconds", "chapter_cpus", "memo_cells", "memo_read", "memo_minutes"}

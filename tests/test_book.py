@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import GLUE_KEY
 from conftest import glued_keys as _glue_keys
 from markdown_it import MarkdownIt
 
@@ -242,7 +243,7 @@ def _glue_call_sites(cells):
     counts = {}
     for c in cells:
         if c["cell_type"] == "code":
-            for key in set(re.findall(r"""glue\(\s*["']([\w.-]+)["']""", "".join(c["source"]))):
+            for key in set(re.findall(GLUE_KEY, "".join(c["source"]))):
                 counts[key] = counts.get(key, 0) + 1
     return counts
 
