@@ -505,15 +505,22 @@ def load_zoo(tasks=None, config: TrainConfig | None = None, cache_dir=None,
 
 
 def main(argv=None):
-    """``python -m merging_helpers.zoo [--rebuild]``: build the zoo cache (chapter 0)."""
+    """``python -m merging_helpers.zoo [--tier T|all] [--rebuild]``: build the zoo cache (chapter 0).
+
+    ``--tier all`` builds every tier in turn, with progress bars and each tier's time, so that
+    ``make test`` and ``make book`` build what the chapters load before any chapter runs."""
     import argparse
+    import time
     parser = argparse.ArgumentParser(description="Build (or rebuild) the book's model zoo cache.")
     parser.add_argument("--rebuild", action="store_true", help="delete the cached zoo and build it again")
     parser.add_argument("--cache-dir", default=None, help=f"cache folder (default ${CACHE_ENV} or ~/.cache/merging_book)")
-    parser.add_argument("--tier", default="light", choices=list(TIERS), help="which tier to build (default light)")
+    parser.add_argument("--tier", default="light", choices=[*TIERS, "all"],
+                        help="which tier to build, or all of them (default light)")
     args = parser.parse_args(argv)
-    zoo = load_zoo(cache_dir=args.cache_dir, rebuild=args.rebuild, tier=args.tier)
-    print(f"zoo ready in {zoo.root}")
+    for tier in TIERS if args.tier == "all" else [args.tier]:
+        start = time.perf_counter()
+        zoo = load_zoo(cache_dir=args.cache_dir, rebuild=args.rebuild, tier=tier)
+        print(f"zoo tier {tier!r} ready in {zoo.root} ({time.perf_counter() - start:.0f} s)", flush=True)
 
 
 if __name__ == "__main__":
