@@ -751,20 +751,21 @@ A5 = [
             """, hidden=True)]),
     *question("q2_cv", 2, """
         **Question 2.** Write `cv_percent(table)`: `table` maps expert → {matrix name → rms};
-        return σ/μ × 100 of the experts' *average* RMS (σ the population standard deviation).
+        return σ/μ × 100 of the experts' *average* RMS (σ the sample standard deviation, with
+        n − 1, as the slides compute it).
         """, '''
         def cv_percent(table):
             """The experts' dispersion: σ/μ of their average RMS, in percent (chapter 7)."""
             # BEGIN SOLUTION
             averages = torch.tensor([sum(v.values()) / len(v) for v in table.values()], dtype=torch.float64)
-            return float(averages.std(unbiased=False) / averages.mean() * 100)
+            return float(averages.std(unbiased=True) / averages.mean() * 100)
             # END SOLUTION
         ''', [
         test("test_cv_on_a_toy", "cv_percent", """
             grading.expect_signature(cv_percent, "cv_percent", ("table",))
-            table = {"a": {"m1": 1.0, "m2": 3.0}, "b": {"m1": 4.0, "m2": 8.0}}   # averages 2 and 6: σ = 2, μ = 4
+            table = {"a": {"m1": 1.0, "m2": 3.0}, "b": {"m1": 4.0, "m2": 8.0}, "c": {"m1": 3.0, "m2": 5.0}}  # averages 2, 6, 4: σ = 2, μ = 4
             got = grading.call(cv_percent, "cv_percent", table)
-            grading.expect_close(grading.expect_number(got, "cv_percent"), torch.tensor(50.0), "cv_percent of averages 2 and 6")
+            grading.expect_close(grading.expect_number(got, "cv_percent"), torch.tensor(50.0), "cv_percent of averages 2, 6 and 4 (sample σ)")
             """),
         test("test_cv_matches_the_package", "cv_percent, zoo", """
             from merging_helpers import rms_adaptive

@@ -12,7 +12,9 @@ the chapter applies to all of them alike:
    weight averaging alone keeps its λ = 1, since fixing the scale is what defines it);
    one seed chooses λ because scoring is what costs: a scan per seed would multiply the
    chapter's run time by the number of seeds;
-3. take the λ with the best validation accuracy;
+3. take the λ with the best validation accuracy; while it lies on the edge of the scan, score
+   one more step of the grid that way (chapter 3's widening rule, never λ ≤ 0), so that a grid
+   above a method's optimum does not handicap it;
 4. score that λ on the **test** split for every seed, keeping right/wrong per example.
 
 The test scores of two contenders are then compared example by example
@@ -26,6 +28,7 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -34,6 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import apl, dppa, results, rms_adaptive
+from .ablations import next_lambda
 from .deltas import apply_delta
 from .recipes import merge_state_dicts
 
@@ -61,11 +65,25 @@ def _dp(deltas, budget, seed):
     return {n: sum(p[n] for p in pruned) for n in deltas[0]}
 
 
-def _rms(deltas, budget, seed, lam=0.1):
-    """RMS-adaptive drop rates around p = 1 − budget (chapter 7), distribution-aware, then DARE-TIES."""
-    named = {f"expert{t}": d for t, d in enumerate(deltas)}
-    rates, _ = rms_adaptive.adaptive_rates(rms_adaptive.rms_table(named), 1.0 - budget, lam)
-    return rms_adaptive.merge(_zero_like(deltas[0]), named, rates, 1.0 - budget, seed=seed)
+RMS_DROP_SCALE = 0.1  # the RMS rule's λ in units of 1/σ (chapter 7's reading) when no choice is passed
+
+
+def rms_contender(drop_scale: float = RMS_DROP_SCALE) -> Contender:
+    """RMS-adaptive drop rates around p = 1 − budget (chapter 7), distribution-aware, then
+    elect + disjoint mean: λ = ``drop_scale`` in units of 1/σ (``scale="std"``), as chapter 7
+    reads it; chapter 8 passes the λ chapter 7 chose on validation. (A raw λ of 0.1 would move
+    rates by ~1e-5: the merge would be DARE-TIES.)"""
+    if not drop_scale >= 0:
+        raise ValueError(f"rms_contender: drop_scale (λ in units of 1/σ) must be >= 0, got {drop_scale}")
+
+    def merge(deltas, budget, seed):
+        named = {f"expert{t}": d for t, d in enumerate(deltas)}
+        with warnings.catch_warnings():  # how many rates were clipped is chapter 7's to report
+            warnings.filterwarnings("ignore", message="adaptive_rates: .* drop rates were clipped")
+            rates, _ = rms_adaptive.adaptive_rates(rms_adaptive.rms_table(named), 1.0 - budget, drop_scale,
+                                                   scale="std")
+        return rms_adaptive.merge(_zero_like(deltas[0]), named, rates, 1.0 - budget, seed=seed)
+    return Contender("RMS-adaptive", "07_rms_adaptive", merge, random=True, knobs=f"λ = {drop_scale:g}/σ, aware")
 
 
 @dataclass
@@ -146,7 +164,7 @@ CONTENDERS: dict[str, Contender] = {c.name: c for c in (
     Contender("DARE-TIES", "03_ties", _engine("dare_ties"), random=True),
     Contender("DELLA", "03_ties", _engine("della", epsilon=0.0), random=True, knobs="ε = 0 (MagPrune, no band)"),
     Contender("DP (DPPA's pruning)", "06_dppa", _dp, knobs=f"λ = {dppa.LAMBDA}, n = {dppa.N_SIGNIFICANT:g} (DPPA's defaults)"),
-    Contender("RMS-adaptive", "07_rms_adaptive", _rms, random=True, knobs="λ = 0.1, aware, raw scale"),
+    rms_contender(),
 )}
 
 
@@ -173,6 +191,27 @@ class Outcome:
 
 def _lambdas(contender: Contender, lambdas: Sequence[float]) -> list[float]:
     return list(lambdas) if contender.tuned else [1.0]
+
+
+MAX_LAMBDAS = 12  # a widened scan stops here (the outcome then says its λ is at the edge)
+
+
+def _widen(validation: dict, score: Callable[[float], float], bar=None) -> float:
+    """Chapter 3's widening scan on the grid's own step: while the best λ is the largest or the
+    smallest scored, score one more step that way (never λ ≤ 0); returns the best λ (ties: the
+    λ nearest 1). ``validation`` (λ → accuracy) is filled in place."""
+    def best():
+        return max(validation, key=lambda k: (validation[k], -abs(k - 1.0)))
+    grid = sorted(validation)
+    step = min(b - a for a, b in zip(grid, grid[1:])) if len(grid) > 1 else None
+    lam = best()
+    while step and len(validation) < MAX_LAMBDAS and (new := next_lambda(validation, lam, step)) is not None:
+        validation[new] = score(new)
+        if bar is not None:
+            bar.total += 1
+            bar.update(1)
+        lam = best()
+    return lam
 
 
 def _mean_accuracy(scores: Mapping[str, float]) -> float:
@@ -203,17 +242,20 @@ def tune_and_test(evaluator, base, deltas: Sequence[Mapping], contender: Contend
         start = time.perf_counter()
         merged.append(contender.merge(list(deltas), budget if contender.budgeted else None, seed))
         merge_seconds += time.perf_counter() - start
+    def score(lam):  # the first seed's merge chooses λ
+        return _mean_accuracy(evaluator.accuracy(apply_delta(base, merged[0], lam), "validation", tasks))
+
     validation = {}
-    for lam in lambdas:  # the first seed's merge chooses λ
-        validation[lam] = _mean_accuracy(evaluator.accuracy(apply_delta(base, merged[0], lam), "validation", tasks))
+    for lam in lambdas:
+        validation[lam] = score(lam)
         if bar is not None:
             bar.update(1)
-    lam = max(validation, key=lambda k: (validation[k], -abs(k - 1.0)))  # ties: the λ nearest 1
+    lam = _widen(validation, score, bar)  # a best λ on the grid's edge widens the scan
     correct = [evaluator.correct(apply_delta(base, m, lam), "test", tasks) for m in merged]
     shares = {t: torch.stack([c[t].float() for c in correct]).mean(0).numpy() for t in correct[0]}
     test_per_seed = [100 * float(np.mean([c[t].float().mean() for t in c])) for c in correct]
     return Outcome(contender.name, budget if contender.budgeted else None, lam, validation, test_per_seed, shares,
-                   merge_seconds / len(seeds), prepare_seconds, len(lambdas) + len(seeds),
+                   merge_seconds / len(seeds), prepare_seconds, len(validation) + len(seeds),
                    time.perf_counter() - started)
 
 

@@ -70,6 +70,35 @@ def test_a_random_method_is_merged_per_seed_and_scored_by_shares(family):
     assert np.mean(out.shares["a"]) * 100 == pytest.approx(out.test, abs=1e-4)
 
 
+@pytest.mark.parametrize("best, cap, chosen, scored", [(0.1, 12, 0.1, 4),  # below the grid: one step down, then λ ≤ 0 stops
+                                                       (1.9, 12, 1.9, 7),  # above it: up to 1.9; 2.2 shows it is a peak
+                                                       (1.9, 5, 1.6, 5)])  # the scan stops at MAX_LAMBDAS
+def test_a_best_lambda_on_the_grid_edge_widens_the_scan_on_validation(family, monkeypatch, best, cap, chosen, scored):
+    base, deltas = family
+    monkeypatch.setattr(compare, "MAX_LAMBDAS", cap)
+    ev = FakeEvaluator(base, best=best)
+    ev.scale = float(sum(d[ev.name] for d in deltas).norm())
+    out = tune_and_test(ev, base, deltas, CONTENDERS["Task Arithmetic"], None, lambdas=(0.4, 0.7, 1.0))
+    assert out.lam == pytest.approx(chosen) and len(out.validation) == scored
+    assert ev.calls == ["validation"] * scored + ["test"] and out.evaluations == scored + 1
+    assert scored <= compare.MAX_LAMBDAS
+
+
+def _kept_per_matrix(merged):
+    return [float((t != 0).float().mean()) for n, t in merged.items() if t.dim() == 2 and "layer" in n]
+
+
+def test_the_rms_contender_reads_lambda_in_units_of_sigma():
+    base = bert_like(hidden=64)
+    deltas = task_vectors(base, [expert_of(base, s) for s in (1, 2)])
+    flat = _kept_per_matrix(compare.rms_contender(0.0).merge(deltas, 0.2, 0))
+    spread = _kept_per_matrix(compare.rms_contender(0.4).merge(deltas, 0.2, 0))
+    assert np.ptp(flat) < 0.05 and np.ptp(spread) > 0.15  # λ = 0.4/σ moves rates by tenths; λ = 0 by mask noise
+    assert CONTENDERS["RMS-adaptive"].knobs == f"λ = {compare.RMS_DROP_SCALE:g}/σ, aware"
+    with pytest.raises(ValueError, match="drop_scale"):
+        compare.rms_contender(-0.1)
+
+
 def test_bad_budgets_are_refused_before_any_merge(family):
     base, deltas = family
     ev = FakeEvaluator(base)

@@ -27,9 +27,9 @@ def test_rms_and_matrices():
 
 
 def test_rates_by_hand_below_the_cv_threshold():
-    table = {"a": {Q0: 1.0, D0: 3.0}, "b": {Q0: 2.0, D0: 6.0}}  # averages 2, 4: CV = 1/3 → global means 1.5, 4.5
+    table = {"a": {Q0: 1.0, D0: 3.0}, "b": {Q0: 2.0, D0: 6.0}}  # averages 2, 4: CV = √2/3 → global means 1.5, 4.5
     rates, info = ra.adaptive_rates(table, p_default=0.5, lam=0.1)
-    assert info["cv"] == pytest.approx(100 / 3) and not info["own_mean"]
+    assert info["cv"] == pytest.approx(100 * math.sqrt(2) / 3) and not info["own_mean"]
     assert rates["a"][Q0] == pytest.approx(0.55) and rates["a"][D0] == pytest.approx(0.65)
     assert rates["b"][Q0] == pytest.approx(0.45) and rates["b"][D0] == pytest.approx(0.35)
     # the same λ read in units of 1/σ (σ of the attention rms values = 0.5, of the ffn values = 1.5)
@@ -38,11 +38,11 @@ def test_rates_by_hand_below_the_cv_threshold():
 
 
 def test_the_dispersion_switch_at_cv_50():
-    at_50 = {"a": {Q0: 1.0}, "b": {Q0: 3.0}}  # averages 1, 3: CV exactly 50 → global mean 2
+    at_50 = {"a": {Q0: 1.0}, "b": {Q0: 3.0}, "c": {Q0: 2.0}}  # averages 1, 3, 2: sample σ 1, CV exactly 50 → global mean 2
     rates, info = ra.adaptive_rates(at_50, 0.5, 0.1)
     assert info["cv"] == pytest.approx(50.0) and not info["own_mean"]
     assert rates["a"][Q0] == pytest.approx(0.6)
-    above = {"a": {Q0: 1.0, D0: 1.0}, "b": {Q0: 10.0, D0: 10.0}}  # CV ≈ 82: each expert against its own mean
+    above = {"a": {Q0: 1.0, D0: 1.0}, "b": {Q0: 10.0, D0: 10.0}}  # CV ≈ 116: each expert against its own mean
     aware, info = ra.adaptive_rates(above, 0.5, 0.1)
     assert info["own_mean"] and all(p == pytest.approx(0.5) for v in aware.values() for p in v.values())
     unaware, info = ra.adaptive_rates(above, 0.5, 0.1, aware=False)
@@ -50,6 +50,25 @@ def test_the_dispersion_switch_at_cv_50():
     with pytest.warns(UserWarning, match="4 of 4 drop rates were clipped"):  # 0.5 ± 0.2 · 4.5
         clipped, info = ra.adaptive_rates(above, 0.5, 0.2, aware=False, clip=(0.1, 0.9))
     assert clipped["a"][Q0] == 0.9 and clipped["b"][Q0] == 0.1 and info["clipped"] == 4
+
+
+def test_the_slides_cv_from_their_own_numbers():
+    # the slides' high-dispersion table: three experts' average RMS and their CV of 113.4 %
+    slides = {"a": {Q0: 8.499e-4}, "b": {Q0: 1.243e-4}, "c": {Q0: 1.296e-4}}
+    assert ra.cv_percent(slides) == pytest.approx(113.4, abs=0.05)
+    population = torch.tensor([8.499e-4, 1.243e-4, 1.296e-4], dtype=torch.float64)
+    assert float(population.std(unbiased=False) / population.mean() * 100) == pytest.approx(92.6, abs=0.05)  # not theirs
+
+
+def test_a_lambda_that_moves_no_rate_warns():
+    table = {"a": {Q0: 1e-4, D0: 3e-4}, "b": {Q0: 2e-4, D0: 6e-4}}  # RMS values of a real delta's size
+    with pytest.warns(ra.IneffectiveDropScale, match=r"λ = 0.1 \(scale='raw'\) moves no drop rate.*scale='std'"):
+        ra.adaptive_rates(table, 0.9, 0.1)  # a raw 0.1 moves rates by ~1e-5
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ra.IneffectiveDropScale)
+        ra.adaptive_rates(table, 0.9, 0.1, scale="std")  # one σ moves a rate by 0.1: no warning
+        ra.adaptive_rates(table, 0.9, 0.0)  # λ = 0 is DARE-TIES on purpose
 
 
 def test_min_rate_rescale_and_ablations():
