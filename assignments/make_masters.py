@@ -865,10 +865,12 @@ A6 = [
 
         * sig(block) = Σ |δ| over the block's *outliers*, the entries with |δ| > N · mean|δ| (N = 5);
         * dif_l = −sig_l + mean_l sig_l (a layer with more outlier mass is pruned less);
-        * dif'_lj = −sig_lj + Σ_j sig_lj n_lj / Σ_j n_lj within layer l (n_lj: the map's entry count);
+        * dif'_lj = −sig_lj + Σ_j sig_lj n_lj / Σ_j n_lj within layer l (n_lj: the map's entry count) —
+          the *per-layer* reading of the paper's Eq. 2; chapter 6 uses the printed one, a mean over
+          every linear map of the model, and `dp_rates(..., eq2_mean="layer")` gives this one;
         * norm(x) = x · λ / max|x|, over all layers for dif and over all linear maps of the model for dif'.
 
-        You will write sig and Θ and check them against the package's `dp_rates` on the
+        You will write sig and Θ and check them against the package's per-layer `dp_rates` on the
         grading zoo. Use only `torch`. Expected time: 1–1.5 hours.
         """),
     SETUP,
@@ -937,9 +939,9 @@ A6 = [
             sizes = torch.tensor([[float(sum(delta[n].numel() for n in linears[l, j])) for j in maps] for l in ids])
             got = grading.expect_tensor(grading.call(theta, "theta", layer_sig, linear_sig, sizes, 0.5, 0.08), "theta",
                                         (len(ids), len(maps)))
-            want = dppa.dp_rates(delta, 0.5, 0.08)
+            want = dppa.dp_rates(delta, 0.5, 0.08, eq2_mean="layer")
             expected = torch.tensor([[want[linears[l, j][0]] for j in maps] for l in ids])
-            grading.expect_close(got, expected, "theta on the zoo's first expert (α = 0.5) against dp_rates")
+            grading.expect_close(got, expected, "theta on the zoo's first expert (α = 0.5) against dp_rates(eq2_mean='layer')")
             """, hidden=True)]),
     *question("q3_budget", 2, """
         **Question 3 (written).** Show that, when all linear maps of a layer have the same

@@ -1,25 +1,31 @@
 """Introduced in chapter 6: DPPA — dynamic pruning (DP) and partition amplification (DPA).
 
-Zhu, Xia & Zhang's *DPPA* (equations in ``shared/METHODS.md``) prunes a *complex* fine-tune
-(a delta far from its base) by magnitude, at a rate per linear map that depends on how
-significant that map's delta is, and then amplifies the entries it keeps, band by band.
+Zhu, Xia & Zhang's *DPPA* (its Eqs. 1–5 and the readings chosen here are printed in chapter 6
+of the book) prunes a *complex* fine-tune (a delta far from its base) by magnitude, at a rate
+per linear map that depends on how significant that map's delta is, and then amplifies the
+entries it keeps, band by band.
 
 DP (Eqs. 1–5). The *significance* of a block of delta entries is the sum of |δ| over its
 outliers, the entries with |δ| > N · mean|δ| of the block. Per layer l and per linear map j
 of that layer:
 
     dif_l   = −sig(Δ_l) + mean_l sig(Δ_l)                              (Eq. 1)
-    dif'_lj = −sig(Δ_lj) + Σ_j sig(Δ_lj)·n_lj / Σ_j n_lj                (Eqs. 2–3)
+    dif'_lj = −sig(Δ_lj) + Σ_l Σ_j sig(Δ_lj)·n_lj / Σ_l Σ_j n_lj        (Eqs. 2–3)
     norm(x) = x · λ / max|x|                                            (Eq. 4)
     Θ_lj    = α + norm(dif_l) + norm(dif'_lj)                          (Eq. 5)
 
-and each linear map is magnitude-pruned at its own Θ_lj (no rescale). Readings used here
-(the paper leaves them open): N = 5 for layers and for linear maps (the authors' code uses 3
-for layers; ``n_layer=3`` gives it); norm runs over all layers for dif and over all linear
-maps of the model for dif'; a linear map is its weight and bias together; every tensor
-outside the linear maps (embeddings, norms, heads, pooler) is pruned at α. With equal layer
-sizes the kept count is then α's, to rounding (dif sums to 0 over layers, dif' to 0 within a
-layer when weighted by size).
+and each linear map is magnitude-pruned at its own Θ_lj (no rescale). Eq. 2's mean is, as
+printed, one size-weighted mean over every linear map of the model (``eq2_mean="model"``,
+the default); ``eq2_mean="layer"`` takes it within each layer instead (a reading this book
+used before, kept as a named variant: chapter 6 shows how far Θ moves between the two).
+Readings used here (the paper leaves them open): N = 5 for layers and for linear maps (the
+authors' code uses 3 for layers; ``n_layer=3`` gives it); norm runs over all layers for dif
+and over all linear maps of the model for dif'; a linear map is its weight and bias
+together; every tensor outside the linear maps (embeddings, norms, heads, pooler) is pruned
+at α. With equal layer sizes the kept count is then α's, to rounding, unless rates are
+clipped (dif sums to 0 over layers, dif' to 0 over the model — or within a layer, for the
+per-layer reading — when weighted by size). Clipping moves the achieved rate towards the
+middle: a Θ ≥ 1 prunes only the whole map, a Θ < 0 prunes nothing.
 
 OWL (the paper's baseline), on deltas: per layer the outlier ratio D_l (the fraction of
 entries with |δ| > M · mean|δ|, OWL's score |W|·‖X‖ without activations), mapped to [0, 2λ],
@@ -79,7 +85,7 @@ def layer_fluctuation(sig: torch.Tensor) -> torch.Tensor:
 
 
 def linear_fluctuation(sig: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
-    """Eqs. 2–3 within one layer: dif'_j = −sig_j + Σ_j sig_j n_j / Σ_j n_j (chapter 6)."""
+    """Eqs. 2–3 over the given linear maps: dif'_j = −sig_j + Σ_j sig_j n_j / Σ_j n_j (chapter 6)."""
     sig, sizes = torch.as_tensor(sig, dtype=torch.float64), torch.as_tensor(sizes, dtype=torch.float64)
     return -sig + (sig * sizes).sum() / sizes.sum()
 
@@ -107,11 +113,18 @@ def _clipped(rates: dict[str, float], what: str) -> dict[str, float]:
     return {n: min(max(r, 0.0), 1.0 - 1e-6) for n, r in rates.items()}
 
 
+EQ2_MEANS = ("model", "layer")  # Eq. 2's mean: over every linear map (as printed), or within each layer
+
+
 def dp_rates(deltas: Mapping[str, torch.Tensor], alpha: float, lam: float = LAMBDA, n_layer: float = N_SIGNIFICANT,
-             n_linear: float = N_SIGNIFICANT) -> dict[str, float]:
+             n_linear: float = N_SIGNIFICANT, eq2_mean: str = "model") -> dict[str, float]:
     """DP's pruning rate of every tensor (Eqs. 1–5): Θ_lj for the tensors of linear map j of
-    layer l, α for the rest (chapter 6). Rates outside [0, 1) are clipped, with a warning."""
+    layer l, α for the rest (chapter 6). ``eq2_mean``: Eq. 2's size-weighted mean of sig over
+    every linear map of the model (``"model"``, as printed) or within each layer (``"layer"``).
+    Rates outside [0, 1) are clipped, with a warning."""
     _check(alpha, lam, min(n_layer, n_linear))
+    if eq2_mean not in EQ2_MEANS:
+        raise ValueError(f"dp_rates: eq2_mean must be one of {EQ2_MEANS}, got {eq2_mean!r}")
     layers, linears = _structure(deltas)
     rates = {name: float(alpha) for name in deltas}
     if not layers:
@@ -121,11 +134,11 @@ def dp_rates(deltas: Mapping[str, torch.Tensor], alpha: float, lam: float = LAMB
     keys = list(linears)
     sig = torch.tensor([significance([deltas[n] for n in linears[k]], n_linear) for k in keys], dtype=torch.float64)
     sizes = torch.tensor([sum(deltas[n].numel() for n in linears[k]) for k in keys], dtype=torch.float64)
+    groups = [list(range(len(keys)))] if eq2_mean == "model" else \
+        [[i for i, k in enumerate(keys) if k[0] == layer] for layer in layer_ids]
     dif_lin = torch.zeros(len(keys), dtype=torch.float64)
-    for layer in layer_ids:
-        idx = [i for i, k in enumerate(keys) if k[0] == layer]
-        if idx:
-            dif_lin[idx] = linear_fluctuation(sig[idx], sizes[idx])
+    for idx in (g for g in groups if g):
+        dif_lin[idx] = linear_fluctuation(sig[idx], sizes[idx])
     dif_lin = normalise(dif_lin, lam)
     by_layer = dict(zip(layer_ids, dif.tolist()))
     for i, (layer, _) in enumerate(keys):

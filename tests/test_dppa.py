@@ -28,10 +28,17 @@ def test_significance_by_hand():
 
 def test_dp_rates_by_hand():
     # layer sig (n = 2): [4, 8] → dif = [2, −2] → norm [0.08, −0.08]
-    # linear sig: layer 0 [4, 0] → dif' [−2, 2]; layer 1 [0, 8] → dif' [4, −4] → norm /4·0.08
+    # Eq. 2 as printed: linear sig [4, 0, 0, 8], sizes 4 each → one mean over the model, 3 →
+    # dif' [−1, 3, 3, −5] → norm ·0.08/5 = [−0.016, 0.048, 0.048, −0.08]
     rates = dppa.dp_rates(hand_model(), alpha=0.5, n_layer=2, n_linear=2)
-    assert rates[Q0] == pytest.approx(0.54) and rates[D0] == pytest.approx(0.62)
-    assert rates[Q1] == pytest.approx(0.50) and rates[D1] == pytest.approx(0.34)
+    assert rates[Q0] == pytest.approx(0.564) and rates[D0] == pytest.approx(0.628)
+    assert rates[Q1] == pytest.approx(0.468) and rates[D1] == pytest.approx(0.34)
+    # the per-layer reading: layer 0 [4, 0] → dif' [−2, 2]; layer 1 [0, 8] → dif' [4, −4] → norm /4·0.08
+    per_layer = dppa.dp_rates(hand_model(), alpha=0.5, n_layer=2, n_linear=2, eq2_mean="layer")
+    assert per_layer[Q0] == pytest.approx(0.54) and per_layer[D0] == pytest.approx(0.62)
+    assert per_layer[Q1] == pytest.approx(0.50) and per_layer[D1] == pytest.approx(0.34)
+    with pytest.raises(ValueError, match="eq2_mean must be one of"):
+        dppa.dp_rates(hand_model(), 0.5, eq2_mean="block")
     assert rates[EMB] == 0.5  # outside the blocks: α
     assert sum(rates[n] for n in (Q0, D0, Q1, D1)) / 4 == pytest.approx(0.5)
     torch.testing.assert_close(dppa.layer_fluctuation([4.0, 8.0]), torch.tensor([2.0, -2.0], dtype=torch.float64))
