@@ -25,6 +25,8 @@ modules on disk and ``_toc.yml``:
 * ``apl``        – chapter 4: APL — causal tracing of partitions, calibrated drop rates, weights
 * ``apl_explorer`` – chapter 4: the APL explorer (drop-rate maps, prune and score, widget)
 * ``taylor``     – chapter 5: APL's gradient importance and the Taylor terms that check it
+* ``bench``      – chapter 5: the speed and memory measurements chapters 5, 7 and the appendix show, each
+  in a child process of its own (``python -m merging_helpers.bench.merge_speed``, ``.apl_gradient_lean``)
 * ``dppa``       – chapter 6: DPPA's dynamic pruning rates, OWL's layer rates, DPA's bands, amplification
   and factor searches
 * ``adamerging`` – chapter 6: AdaMerging, merge coefficients learned by entropy minimisation
