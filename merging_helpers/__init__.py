@@ -5,6 +5,7 @@ chapter that introduces it, what it holds); a test checks this list against the
 modules on disk and ``_toc.yml``:
 
 * ``notebook``   – chapter 0: every chapter's first cell (device, seeds, Colab)
+* ``optional``   – chapter 0: the optional packages, imported with the extra that installs them named
 * ``tasks``      – chapter 0: the five offline tasks (and chapter 4's held-out one) and their splits
 * ``zoo``        – chapter 0: the model zoo (base, experts, frozen-base heads, cache)
 * ``evaluation`` – chapter 0: accuracy, Task/Domain-Ratio, the Scorer (loss, gradient, batched variants)
@@ -45,4 +46,4 @@ modules on disk and ``_toc.yml``:
 ``fast.streaming`` and ``fast.checkpoints``, kept for code written against the first edition.
 """
 
-__version__ = "0.2.0"
+__version__ = "0.2.1"

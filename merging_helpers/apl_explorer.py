@@ -16,6 +16,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from . import apl
+from .optional import require
 from .recipes import merge_state_dicts
 
 LAMBDAS = (0.5, 0.9, 0.95, 0.99, 0.995)
@@ -71,10 +72,7 @@ def explore(evaluator, zoo, importances: Mapping[str, Mapping[str, apl.Importanc
     """An ipywidgets explorer of Eq. 11 (chapter 4): ``importances[level][expert]`` as
     ``apl.trace`` returns them. The rate map follows every control; the accuracies of the
     pruned expert (APL vs DARE) are recomputed with the button (a merge and an evaluation)."""
-    try:
-        import ipywidgets as widgets
-    except ImportError as err:
-        raise ImportError("the APL explorer needs ipywidgets: `pip install ipywidgets`") from err
+    widgets = require("ipywidgets", "the APL explorer")
     import matplotlib.pyplot as plt
     from IPython.display import display
 

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from . import apl, dppa, results, rms_adaptive
 from .ablations import next_lambda
+from .optional import require
 from .deltas import apply_delta
 from .recipes import merge_state_dicts
 
@@ -302,7 +303,7 @@ def critical_difference(methods: int, blocks: int, alpha: float = 0.05) -> float
     """Nemenyi's critical difference of mean ranks (chapter 8; Demšar 2006, Eq. 5): two methods
     differ at level ``alpha`` when their mean ranks differ by more than q_α·√(k(k+1)/(6N)),
     q_α the studentized range quantile for k methods divided by √2."""
-    from scipy.stats import studentized_range
+    studentized_range = require("scipy.stats", "critical_difference").studentized_range
     if methods < 2 or blocks < 1:
         raise ValueError(f"critical_difference: need ≥ 2 methods and ≥ 1 block, got {methods} and {blocks}")
     if not 0 < alpha < 1:

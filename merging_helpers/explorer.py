@@ -17,6 +17,7 @@ from collections.abc import Mapping
 
 import torch
 
+from .optional import require
 from .partitions import describe
 
 ALL = "all"
@@ -149,10 +150,7 @@ def delta_histogram(deltas: Mapping[str, Mapping[str, torch.Tensor]], expert: st
 def explore(deltas: Mapping[str, Mapping[str, torch.Tensor]], bins: int = 101):
     """An ipywidgets explorer: three drop-downs (expert, layer, role) and the histogram
     of :func:`delta_histogram`. Needs ``ipywidgets`` and a live kernel to react (chapter 1)."""
-    try:
-        import ipywidgets as widgets
-    except ImportError as err:
-        raise ImportError("the delta explorer needs ipywidgets: `pip install ipywidgets`") from err
+    widgets = require("ipywidgets", "the delta explorer")
     import matplotlib.pyplot as plt
     from IPython.display import display
 

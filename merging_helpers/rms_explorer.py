@@ -15,6 +15,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from . import rms_adaptive as ra
+from .optional import require
 from .partitions import describe
 
 P_DEFAULTS = (0.5, 0.7, 0.8, 0.9, 0.95)
@@ -80,10 +81,7 @@ def merge_and_score(evaluator, base, experts, table, p_default: float, lam: floa
 def explore(evaluator, base, experts, table, split: str = "validation"):
     """An ipywidgets explorer of the rule (chapter 7): p_default, λ and the CV threshold move
     the rate map at once; the button merges and scores (a merge and an evaluation)."""
-    try:
-        import ipywidgets as widgets
-    except ImportError as err:
-        raise ImportError("the RMS explorer needs ipywidgets: `pip install ipywidgets`") from err
+    widgets = require("ipywidgets", "the RMS explorer")
     import matplotlib.pyplot as plt
     from IPython.display import display
 

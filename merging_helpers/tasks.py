@@ -33,6 +33,8 @@ from fractions import Fraction
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .optional import require
+
 TASK_NAMES = ("news", "sentiment", "compare", "sign", "product")
 HELD_OUT_TASKS = ("decimals",)  # no expert: chapter 4's out-of-domain task
 SPLITS = ("train", "validation", "test")
@@ -95,12 +97,7 @@ def check_task_names(names, known=TASK_NAMES) -> list[str]:
 
 
 def _require(module: str, pip_name: str):
-    try:
-        return importlib.import_module(module)
-    except ImportError as err:
-        raise ImportError(
-            f"the zoo needs the package '{pip_name}' for its data: run `pip install {pip_name}` "
-            f"(or `pip install 'merging_helpers[data]'`)") from err
+    return require(module, f"the zoo's data ({pip_name})")
 
 
 # ----------------------------------------------------------------------------- splitting

@@ -16,6 +16,7 @@ tokenizer), readable by any tool including mergekit; the head sits beside them i
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -30,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from .optional import require
 from .tasks import HELD_OUT_TASKS, TASK_NAMES, Task, check_task_names, make_task
 
 ZOO_FORMAT = 2  # bump when the layout, the tasks or the training recipe change (2: integer compare, product for factor)
@@ -205,19 +207,35 @@ def is_complete(folder: Path) -> bool:
     return (folder / "MANIFEST.json").exists()
 
 
+CACHE_WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
 def build_atomically(target: Path, fill) -> Path:
-    """Run ``fill(tmp_folder)``, write its manifest, then move it to ``target`` in one step (chapter 0)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+    """Run ``fill(tmp_folder)``, write its manifest, then move it to ``target`` in one step (chapter 0).
+    A full, read-only or forbidden cache folder is reported by name, with ``$MERGING_BOOK_CACHE``."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+    except OSError as err:
+        raise _cache_error(target, err) from err
     try:
         fill(tmp)
         write_manifest(tmp)
         if target.exists():  # an older, incomplete attempt
             shutil.rmtree(target)
         os.replace(tmp, target)
+    except OSError as err:
+        if err.errno in CACHE_WRITE_ERRORS:
+            raise _cache_error(target, err) from err
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _cache_error(target: Path, err: OSError) -> OSError:
+    return OSError(err.errno, f"cannot write {target} in the book's cache ({err.strerror}): free space there, or set "
+                              f"{CACHE_ENV} to a folder on a disk with room, e.g. `export {CACHE_ENV}=/tmp/merging_book`")
 
 
 # ----------------------------------------------------------------------------- training
@@ -276,7 +294,8 @@ def with_lora(encoder: nn.Module, config: TrainConfig) -> nn.Module:
     """The encoder with peft LoRA adapters on ``config.lora_targets``; only they train (chapter 7)."""
     import warnings
 
-    from peft import LoraConfig, get_peft_model
+    peft = require("peft", "the LoRA tier (load_zoo(tier=\"lora\"))")
+    LoraConfig, get_peft_model = peft.LoraConfig, peft.get_peft_model
     with warnings.catch_warnings():  # peft calls a transformers method that warns of its own renaming
         warnings.simplefilter("ignore", FutureWarning)
         return get_peft_model(encoder, LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha,
@@ -383,7 +402,7 @@ class Zoo:
     def dataset_dict(self, task: str):
         """``task``'s splits as a ``datasets.DatasetDict``, saved once with ``save_to_disk``
         next to the zoo and loaded from there (chapter 0; see :meth:`Task.to_dataset_dict`)."""
-        import datasets
+        datasets = require("datasets", "Zoo.dataset_dict")
         name = self._own_task(task, "dataset_dict")
         folder = self.root / "datasets" / name
         if not is_complete(folder):

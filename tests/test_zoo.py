@@ -182,3 +182,19 @@ def test_gradient_clipping_limits_how_far_a_step_moves(tmp_path):
     # entry of g far below Adam's ε (1e-8), so the steps shrink far below lr
     assert moved[None] > 5e-3
     assert moved[1e-9] < 1e-4
+
+
+@pytest.mark.parametrize("code", [28, 30])  # ENOSPC (disk full), EROFS (read-only)
+def test_a_full_or_read_only_cache_names_the_folder_and_the_variable(tmp_path, code):
+    import errno
+    import os
+
+    def fill(folder):
+        raise OSError(code, os.strerror(code))
+
+    target = tmp_path / "zoo" / "experts" / "news"
+    with pytest.raises(OSError, match=rf"cannot write {target} in the book's cache \({os.strerror(code)}\).*"
+                                      rf"set {zoo.CACHE_ENV} to a folder") as caught:
+        zoo.build_atomically(target, fill)
+    assert caught.value.errno == code and code in (errno.ENOSPC, errno.EROFS)
+    assert not target.exists() and list(target.parent.iterdir()) == []  # no half-built folder is left
