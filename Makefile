@@ -7,7 +7,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: book test install clean-book zoo assignments reader
+.PHONY: book test install clean-book zoo assignments reader publish
 
 install: $(STAMP)
 
@@ -33,6 +33,11 @@ book: zoo
 	@echo "book written to _build/html/index.html"
 	@if command -v chromium >/dev/null 2>&1; then $(BIN)/python tests/test_book_html.py _build/html; \
 	  else echo "chromium not found: the browser check of the book was skipped"; fi
+
+# Push a local build to the gh-pages branch (the workflow in .github/workflows/book.yml does the same
+# from CI): ghp-import, as Jupyter Book's documentation suggests.
+publish: book
+	$(BIN)/ghp-import --no-jekyll --push --force _build/html
 
 # A reader's install, as a chapter's first cell makes it on Colab: a wheel of the package with its
 # [colab] extra and the base model, in a venv of its own (no editable install, no repository on
