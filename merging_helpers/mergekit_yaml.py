@@ -40,8 +40,38 @@ MODEL_KEYS = {"weight", "density", "epsilon"}
 SHARED_KEYS = {"normalize", "rescale", "lambda", "int8_mask"}
 
 
+# top-level keys: what the import reads, and mergekit's others, which it accepts and does not apply
+TOP_LEVEL_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "slices"}
+
+
 class NotRepresentable(ValueError):
     """A merge option one of the two tools cannot express (chapter 8's appendix)."""
+
+
+def _number(value, what: str) -> float:
+    """A YAML number (not a boolean, not a string), finite."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{what}: expected a finite number, got {value!r}")
+    return float(value)
+
+
+def _boolean(value, what: str) -> bool:
+    """A real YAML boolean: a quoted 'false' is a non-empty string, which Python would read as true."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{what}: expected true or false (an unquoted YAML boolean), got {value!r}")
+    return value
+
+
+def _model_entries(models) -> list[dict]:
+    if not isinstance(models, list) or not models:
+        raise ValueError("models: expected a list of {model: ..., parameters: ...}")
+    for i, e in enumerate(models):
+        if not isinstance(e, dict) or "model" not in e:
+            raise ValueError(f"models[{i}]: expected a mapping with a 'model' key (- model: <path>, parameters: "
+                             f"{{weight: ...}}), got {e!r}")
+        if not isinstance(e.get("parameters") or {}, dict):
+            raise ValueError(f"models[{i}] ({e['model']!r}): parameters must be a mapping, got {e['parameters']!r}")
+    return models
 
 
 def _floats(value, n: int, what: str) -> list[float]:
@@ -113,10 +143,18 @@ def to_mergekit(config: MergeConfig, base_model: str, models: Sequence[str], dty
 def from_mergekit(text: str) -> tuple[MergeConfig, str, list[str], str | None]:
     """``(config, base_model, models, dtype)`` from a mergekit YAML (chapter 8's appendix).
     Raises :class:`NotRepresentable` for what our engine cannot run as mergekit would."""
+    import warnings
+
     import yaml
+    if not isinstance(text, str):
+        raise TypeError(f"from_mergekit takes the YAML text (a str), got a {type(text).__name__}")
     doc = yaml.safe_load(text)
     if not isinstance(doc, dict):
         raise ValueError("a mergekit config is a YAML mapping with merge_method, base_model and models")
+    ignored = sorted(set(doc) - TOP_LEVEL_KEYS)
+    if ignored:
+        warnings.warn(f"from_mergekit: {ignored} are not applied by this import (only merge_method, base_model, "
+                      "models, parameters and dtype are read)", UserWarning, stacklevel=2)
     if "slices" in doc:
         raise NotRepresentable("'slices' (layer ranges from different models) are not supported; list whole models")
     method = doc.get("merge_method")
@@ -125,9 +163,9 @@ def from_mergekit(text: str) -> tuple[MergeConfig, str, list[str], str | None]:
     base, models = doc.get("base_model"), doc.get("models")
     if not base:
         raise ValueError(f"{method}: mergekit's task-vector methods need a base_model")
-    if not isinstance(models, list) or not models:
-        raise ValueError("models: expected a list of {model: ..., parameters: ...}")
-    models = [e for e in models if str(e.get("model")) != str(base)]  # mergekit lets the base be listed too
+    models = [e for e in _model_entries(models) if str(e["model"]) != str(base)]  # mergekit lets the base be listed
+    if not isinstance(doc.get("parameters") or {}, dict):
+        raise ValueError(f"parameters must be a mapping, got {doc['parameters']!r}")
     shared = dict(doc.get("parameters") or {})
     unknown = sorted(set(shared) - SHARED_KEYS - MODEL_KEYS)
     if unknown:
@@ -144,10 +182,10 @@ def from_mergekit(text: str) -> tuple[MergeConfig, str, list[str], str | None]:
             raise ValueError(f"model {e.get('model')!r}: mergekit needs a weight for every model")
         per_model.append(params)
     default_normalize, default_rescale = DEFAULTS[method]
-    normalize = bool(shared.get("normalize", default_normalize))
-    rescale = bool(shared.get("rescale", default_rescale))
-    weights = [float(p["weight"]) for p in per_model]
-    options = {"lam": float(shared.get("lambda", 1.0))}
+    normalize = _boolean(shared.get("normalize", default_normalize), "parameters.normalize")
+    rescale = _boolean(shared.get("rescale", default_rescale), "parameters.rescale")
+    weights = [_number(p["weight"], f"model {e['model']!r}: weight") for p, e in zip(per_model, models)]
+    options = {"lam": _number(shared.get("lambda", 1.0), "parameters.lambda")}
     if get_method(method).elects:
         options["weighted_election"] = True
         options["divide_by"] = "weight_sum" if normalize else "nothing"
@@ -156,12 +194,12 @@ def from_mergekit(text: str) -> tuple[MergeConfig, str, list[str], str | None]:
         weights = [w / (total if abs(total) >= 1e-8 else 1.0) for w in weights]
     options["weights"] = weights
     if method != "task_arithmetic":
-        densities = [float(p.get("density", 1.0)) for p in per_model]
+        densities = [_number(p.get("density", 1.0), f"model {e['model']!r}: density") for p, e in zip(per_model, models)]
         options["density"] = densities[0] if len(set(densities)) == 1 else densities
         # no rescale: "auto" where the drop rule brings none (TIES), else None
         options["rescale"] = "l1" if rescale else ("auto" if get_method(method).rescale is None else None)
     if method == "della":
-        eps = {float(p.get("epsilon", 0.15)) for p in per_model}
+        eps = {_number(p.get("epsilon", 0.15), f"model {e['model']!r}: epsilon") for p, e in zip(per_model, models)}
         if len(eps) != 1:
             raise NotRepresentable(f"della: one epsilon for every model, got {sorted(eps)}")
         options["epsilon"] = eps.pop()

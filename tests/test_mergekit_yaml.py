@@ -104,6 +104,38 @@ def test_what_we_cannot_run_is_refused_by_name(text, match):
         from_mergekit(text)
 
 
+HEAD = "merge_method: ties\nbase_model: b\n"
+
+
+@pytest.mark.parametrize("text, match", [
+    (HEAD + "models: [a, c]", r"models\[0\]: expected a mapping with a 'model' key .* got 'a'"),
+    (HEAD + "models: [{parameters: {weight: 1}}]", r"models\[0\]: expected a mapping with a 'model' key"),
+    (HEAD + "models: [{model: a, parameters: [1]}]", r"models\[0\] \('a'\): parameters must be a mapping"),
+    (HEAD + "models: [{model: a, parameters: {weight: abc}}]", r"model 'a': weight: expected a finite number, got 'abc'"),
+    (HEAD + "models: [{model: a, parameters: {weight: null}}]", r"model 'a': weight: expected a finite number, got None"),
+    (HEAD + "models: [{model: a, parameters: {weight: 1, density: half}}]", r"density: expected a finite number, got 'half'"),
+    (HEAD + "parameters: {lambda: x}\nmodels: [{model: a, parameters: {weight: 1}}]", r"parameters.lambda: .* got 'x'"),
+    (HEAD + "parameters: {normalize: 'false'}\nmodels: [{model: a, parameters: {weight: 1}}]",
+     r"parameters.normalize: expected true or false \(an unquoted YAML boolean\), got 'false'"),
+    (HEAD + "parameters: {rescale: 'false'}\nmodels: [{model: a, parameters: {weight: 1}}]", r"parameters.rescale"),
+    (HEAD + "parameters: [1]\nmodels: [{model: a, parameters: {weight: 1}}]", r"parameters must be a mapping"),
+])
+def test_badly_typed_yaml_values_are_refused_by_name(text, match):
+    with pytest.raises(ValueError, match=match):
+        from_mergekit(text)
+
+
+def test_a_document_that_is_not_text_and_keys_that_are_not_applied():
+    with pytest.raises(TypeError, match="takes the YAML text .* got a dict"):
+        from_mergekit({"merge_method": "ties"})
+    text = HEAD + "tokenizer_source: base\nchat_template: chatml\nmodels: [{model: a, parameters: {weight: 1}}]"
+    with pytest.warns(UserWarning, match=r"\['chat_template', 'tokenizer_source'\] are not applied"):
+        config, base, models, _ = from_mergekit(text)
+    assert base == "b" and models == ["a"]
+    config, _, _, _ = from_mergekit(HEAD + "parameters: {normalize: false}\nmodels: [{model: a, parameters: {weight: 1}}]")
+    assert config.divide_by == "nothing"  # a real YAML false is still read as false
+
+
 def test_yaml_is_read_safely():
     with pytest.raises(yaml.YAMLError):
         from_mergekit("merge_method: !!python/object/apply:os.system ['echo pwned']")

@@ -286,6 +286,24 @@ def test_bad_arguments_rejected_before_any_work(families, tmp_path, kw, match):
         merge_folders(base_dir, expert_dirs, tmp_path / "o", "nonsense", progress=False)
 
 
+@pytest.mark.parametrize("kw, match", [
+    (dict(overwrite="no"), "overwrite must be True or False, got 'no'"),   # a non-empty string would be true
+    (dict(direct_io=1), "direct_io must be True or False, got 1"),
+    (dict(progress=None), "progress must be True or False, got None"),
+    (dict(prefetch_bytes="1GB"), "prefetch_bytes must be a whole number of bytes >= 0, got '1GB'"),
+    (dict(workers="x"), "workers must be None or a whole number > 0, got 'x'"),
+    (dict(workers=0), "workers must be None or a whole number > 0, got 0"),
+])
+def test_badly_typed_switches_are_refused_by_name_before_any_work(families, tmp_path, kw, match):
+    base_dir, expert_dirs = families["llama-fp32-single"]
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("a user's file")
+    with pytest.raises(TypeError, match=match):
+        merge_folders(base_dir, expert_dirs, out, "ties", density=0.3, **{"progress": False, **kw})
+    assert (out / "keep.txt").read_text() == "a user's file"  # nothing written over the user's folder
+
+
 # --------------------------------------------------------------------------- pickles
 
 

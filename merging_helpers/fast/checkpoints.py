@@ -580,6 +580,8 @@ def check_output_path(out_dir: str | os.PathLike, input_dirs: Iterable[str | os.
     existing non-empty output unless ``overwrite``, an output whose parent is not a
     writable folder, and (with ``overwrite``) one that cannot be moved aside: all before
     any work. Returns the resolved path (appendix, chapter 8)."""
+    if not isinstance(overwrite, bool):
+        raise TypeError(f"overwrite must be True or False, got {overwrite!r}")
     out = Path(os.path.realpath(out_dir))
     for inp in input_dirs:
         src = Path(os.path.realpath(inp))

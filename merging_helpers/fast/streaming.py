@@ -320,6 +320,17 @@ def _kernel_for(kernel: str, config, device):
     return lib
 
 
+def _check_run_options(prefetch_bytes, workers, **flags) -> None:
+    """merge_folders' switches are booleans (``overwrite="no"`` would be true), its sizes whole numbers."""
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"merge_folders: {name} must be True or False, got {value!r}")
+    if isinstance(prefetch_bytes, bool) or not (isinstance(prefetch_bytes, int) and prefetch_bytes >= 0):
+        raise TypeError(f"merge_folders: prefetch_bytes must be a whole number of bytes >= 0, got {prefetch_bytes!r}")
+    if workers is not None and (isinstance(workers, bool) or not (isinstance(workers, int) and workers > 0)):
+        raise TypeError(f"merge_folders: workers must be None or a whole number > 0, got {workers!r}")
+
+
 def merge_folders(
     base_dir: str | os.PathLike,
     expert_dirs: Sequence[str | os.PathLike] | Mapping[str, str | os.PathLike],
@@ -387,6 +398,8 @@ def merge_folders(
         raise RuntimeError("device='cuda' requested but torch.cuda.is_available() is False")
     if not (isinstance(chunk_elems, int) and chunk_elems > 0):
         raise ValueError(f"chunk_elems must be a positive int, got {chunk_elems!r}")
+    _check_run_options(progress=progress, overwrite=overwrite, fused=fused, direct_io=direct_io, fsync=fsync,
+                       prefetch_bytes=prefetch_bytes, workers=workers)
 
     # ---- 1. validate everything before any work
     base_dir = Path(base_dir)
