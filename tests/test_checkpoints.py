@@ -151,6 +151,23 @@ def test_index_that_is_not_json_names_the_file(tmp_path):
         CheckpointFolder(d)
 
 
+def test_an_index_that_lists_a_tensor_no_shard_holds_is_refused(tmp_path):
+    d = save_state_dict({"a": torch.ones(300), "b": torch.ones(300)}, tmp_path / "m", max_shard_size=1500)
+    path = d / "model.safetensors.index.json"
+    index = json.loads(path.read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) == 2 and CheckpointFolder(d).names() == ["a", "b"]  # the intact index reads
+    index["weight_map"]["c"] = shards[0]  # a tensor no shard holds
+    path.write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"lists 1 tensor\(s\) not where it says, e.g. 'c' \(listed in .*, is in no shard\)"):
+        CheckpointFolder(d)
+    del index["weight_map"]["c"]
+    index["weight_map"]["a"], index["weight_map"]["b"] = index["weight_map"]["b"], index["weight_map"]["a"]  # swapped
+    path.write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"lists 2 tensor\(s\) not where it says, e.g. 'a' \(listed in .*, is in "):
+        CheckpointFolder(d)
+
+
 @pytest.mark.parametrize("shard", ["../secret.safetensors", "/etc/passwd", "sub/../../x.safetensors"])
 def test_index_paths_outside_the_folder_are_refused(tmp_path, shard):
     d = save_state_dict({"a": torch.ones(300), "b": torch.ones(300)}, tmp_path / "m", max_shard_size=1500)

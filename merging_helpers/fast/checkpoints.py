@@ -353,6 +353,21 @@ class CheckpointFolder:
             if info.name in self.tensors:
                 raise ValueError(f"{self.path}: tensor {info.name!r} stored twice")
             self.tensors[info.name] = info
+        self._check_index()
+
+    def _check_index(self) -> None:
+        """Every tensor a safetensors index lists is in the shard it names (a damaged or stale index
+        would otherwise merge a model with a tensor silently missing)."""
+        index = self.path / SAFETENSORS_INDEX
+        if self.format != "safetensors" or not index.is_file():
+            return
+        wrong = [(name, file) for name, file in _weight_map(index).items()
+                 if name not in self.tensors or self.tensors[name].file.name != file]
+        if wrong:
+            name, file = wrong[0]
+            where = f"is in {self.tensors[name].file.name}" if name in self.tensors else "is in no shard"
+            raise ValueError(f"{index}: lists {len(wrong)} tensor(s) not where it says, e.g. {name!r} "
+                             f"(listed in {file}, {where}); the index is damaged or stale")
 
     # -- metadata
     def names(self) -> list[str]:
