@@ -146,10 +146,20 @@ def run_chapter(chapter: str, mode: str, book_dir=None, timeout: int = 3600) -> 
 
 
 def load_or_run(chapters, mode: str, book_dir=None, progress: bool = True) -> dict[str, dict]:
-    """The records of ``chapters``, running (in order) the chapters whose record is missing (chapter 8)."""
+    """The records of ``chapters``, running (in order) the chapters whose record is missing (chapter 8).
+    Where a missing chapter's notebook is not beside this one (a chapter opened alone), nothing runs:
+    one error lists every chapter to run first, in this mode."""
     from tqdm.auto import tqdm
+    chapters = list(chapters)
+    book = Path(book_dir) if book_dir is not None else Path.cwd()
+    absent = [c for c in chapters if not record_path(c, mode).exists() and not (book / f"{c}.ipynb").exists()]
+    if absent:
+        raise MissingResult(
+            f"this chapter reads the numbers other chapters stored when they ran ({mode} mode) in this cache "
+            f"({results_dir()}), and {len(absent)} have not run here: {', '.join(absent)}. Run them first, in this "
+            f"runtime and mode (or open the whole book from a clone of its repository, where they are run for you)")
     records = {}
-    for chapter in tqdm(list(chapters), desc="chapter records", disable=not progress):
+    for chapter in tqdm(chapters, desc="chapter records", disable=not progress):
         try:
             records[chapter] = load(chapter, mode)
         except MissingResult:

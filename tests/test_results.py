@@ -94,7 +94,15 @@ def test_a_missing_record_is_recomputed_by_running_the_chapter(cache, tmp_path, 
     assert records["09_tiny"]["values"]["answer"] == -1
     assert results.load_or_run(["09_tiny"], "full", book_dir=book, progress=False)["09_tiny"]["values"]["answer"] == 42
     with pytest.raises(results.MissingResult, match="10_absent.ipynb is not here"):
-        results.load_or_run(["10_absent"], "full", book_dir=book, progress=False)
+        results.run_chapter("10_absent", "full", book_dir=book)
+
+
+def test_a_chapter_opened_alone_names_every_chapter_to_run_first(cache, tmp_path, monkeypatch):
+    ran = []
+    monkeypatch.setattr(results, "run_chapter", lambda *a, **k: ran.append(a))
+    with pytest.raises(results.MissingResult, match=r"2 have not run here: 04_x, 07_y\. Run them first"):
+        results.load_or_run(["04_x", "07_y"], "full", book_dir=tmp_path, progress=False)
+    assert ran == []  # nothing ran before the error: it lists them all at once
 
 
 def test_records_are_plain_json(cache, monkeypatch):
