@@ -18,8 +18,8 @@ and each linear map is magnitude-pruned at its own Θ_lj (no rescale). Eq. 2's m
 printed, one size-weighted mean over every linear map of the model (``eq2_mean="model"``,
 the default); ``eq2_mean="layer"`` takes it within each layer instead (a reading this book
 used before, kept as a named variant: chapter 6 shows how far Θ moves between the two).
-Readings used here (the paper leaves them open): N = 5 for layers and for linear maps (the
-authors' code uses 3 for layers; ``n_layer=3`` gives it); norm runs over all layers for dif
+Readings used here (the paper leaves them open): N = 5 for layers and for linear maps (the paper
+gives no value; ``n_layer=3`` is offered as a variant); norm runs over all layers for dif
 and over all linear maps of the model for dif'; a linear map is its weight and bias
 together; every tensor outside the linear maps (embeddings, norms, heads, pooler) is pruned
 at α. With equal layer sizes the kept count is then α's, to rounding, unless rates are
@@ -216,8 +216,10 @@ def amplify(delta: torch.Tensor, masks: Sequence[torch.Tensor], factors: Sequenc
 
 def greedy_factor(score: Callable[[float], float], start: float = 1.0, step: float = 0.1,
                   max_steps: int = 30) -> tuple[float, list[tuple[float, float]]]:
-    """The authors' search (chapter 6): from ``start``, move by ±``step`` while the score
-    rises ("rise then fall"); returns the best factor and every (factor, score) tried."""
+    """DPA's factor search (chapter 6): from ``start``, move by ±``step`` while the score rises
+    and stop on a tie, at most ``max_steps`` steps each way (from 1.0: a cap at 4.0). The paper
+    says only "rise then fall"; the step, the cap and the tie rule are the book's readings.
+    Returns the best factor and every (factor, score) tried."""
     if step <= 0:
         raise ValueError(f"greedy_factor: step must be > 0, got {step}")
     tried = {round(start, 6): score(start)}
