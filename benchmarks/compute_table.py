@@ -1,0 +1,100 @@
+#!/usr/bin/env python
+"""The compute table of the README and the book's introduction: how long each chapter takes.
+
+Times are measured, never typed: ``record`` reads the durations pytest printed for
+``tests/test_chapters_alone.py`` (``make test`` with ``PYTEST_ADDOPTS=--durations=0``, each
+chapter run alone from the reader's install) and stores them under a column name in
+``benchmarks/compute_times.json``; ``render`` writes the table between the
+``<!-- compute-table -->`` markers of README.md and book/intro.md. A column nobody measured
+reads "unmeasured".
+
+    python benchmarks/compute_table.py record LOG --column "quick, cold" --note "2 CPU cores, ..."
+    python benchmarks/compute_table.py render
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMES = ROOT / "benchmarks" / "compute_times.json"
+TARGETS = [ROOT / "README.md", ROOT / "book" / "intro.md"]
+COLUMNS = ["quick, cold", "quick, warm", "full, cold", "full, warm", "GPU (H200), quick"]
+START, END = "<!-- compute-table -->", "<!-- /compute-table -->"
+DURATION = re.compile(r"^\s*([\d.]+)s call\s+tests/test_chapters_alone\.py::\S+\[([\w-]+)\]", re.M)
+
+
+def chapter_durations(log: str) -> dict[str, float]:
+    """chapter → seconds, from pytest's ``--durations`` lines of the chapter tests."""
+    return {chapter: float(seconds) for seconds, chapter in DURATION.findall(log)}
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def record(log_path: Path, column: str, note: str) -> dict:
+    if column not in COLUMNS:
+        raise SystemExit(f"--column must be one of {COLUMNS}, got {column!r}")
+    found = chapter_durations(log_path.read_text(errors="replace"))
+    if not found:
+        raise SystemExit(f"{log_path}: no durations of tests/test_chapters_alone.py (run pytest with --durations=0)")
+    data = json.loads(TIMES.read_text()) if TIMES.exists() else {"columns": {}}
+    data["columns"][column] = {"seconds": found, "note": note}
+    _write_atomically(TIMES, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+    return data
+
+
+def _minutes(seconds: float | None) -> str:
+    return "unmeasured" if seconds is None else f"{seconds / 60:.1f}"
+
+
+def table(data: dict) -> str:
+    columns = data["columns"]
+    chapters = sorted({c for col in columns.values() for c in col["seconds"]})
+    lines = ["| chapter | " + " | ".join(f"{c} (min)" for c in COLUMNS) + " |",
+             "|---|" + "---|" * len(COLUMNS)]
+    for chapter in chapters:
+        cells = [_minutes(columns.get(c, {}).get("seconds", {}).get(chapter)) for c in COLUMNS]
+        lines.append(f"| {chapter} | " + " | ".join(cells) + " |")
+    totals = [_minutes(sum(columns[c]["seconds"].values())) if c in columns else "unmeasured" for c in COLUMNS]
+    lines.append("| **all chapters** | " + " | ".join(f"**{t}**" for t in totals) + " |")
+    notes = [f"*{c}*: {columns[c]['note']}" for c in COLUMNS if c in columns]
+    return "\n".join(lines) + "\n\n" + "; ".join(notes) + "\n"
+
+
+def render() -> None:
+    text = table(json.loads(TIMES.read_text()))
+    for path in TARGETS:
+        page = path.read_text()
+        if START not in page or END not in page:
+            raise SystemExit(f"{path}: no {START} … {END} markers")
+        head, rest = page.split(START, 1)
+        _, tail = rest.split(END, 1)
+        _write_atomically(path, f"{head}{START}\n{text}{END}{tail}")
+        print("wrote the table into", path.relative_to(ROOT))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    rec = sub.add_parser("record", help="store the chapter durations of a pytest log under a column")
+    rec.add_argument("log", type=Path)
+    rec.add_argument("--column", required=True, choices=COLUMNS)
+    rec.add_argument("--note", default="", help="the machine and conditions of the measurement")
+    sub.add_parser("render", help="write the table into README.md and book/intro.md")
+    args = parser.parse_args(argv)
+    if args.command == "record":
+        record(args.log, args.column, args.note)
+    render()
+
+
+if __name__ == "__main__":
+    main()

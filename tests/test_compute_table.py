@@ -1,0 +1,37 @@
+"""benchmarks/compute_table.py: the compute table is read from pytest's durations, never typed."""
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+spec = importlib.util.spec_from_file_location("compute_table", ROOT / "benchmarks" / "compute_table.py")
+compute_table = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(compute_table)
+
+LOG = """============================= slowest durations =============================
+612.31s call     tests/test_chapters_alone.py::test_the_chapter_runs_alone_from_the_installed_package[08_side_by_side]
+45.02s call     tests/test_chapters_alone.py::test_the_chapter_runs_alone_from_the_installed_package[00_model_zoo]
+30.00s call     tests/test_zoo.py::test_same_seed_same_weights
+0.50s setup    tests/test_chapters_alone.py::test_the_chapter_runs_alone_from_the_installed_package[01_delta_parameters]
+"""
+
+
+def test_durations_are_read_for_the_chapter_calls_only():
+    assert compute_table.chapter_durations(LOG) == {"08_side_by_side": 612.31, "00_model_zoo": 45.02}
+
+
+def test_the_table_says_unmeasured_where_nothing_was_measured():
+    data = {"columns": {"quick, cold": {"seconds": {"00_model_zoo": 90.0, "08_side_by_side": 600.0}, "note": "n"}}}
+    text = compute_table.table(data)
+    assert "| 00_model_zoo | 1.5 | unmeasured | unmeasured | unmeasured | unmeasured |" in text
+    assert "| **all chapters** | **11.5** |" in text
+
+
+def test_the_pages_carry_the_table_markers_and_the_stored_times():
+    for page in compute_table.TARGETS:
+        text = page.read_text()
+        assert compute_table.START in text and compute_table.END in text, page
+    if compute_table.TIMES.exists():  # what the pages show is what was measured
+        table = compute_table.table(json.loads(compute_table.TIMES.read_text()))
+        for page in compute_table.TARGETS:
+            assert table in page.read_text(), f"{page.name}: run `python benchmarks/compute_table.py render`"
