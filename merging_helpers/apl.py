@@ -1,7 +1,8 @@
 """Introduced in chapter 4: APL — which parameters an expert uses, found by causal intervention.
 
 Kong, Zhang & Wang's *Activated Parameter Locating* (its equations, and the readings chosen
-here where it leaves them open, are printed in chapter 4 of the book):
+here where it leaves them open, are in chapter 4 and the book's appendix "The sources'
+equations, and our readings"):
 
 1. **Trace.** Run expert t on a few-shot set D_t (clean run, P_t = mean probability of the
    true label), then once per *partition* with that partition's parameters put back to the

@@ -1,9 +1,10 @@
 """Introduced in chapter 6: DPPA — dynamic pruning (DP) and partition amplification (DPA).
 
-Zhu, Xia & Zhang's *DPPA* (its Eqs. 1–5 and the readings chosen here are printed in chapter 6
-of the book) prunes a *complex* fine-tune (a delta far from its base) by magnitude, at a rate
-per linear map that depends on how significant that map's delta is, and then amplifies the
-entries it keeps, band by band.
+Zhu, Xia & Zhang's *DPPA* (its Eqs. 1–5 and the readings chosen here are in chapter 6 and
+the book's appendix "The sources' equations, and our readings") prunes a *complex*
+fine-tune (a delta far from its base) by magnitude, at a rate per linear map that depends
+on how significant that map's delta is, and then amplifies the entries it keeps, band by
+band.
 
 DP (Eqs. 1–5). The *significance* of a block of delta entries is the sum of |δ| over its
 outliers, the entries with |δ| > N · mean|δ| of the block. Per layer l and per linear map j
@@ -19,7 +20,7 @@ printed, one size-weighted mean over every linear map of the model (``eq2_mean="
 the default); ``eq2_mean="layer"`` takes it within each layer instead (a reading this book
 used before, kept as a named variant: chapter 6 shows how far Θ moves between the two).
 Readings used here (the paper leaves them open): N = 5 for layers and for linear maps (the paper
-gives no value; ``n_layer=3`` is offered as a variant); norm runs over all layers for dif
+gives no value; 3 for layers, described for the authors' code, is ``n_layer=3``); norm runs over all layers for dif
 and over all linear maps of the model for dif'; a linear map is its weight and bias
 together; every tensor outside the linear maps (embeddings, norms, heads, pooler) is pruned
 at α. With equal layer sizes the kept count is then α's, to rounding, unless rates are
@@ -218,7 +219,8 @@ def greedy_factor(score: Callable[[float], float], start: float = 1.0, step: flo
                   max_steps: int = 30) -> tuple[float, list[tuple[float, float]]]:
     """DPA's factor search (chapter 6): from ``start``, move by ±``step`` while the score rises
     and stop on a tie, at most ``max_steps`` steps each way (from 1.0: a cap at 4.0). The paper
-    says only "rise then fall"; the step, the cap and the tie rule are the book's readings.
+    says only "rise then fall"; the ±0.1 step is the one described for the authors' code, the
+    cap and the tie rule are the book's readings.
     Returns the best factor and every (factor, score) tried."""
     if step <= 0:
         raise ValueError(f"greedy_factor: step must be > 0, got {step}")
