@@ -348,14 +348,59 @@ def engine_rates(importance: Importance, rates: torch.Tensor, names) -> tuple[di
     return {n: PerRow(vector.clone()) for n in names if writes_residual(n)}, "tensor"
 
 
+def partition_sizes(importance: Importance, shapes: Mapping[str, Sequence[int]]) -> torch.Tensor:
+    """The number of parameter entries in each of ``importance``'s partitions, in its key order (chapter 4)."""
+    shapes = {n: tuple(t.shape) if isinstance(t, torch.Tensor) else tuple(t) for n, t in shapes.items()}
+    parts = groups(shapes, importance.level)
+    sizes = []
+    for key in importance.keys:
+        if key not in parts:
+            raise KeyError(f"partition {key!r} of the importances is not a {importance.level}-level partition here")
+        sizes.append(sum(math.prod(shapes[n]) // (1 if row is None else shapes[n][0]) for n, row in parts[key].items()))
+    return torch.tensor(sizes, dtype=torch.float64)
+
+
+RATE_CEILING = 1.0 - 1e-6  # a budget-matched rate may not reach 1 (DARE's rescale divides by 1 − p)
+
+
+def budget_matched_rates(rates, sizes, lam: float) -> torch.Tensor:
+    """Shift per-partition drop rates by one constant so that the expected number of entries
+    kept, Σ_s n_s (1 − p_s), equals plain DARE's at ``lam``, (1 − λ) Σ_s n_s (chapter 4.2).
+    The order of the rates is kept (an important partition still drops less); rates are clipped
+    to [0, 1) after the shift, and the shift is found by bisection so that the clipped rates
+    meet the budget to float precision."""
+    rates, sizes = torch.as_tensor(rates, dtype=torch.float64), torch.as_tensor(sizes, dtype=torch.float64)
+    if rates.shape != sizes.shape or rates.dim() != 1 or bool((sizes <= 0).any()):
+        raise ValueError(f"budget_matched_rates: one positive size per rate, got shapes {tuple(rates.shape)} and "
+                         f"{tuple(sizes.shape)}")
+    if not 0.0 <= lam < 1.0:
+        raise ValueError(f"budget_matched_rates: lam must be in [0, 1), got {lam}")
+
+    def mean_rate(shift: float) -> float:
+        return float((sizes * (rates + shift).clamp(0.0, RATE_CEILING)).sum() / sizes.sum())
+
+    low, high = -1.0 - float(rates.max()), 1.0 - float(rates.min())  # mean_rate(low) = 0, mean_rate(high) = ceiling
+    for _ in range(200):
+        mid = (low + high) / 2
+        low, high = (mid, high) if mean_rate(mid) < lam else (low, mid)
+    return (rates + (low + high) / 2).clamp(0.0, RATE_CEILING)
+
+
 # ----------------------------------------------------------------------------- merging
 
-MAPPINGS = ("tanh", "linear")
+MAPPINGS = ("tanh", "linear", "tanh-matched")
 
 
 def drop_rates(importance: Importance, lam: float, eps: float, mapping: str = "tanh", tau: float = 5.0,
-               normalise: bool = False) -> torch.Tensor:
-    """One expert's per-partition drop rates: Eq. 11 (``"tanh"``) or Fig. 3's ``"linear"`` (chapter 4)."""
+               normalise: bool = False, shapes: Mapping | None = None) -> torch.Tensor:
+    """One expert's per-partition drop rates: Eq. 11 (``"tanh"``), Fig. 3's ``"linear"``, or Eq. 11
+    shifted to plain DARE's expected kept count at ``lam`` (``"tanh-matched"``, which needs the
+    model's ``shapes``: a budget-matched comparison with DARE) (chapter 4)."""
+    if mapping == "tanh-matched":
+        if shapes is None:
+            raise ValueError("mapping='tanh-matched' needs the model's shapes to count each partition's entries")
+        rates = calibrated_drop_rates(importance.values, lam, eps, tau, normalise)
+        return budget_matched_rates(rates, partition_sizes(importance, shapes), lam)
     if mapping == "tanh":
         return calibrated_drop_rates(importance.values, lam, eps, tau, normalise)
     if mapping == "linear":
@@ -371,7 +416,8 @@ def merge(base, experts: Mapping[str, Mapping[str, torch.Tensor]], importances: 
     ``importances[t]`` is expert t's :class:`Importance` (any level); partitions it does
     not cover keep the plain rate λ. ``weights``: one per expert (default 1 each: "APL on
     Task Arithmetic"; :func:`expert_weights` for MI-Task Arithmetic). ``rescale``: divide the
-    survivors by 1 − p as DARE does (Eq. 12 as printed has no rescale: ``rescale=False``)."""
+    survivors by 1 − p as DARE does (Eq. 12 as printed has no rescale: ``rescale=False``).
+    ``mapping="tanh-matched"`` keeps plain DARE's expected count of entries (:func:`drop_rates`)."""
     from .recipes import merge_state_dicts
     names = list(experts)
     missing = [t for t in names if t not in importances]
@@ -383,8 +429,8 @@ def merge(base, experts: Mapping[str, Mapping[str, torch.Tensor]], importances: 
     float_names = [n for n, t in base.items() if t.is_floating_point()]
     rates, level = [], "model"
     for t in names:
-        r, level = engine_rates(importances[t], drop_rates(importances[t], lam, eps, mapping, tau, normalise),
-                                float_names)
+        r, level = engine_rates(importances[t], drop_rates(importances[t], lam, eps, mapping, tau, normalise,
+                                                           {n: base[n].shape for n in float_names}), float_names)
         rates.append(r)
     return merge_state_dicts(base, [experts[t] for t in names], "dare_linear", drop_rate=rates, rate_level=level,
                              rate_default=lam, weights=weights, lam=scale, rescale="inverse" if rescale else None,

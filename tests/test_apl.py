@@ -195,6 +195,43 @@ def test_linear_mapping_expected_kept_count_equals_dare(scorer):
         assert kept == pytest.approx(0.1 * total, abs=1e-6 * total), level
 
 
+def _expected_kept(imp, rates, shapes, lam):
+    names = list(shapes)
+    engine, level = apl.engine_rates(imp, rates, names)
+    config = MergeConfig.build("dare_linear", 1, drop_rate=engine, rate_level=level, rate_default=lam)
+    return sum(float(torch.broadcast_to(torch.as_tensor(broadcast_rate(config.densities(n)[0], shapes[n]),
+                                                        dtype=torch.float64), shapes[n]).sum()) for n in names)
+
+
+@pytest.mark.parametrize("level", ["layer", "hidden"])
+def test_the_budget_matched_eq11_keeps_dares_count_exactly(level):
+    from conftest import bert_like
+    shapes = {n: tuple(t.shape) for n, t in bert_like(n_layers=3, hidden=16).items() if t.is_floating_point()}
+    keys = list(apl.groups(shapes, level))
+    g = torch.Generator().manual_seed(1)
+    imp = apl.Importance("news", level, keys, -0.3 * torch.rand(len(keys), generator=g, dtype=torch.float64), 1.0, 1.0)
+    total = sum(math.prod(s) for s in shapes.values())
+    for lam in (0.9, 0.99):
+        eps = (1 - lam) / 2
+        plain = apl.drop_rates(imp, lam, eps)
+        assert _expected_kept(imp, plain, shapes, lam) > (1 - lam) * total * 1.01  # Eq. 11 keeps more: not matched
+        matched = apl.drop_rates(imp, lam, eps, "tanh-matched", shapes=shapes)
+        assert _expected_kept(imp, matched, shapes, lam) == pytest.approx((1 - lam) * total, rel=1e-9)
+        assert torch.equal(torch.argsort(matched, stable=True), torch.argsort(plain, stable=True))  # order kept
+    with pytest.raises(ValueError, match="needs the model's shapes"):
+        apl.drop_rates(imp, 0.9, 0.05, "tanh-matched")
+
+
+def test_budget_matching_by_hand():
+    # sizes 1, 3; rates 0.5, 0.7: mean 0.65 → shift +0.05 to reach 0.7
+    assert apl.budget_matched_rates([0.5, 0.7], [1, 3], 0.7).tolist() == pytest.approx([0.55, 0.75])
+    # a rate that would leave [0, 1) is clipped and the others shift further to keep the budget
+    clipped = apl.budget_matched_rates([0.0, 0.9], [1, 1], 0.1)
+    assert clipped.tolist() == pytest.approx([0.0, 0.2]) and float(clipped.mean()) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="one positive size per rate"):
+        apl.budget_matched_rates([0.5], [0], 0.5)
+
+
 def test_expert_weights_hand_worked():
     w = apl.expert_weights(torch.tensor([-0.5, 0.0]), tau=0.5)
     assert w.tolist() == pytest.approx([math.e / (math.e + 1), 1 / (math.e + 1)])
