@@ -127,19 +127,63 @@ def paper_value(claim: Claim, values: Mapping[str, object]):
     return claim.paper
 
 
+Z95, Z80 = 1.959964, 0.841621  # two-sided 95 % and one-sided 80 % normal quantiles
+
+
+def _normal_tail(z: float) -> float:
+    return 0.5 * math.erfc(z / math.sqrt(2))
+
+
+def p_value(claim: Claim, ours: float, low: float, high: float, plain: str) -> float:
+    """The p-value behind ``plain``, the claim's verdict, reading its 95 % interval as normal
+    (se = width / 2·1.96) (chapter 8): two-sided against no difference for the above/below
+    rules; for "within", the larger one-sided p of the equivalence test (TOST) when it holds,
+    the one-sided p of lying beyond the margin when it does not; 1 when inconclusive."""
+    se = (high - low) / (2 * Z95)
+    if plain == OPEN or not se > 0:
+        return 1.0
+    if claim.test != "within":
+        return min(1.0, 2 * _normal_tail(abs(ours) / se))
+    if plain == HOLDS:
+        return max(_normal_tail((ours + claim.margin) / se), _normal_tail((claim.margin - ours) / se))
+    return _normal_tail((abs(ours) - claim.margin) / se)
+
+
+def holm(p_values, alpha: float = 0.05) -> list[bool]:
+    """Holm's step-down over a family of p-values: which are rejected at family-wise level ``alpha`` (chapter 8)."""
+    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
+    rejected = [False] * len(p_values)
+    for rank, i in enumerate(order):
+        if p_values[i] > alpha / (len(p_values) - rank):
+            break
+        rejected[i] = True
+    return rejected
+
+
 def verdict_table(records: Mapping[str, Mapping], claims=CLAIMS):
     """One row per claim: paper, ours, interval, verdict, and the record it came from (chapter 8).
 
+    Beside the plain verdict (each claim at 95 %): the Holm-adjusted verdict over every claim with
+    an interval (a verdict stands only if its p-value survives Holm's step-down at a family-wise
+    5 %), and the smallest true difference the experiment would detect with 80 % power,
+    (1.96 + 0.84)·se — so that "inconclusive" reads as "no effect larger than that".
     ``records``: chapter → record (:func:`merging_helpers.results.load`)."""
     import pandas as pd
     rows = []
     for claim in claims:
         record = records[claim.chapter]
         values = record["values"]
+        low = float(values[claim.low]) if claim.low else float("nan")
+        high = float(values[claim.high]) if claim.high else float("nan")
+        ours, plain = float(values[claim.ours]), verdict(claim, values)
+        interval = claim.low is not None and not math.isnan(low + high + ours)
         rows.append({"source": claim.source, "claim": claim.claim, "paper": paper_value(claim, values),
-                     "ours": float(values[claim.ours]),
-                     "95% CI low": float(values[claim.low]) if claim.low else float("nan"),
-                     "95% CI high": float(values[claim.high]) if claim.high else float("nan"),
-                     "unit": claim.unit, "verdict": verdict(claim, values),
+                     "ours": ours, "95% CI low": low, "95% CI high": high, "unit": claim.unit, "verdict": plain,
+                     "p": p_value(claim, ours, low, high, plain) if interval else float("nan"),
+                     "detectable (80 % power)": (Z95 + Z80) * (high - low) / (2 * Z95) if interval else float("nan"),
                      "measured in": f"{claim.chapter} ({record['mode']}, {record['written'][:10]})"})
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    family = table["p"].notna()
+    survives = dict(zip(table.index[family], holm(table.loc[family, "p"].tolist())))
+    table["verdict (Holm)"] = [v if not family[i] else (v if survives[i] else OPEN) for i, v in table["verdict"].items()]
+    return table

@@ -96,3 +96,32 @@ def test_every_claim_of_the_issue_has_a_row():
     sources = {c.source for c in verdicts.CLAIMS}
     assert sources >= {"APL, Fig. 3", "APL, Table 1", "APL, Table 4", "APL, Fig. 4", "APL, Fig. 5",
                        "APL, Table 2", "APL, Table 5", "DPPA, Table 1", "DPPA, Table 3", "DPPA, Limitations", "RMS slides"}
+
+
+def test_holm_by_hand():
+    # m = 4: thresholds 0.0125, 0.0167, 0.025, 0.05 in p order; the third smallest (0.03) fails, so the rest stop
+    assert verdicts.holm([0.01, 0.2, 0.015, 0.03]) == [True, False, True, False]
+    assert verdicts.holm([0.04, 0.04]) == [False, False]  # each would pass alone at 5 %, not both under Holm
+    assert verdicts.holm([0.02, 0.001]) == [True, True]
+
+
+def test_the_holm_column_and_the_detectable_effect():
+    record = {"mode": "full", "written": "2026-12-04T00:00:00+00:00"}
+    claims = tuple(Claim("P", f"c{i}", "a", f"d{i}", f"lo{i}", f"hi{i}") for i in range(3))
+    # intervals of half-width 1.96 (se 1): z = 2.2, 2.1 (each p < 0.05) and 5 (p ≈ 6e-7)
+    values = {}
+    for i, d in enumerate((2.2, 2.1, 5.0)):
+        values |= {f"d{i}": d, f"lo{i}": d - 1.959964, f"hi{i}": d + 1.959964}
+    table = verdict_table({"a": {**record, "values": values}}, claims)
+    assert table["verdict"].tolist() == [HOLDS, HOLDS, HOLDS]
+    assert table["p"].tolist() == pytest.approx([0.0278, 0.0357, 5.7e-7], rel=1e-2)
+    # Holm: 5.7e-7 ≤ 0.05/3 passes, 0.0278 > 0.05/2 stops: only the strongest claim stands
+    assert table["verdict (Holm)"].tolist() == [OPEN, OPEN, HOLDS]
+    assert table["detectable (80 % power)"].tolist() == pytest.approx([2.8016] * 3, rel=1e-4)
+
+
+def test_an_equivalence_claim_gets_the_tost_p_value():
+    claim = Claim("P", "close", "a", "d", "lo", "hi", test="within", margin=1.0)
+    # d = 0, se = 0.25: both one-sided tests at z = 4 → p = Φ(−4)
+    assert verdicts.p_value(claim, 0.0, -0.49, 0.49, HOLDS) == pytest.approx(3.17e-5, rel=2e-2)
+    assert verdicts.p_value(claim, 0.0, -3.0, 3.0, OPEN) == 1.0
