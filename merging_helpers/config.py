@@ -32,6 +32,7 @@ from .partitions import (LEVELS, PerColumn, PerRow, check_rate_fits, complement,
                          unused_rate_keys, validate_rates)
 from .rescale import RESCALES
 
+FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max: the merge runs in float32
 RENAMED = {
     "election_weights": ("weighted_election", {"peft": False, "mergekit": True}),
     "merge_mode": ("divide_by", {"mean": "count", "weighted_mean": "weight_sum", "sum": "nothing", None: None}),
@@ -146,6 +147,9 @@ class MergeConfig:
             validate_rates(self.rate_default, "density" if self.density is not None else "drop_rate")
         if not _is_real(self.lam) or not math.isfinite(self.lam):
             raise ValueError(f"lam must be a finite number, got {self.lam!r}")
+        if abs(self.lam) > FLOAT32_MAX:  # the merge runs in float32, where this λ would be inf
+            raise ValueError(f"lam = {self.lam!r} is beyond float32's range (±{FLOAT32_MAX:.3g}), in which the merge "
+                             "runs: every merged entry would be inf or NaN")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise TypeError(f"seed must be an int, got {self.seed!r}")
         if self.rescale not in RESCALES + ("auto",):

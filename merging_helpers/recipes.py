@@ -10,7 +10,6 @@ float32 deltas of one tensor (one per expert) and returns the merged delta;
 This is the readable engine, and the reference: the fast tier
 (:mod:`merging_helpers.fast`) must give the same numbers bit for bit.
 """
-import warnings
 
 import torch
 from tqdm.auto import tqdm
@@ -115,10 +114,15 @@ def _merge_checked(name, base, experts_tensors, config, offset=0, check_finite=T
             raise ValueError(f"expert {t}: tensor {name!r} has NaN or inf entries (or the base has)")
     merged = merge_deltas(name, deltas, config, offset)
     out = (base.float() + config.lam * merged).to(base.dtype)
-    if out.dtype in (torch.float16, torch.bfloat16) and not bool(torch.isfinite(out).all()):
-        warnings.warn(f"{name!r}: the merged tensor overflows {out.dtype} (some entries became inf); "
-                      "merge in float32 or lower lam", RuntimeWarning, stacklevel=3)
+    if not bool(torch.isfinite(out).all()):
+        raise OverflowError(overflow_message(name, out.dtype, int((~torch.isfinite(out)).sum())))
     return out
+
+
+def overflow_message(name: str, dtype, count: int) -> str:
+    """Why a merge is refused when its result is not finite (chapter 3; both engines say the same)."""
+    return (f"tensor {name!r}: {count} merged entries overflow {dtype} (finite inputs, an infinite result): "
+            "lower lam or the weights, or merge the model in a wider dtype; nothing was written")
 
 
 def merge_state_dicts(base_sd, expert_sds, method=None, *, config=None, progress=True, expert_names=None,

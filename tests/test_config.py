@@ -65,16 +65,26 @@ def test_nan_inside_an_expert_is_refused_everywhere(tmp_path):
             assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.tmp-*"))
 
 
-def test_fp16_overflow_warns_in_memory_and_streaming(tmp_path):
+@pytest.mark.parametrize("dtype, big", [(torch.float16, 60000.0), (torch.float32, 3e38)])
+def test_an_overflowing_merge_is_refused_naming_the_tensor_in_memory_and_streaming(tmp_path, dtype, big):
     from merging_helpers.fast.checkpoints import save_state_dict
 
-    base = {"w": torch.full((4, 4), 60000.0, dtype=torch.float16)}
-    expert = {"w": torch.full((4, 4), 65000.0, dtype=torch.float16)}
-    with pytest.warns(RuntimeWarning, match="overflows torch.float16"):
-        merge_state_dicts(base, [expert, expert], "task_arithmetic", progress=False)
+    base = {"w": torch.full((4, 4), big, dtype=dtype), "ok": torch.zeros(3, dtype=dtype)}
+    expert = {"w": torch.full((4, 4), big * 1.08, dtype=dtype), "ok": torch.ones(3, dtype=dtype)}
+    message = rf"tensor 'w': 16 merged entries overflow {dtype} \(finite inputs, an infinite result\)"
+    with pytest.raises(OverflowError, match=message):
+        merge_state_dicts(base, [expert, expert], "task_arithmetic", lam=20.0, progress=False)
     dirs = [save_state_dict(sd, tmp_path / n) for n, sd in [("b", base), ("e0", expert), ("e1", expert)]]
-    with pytest.warns(RuntimeWarning, match="overflows its dtype"):
-        merge_folders(dirs[0], dirs[1:], tmp_path / "o", "task_arithmetic", progress=False)
+    for kernel in ("auto", "reference"):  # the fused path and the reference engine refuse it alike
+        with pytest.raises(OverflowError, match=message):
+            merge_folders(dirs[0], dirs[1:], tmp_path / "o", "task_arithmetic", lam=20.0, kernel=kernel, progress=False)
+        assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.tmp-*"))  # nothing written
+
+
+def test_a_lambda_float32_cannot_hold_is_refused():
+    base = {"w": torch.ones(3)}
+    with pytest.raises(ValueError, match=r"lam = 1e\+40 is beyond float32's range"):
+        merge_state_dicts(base, [base], "task_arithmetic", lam=1e40, progress=False)
 
 
 def test_streaming_warns_when_the_base_is_not_the_experts_base(tmp_path):

@@ -70,7 +70,7 @@ import torch
 from .. import rms_adaptive as ra
 from ..config import as_config
 from ..deltas import far_from_base
-from ..recipes import merge_tensor, model_thresholds
+from ..recipes import merge_tensor, model_thresholds, overflow_message
 from . import compiled
 from .checkpoints import (CheckpointFolder, ShardedSafetensorsWriter, ShortFileError, check_output_path,
                           recover_leftovers)
@@ -471,7 +471,6 @@ def merge_folders(
         if lib is not None:
             fusedm = FusedMerge(config, lib, workers or threads)
             torch.set_num_threads(1)  # parallel over pieces instead (see the fused path)
-        overflowed = []
 
         # ---- 2.-4. stream: prefetch -> merge -> write
         with ShardedSafetensorsWriter(out_dir, specs, max_shard_size, copy_from=base_dir, input_dirs=dirs,
@@ -493,8 +492,9 @@ def merge_folders(
                         out = b  # integer buffers (e.g. position_ids) are copied from the base
                     elif fusedm is not None and fusedm.takes(name, dtype):
                         out = pool.get(b.numel() * b.element_size()).view(dtype).view(b.shape)
-                        if fusedm(name, b, ex, out):  # the reference path warns in merge_tensor
-                            overflowed.append(name)
+                        overflowed = fusedm(name, b, ex, out)
+                        if overflowed:  # refused, as the reference engine refuses it (recipes.overflow_message)
+                            raise OverflowError(overflow_message(name, dtype, int(overflowed)))
                     elif chunkable and b.dim() >= 1 and b.numel() > chunk_elems:
                         out = pool.get(b.numel() * b.element_size()).view(dtype).view(b.shape)
                         for r0, r1 in _row_chunks(tuple(b.shape), chunk_elems):
@@ -531,9 +531,6 @@ def merge_folders(
                     torch.set_num_threads(threads)
         if bar is not None:
             bar.close()
-        if overflowed:
-            warnings.warn(f"the merged model overflows its dtype (inf entries) in {len(overflowed)} tensors, "
-                          f"e.g. {overflowed[:3]}; merge in float32 or lower lam", RuntimeWarning, stacklevel=2)
         return writer.out_dir
     finally:
         for f in folders:
