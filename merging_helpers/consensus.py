@@ -29,8 +29,11 @@ _OLD_DIVISORS = {"mean": "count", "weighted_mean": "weight_sum", "sum": "nothing
 
 
 def stack(deltas) -> torch.Tensor:
-    """A list of equally shaped tensors → one float32 tensor with the experts on dim 0 (chapter 3)."""
-    return deltas.float() if isinstance(deltas, torch.Tensor) else torch.stack([d.float() for d in deltas])
+    """A list of equally shaped tensors → one float32 tensor with the experts on dim 0; float64
+    stays float64 (a float64 model merges in float64) (chapter 3)."""
+    def work(d):
+        return d if d.dtype == torch.float64 else d.float()
+    return work(deltas) if isinstance(deltas, torch.Tensor) else torch.stack([work(d) for d in deltas])
 
 
 def sum_experts(x: torch.Tensor) -> torch.Tensor:

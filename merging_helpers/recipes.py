@@ -76,7 +76,8 @@ def combine(deltas, config: MergeConfig):
 
 
 def merge_deltas(name, deltas, config: MergeConfig, offset: int = 0):
-    """The merged delta of tensor ``name`` from the experts' float32 ``deltas`` (chapters 2–3)."""
+    """The merged delta of tensor ``name`` from the experts' float32 (float64 for a float64 model)
+    ``deltas`` (chapters 2–3)."""
     m = config.method
     kept = drop_and_rescale(deltas, m.drop, config.densities(name), name=name, seed=config.seed, offset=offset,
                             epsilon=config.epsilon, thresholds=config.thresholds, rescale=config.rescale,
@@ -108,15 +109,18 @@ def merge_tensor(name, base, experts_tensors, method=None, *, config=None, offse
 
 
 def _merge_checked(name, base, experts_tensors, config, offset=0, check_finite=True):
-    deltas = [expert.float() - base.float() for expert in experts_tensors]
+    work = torch.float64 if base.dtype == torch.float64 else torch.float32  # float64 models keep their precision
+    deltas = [expert.to(work) - base.to(work) for expert in experts_tensors]
     for t, delta in enumerate(deltas if check_finite else []):
         if not bool(torch.isfinite(delta).all()):
             raise ValueError(f"expert {t}: tensor {name!r} has NaN or inf entries (or the base has)")
     merged = merge_deltas(name, deltas, config, offset)
-    out = (base.float() + config.lam * merged).to(base.dtype)
-    if not bool(torch.isfinite(out).all()):
-        raise OverflowError(overflow_message(name, out.dtype, int((~torch.isfinite(out)).sum())))
-    return out
+    exact = base.to(work) + config.lam * merged
+    # beyond the dtype's range: inf in float16/bfloat16/float32, clamped without a word in float8
+    overflow = ~torch.isfinite(exact) | (exact.abs() > torch.finfo(base.dtype).max)
+    if bool(overflow.any()):
+        raise OverflowError(overflow_message(name, base.dtype, int(overflow.sum())))
+    return exact.to(base.dtype)
 
 
 def overflow_message(name: str, dtype, count: int) -> str:

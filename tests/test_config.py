@@ -204,3 +204,22 @@ def test_streaming_honours_per_row_rates(families, tmp_path):
                             progress=False, **kw)
     got = load_state_dict(out)
     assert all(torch.equal(got[k], ref[k]) for k in ref)
+
+
+def test_a_float8_result_beyond_its_range_is_refused_not_clamped():
+    dtype = torch.float8_e4m3fn  # largest finite value 448: a plain cast of 512 gives 448
+    base, expert = {"w": torch.zeros(2).to(dtype)}, {"w": torch.full((2,), 256.0).to(dtype)}
+    with pytest.raises(OverflowError, match=r"tensor 'w': 2 merged entries overflow torch.float8_e4m3fn"):
+        merge_state_dicts(base, [expert, expert], "task_arithmetic", progress=False)  # 0 + 256 + 256 = 512
+
+
+def test_a_float64_model_merges_in_float64():
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(50, generator=g, dtype=torch.float64)}
+    expert = {"w": base["w"] + 1e-3 * torch.randn(50, generator=g, dtype=torch.float64)}
+    same = merge_state_dicts(base, [base], "task_arithmetic", progress=False)
+    assert torch.equal(same["w"], base["w"])  # an expert equal to the base gives the base back, to the bit
+    merged = merge_state_dicts(base, [expert], "task_arithmetic", lam=0.5, progress=False)
+    assert merged["w"].dtype == torch.float64
+    # float64 rounding, not float32's (whose error here would be ~1e-7)
+    assert torch.allclose(merged["w"], base["w"] + 0.5 * (expert["w"] - base["w"]), rtol=0, atol=1e-14)
