@@ -177,6 +177,12 @@ class MergeConfig:
             raise ValueError(f"rate_level must be one of {LEVELS}, got {self.rate_level!r}")
         if self.magnitude_scope not in SCOPES:
             raise ValueError(f"magnitude_scope must be 'tensor' or 'model', got {self.magnitude_scope!r}")
+        if self.thresholds is not None:
+            t = self.thresholds
+            if not isinstance(t, (list, tuple)) or len(t) != self.n_experts or not all(
+                    _is_real(x) and math.isfinite(x) and x >= 0 for x in t):
+                raise ValueError(f"thresholds must be one |Δ| threshold (a number >= 0) per expert, "
+                                 f"{self.n_experts} in all, got {t!r}")
         if self.magnitude_scope == "model":
             if m.drop != "magnitude":
                 raise ValueError(f"magnitude_scope='model' applies to 'magnitude' and 'ties', not {m.name!r}")

@@ -6,6 +6,7 @@ deltas: integer buffers (e.g. BERT's ``position_ids``) are copied from the base.
 """
 import math
 import warnings
+from collections.abc import Iterable, Mapping
 
 import torch
 
@@ -55,6 +56,19 @@ def far_from_base(base: torch.Tensor, delta: torch.Tensor) -> bool:
     return bool(base_norm > 0 and delta.float().norm() > 0.5 * base_norm)
 
 
+def _check_state_dict(who: str, sd) -> None:
+    """A state dict is a mapping of names to tensors that hold data (not meta tensors)."""
+    if not isinstance(sd, Mapping):
+        raise TypeError(f"{who} must be a state dict (a mapping of names to tensors), got {type(sd).__name__}")
+    other = [n for n, t in sd.items() if not isinstance(t, torch.Tensor)]
+    if other:
+        raise TypeError(f"{who}: {other[0]!r} is a {type(sd[other[0]]).__name__}, not a torch.Tensor")
+    meta = [n for n, t in sd.items() if t.is_meta]
+    if meta:
+        raise ValueError(f"{who}: tensor {meta[0]!r} (and {len(meta) - 1} more) is on the meta device and holds no "
+                         "data: load the weights (e.g. from_pretrained without device_map='meta') before merging")
+
+
 def check_compatible(base_sd: dict, experts, expert_names=None) -> None:
     """Check that the experts can be merged onto ``base_sd``, before any long work (chapter 1).
 
@@ -62,11 +76,19 @@ def check_compatible(base_sd: dict, experts, expert_names=None) -> None:
     delta; TypeError for different dtypes. Warns when ``base_sd`` does not look like the
     experts' base (relative delta norm ‖Δ‖/‖θ_b‖ > 0.5 on most tensors).
     """
-    if isinstance(experts, dict):
+    _check_state_dict("the base", base_sd)
+    if isinstance(experts, Mapping) and experts and all(isinstance(v, torch.Tensor) for v in experts.values()):
+        raise TypeError("the experts must be a list of state dicts (or a mapping name → state dict), got one state "
+                        "dict: wrap it in a list, [expert]")
+    if isinstance(experts, Mapping):
         expert_names, experts = list(experts), list(experts.values())
+    if experts is None or isinstance(experts, (str, torch.Tensor)) or not isinstance(experts, Iterable):
+        raise TypeError(f"the experts must be a list of state dicts, got {type(experts).__name__}")
     experts = list(experts)
     if not experts:
         raise ValueError("check_compatible: the list of experts is empty; merging needs at least one expert")
+    for i, expert in enumerate(experts):
+        _check_state_dict(f"expert {i}" if expert_names is None else repr(list(expert_names)[i]), expert)
     names = list(expert_names) if expert_names is not None else [f"expert {i}" for i in range(len(experts))]
     if len(names) != len(experts):
         raise ValueError(f"check_compatible: {len(names)} expert_names for {len(experts)} experts")

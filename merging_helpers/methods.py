@@ -84,6 +84,9 @@ def get_method(name) -> Method:
     """The record of method ``name`` (a ``Method`` passes through); a clear error otherwise (chapters 2–3)."""
     if isinstance(name, Method):
         return name
+    if not isinstance(name, str):
+        raise TypeError(f"method must be a method's name, one of {sorted(METHODS)}, got a {type(name).__name__}: "
+                        f"{name!r}")
     if name not in METHODS:
         raise ValueError(f"method must be one of {sorted(METHODS)}, got {name!r}")
     return METHODS[name]

@@ -139,10 +139,10 @@ def merge_state_dicts(base_sd, expert_sds, method=None, *, config=None, progress
     float density per expert), instead of top-k within each tensor.
     Non-floating tensors (integer buffers) are copied from the base.
     """
+    check_compatible(base_sd, expert_sds, expert_names)  # first: it names a wrongly shaped argument
     if isinstance(expert_sds, dict):
         expert_names, expert_sds = list(expert_sds), list(expert_sds.values())
     expert_sds = list(expert_sds)
-    check_compatible(base_sd, expert_sds, expert_names)
     config = as_config(method, len(expert_sds), config, **options)
     config.check_tensors({n: tuple(t.shape) for n, t in base_sd.items() if t.is_floating_point()})
     if config.magnitude_scope == "model":

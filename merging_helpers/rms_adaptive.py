@@ -94,7 +94,16 @@ class IneffectiveDropScale(UserWarning):
 MIN_EFFECT = 1e-3  # a λ > 0 whose largest change of a rate is below this is almost surely a unit mistake
 
 
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
 def _check(p_default, lam, cv_threshold, clip, scale):
+    for what, value in (("p_default", p_default), ("lam", lam), ("cv_threshold", cv_threshold)):
+        if not _is_number(value):
+            raise TypeError(f"adaptive_rates: {what} must be a finite number, got {value!r}")
+    if not (isinstance(clip, (tuple, list)) and len(clip) == 2 and all(_is_number(c) for c in clip)):
+        raise TypeError(f"adaptive_rates: clip must be a pair of numbers (low, high), got {clip!r}")
     if not 0.0 <= p_default < 1.0:
         raise ValueError(f"adaptive_rates: p_default must be in [0, 1), got {p_default}")
     if lam < 0:
@@ -125,6 +134,8 @@ def split_options(options: Mapping) -> tuple[dict, dict]:
         raise TypeError("rms_adaptive needs p_default (the drop rate of a matrix of average RMS)")
     rate = {k: options[k] for k in RATE_OPTIONS if k in options}
     rate["lam"] = rate.pop("drop_scale", 0.0)
+    if not _is_number(rate["lam"]):
+        raise TypeError(f"rms_adaptive: drop_scale (the slides' λ) must be a finite number, got {rate['lam']!r}")
     if not rate["lam"] >= 0:
         raise ValueError(f"rms_adaptive: drop_scale (the slides' λ) must be >= 0, got {rate['lam']}")
     merge = {k: options[k] for k in MERGE_OPTIONS if k in options}

@@ -323,3 +323,11 @@ def test_writer_bytes_with_and_without_direct_io(tmp_path, monkeypatch, direct):
     assert set(loaded) == set(tensors) and all(torch.equal(loaded[k], tensors[k]) for k in tensors)
     if direct is False or direct == "refused":
         assert not used_direct
+
+
+def test_saving_a_value_that_is_not_a_tensor_is_refused_by_name(tmp_path):
+    with pytest.raises(TypeError, match=r"save_state_dict: 'a' is a int, not a torch.Tensor; nothing was written"):
+        save_state_dict({"w": torch.ones(2), "a": 3}, tmp_path / "m")
+    with pytest.raises(ValueError, match=r"'w' is a meta tensor"):
+        save_state_dict({"w": torch.ones(2, device="meta")}, tmp_path / "m")
+    assert not (tmp_path / "m").exists()

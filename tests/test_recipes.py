@@ -288,3 +288,30 @@ def test_merge_is_bit_identical_to_the_first_edition(key):
     method, kw = CASES[case]
     base, experts = pinned_family(dtype=getattr(torch, dtype))
     assert digest(merge_state_dicts(base, experts, method, progress=False, **kw)) == PINNED[key]
+
+
+# ---- badly shaped arguments are named before any work (bad input, round 3) ------------------
+
+def _pair():
+    base = {"encoder.layer.0.attention.self.query.weight": torch.randn(4, 4), "embeddings.LayerNorm.weight": torch.ones(4)}
+    return base, {k: v + 0.1 for k, v in base.items()}
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda b, e: merge_state_dicts(b, [e], ["ties"], progress=False), TypeError, r"method must be a method's name.*got a list"),
+    (lambda b, e: merge_state_dicts(b, [e], {"m": 1}, progress=False), TypeError, r"got a dict"),
+    (lambda b, e: merge_state_dicts(b, None, "task_arithmetic", progress=False), TypeError, r"experts must be a list of state dicts, got NoneType"),
+    (lambda b, e: merge_state_dicts(b, e, "task_arithmetic", progress=False), TypeError, r"got one state dict: wrap it in a list"),
+    (lambda b, e: merge_state_dicts([b], [e], "task_arithmetic", progress=False), TypeError, r"the base must be a state dict .* got list"),
+    (lambda b, e: merge_state_dicts({**b, "x": 3}, [{**e, "x": 3}], "task_arithmetic", progress=False), TypeError, r"the base: 'x' is a int"),
+    (lambda b, e: merge_state_dicts({k: v.to("meta") for k, v in b.items()}, [e], "task_arithmetic", progress=False),
+     ValueError, r"is on the meta device and holds no data"),
+    (lambda b, e: merge_state_dicts(b, [e], "magnitude", density=0.5, thresholds=["a"], progress=False),
+     ValueError, r"thresholds must be one \|Δ\| threshold .* per expert, 1 in all, got \['a'\]"),
+    (lambda b, e: merge_state_dicts(b, [e], "magnitude", density=0.5, thresholds=[0.1, 0.2], progress=False),
+     ValueError, r"1 in all, got \[0.1, 0.2\]"),
+])
+def test_a_badly_shaped_argument_is_named(call, error, match):
+    base, expert = _pair()
+    with pytest.raises(error, match=match):
+        call(base, expert)

@@ -155,3 +155,12 @@ def test_a_zero_delta_gets_the_rate_its_rms_of_zero_gives():
     assert table["a"][Q0] == 0.0
     rates, info = ra.adaptive_rates(table, p_default=0.5, lam=0.1, aware=False)  # mean rms 1 → 0.5 + 0.1 · 1
     assert rates["a"][Q0] == pytest.approx(0.6) and rates["b"][Q0] == pytest.approx(0.4)
+
+
+@pytest.mark.parametrize("kw, match", [(dict(p_default="x"), r"p_default must be a finite number, got 'x'"),
+                                        (dict(clip=(0.5,)), r"clip must be a pair of numbers \(low, high\), got \(0.5,\)"),
+                                        (dict(lam="0.1"), r"lam must be a finite number, got '0.1'")])
+def test_badly_typed_options_are_named(kw, match):
+    table = {"a": {Q0: 1.0, D0: 3.0}, "b": {Q0: 2.0, D0: 6.0}}
+    with pytest.raises(TypeError, match=match):
+        ra.adaptive_rates(table, **{"p_default": 0.5, "lam": 0.1, **kw})

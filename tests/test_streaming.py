@@ -468,3 +468,10 @@ def test_rms_adaptive_bad_options_fail_before_reading(families, tmp_path, kw, er
     monkeypatch.setattr(streaming, "_streamed_rms_table", lambda *a, **k: pytest.fail("read before checking"))
     with pytest.raises(error, match=match):
         merge_folders(base_dir, expert_dirs, tmp_path / "out", "rms_adaptive", progress=False, **kw)
+
+
+def test_device_meta_is_refused_before_any_work(families, tmp_path):
+    base_dir, expert_dirs = families["llama-fp32-single"]
+    with pytest.raises(ValueError, match=r"device='meta' holds no data"):
+        merge_folders(base_dir, expert_dirs, tmp_path / "o", "ties", density=0.3, device="meta", progress=False)
+    assert not (tmp_path / "o").exists()

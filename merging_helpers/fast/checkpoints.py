@@ -983,6 +983,13 @@ def save_state_dict(state_dict: Mapping[str, torch.Tensor], out_dir: str | os.Pa
                     max_shard_size: int | str = "2GB", *, copy_from: str | os.PathLike | None = None,
                     config: Mapping | None = None, overwrite: bool = False) -> Path:
     """Save an in-memory state dict as a (sharded) safetensors folder, atomically (appendix, chapter 8)."""
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"save_state_dict: expected a state dict (names → tensors), got {type(state_dict).__name__}")
+    for k, v in state_dict.items():
+        if not isinstance(v, torch.Tensor):
+            raise TypeError(f"save_state_dict: {k!r} is a {type(v).__name__}, not a torch.Tensor; nothing was written")
+        if v.is_meta:
+            raise ValueError(f"save_state_dict: {k!r} is a meta tensor and holds no data; nothing was written")
     specs = [(k, v.dtype, tuple(v.shape)) for k, v in state_dict.items()]
     extra = {"config.json": json.dumps(dict(config), indent=2) + "\n"} if config is not None else None
     with ShardedSafetensorsWriter(out_dir, specs, max_shard_size, copy_from=copy_from,

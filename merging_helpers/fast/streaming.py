@@ -394,6 +394,8 @@ def merge_folders(
     Output dtypes equal the input dtypes; config and tokenizer files come from the base.
     """
     device = torch.device(device)
+    if device.type == "meta":
+        raise ValueError("device='meta' holds no data, so nothing could be merged: use 'cpu' or 'cuda'")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device='cuda' requested but torch.cuda.is_available() is False")
     if not (isinstance(chunk_elems, int) and chunk_elems > 0):
