@@ -69,6 +69,15 @@ def _check_state_dict(who: str, sd) -> None:
                          "data: load the weights (e.g. from_pretrained without device_map='meta') before merging")
 
 
+def nonfinite_delta_message(who: str, name: str, expert, base, work=torch.float32) -> str:
+    """Why a delta that is not finite is refused: NaN or inf in the inputs, or finite inputs whose
+    difference overflows the dtype the merge works in (chapter 1)."""
+    if bool(torch.isfinite(expert).all()) and bool(torch.isfinite(base).all()):
+        return (f"{who}: tensor {name!r} is finite, but its delta (expert − base) overflows {work}, in which the "
+                "merge works: the two models are too far apart in that tensor to be an expert and its base")
+    return f"{who}: tensor {name!r} has NaN or inf entries (or the base has)"
+
+
 def check_compatible(base_sd: dict, experts, expert_names=None) -> None:
     """Check that the experts can be merged onto ``base_sd``, before any long work (chapter 1).
 
@@ -102,9 +111,10 @@ def check_compatible(base_sd: dict, experts, expert_names=None) -> None:
             check_like_base(who, name, tensor, base)
             if not _floating(base):
                 continue
-            delta = tensor.float() - base.float().to(tensor.device)
+            work = torch.float64 if base.dtype == torch.float64 else torch.float32  # as the merge works
+            delta = tensor.to(work) - base.to(work).to(tensor.device)
             if not torch.isfinite(delta).all():
-                raise ValueError(f"{who}: delta of tensor {name!r} contains NaN or inf")
+                raise ValueError(nonfinite_delta_message(who, name, tensor, base, work))
             far += far_from_base(base, delta)
         n_floating = sum(_floating(t) for t in base_sd.values())
         if far > n_floating / 2:

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .config import MergeConfig, as_config
 from .consensus import disjoint_merge, elect_sign, weighted_sum
-from .deltas import check_compatible, check_like_base
+from .deltas import check_compatible, check_like_base, nonfinite_delta_message
 from .drop import global_magnitude_threshold, magnitude_keep_mask, magprune_keep, random_keep_mask, threshold_keep_mask
 from .methods import METHODS, RULE_RESCALE
 from .partitions import PerColumn, PerRow, complement
@@ -113,7 +113,7 @@ def _merge_checked(name, base, experts_tensors, config, offset=0, check_finite=T
     deltas = [expert.to(work) - base.to(work) for expert in experts_tensors]
     for t, delta in enumerate(deltas if check_finite else []):
         if not bool(torch.isfinite(delta).all()):
-            raise ValueError(f"expert {t}: tensor {name!r} has NaN or inf entries (or the base has)")
+            raise ValueError(nonfinite_delta_message(f"expert {t}", name, experts_tensors[t], base, work))
     merged = merge_deltas(name, deltas, config, offset)
     exact = base.to(work) + config.lam * merged
     # beyond the dtype's range: inf in float16/bfloat16/float32, clamped without a word in float8

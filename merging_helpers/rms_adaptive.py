@@ -153,6 +153,11 @@ def adaptive_rates(table: Mapping[str, Mapping[str, float]], p_default: float, l
     σ per role, and how many rates were clipped. A matrix with a zero delta has rms 0 and
     gets p_default + λ·rms_mean (it is dropped more, and dropping it changes nothing)."""
     _check(p_default, lam, cv_threshold, clip, scale)
+    for t, values in table.items():
+        for n, x in values.items():
+            if not math.isfinite(x):
+                raise ValueError(f"expert {t!r}: the RMS of {n!r} is {x}: its delta has NaN or inf entries "
+                                 "(or the base's tensor has)")
     cv = cv_percent(table)
     own = aware and cv > cv_threshold
     roles = {n: describe(n).role for v in table.values() for n in v}

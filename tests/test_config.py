@@ -223,3 +223,20 @@ def test_a_float64_model_merges_in_float64():
     assert merged["w"].dtype == torch.float64
     # float64 rounding, not float32's (whose error here would be ~1e-7)
     assert torch.allclose(merged["w"], base["w"] + 0.5 * (expert["w"] - base["w"]), rtol=0, atol=1e-14)
+
+
+def test_a_finite_expert_whose_delta_overflows_is_named_as_such_in_both_paths(tmp_path):
+    from merging_helpers.fast.checkpoints import save_state_dict
+
+    base, expert = {"w": torch.tensor([-3e38, 1.0])}, {"w": torch.tensor([3e38, 1.0])}  # finite; Δ = 6e38: inf
+    message = r"tensor 'w' is finite, but its delta \(expert − base\) overflows torch.float32"
+    with pytest.raises(ValueError, match=message):
+        merge_state_dicts(base, [expert], "task_arithmetic", progress=False)
+    dirs = [save_state_dict(sd, tmp_path / n) for n, sd in [("b", base), ("e0", expert)]]
+    for kernel in ("auto", "reference"):
+        with pytest.raises(ValueError, match=message):
+            merge_folders(dirs[0], dirs[1:], tmp_path / "o", "task_arithmetic", kernel=kernel, progress=False)
+    with pytest.raises(ValueError, match=r"tensor 'w' has NaN or inf entries"):  # a real NaN is still called one
+        merge_state_dicts(base, [{"w": torch.tensor([float("nan"), 1.0])}], "task_arithmetic", progress=False)
+    big = {"w": torch.tensor([1e300, 1.0], dtype=torch.float64)}  # finite float64 merges in float64
+    assert merge_state_dicts(big, [big], "task_arithmetic", progress=False)["w"][0] == 1e300

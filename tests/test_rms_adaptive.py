@@ -164,3 +164,8 @@ def test_badly_typed_options_are_named(kw, match):
     table = {"a": {Q0: 1.0, D0: 3.0}, "b": {Q0: 2.0, D0: 6.0}}
     with pytest.raises(TypeError, match=match):
         ra.adaptive_rates(table, **{"p_default": 0.5, "lam": 0.1, **kw})
+
+
+def test_a_nan_delta_is_named_not_reported_as_a_bad_drop_rate():
+    with pytest.raises(ValueError, match=r"expert 'a': the RMS of .* is nan: its delta has NaN or inf entries"):
+        ra.adaptive_rates({"a": {Q0: float("nan")}, "b": {Q0: 1.0}}, 0.9, 0.1)

@@ -34,6 +34,7 @@ import torch
 
 from .. import rng
 from ..config import MergeConfig
+from ..deltas import nonfinite_delta_message
 from ..partitions import PerColumn, PerRow
 from ..selection import kth_largest_abs
 from . import compiled
@@ -263,8 +264,8 @@ class FusedMerge:
         rc = self.lib.merge_piece(ctypes.byref(a))
         if rc == -2:
             raise ValueError(f"base: tensor {name!r} has NaN or inf entries")
-        if rc <= -10:
-            raise ValueError(f"expert {-rc - 10}: tensor {name!r} has NaN or inf entries")
+        if rc <= -10:  # the same words as the reference engine: NaN/inf, or finite inputs whose delta overflows
+            raise ValueError(nonfinite_delta_message(f"expert {-rc - 10}", name, es[-rc - 10], b))
         if rc != 0:
             raise RuntimeError(f"fused kernel failed on {name!r}")
         return a.overflowed

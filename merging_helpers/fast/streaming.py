@@ -69,7 +69,7 @@ import torch
 
 from .. import rms_adaptive as ra
 from ..config import as_config
-from ..deltas import far_from_base
+from ..deltas import far_from_base, nonfinite_delta_message
 from ..recipes import merge_tensor, model_thresholds, overflow_message
 from . import compiled
 from .checkpoints import (CheckpointFolder, ShardedSafetensorsWriter, ShortFileError, check_output_path,
@@ -320,6 +320,15 @@ def _kernel_for(kernel: str, config, device):
     return lib
 
 
+def _raise_overflow(name, base, experts, count) -> None:
+    """The fused path found inf in a merged tensor: a delta that overflowed (finite inputs too far
+    apart), or a result beyond the dtype; the error names which, as the reference engine does."""
+    for t, expert in enumerate(experts):
+        if not bool(torch.isfinite(expert.float() - base.float()).all()):
+            raise ValueError(nonfinite_delta_message(f"expert {t}", name, expert, base))
+    raise OverflowError(overflow_message(name, base.dtype, count))
+
+
 def _check_run_options(prefetch_bytes, workers, **flags) -> None:
     """merge_folders' switches are booleans (``overwrite="no"`` would be true), its sizes whole numbers."""
     for name, value in flags.items():
@@ -495,8 +504,8 @@ def merge_folders(
                     elif fusedm is not None and fusedm.takes(name, dtype):
                         out = pool.get(b.numel() * b.element_size()).view(dtype).view(b.shape)
                         overflowed = fusedm(name, b, ex, out)
-                        if overflowed:  # refused, as the reference engine refuses it (recipes.overflow_message)
-                            raise OverflowError(overflow_message(name, dtype, int(overflowed)))
+                        if overflowed:  # refused, with the reference engine's words for the cause
+                            _raise_overflow(name, b, ex, int(overflowed))
                     elif chunkable and b.dim() >= 1 and b.numel() > chunk_elems:
                         out = pool.get(b.numel() * b.element_size()).view(dtype).view(b.shape)
                         for r0, r1 in _row_chunks(tuple(b.shape), chunk_elems):
