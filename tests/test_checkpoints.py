@@ -208,7 +208,8 @@ def test_killed_merge_leftovers_are_deleted_and_live_ones_kept(tmp_path):
     alive = tmp_path / ".out.tmp-alive"
     alive.mkdir()
     (alive / ckpt.OWNER_FILE).write_text(f"{os.uname().nodename} {os.getpid()}")
-    with pytest.warns(UserWarning, match="deleted .out.tmp-dead, the unfinished output of an interrupted merge"):
+    with pytest.warns(UserWarning, match="recovering from an interrupted merge: delete .out.tmp-dead, the unfinished "
+                                         "output of an interrupted merge"):
         save_state_dict({"a": torch.ones(3)}, out)
     assert not dead.exists() and alive.exists() and (out / "model.safetensors").is_file()
 
@@ -218,10 +219,24 @@ def test_overwrite_stopped_between_its_two_moves_is_recovered(tmp_path):
     before = (out / "model.safetensors").read_bytes()
     old = tmp_path / ".out.old-abc"
     old.mkdir()
+    (old / ckpt.OWNER_FILE).write_text(f"{os.uname().nodename} 999999999")  # _finalize marks it before the move
     os.replace(out, old / "x")  # the state a crash after the first move leaves
-    with pytest.warns(UserWarning, match="moved the previous out back"):
-        ckpt.recover_leftovers(out)
+    with pytest.warns(UserWarning, match="move the previous out back"):
+        assert ckpt.recover_leftovers(out) == ["moved the previous out back from .out.old-abc (an overwrite stopped "
+                                               "half-way)"]
     assert (out / "model.safetensors").read_bytes() == before and not old.exists()
+
+
+@pytest.mark.parametrize("name", [".out.tmp-mine", ".out.old-mine"])
+def test_a_user_folder_named_like_a_leftover_is_never_deleted(tmp_path, name):
+    mine = tmp_path / name
+    mine.mkdir()
+    (mine / "notes.txt").write_text("a user's own work")
+    if name.endswith("old-mine"):  # even with our marker, a folder holding more than our "x" is not ours
+        (mine / ckpt.OWNER_FILE).write_text(f"{os.uname().nodename} 999999999")
+    with pytest.warns(UserWarning, match=rf"left alone \['{name}'\]: named like this package's temporary folders"):
+        out = save_state_dict({"a": torch.ones(3)}, tmp_path / "out")
+    assert (mine / "notes.txt").read_text() == "a user's own work" and (out / "model.safetensors").is_file()
 
 
 def test_output_folders_follow_the_umask(tmp_path):

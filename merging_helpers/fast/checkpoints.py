@@ -636,6 +636,15 @@ def _process_alive(pid: int) -> bool:
 OWNER_FILE = ".merging_helpers-owner"  # inside a temporary output folder: "<host> <pid>"
 
 
+def _ours(folder: Path, allowed: set[str]) -> list[str] | None:
+    """The owner line ("<host> <pid>") of a folder this package made, or None: a folder counts as
+    ours only if it holds the owner file and nothing but ``allowed`` entries besides."""
+    marker = folder / OWNER_FILE
+    if not marker.is_file() or not {p.name for p in folder.iterdir()} <= allowed | {OWNER_FILE}:
+        return None
+    return marker.read_text().split()
+
+
 def recover_leftovers(out_dir: str | os.PathLike) -> list[str]:
     """Clean what an interrupted write to ``out_dir`` left next to it (appendix, chapter 8):
 
@@ -643,28 +652,39 @@ def recover_leftovers(out_dir: str | os.PathLike) -> list[str]:
     * ``.<out>.old-*`` of an overwrite that stopped between its two moves: the previous
       output is moved back when ``out_dir`` is missing, else deleted.
 
-    Folders of a merge still running (same host, live process) are left alone.
-    Returns one line per action, and warns with them."""
+    Only folders that prove they are this package's (its owner file inside) are touched;
+    folders of a merge still running (same host, live process) are left alone, and so is a
+    folder of such a name without the owner file (someone else's: it is named in a warning).
+    What will be done is said in a warning before it is done. Returns one line per action."""
     out = Path(os.path.realpath(out_dir))
     if not out.parent.is_dir():
         return []
-    done, host = [], os.uname().nodename
+    host, plan, foreign = os.uname().nodename, [], []
     for tmp in sorted(out.parent.glob(f".{glob_escape(out.name)}.tmp-*")):
-        owner = (tmp / OWNER_FILE).read_text().split() if (tmp / OWNER_FILE).is_file() else []
-        if len(owner) == 2 and owner[0] == host and owner[1].isdigit() and _process_alive(int(owner[1])):
-            continue
-        shutil.rmtree(tmp, ignore_errors=True)
-        done.append(f"deleted {tmp.name}, the unfinished output of an interrupted merge")
+        owner = _ours(tmp, {p.name for p in tmp.iterdir()}) if tmp.is_dir() else None  # a tmp holds anything
+        if owner is None:
+            foreign.append(tmp.name)
+        elif not (len(owner) == 2 and owner[0] == host and owner[1].isdigit() and _process_alive(int(owner[1]))):
+            plan.append(("delete", tmp, f"delete {tmp.name}, the unfinished output of an interrupted merge"))
     for old in sorted(out.parent.glob(f".{glob_escape(out.name)}.old-*")):
-        if (old / "x").is_dir() and not out.exists():
-            os.replace(old / "x", out)
-            done.append(f"moved the previous {out.name} back from {old.name} (an overwrite stopped half-way)")
-        shutil.rmtree(old, ignore_errors=True)
-        if not any(old.name in line for line in done):
-            done.append(f"deleted {old.name}, the replaced output of an earlier overwrite")
-    if done:
-        warnings.warn(f"{out}: " + "; ".join(done), stacklevel=2)
-    return done
+        if not old.is_dir() or _ours(old, {"x"}) is None:
+            foreign.append(old.name)
+        elif (old / "x").is_dir() and not out.exists():
+            plan.append(("restore", old, f"move the previous {out.name} back from {old.name} (an overwrite "
+                                         "stopped half-way)"))
+        else:
+            plan.append(("delete", old, f"delete {old.name}, the replaced output of an earlier overwrite"))
+    if foreign:
+        warnings.warn(f"{out.parent}: left alone {foreign}: named like this package's temporary folders but "
+                      f"without its owner file, so not made by it", stacklevel=2)
+    if plan:
+        warnings.warn(f"{out}: recovering from an interrupted merge: " + "; ".join(w for _, _, w in plan),
+                      stacklevel=2)
+    for action, folder, _ in plan:
+        if action == "restore":
+            os.replace(folder / "x", out)
+        shutil.rmtree(folder, ignore_errors=True)
+    return [w.replace("delete", "deleted", 1).replace("move ", "moved ", 1) for _, _, w in plan]
 
 
 def glob_escape(name: str) -> str:
@@ -947,6 +967,7 @@ class ShardedSafetensorsWriter:
             if not self.overwrite:  # someone created it meanwhile
                 raise FileExistsError(f"output folder {out} appeared and is not empty")
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            (old / OWNER_FILE).write_text(f"{os.uname().nodename} {os.getpid()}")  # proof it is ours (recovery)
             os.replace(out, old / "x")
         (self._tmp / OWNER_FILE).unlink()
         try:
