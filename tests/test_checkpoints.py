@@ -346,3 +346,18 @@ def test_saving_a_value_that_is_not_a_tensor_is_refused_by_name(tmp_path):
     with pytest.raises(ValueError, match=r"'w' is a meta tensor"):
         save_state_dict({"w": torch.ones(2, device="meta")}, tmp_path / "m")
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("damage", ["random bytes", "truncated zip"])
+def test_a_damaged_bin_is_named_as_damaged_not_as_a_dangerous_pickle(tmp_path, damage):
+    d = tmp_path / "m"
+    d.mkdir()
+    if damage == "random bytes":
+        (d / "pytorch_model.bin").write_bytes(os.urandom(4096))
+    else:
+        torch.save({"a": torch.ones(1000)}, d / "pytorch_model.bin")
+        raw = (d / "pytorch_model.bin").read_bytes()
+        (d / "pytorch_model.bin").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ValueError, match=r"pytorch_model.bin: not a PyTorch checkpoint \(neither a zip archive nor a "
+                                         r"pickle\): the file is damaged or of another format"):
+        CheckpointFolder(d)

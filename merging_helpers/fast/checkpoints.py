@@ -244,6 +244,19 @@ def _weight_files(folder: Path) -> tuple[str, list[Path]]:
     )
 
 
+def _check_checkpoint_format(path: Path) -> None:
+    """A PyTorch checkpoint is a zip archive (torch.save since 1.6) or a pickle (older ones, which
+    start with the pickle protocol byte 0x80): anything else is named as such, not as a pickle
+    that "holds Python objects"."""
+    import zipfile
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if zipfile.is_zipfile(path) or (len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5):
+        return
+    raise ValueError(f"{path}: not a PyTorch checkpoint (neither a zip archive nor a pickle): the file is damaged or "
+                     "of another format")
+
+
 def _torch_load_weights_only(path: Path) -> dict[str, torch.Tensor]:
     warnings.warn(
         f"{path.name}: reading a pickled checkpoint with torch.load(weights_only=True); "
@@ -252,12 +265,14 @@ def _torch_load_weights_only(path: Path) -> dict[str, torch.Tensor]:
         UserWarning,
         stacklevel=3,
     )
+    _check_checkpoint_format(path)
     try:
         try:  # memory-map zip-format checkpoints (tensors are paged in when used)
             sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError as e:
             if "mmap" not in str(e):
-                raise
+                raise ValueError(f"{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0]}): the file "
+                                 "is damaged or truncated") from None
             sd = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
