@@ -361,3 +361,20 @@ def test_a_damaged_bin_is_named_as_damaged_not_as_a_dangerous_pickle(tmp_path, d
     with pytest.raises(ValueError, match=r"pytorch_model.bin: not a PyTorch checkpoint \(neither a zip archive nor a "
                                          r"pickle\): the file is damaged or of another format"):
         CheckpointFolder(d)
+
+
+@pytest.mark.parametrize("where", ["preallocating", "writing"])
+def test_a_full_disk_names_the_output_and_its_size_and_keeps_nothing(tmp_path, monkeypatch, where):
+    import errno
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    if where == "preallocating":
+        monkeypatch.setattr(ckpt, "_preallocate", full)
+    else:
+        monkeypatch.setattr(ckpt.ShardedSafetensorsWriter, "_pwrite", staticmethod(full))
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match=rf"no room to write {out} \(No space left on device\): the output needs 0.00 GB"):
+        save_state_dict({"a": torch.ones(300)}, out)
+    assert not out.exists() and list(tmp_path.iterdir()) == []

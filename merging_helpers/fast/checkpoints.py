@@ -864,12 +864,16 @@ class ShardedSafetensorsWriter:
         self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-", dir=parent))
         os.chmod(self._tmp, _default_mode())  # the finished folder gets the usual permissions, not 0700
         (self._tmp / OWNER_FILE).write_text(f"{os.uname().nodename} {os.getpid()}")
-        for name, header, total in zip(self.shard_names, self._headers, self._shard_bytes):
-            fd = os.open(self._tmp / name, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-            self._fds.append(fd)
-            os.pwrite(fd, header, 0)
-            os.ftruncate(fd, total)
-            _preallocate(fd, total)
+        try:
+            for name, header, total in zip(self.shard_names, self._headers, self._shard_bytes):
+                fd = os.open(self._tmp / name, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+                self._fds.append(fd)
+                os.pwrite(fd, header, 0)
+                os.ftruncate(fd, total)
+                _preallocate(fd, total)
+        except OSError as err:
+            self._abort()
+            raise self._disk_error(err) from err
         if self._direct:
             try:
                 self._direct_fds = [os.open(self._tmp / name, os.O_WRONLY | os.O_DIRECT) for name in self.shard_names]
@@ -901,14 +905,25 @@ class ShardedSafetensorsWriter:
             if (not self._direct or slot.nbytes < _DIRECT_MIN
                     or not self._write_direct(slot, slot.offset + first, view[first:first + middle])):
                 first, middle = slot.nbytes, 0
-            self._pwrite(self._fds[slot.shard], view[:first], slot.offset, name)
-            self._pwrite(self._fds[slot.shard], view[first + middle:], slot.offset + first + middle, name)
+            try:
+                self._pwrite(self._fds[slot.shard], view[:first], slot.offset, name)
+                self._pwrite(self._fds[slot.shard], view[first + middle:], slot.offset + first + middle, name)
+            except OSError as err:
+                raise self._disk_error(err) from err
         with self._lock:
             self._written.add(name)
             self._left[slot.shard] -= slot.nbytes
             done = self._left[slot.shard] == 0
         if done and self._fsync:  # flush a finished shard now, while the merge goes on, not all at the end
             os.fsync(self._fds[slot.shard])
+
+    def _disk_error(self, err: OSError) -> OSError:
+        """A write that failed for want of room names the output folder and the size it needs."""
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            return err
+        return OSError(err.errno, f"no room to write {self.out_dir} ({err.strerror}): the output needs "
+                                  f"{sum(self._shard_bytes) / 1e9:.2f} GB on that disk; free space or write elsewhere "
+                                  "(nothing of the output was kept)")
 
     @staticmethod
     def _pwrite(fd: int, view: memoryview, offset: int, name: str) -> None:
