@@ -173,6 +173,8 @@ class MergeConfig:
             raise ValueError(f"epsilon must be a number >= 0, got {self.epsilon!r}")
         if self.epsilon and m.drop != "magprune":
             raise ValueError(f"epsilon is della's MagPrune spread; method {m.name!r} does not use it")
+        if self.epsilon and m.drop == "magprune":
+            self._check_magprune_band()
         if self.rate_level not in LEVELS:
             raise ValueError(f"rate_level must be one of {LEVELS}, got {self.rate_level!r}")
         if self.magnitude_scope not in SCOPES:
@@ -191,6 +193,22 @@ class MergeConfig:
             rates = self.density if self.density is not None else self.drop_rate
             if any(not _is_real(r) for r in _per_expert(rates, self.n_experts, "density")):
                 raise ValueError("magnitude_scope='model' needs a float density per expert, not per-partition rates")
+
+    def _check_magprune_band(self) -> None:
+        """MagPrune's keep probabilities run from density − ε to density + ε: every given density
+        must leave room for ε on both sides (checked here, before any work, for plain and
+        per-partition densities; per-row vectors are checked when their tensor is merged)."""
+        rates = self.density if self.density is not None else self.drop_rate
+        for r in _per_expert(rates, self.n_experts, "density"):
+            values = list(r.values()) if isinstance(r, Mapping) else [r]
+            for v in values:
+                if not _is_real(v):
+                    continue
+                d = v if self.density is not None else 1.0 - v
+                if not (d - self.epsilon > 0 and d + self.epsilon <= 1):
+                    raise ValueError(f"della: epsilon = {self.epsilon:g} does not fit density {d:g}: MagPrune keeps "
+                                     "entries with probabilities from density − ε to density + ε, which must lie in "
+                                     f"(0, 1]: at density {d:g}, epsilon must be < {d:g} and <= {1 - d:g}")
 
     def check_tensors(self, shapes: Mapping[str, tuple]) -> None:
         """Check the rates against the floating tensors ``{name: shape}`` of the model:

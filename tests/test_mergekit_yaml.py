@@ -182,3 +182,11 @@ def test_our_merge_of_an_imported_config_equals_mergekits(tmp_path, yaml_params)
         assert set(names) == set(b.names())
         for name in names:
             torch.testing.assert_close(a.read(name), b.read(name), rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_della_config_whose_band_leaves_0_1_is_refused_on_import_not_midway():
+    text = "merge_method: della\nbase_model: b\nmodels: [{model: a, parameters: {weight: 1, density: 1.0, epsilon: 0.15}}]"
+    with pytest.raises(ValueError, match=r"della: epsilon = 0.15 does not fit density 1: .* epsilon must be < 1 and <= 0"):
+        from_mergekit(text)
+    config, _, _, _ = from_mergekit(text.replace("density: 1.0", "density: 0.5"))
+    assert config.epsilon == 0.15
