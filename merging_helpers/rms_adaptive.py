@@ -165,7 +165,7 @@ def adaptive_rates(table: Mapping[str, Mapping[str, float]], p_default: float, l
     std = {r: (float(torch.tensor(v, dtype=torch.float64).std(unbiased=False)) if len(v) > 1 else 0.0)
            for r, v in pooled.items()}
     global_mean = {r: (sum(v) / len(v) if v else 0.0) for r, v in pooled.items()}
-    rates, clipped, means, largest = {}, 0, {}, 0.0
+    rates, clipped, means, largest, spread = {}, 0, {}, 0.0, 0.0
     for t, values in table.items():
         means[t] = {r: (sum(x for n, x in values.items() if roles[n] == r) / max(1, sum(roles[n] == r for n in values))
                         if own else global_mean[r]) for r in MATRIX_ROLES}
@@ -174,11 +174,11 @@ def adaptive_rates(table: Mapping[str, Mapping[str, float]], p_default: float, l
             r = roles[n]
             unit = (1.0 / std[r] if std[r] > 0 else 0.0) if scale == "std" else 1.0
             p = p_default - lam * unit * (x - means[t][r])
-            largest = max(largest, abs(p - p_default))
+            largest, spread = max(largest, abs(p - p_default)), max(spread, abs(x - means[t][r]))
             q = min(max(p, clip[0]), clip[1])
             clipped += q != p
             rates[t][n] = q
-    if lam > 0 and largest < MIN_EFFECT:
+    if lam > 0 and spread > 0 and largest < MIN_EFFECT:  # (no spread: every matrix at its mean, λ is not at fault)
         warnings.warn(f"adaptive_rates: λ = {lam:g} (scale={scale!r}) moves no drop rate by as much as {MIN_EFFECT:g} "
                       f"(largest change {largest:.1e}), so the merge is DARE-TIES at p = {p_default} in effect"
                       + ("; RMS values are ~1e-4, so a raw λ must be ~1e3 or more to matter: scale='std' reads "
