@@ -69,6 +69,11 @@ def _check_state_dict(who: str, sd) -> None:
                          "data: load the weights (e.g. from_pretrained without device_map='meta') before merging")
 
 
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a merge computes in: float64 for a float64 model, float32 for every other (chapter 1)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def nonfinite_delta_message(who: str, name: str, expert, base, work=torch.float32) -> str:
     """Why a delta that is not finite is refused: NaN or inf in the inputs, or finite inputs whose
     difference overflows the dtype the merge works in (chapter 1)."""
@@ -111,7 +116,7 @@ def check_compatible(base_sd: dict, experts, expert_names=None) -> None:
             check_like_base(who, name, tensor, base)
             if not _floating(base):
                 continue
-            work = torch.float64 if base.dtype == torch.float64 else torch.float32  # as the merge works
+            work = work_dtype(base.dtype)
             delta = tensor.to(work) - base.to(work).to(tensor.device)
             if not torch.isfinite(delta).all():
                 raise ValueError(nonfinite_delta_message(who, name, tensor, base, work))

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .config import MergeConfig, as_config
 from .consensus import disjoint_merge, elect_sign, weighted_sum
-from .deltas import check_compatible, check_like_base, nonfinite_delta_message
+from .deltas import check_compatible, check_like_base, nonfinite_delta_message, work_dtype
 from .drop import global_magnitude_threshold, magnitude_keep_mask, magprune_keep, random_keep_mask, threshold_keep_mask
 from .methods import METHODS, RULE_RESCALE
 from .partitions import PerColumn, PerRow, complement
@@ -109,7 +109,7 @@ def merge_tensor(name, base, experts_tensors, method=None, *, config=None, offse
 
 
 def _merge_checked(name, base, experts_tensors, config, offset=0, check_finite=True):
-    work = torch.float64 if base.dtype == torch.float64 else torch.float32  # float64 models keep their precision
+    work = work_dtype(base.dtype)  # float64 models keep their precision
     deltas = [expert.to(work) - base.to(work) for expert in experts_tensors]
     for t, delta in enumerate(deltas if check_finite else []):
         if not bool(torch.isfinite(delta).all()):

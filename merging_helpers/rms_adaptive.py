@@ -1,7 +1,9 @@
 """Introduced in chapter 7: RMS-adaptive drop rates — one DARE rate per delta matrix from its size.
 
 The slides' method (no public code; its equations, and the readings chosen where they leave
-them open, are in chapter 7 and the book's appendix "The sources' equations, and our readings"), in four steps per delta matrix δ_k^t (expert t, matrix k of a block, role r ∈ {attention, ffn}):
+them open, are in chapter 7 and the book's appendix "The sources' equations, and our
+readings"), in four steps per delta matrix δ_k^t (expert t, matrix k of a block, role
+r ∈ {attention, ffn}):
 
 1. **Compute** rms_k^t = ‖δ_k^t‖_F / √N (the true RMS; the slide writes ‖·‖_F / N, which
    ``slide_formula=True`` reproduces), and the dispersion CV = σ/μ (in %) of the experts'

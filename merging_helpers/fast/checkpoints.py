@@ -651,11 +651,18 @@ def _process_alive(pid: int) -> bool:
 OWNER_FILE = ".merging_helpers-owner"  # inside a temporary output folder: "<host> <pid>"
 
 
-def _ours(folder: Path, allowed: set[str]) -> list[str] | None:
+def _owner_line() -> str:
+    """What the owner file of a folder this process makes says: "<host> <pid>"."""
+    return f"{os.uname().nodename} {os.getpid()}"
+
+
+def _ours(folder: Path, allowed: set[str] | None = None) -> list[str] | None:
     """The owner line ("<host> <pid>") of a folder this package made, or None: a folder counts as
-    ours only if it holds the owner file and nothing but ``allowed`` entries besides."""
+    ours only if it holds the owner file and, when ``allowed`` is given, nothing else but those entries."""
     marker = folder / OWNER_FILE
-    if not marker.is_file() or not {p.name for p in folder.iterdir()} <= allowed | {OWNER_FILE}:
+    if not folder.is_dir() or not marker.is_file():
+        return None
+    if allowed is not None and not {p.name for p in folder.iterdir()} <= allowed | {OWNER_FILE}:
         return None
     return marker.read_text().split()
 
@@ -676,13 +683,13 @@ def recover_leftovers(out_dir: str | os.PathLike) -> list[str]:
         return []
     host, plan, foreign = os.uname().nodename, [], []
     for tmp in sorted(out.parent.glob(f".{glob_escape(out.name)}.tmp-*")):
-        owner = _ours(tmp, {p.name for p in tmp.iterdir()}) if tmp.is_dir() else None  # a tmp holds anything
+        owner = _ours(tmp)  # an unfinished output may hold anything
         if owner is None:
             foreign.append(tmp.name)
         elif not (len(owner) == 2 and owner[0] == host and owner[1].isdigit() and _process_alive(int(owner[1]))):
             plan.append(("delete", tmp, f"delete {tmp.name}, the unfinished output of an interrupted merge"))
     for old in sorted(out.parent.glob(f".{glob_escape(out.name)}.old-*")):
-        if not old.is_dir() or _ours(old, {"x"}) is None:
+        if _ours(old, {"x"}) is None:
             foreign.append(old.name)
         elif (old / "x").is_dir() and not out.exists():
             plan.append(("restore", old, f"move the previous {out.name} back from {old.name} (an overwrite "
@@ -863,7 +870,7 @@ class ShardedSafetensorsWriter:
         parent.mkdir(parents=True, exist_ok=True)
         self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-", dir=parent))
         os.chmod(self._tmp, _default_mode())  # the finished folder gets the usual permissions, not 0700
-        (self._tmp / OWNER_FILE).write_text(f"{os.uname().nodename} {os.getpid()}")
+        (self._tmp / OWNER_FILE).write_text(_owner_line())
         try:
             for name, header, total in zip(self.shard_names, self._headers, self._shard_bytes):
                 fd = os.open(self._tmp / name, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -997,7 +1004,7 @@ class ShardedSafetensorsWriter:
             if not self.overwrite:  # someone created it meanwhile
                 raise FileExistsError(f"output folder {out} appeared and is not empty")
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            (old / OWNER_FILE).write_text(f"{os.uname().nodename} {os.getpid()}")  # proof it is ours (recovery)
+            (old / OWNER_FILE).write_text(_owner_line())  # proof it is ours (recovery)
             os.replace(out, old / "x")
         (self._tmp / OWNER_FILE).unlink()
         try:
