@@ -68,9 +68,10 @@ test: zoo reader
 	PATH=$(abspath $(BIN)):$$PATH MERGING_BOOK_QUICK=1 MERGING_BOOK_READER_PYTHON=$(abspath $(READER))/bin/python \
 	  MERGING_BOOK_GRADER_PYTHON=$(abspath $(READER))/bin/python $(BIN)/python -m pytest tests -p no:cacheprovider -q
 
-# The course assignments: student notebooks and autograder zips in _build/assignments (not committed).
+# The course assignments: student notebooks and autograder zips in _build/assignments (not committed);
+# SEED=n builds offering n (the hidden tests' parameters drawn from n).
 assignments: $(STAMP)
-	$(BIN)/python assignments/build.py
+	$(BIN)/python assignments/build.py $(if $(SEED),--seed $(SEED))
 
 clean-book:
 	rm -rf _build

@@ -1,6 +1,11 @@
 """Writes the master notebooks of the course assignments (otter-grader's format) from the
 cell lists below: ``python assignments/make_masters.py``. Edit here, not in the .ipynb.
 
+The hidden tests' parameters are tokens (``⟨A2_PS⟩``) with several values each (:data:`VARIANTS`):
+the committed masters take the first value; an offering built with a seed
+(``python assignments/build.py --seed n``) draws one value per token, so its hidden tests
+expect values no other offering's do.
+
 Each master is: a raw ASSIGNMENT CONFIG cell, then per question a raw BEGIN QUESTION cell,
 the prompt, a solution cell (the lines between ``# BEGIN SOLUTION`` and ``# END SOLUTION``
 become ``...`` in the student's copy), a BEGIN TESTS block of exception-based tests (a
@@ -11,6 +16,7 @@ END QUESTION. The tests call ``merging_helpers.grading``, which says what was ex
 from __future__ import annotations
 
 import json
+import random
 import sys
 import textwrap
 from pathlib import Path
@@ -80,7 +86,7 @@ def question(name: str, points, prompt: str, solution: str, tests: list[str], ma
 SETUP = code("""
     import copy
     import torch
-    from merging_helpers import deltas, evaluation, zoo as zoo_lib
+    from merging_helpers import zoo as zoo_lib
     from merging_helpers.evaluation import Evaluator
     from merging_helpers.notebook import setup
 
@@ -90,6 +96,40 @@ SETUP = code("""
     print("tasks:", zoo.task_names)
     """)
 
+
+# Question 1's rule, for grading a later question apart from the student's question 1 (hidden tests only)
+REFERENCE_DARE_SOURCE = """
+def REFERENCE_DARE(delta, p, generator):
+    n = delta.numel()
+    k = round(p * n)
+    kept = delta.flatten() * n / (n - k)
+    kept[torch.randperm(n, generator=generator)[:k]] = 0
+    return kept.view(delta.shape)
+"""
+
+# The package's TIES steps, for grading the whole merge apart from the student's steps
+REFERENCE_TIES_STEPS = """
+from merging_helpers import consensus
+from merging_helpers.drop import magnitude_keep_mask
+steps = dict(trim=lambda delta, density: delta * magnitude_keep_mask(delta, density),
+             elect_sign=lambda ds: consensus.elect_sign(ds, "frequency"),
+             disjoint_merge=lambda ds, signs: consensus.disjoint_merge(ds, signs, "count"))
+"""
+
+# Assignment 4's subject is MagPrune and the comparison, not TIES: its answers may use TIES's steps
+# and the package's TIES as the comparator
+A4_PERMITS = """
+grading.permit("merging_helpers.consensus.elect_sign", "merging_helpers.consensus.disjoint_merge",
+               "merging_helpers.recipes.merge_state_dicts", "merging_helpers.deltas.task_vector",
+               "merging_helpers.deltas.task_vectors", "merging_helpers.deltas.apply_delta")
+"""
+REFERENCE_MAGPRUNE = A4_PERMITS + """
+from merging_helpers.drop import magprune_keep_prob as reference_keep_prob
+def reference_magprune(delta, density, epsilon, generator):
+    prob = reference_keep_prob(delta, density, epsilon)
+    keep = torch.rand(delta.shape, generator=generator) < prob
+    return torch.where(keep, delta / prob, torch.zeros_like(delta))
+"""
 
 TOY = """
 base = {"w": torch.tensor([[1.0, 2.0], [3.0, 4.0]]), "b": torch.tensor([0.5, -0.5])}
@@ -105,8 +145,8 @@ A1 = [
 
         Chapters 1 and 2 of the book. You will write, from scratch on plain state dicts
         (dicts name → tensor), the three pieces of a Task Arithmetic merge: the task vector
-        Δ_t = θ_t − θ_b, the merge θ = θ_b + λ Σ_t Δ_t, and the choice of λ **on the
-        validation split only**. Use only `torch`; the package's own versions are what the
+        Δ_t = θ_t − θ_b, the weighted merge θ = θ_b + Σ_t λ_t Δ_t (the chapter's merge is
+        every λ_t equal), and the choice of λ **on the validation split only**. Use only `torch`; the package's own versions are what the
         hidden tests compare you with.
 
         The experts come from the book's *grading zoo*: three small fine-tunes of
@@ -128,7 +168,9 @@ A1 = [
         ''', [
         test("test_task_vector_on_a_toy", "task_vector", setup=TOY, body="""
             grading.expect_signature(task_vector, "task_vector", ("base", "expert"))
-            delta = grading.expect_state_dict(grading.call(task_vector, "task_vector", base, expert), "task_vector", base)
+            base["position_ids"] = expert["position_ids"] = torch.arange(3)   # an integer buffer: no delta
+            delta = grading.call(task_vector, "task_vector", base, expert)
+            delta = grading.expect_state_dict(delta, "task_vector", {"w": base["w"], "b": base["b"]})
             grading.expect_close(delta["w"], torch.tensor([[0.5, 0.0], [-1.0, 0.25]]), "task_vector(...)['w']")
             grading.expect_close(delta["b"], torch.tensor([0.0, 1.0]), "task_vector(...)['b']")
             """),
@@ -141,45 +183,58 @@ A1 = [
             grading.expect_unchanged(before, zoo.experts[name], "task_vector")
             """, hidden=True)]),
     *question("q2_task_arithmetic", 3, """
-        **Question 2.** Write `task_arithmetic(base, vectors, lam)`: the merged state dict
-        θ_b + λ Σ_t Δ_t, where `vectors` is a list of task vectors. Names a task vector
+        **Question 2.** The chapter scales every task vector by one λ. Write the weighted
+        form, `task_arithmetic(base, vectors, lams)`: the merged state dict θ_b + Σ_t λ_t Δ_t,
+        where `vectors` is a list of task vectors and `lams` a list of as many scales (raise a
+        `ValueError` naming `lams` when the lengths differ). Sum in float32. Names a task vector
         does not have (integer buffers) are copied from the base; every tensor keeps the
         base's dtype. Do not modify `base`.
         """, '''
-        def task_arithmetic(base, vectors, lam):
-            """θ_b + λ · Σ_t Δ_t (chapter 2), in the base's dtypes."""
+        def task_arithmetic(base, vectors, lams):
+            """θ_b + Σ_t λ_t Δ_t, in the base's dtypes."""
             # BEGIN SOLUTION
+            if len(lams) != len(vectors):
+                raise ValueError(f"task_arithmetic: {len(lams)} lams for {len(vectors)} task vectors")
             merged = {}
             for name, tensor in base.items():
                 if name in vectors[0]:
-                    total = sum(v[name] for v in vectors)
-                    merged[name] = (tensor.float() + lam * total).to(tensor.dtype)
+                    total = sum(lam * v[name].float() for lam, v in zip(lams, vectors))
+                    merged[name] = (tensor.float() + total).to(tensor.dtype)
                 else:
                     merged[name] = tensor.clone()
             return merged
             # END SOLUTION
         ''', [
         test("test_task_arithmetic_on_a_toy", "task_arithmetic", setup=TOY, body="""
-            grading.expect_signature(task_arithmetic, "task_arithmetic", ("base", "vectors", "lam"))
+            grading.expect_signature(task_arithmetic, "task_arithmetic", ("base", "vectors", "lams"))
             vectors = [{k: expert[k] - base[k] for k in base}, {k: torch.ones_like(base[k]) for k in base}]
-            merged = grading.call(task_arithmetic, "task_arithmetic", base, vectors, 0.5)
+            base["position_ids"] = torch.arange(3)   # an integer buffer the vectors lack: copied from the base
+            merged = grading.call(task_arithmetic, "task_arithmetic", base, vectors, [0.5, 0.25])
             merged = grading.expect_state_dict(merged, "task_arithmetic", base)
-            grading.expect_close(merged["w"], torch.tensor([[1.75, 2.5], [3.0, 4.625]]), "task_arithmetic(λ=0.5)['w']")
-            zero = grading.call(task_arithmetic, "task_arithmetic", base, vectors, 0.0)
+            assert torch.equal(merged["position_ids"], base["position_ids"]), "position_ids should be the base's"
+            grading.expect_close(merged["w"], torch.tensor([[1.5, 2.25], [2.75, 4.375]]),
+                                 "task_arithmetic(lams=[0.5, 0.25])['w']")
+            zero = grading.call(task_arithmetic, "task_arithmetic", base, vectors, [0.0, 0.0])
             zero = grading.expect_state_dict(zero, "task_arithmetic", base)
-            grading.expect_close(zero["b"], base["b"], "task_arithmetic(λ=0)['b'] (λ = 0 is the base)")
+            grading.expect_close(zero["b"], base["b"], "task_arithmetic(lams=[0, 0])['b'] (all λ = 0 is the base)")
+            grading.expect_raises(lambda lams: task_arithmetic(base, vectors, lams), "task_arithmetic(base, vectors, lams)",
+                                  ([0.5],), ValueError, "(one λ per task vector)")
             """),
         test("test_task_arithmetic_on_the_zoo", "task_arithmetic, zoo", """
             before = copy.deepcopy(zoo.base)
             vectors = deltas.task_vectors(zoo.base, zoo.experts)
-            ours = grading.call(task_arithmetic, "task_arithmetic", zoo.base, vectors, 0.3)
+            ours = grading.call(task_arithmetic, "task_arithmetic", zoo.base, vectors, [0.3] * len(vectors))
             want = evaluation.task_arithmetic_state(zoo.base, zoo.experts, 0.3)
-            grading.expect_state_dicts_close(ours, want, "task_arithmetic(zoo, λ=0.3)")
+            grading.expect_state_dicts_close(ours, want, "task_arithmetic(zoo, every λ = 0.3)")
+            lams = ⟨A1_LAMS⟩[:len(vectors)]
+            ours = grading.call(task_arithmetic, "task_arithmetic", zoo.base, vectors, lams)
+            want = deltas.apply_delta(zoo.base, {n: sum(lam * v[n] for lam, v in zip(lams, vectors)) for n in vectors[0]})
+            grading.expect_state_dicts_close(ours, want, f"task_arithmetic(zoo, lams={lams})")
             grading.expect_unchanged(before, zoo.base, "task_arithmetic")
             """, hidden=True)]),
     *question("q3_choose_lambda", 3, """
         **Question 3.** Write `choose_lambda(evaluator, base, vectors, grid)`: merge with each
-        λ of `grid`, score the merge with `evaluator.accuracy(merged, "validation")` (a dict
+        λ of `grid` (the same λ for every task vector, with your `task_arithmetic`), score the merge with `evaluator.accuracy(merged, "validation")` (a dict
         task → accuracy) and return `(best_lambda, scores)`, where `scores[lam]` is the mean
         validation accuracy over the tasks and `best_lambda` the λ with the highest mean
         (ties: the smallest λ). Never look at the test split here.
@@ -189,7 +244,7 @@ A1 = [
             # BEGIN SOLUTION
             scores = {}
             for lam in grid:
-                accuracy = evaluator.accuracy(task_arithmetic(base, vectors, lam), "validation")
+                accuracy = evaluator.accuracy(task_arithmetic(base, vectors, [lam] * len(vectors)), "validation")
                 scores[lam] = sum(accuracy.values()) / len(accuracy)
             best = max(scores.values())
             return min(lam for lam, s in scores.items() if s == best), scores
@@ -198,17 +253,41 @@ A1 = [
         test("test_choose_lambda_returns_a_grid_value", "choose_lambda, zoo, evaluator", """
             grading.expect_signature(choose_lambda, "choose_lambda", ("evaluator", "base", "vectors", "grid"))
             vectors = deltas.task_vectors(zoo.base, zoo.experts)
-            result = grading.call(choose_lambda, "choose_lambda", evaluator, zoo.base, vectors, (0.2, 0.6))
+            merge = lambda base, vectors, lams: evaluation.task_arithmetic_state(zoo.base, zoo.experts, lams[0])
+            choose = grading.using(choose_lambda, task_arithmetic=merge)   # graded apart from your question 2
+            result = grading.call(choose, "choose_lambda", evaluator, zoo.base, vectors, (0.2, 0.6))
             grading.expect_pair(result, "choose_lambda", "(best_lambda, scores)")
             best, scores = result
             assert best in (0.2, 0.6), f"best_lambda should be one of the grid (0.2, 0.6), got {best!r}"
             assert set(scores) == {0.2, 0.6}, f"scores should have one entry per λ of the grid, got keys {list(scores)}"
             """),
+        test("test_choose_lambda_takes_the_mean_and_breaks_ties_low", "choose_lambda", """
+            # a fake merge that is just its λ, and a fake evaluator with exact (dyadic) accuracies per λ
+            table = {0.8: (0.25, 0.75), 0.2: (0.5, 0.5), 0.4: (0.25, 0.5), 1.0: (0.75, 0.25)}
+            class Fake:
+                def accuracy(self, merged, split="test"):
+                    a, b = table[merged["lam"]]
+                    return {"a": a, "b": b} if split == "validation" else {"a": 1.0 - a, "b": 1.0 - b}
+            recorder = grading.SplitRecorder(Fake())
+            choose = grading.using(choose_lambda, task_arithmetic=lambda base, vectors, lams: {"lam": lams[0]})
+            result = grading.call(choose, "choose_lambda", recorder, {}, [{}, {}], tuple(table))
+            grading.expect_pair(result, "choose_lambda", "(best_lambda, scores)")
+            grading.expect_splits(recorder, "choose_lambda", validation=len(table), test=0)
+            best, scores = result
+            grading.expect_keys(scores, "choose_lambda's scores", tuple(table))
+            grading.expect_close(torch.tensor([float(scores[lam]) for lam in table]), torch.tensor([0.5, 0.5, 0.375, 0.5]),
+                                 "scores (the mean over the tasks, per λ of the grid (0.8, 0.2, 0.4, 1.0))")
+            assert best == 0.2, f"three λs tie at a mean of 0.5: the smallest, 0.2, should win, not {best}"
+            """, hidden=True),
         test("test_choose_lambda_uses_the_validation_split", "choose_lambda, zoo, evaluator", """
-            grid = (0.2, 0.4, 0.8)
+            grid = ⟨A1_GRID⟩
             want_best, want_scores = evaluation.best_lambda(evaluator, grid, "validation")
             vectors = deltas.task_vectors(zoo.base, zoo.experts)
-            result = grading.call(choose_lambda, "choose_lambda", evaluator, zoo.base, vectors, grid)
+            recorder = grading.SplitRecorder(evaluator)
+            merge = lambda base, vectors, lams: evaluation.task_arithmetic_state(zoo.base, zoo.experts, lams[0])
+            choose = grading.using(choose_lambda, task_arithmetic=merge)   # the merge best_lambda scores
+            result = grading.call(choose, "choose_lambda", recorder, zoo.base, vectors, grid)
+            grading.expect_splits(recorder, "choose_lambda", validation=len(grid), test=0)
             grading.expect_pair(result, "choose_lambda", "(best_lambda, scores)")
             best, scores = result
             for lam in grid:
@@ -224,7 +303,7 @@ A1 = [
         vectors = [task_vector(zoo.base, zoo.experts[name]) for name in zoo.task_names]
         best, scores = choose_lambda(evaluator, zoo.base, vectors, (0.2, 0.5, 0.8))
         print("validation means:", {lam: round(s, 3) for lam, s in scores.items()}, "→ λ =", best)
-        print("test:", evaluator.accuracy(task_arithmetic(zoo.base, vectors, best), "test"))
+        print("test:", evaluator.accuracy(task_arithmetic(zoo.base, vectors, [best] * len(vectors)), "test"))
         """),
 ]
 
@@ -233,70 +312,89 @@ A1 = [
 A2 = [
     config("a2_dare"),
     md("""
-        # Assignment 2 — DARE: drop and rescale
+        # Assignment 2 — DARE with a fixed count: drop, rescale, merge
 
-        Chapter 2 of the book. DARE drops each entry of a task vector independently with
-        probability p and divides the survivors by 1 − p, so that the expected delta is
-        unchanged. You will write the drop, the merge built on it, and say in words why
-        the rescale works and where it stops working. Use only `torch`.
+        Chapter 2 of the book. DARE drops each entry of a task vector *independently* with
+        probability p and divides the survivors by 1 − p, so the expected delta is unchanged but
+        the number of dropped entries varies from draw to draw. Here you build the variant the
+        chapter does not print: drop **exactly** k = round(p · n) entries of each tensor (n its
+        number of entries), chosen uniformly at random, and find the rescale that keeps the
+        expected delta unchanged. Then the merge built on it, and, in words, why the rescale
+        works. Use only `torch`.
 
-        The tests are statistical: they check the drop fraction and the unbiasedness over
-        many draws (a correct answer fails them with a chance below one in a million), not
-        equality with the package's own random numbers. Expected time: 1–1.5 hours.
+        The tests are statistical: they check the count, the reproducibility and the
+        unbiasedness over many draws (a correct answer fails them with a chance below one in a
+        million), not equality with a particular way of drawing. Expected time: 1–1.5 hours.
         """),
     SETUP,
     *question("q1_dare", 4, """
-        **Question 1.** Write `dare(delta, p, generator)`: a new tensor where each entry of
-        `delta` is set to 0 with probability `p` (independently; draw the uniform numbers
-        with `torch.rand(..., generator=generator)` on the CPU) and every kept entry is
-        divided by 1 − p. Keep the shape, dtype and device of `delta`. Raise a
-        `ValueError` naming `p` when p is not in [0, 1). Do not modify `delta`.
+        **Question 1.** Write `dare(delta, p, generator)`: a new tensor in which exactly
+        k = round(p · n) entries of `delta` (n = `delta.numel()`, Python's `round`), chosen
+        uniformly at random without replacement, are set to 0, and every other entry is
+        multiplied by the factor that makes the expected output equal to `delta` (derive it:
+        each entry survives with probability (n − k) / n). Draw every random number from
+        `generator` on the CPU (`torch.randperm(n, generator=generator)` or `torch.rand(...,
+        generator=generator)`). Keep the shape, dtype and device of `delta`. Raise a `ValueError`
+        naming `p` when p is not in [0, 1) or when k = n (nothing would survive). Do not modify
+        `delta`.
         """, '''
         def dare(delta, p, generator):
-            """DARE (chapter 2): drop each entry with probability p, rescale the rest by 1 / (1 − p)."""
+            """DARE with a fixed count: drop exactly round(p · n) entries, rescale the rest by n / (n − k)."""
             # BEGIN SOLUTION
-            if not 0 <= p < 1:
-                raise ValueError(f"dare: the drop rate p must be in [0, 1), got {p}")
-            keep = torch.rand(delta.shape, generator=generator) >= p
-            return torch.where(keep.to(delta.device), delta / (1 - p), torch.zeros_like(delta))
+            n = delta.numel()
+            k = round(p * n)
+            if not 0 <= p < 1 or k >= n:
+                raise ValueError(f"dare: the drop rate p must be in [0, 1) and leave an entry, got p = {p} for {n} entries")
+            dropped = torch.randperm(n, generator=generator)[:k].to(delta.device)
+            out = delta.reshape(-1) * (n / (n - k))
+            out[dropped] = 0
+            return out.reshape(delta.shape)
             # END SOLUTION
         ''', [
-        test("test_dare_shapes_values_and_bad_p", "dare", """
+        test("test_dare_count_rescale_and_bad_p", "dare", """
             grading.expect_signature(dare, "dare", ("delta", "p", "generator"))
-            delta = torch.linspace(-1, 1, 20).reshape(4, 5) + 0.01
-            out = grading.expect_tensor(grading.call(dare, "dare", delta, 0.5, torch.Generator().manual_seed(0)),
-                                        "dare(delta, 0.5)", delta.shape, delta.dtype)
+            delta = torch.linspace(-1, 1, 7) + 0.01                  # n = 7, p = 0.3: k = round(2.1) = 2
+            before = delta.clone()
+            out = grading.expect_tensor(grading.call(dare, "dare", delta, 0.3, torch.Generator().manual_seed(0)),
+                                        "dare(delta, 0.3)", delta.shape, delta.dtype)
+            assert int((out == 0).sum()) == 2, f"dare(7 entries, p=0.3) should drop exactly round(2.1) = 2, dropped {int((out == 0).sum())}"
             kept = out != 0
-            grading.expect_close(out[kept], 2 * delta[kept], "the kept entries of dare(delta, 0.5) (Δ / (1 − p))")
+            grading.expect_close(out[kept], delta[kept] * 7 / 5, "the kept entries of dare(7 entries, p=0.3) (× n / (n − k))")
+            grading.expect_unchanged({"delta": before}, {"delta": delta}, "dare")
             same = grading.call(dare, "dare", delta, 0.0, torch.Generator().manual_seed(0))
             grading.expect_close(grading.expect_tensor(same, "dare(delta, 0)"), delta, "dare(delta, p=0) (nothing dropped)")
-            for bad in (1.0, -0.1):
+            for bad in (1.0, -0.1, 0.95):   # 0.95 of 7 entries rounds to all 7
                 grading.expect_raises(lambda p: dare(delta, p, torch.Generator()), "dare(delta, p)", (bad,),
-                                      ValueError, "(p must be in [0, 1))")
+                                      ValueError, "(p must be in [0, 1) and leave an entry)")
             """),
-        test("test_dare_drops_a_fraction_p", "dare", """
-            delta = torch.randn(200_000, generator=torch.Generator().manual_seed(1))
-            before = delta.clone()
-            for p in (0.3, 0.9):
+        test("test_dare_drops_exactly_k_reproducibly", "dare", """
+            delta = torch.randn(50, 41, generator=torch.Generator().manual_seed(1))   # n = 2050
+            for p in ⟨A2_PS⟩:
                 out = grading.expect_tensor(grading.call(dare, "dare", delta, p, torch.Generator().manual_seed(2)),
                                             f"dare(delta, {p})", delta.shape)
-                grading.expect_rate(int((out == 0).sum()), delta.numel(), p, f"entries dropped by dare(p={p})")
-            grading.expect_unchanged({"delta": before}, {"delta": delta}, "dare")
+                k = round(p * delta.numel())
+                assert int((out == 0).sum()) == k, f"dare(p={p}) dropped {int((out == 0).sum())} of 2050 entries, expected {k}"
+            again = [grading.call(dare, "dare", delta, 0.5, torch.Generator().manual_seed(7)) for _ in range(2)]
+            assert torch.equal(again[0], again[1]), "dare should draw from the generator it is given (same seed, same drop)"
             """, hidden=True),
-        test("test_dare_is_unbiased", "dare", """
-            delta = torch.linspace(-1, 1, 50)
-            p, draws = 0.8, 4000
+        test("test_dare_is_unbiased_and_uniform", "dare", """
+            delta = torch.linspace(-1, 1, 7) + 0.01
+            p, draws = ⟨A2_P⟩, 6000
+            n = 7
+            k = round(p * n)
             generator = torch.Generator().manual_seed(3)
-            total = sum(grading.expect_tensor(grading.call(dare, "dare", delta, p, generator), "dare", delta.shape)
-                        for _ in range(draws))
-            mean = total / draws
-            # one draw's entry has standard deviation |Δ| · sqrt(p / (1 − p)); the mean of n draws, that / sqrt(n)
-            standard_error = delta.abs() * (p / (1 - p)) ** 0.5 / draws ** 0.5
-            worst = float(((mean - delta).abs() / standard_error.clamp_min(1e-12)).max())
+            outs = torch.stack([grading.expect_tensor(grading.call(dare, "dare", delta, p, generator), "dare", delta.shape)
+                                for _ in range(draws)])
+            mean = outs.mean(0)
+            # an entry survives with probability q = (n − k) / n; its value is Δ / q; sd of one draw |Δ| sqrt(1/q − 1)
+            q = (n - k) / n
+            standard_error = delta.abs() * (1 / q - 1) ** 0.5 / draws ** 0.5
+            worst = float(((mean - delta).abs() / standard_error).max())
             assert worst < 5.5, (f"the mean of {draws} dare draws is {worst:.1f} standard errors from Δ at its worst "
-                                 f"entry: dare is biased (did you divide the kept entries by 1 − p?)")
-            again = [grading.call(dare, "dare", delta, p, torch.Generator().manual_seed(7)) for _ in range(2)]
-            assert torch.equal(again[0], again[1]), "dare should draw from the generator it is given (same seed, same mask)"
+                                 "entry: dare is biased (is the rescale n / (n − k), and is every entry equally likely "
+                                 "to be dropped?)")
+            for i in range(n):
+                grading.expect_rate(int((outs[:, i] == 0).sum()), draws, k / n, f"draws in which entry {i} was dropped")
             """, hidden=True)]),
     *question("q2_dare_merge", 3, """
         **Question 2.** Write `dare_merge(base, vectors, p, lam, seed)`: make one
@@ -305,7 +403,7 @@ A2 = [
         θ_b + λ Σ_t DARE(Δ_t) in the base's dtypes (names the vectors lack: copied from the base).
         """, '''
         def dare_merge(base, vectors, p, lam, seed):
-            """DARE + Task Arithmetic (chapter 2): θ_b + λ Σ_t DARE_p(Δ_t)."""
+            """Fixed-count DARE + Task Arithmetic (chapter 2): θ_b + λ Σ_t DARE_p(Δ_t)."""
             # BEGIN SOLUTION
             generator = torch.Generator().manual_seed(seed)
             merged = {}
@@ -321,15 +419,36 @@ A2 = [
         test("test_dare_merge_without_a_drop_is_task_arithmetic", "dare_merge, zoo", """
             grading.expect_signature(dare_merge, "dare_merge", ("base", "vectors", "p", "lam", "seed"))
             vectors = deltas.task_vectors(zoo.base, zoo.experts)
-            ours = grading.call(dare_merge, "dare_merge", zoo.base, vectors, 0.0, 0.4, 0)
+            nothing_dropped = lambda delta, p, generator: delta   # p = 0: graded apart from your question 1
+            ours = grading.call(grading.using(dare_merge, dare=nothing_dropped), "dare_merge", zoo.base, vectors, 0.0, 0.4, 0)
             want = evaluation.task_arithmetic_state(zoo.base, zoo.experts, 0.4)
             grading.expect_state_dicts_close(ours, want, "dare_merge(p=0, λ=0.4)")
             """),
-        test("test_dare_merge_keeps_what_survives_any_expert", "dare_merge, zoo", """
+        test("test_dare_merge_draws_in_order_and_rescales_once", "dare_merge", setup=REFERENCE_DARE_SOURCE, body="""
+            # with the reference DARE (question 1's rule), the merge is determined by the seed and the order
+            g = torch.Generator().manual_seed(5)
+            base = {"a": torch.randn(6, 4, generator=g), "n": torch.arange(3), "b": torch.randn(7, generator=g).double()}
+            vectors = [{k: torch.randn(base[k].shape, generator=g) for k in ("a", "b")} for _ in range(3)]
+            p, lam = ⟨A2_MERGE⟩
+            generator, want = torch.Generator().manual_seed(11), {}
+            for name, tensor in base.items():
+                if name in vectors[0]:
+                    total = sum(REFERENCE_DARE(v[name], p, generator) for v in vectors)
+                    want[name] = (tensor.float() + lam * total).to(tensor.dtype)
+                else:
+                    want[name] = tensor
+            ours = grading.call(grading.using(dare_merge, dare=REFERENCE_DARE), "dare_merge", base, vectors, p, lam, 11)
+            ours = grading.expect_state_dict(ours, "dare_merge", base)
+            for name in base:
+                assert ours[name].dtype == base[name].dtype, f"dare_merge(...)[{name!r}] should keep the base's dtype"
+                grading.expect_close(ours[name], want[name], f"dare_merge(...)[{name!r}] (one generator, drawn in the "
+                                     "order of the base's names, then the vectors'; each survivor rescaled once)")
+            """, hidden=True),
+        test("test_dare_merge_keeps_what_survives_any_expert", "dare_merge, zoo", setup=REFERENCE_DARE_SOURCE, body="""
             vectors = deltas.task_vectors(zoo.base, zoo.experts)
             p = 0.9
-            ours = grading.expect_state_dict(grading.call(dare_merge, "dare_merge", zoo.base, vectors, p, 1.0, 0),
-                                             "dare_merge", zoo.base)
+            ours = grading.call(grading.using(dare_merge, dare=REFERENCE_DARE), "dare_merge", zoo.base, vectors, p, 1.0, 0)
+            ours = grading.expect_state_dict(ours, "dare_merge", zoo.base)
             names = [n for n in zoo.base if n.startswith("encoder.layer.") and n.endswith("dense.weight")]
             count = expected = variance = 0
             for name in names:
@@ -343,20 +462,22 @@ A2 = [
                 f"(an entry changes when any of the {len(vectors)} experts keeps it)")
             """, hidden=True)]),
     *question("q3_why_rescale", 2, """
-        **Question 3 (written).** In three to five sentences: why does dividing the kept
-        entries by 1 − p keep the merge's expected delta equal to Δ? The chapter's heavy
-        tier shows DARE failing at p = 0.9 although it is unbiased: what does unbiased
-        not promise, and which property of the delta decides whether that matters?
+        **Question 3 (written).** In three to five sentences: why does your factor keep the
+        expected delta equal to Δ, and how does it differ from DARE's 1/(1 − p) when p · n is not
+        a whole number? Is one entry's variance smaller or larger than under independent drops?
+        The chapter's heavy tier shows DARE failing at p = 0.9 although it is unbiased: what does
+        unbiased not promise, and which property of the delta decides whether that matters?
         """, """
-        Each entry is kept with probability 1 − p and then equals Δ_i / (1 − p), otherwise 0,
-        so E[DARE(Δ)_i] = (1 − p) · Δ_i / (1 − p) = Δ_i: the expected delta, and so (to first
-        order) the expected change of every pre-activation, is unchanged. Unbiased says nothing
-        about the variance: each entry's variance is Δ_i² p / (1 − p), ×9 of Δ_i² at p = 0.9, and a
-        layer's output sums many such terms. When the deltas are small next to the weights and
-        their effect is spread over many entries (light fine-tunes), the noise averages out; when
-        the deltas are large and dense (the heavy tier, where |Δ| approaches the weights
-        themselves), the rescaled survivors move the weights far from anything the model saw,
-        and the second-order terms the expectation ignores dominate.
+        k entries of n are dropped uniformly, so each survives with probability q = (n − k)/n and
+        then equals Δ_i · n/(n − k) = Δ_i / q: E = q · Δ_i / q = Δ_i. With k = round(p n), q differs
+        from 1 − p by the rounding (at most 1/(2n)), so 1/(1 − p) would be biased by that much;
+        for large tensors the two agree. One entry's variance, Δ_i² (1/q − 1), is the same as
+        under independent drops at rate k/n; what the fixed count removes is the variation of the
+        number kept, so the tensor's total mass varies less. Unbiased says nothing about the
+        variance: at p = 0.9 each entry's variance is 9 Δ_i², and a layer's output sums many such
+        terms; when deltas are small and spread out (light fine-tunes) the noise averages out,
+        when they are large and dense (the heavy tier) the rescaled survivors move the weights
+        far from anything the model saw.
         """, [], manual=True),
 ]
 
@@ -365,14 +486,17 @@ A2 = [
 A3 = [
     config("a3_ties"),
     md("""
-        # Assignment 3 — TIES: trim, elect, disjoint merge
+        # Assignment 3 — TIES with the frequency election: trim, elect, disjoint merge
 
         Chapter 3 of the book. TIES merges task vectors in three steps: **trim** each to its
-        largest-magnitude entries, **elect** a sign per entry from the trimmed deltas' sum,
-        and average only the deltas that agree with it (**disjoint merge**). You will write
-        each step on tensors, then the whole merge on state dicts; the hidden tests compare
-        your merge with the package's `ties` (the peft convention: unweighted election,
-        divide by the number of agreeing experts). Use only `torch`. Expected time: 1.5–2 hours.
+        largest-magnitude entries, **elect** a sign per entry, and average only the deltas that
+        agree with it (**disjoint merge**). The chapter builds the paper's election, the sign of
+        the trimmed deltas' *sum* (the mass); here you build the other one it compares, the
+        **frequency** election (mergekit's `consensus_method: count`): the sign that *more
+        experts* vote for, whatever their sizes. You will write each step on tensors, then the
+        whole merge on state dicts; the hidden tests compare your merge with the package's
+        `ties` at `election="frequency"` (unweighted votes, divide by the number of agreeing
+        experts). Use only `torch`. Expected time: 1.5–2 hours.
         """),
     SETUP,
     *question("q1_trim", 2, """
@@ -405,34 +529,38 @@ A3 = [
         test("test_trim_matches_the_package", "trim", """
             from merging_helpers.drop import magnitude_keep_mask
             delta = torch.randn(64, 48, generator=torch.Generator().manual_seed(0))
-            for density in (0.05, 0.2, 1.0):
+            for density in ⟨A3_DENSITIES⟩:
                 out = grading.expect_tensor(grading.call(trim, "trim", delta, density), f"trim(delta, {density})",
                                             delta.shape)
                 grading.expect_close(out, delta * magnitude_keep_mask(delta, density), f"trim(delta, {density})")
             """, hidden=True)]),
     *question("q2_elect_sign", 2, """
         **Question 2.** Write `elect_sign(deltas)`: for a list of same-shaped tensors, the
-        tensor of elected signs, +1.0 where their sum is ≥ 0 and −1.0 where it is < 0.
+        tensor of elected signs by frequency: per entry, count the experts whose delta is
+        positive and those whose delta is negative (a zero votes for neither); +1.0 where the
+        positive votes are at least as many, −1.0 where the negative votes are more.
         """, '''
         def elect_sign(deltas):
-            """TIES step 2 (chapter 3): γ = sign(Σ_t Δ_t), with +1 for a sum of exactly 0."""
+            """TIES step 2, frequency election: γ = sign(Σ_t sign(Δ_t)), with +1 for a tied vote."""
             # BEGIN SOLUTION
-            total = torch.stack(list(deltas)).sum(dim=0)
-            return torch.where(total >= 0, 1.0, -1.0)
+            votes = torch.stack(list(deltas)).sign().sum(dim=0)
+            return torch.where(votes >= 0, 1.0, -1.0)
             # END SOLUTION
         ''', [
         test("test_elect_sign_on_a_toy", "elect_sign", """
             grading.expect_signature(elect_sign, "elect_sign", ("deltas",))
-            deltas_ = [torch.tensor([0.5, -0.2, 0.0, 0.1]), torch.tensor([-0.1, -0.3, 0.0, -0.4])]
-            out = grading.expect_tensor(grading.call(elect_sign, "elect_sign", deltas_), "elect_sign", (4,))
-            grading.expect_close(out, torch.tensor([1.0, -1.0, 1.0, -1.0]), "elect_sign (a zero sum elects +1)")
+            deltas_ = [torch.tensor([0.5, -0.2, 0.0, 0.1, 0.2]), torch.tensor([-0.1, -0.3, 0.0, -0.4, -0.9]),
+                       torch.tensor([0.2, 0.1, 0.0, 0.0, 0.3])]
+            out = grading.expect_tensor(grading.call(elect_sign, "elect_sign", deltas_), "elect_sign", (5,))
+            # votes: 2+ 1−, 1+ 2−, none, 1+ 1− (a tie), 2+ 1− (the mass says −, the experts +)
+            grading.expect_close(out, torch.tensor([1.0, -1.0, 1.0, 1.0, 1.0]), "elect_sign (by the number of votes)")
             """),
         test("test_elect_sign_matches_the_package", "elect_sign", """
             from merging_helpers.consensus import elect_sign as reference
             g = torch.Generator().manual_seed(1)
-            deltas_ = [torch.randn(30, 20, generator=g) for _ in range(3)]
+            deltas_ = [torch.randn(30, 20, generator=g) * (torch.rand(30, 20, generator=g) > 0.3) for _ in range(4)]
             out = grading.expect_tensor(grading.call(elect_sign, "elect_sign", deltas_), "elect_sign", (30, 20))
-            grading.expect_close(out, reference(deltas_, "total"), "elect_sign on three random deltas")
+            grading.expect_close(out, reference(deltas_, "frequency"), "elect_sign on four sparse random deltas")
             """, hidden=True)]),
     *question("q3_disjoint_merge", 2, """
         **Question 3.** Write `disjoint_merge(deltas, signs)`: per entry, the mean of the
@@ -459,7 +587,7 @@ A3 = [
             from merging_helpers.consensus import disjoint_merge as reference, elect_sign as elect
             g = torch.Generator().manual_seed(2)
             deltas_ = [torch.randn(30, 20, generator=g) * (torch.rand(30, 20, generator=g) > 0.5) for _ in range(3)]
-            signs = elect(deltas_, "total")
+            signs = elect(deltas_, "frequency")
             out = grading.expect_tensor(grading.call(disjoint_merge, "disjoint_merge", deltas_, signs),
                                         "disjoint_merge", (30, 20))
             grading.expect_close(out, reference(deltas_, signs, "count"), "disjoint_merge on sparse random deltas")
@@ -484,26 +612,38 @@ A3 = [
             return merged
             # END SOLUTION
         ''', [
-        test("test_ties_merge_is_a_state_dict", "ties_merge, zoo", """
+        test("test_ties_merge_is_a_state_dict", "ties_merge, zoo", setup=REFERENCE_TIES_STEPS, body="""
             grading.expect_signature(ties_merge, "ties_merge", ("base", "vectors", "density", "lam"))
             vectors = deltas.task_vectors(zoo.base, zoo.experts)
-            grading.expect_state_dict(grading.call(ties_merge, "ties_merge", zoo.base, vectors, 0.2, 1.0),
-                                      "ties_merge", zoo.base)
+            ties = grading.using(ties_merge, **steps)   # with the package's steps: graded apart from questions 1–3
+            grading.expect_state_dict(grading.call(ties, "ties_merge", zoo.base, vectors, 0.2, 1.0), "ties_merge", zoo.base)
             """),
-        test("test_ties_merge_matches_the_package", "ties_merge, zoo", """
+        test("test_ties_merge_matches_the_package", "ties_merge, zoo", setup=REFERENCE_TIES_STEPS, body="""
             from merging_helpers.recipes import merge_state_dicts
             vectors = deltas.task_vectors(zoo.base, zoo.experts)
-            ours = grading.call(ties_merge, "ties_merge", zoo.base, vectors, 0.2, 0.8)
-            want = merge_state_dicts(zoo.base, zoo.experts, "ties", density=0.2, lam=0.8, progress=False)
-            grading.expect_state_dicts_close(ours, want, "ties_merge(density=0.2, λ=0.8)")
+            density, lam = ⟨A3_MERGE⟩
+            ours = grading.call(grading.using(ties_merge, **steps), "ties_merge", zoo.base, vectors, density, lam)
+            want = merge_state_dicts(zoo.base, zoo.experts, "ties", density=density, lam=lam, election="frequency",
+                                     progress=False)
+            grading.expect_state_dicts_close(ours, want, f"ties_merge(density={density}, λ={lam})")
             """, hidden=True)]),
     md("""
-        Your TIES against Task Arithmetic on the validation split (λ = 1, density 0.2):
+        Your TIES (frequency election) against the chapter's (mass election) and Task Arithmetic on
+        the validation split (λ = 1, density 0.2), and how many entries the two elections decide
+        differently:
         """),
     code("""
+        from merging_helpers import deltas, evaluation
+        from merging_helpers.recipes import merge_state_dicts
         vectors = deltas.task_vectors(zoo.base, zoo.experts)
-        print("TIES:", evaluator.accuracy(ties_merge(zoo.base, vectors, 0.2, 1.0), "validation"))
-        print("TA (λ = 0.4):", evaluator.accuracy(evaluation.task_arithmetic_state(zoo.base, zoo.experts, 0.4), "validation"))
+        print("TIES, frequency:", evaluator.accuracy(ties_merge(zoo.base, vectors, 0.2, 1.0), "validation"))
+        mass = merge_state_dicts(zoo.base, zoo.experts, "ties", density=0.2, lam=1.0, progress=False)
+        print("TIES, mass:     ", evaluator.accuracy(mass, "validation"))
+        print("TA (λ = 0.4):   ", evaluator.accuracy(evaluation.task_arithmetic_state(zoo.base, zoo.experts, 0.4), "validation"))
+        name = "encoder.layer.5.output.dense.weight"
+        trimmed = [trim(v[name], 0.2) for v in vectors]
+        differ = (elect_sign(trimmed) != torch.where(sum(trimmed) >= 0, 1.0, -1.0)).float().mean()
+        print(f"{name}: the elections differ on {float(differ):.1%} of the entries")
         """),
 ]
 
@@ -519,7 +659,9 @@ A4 = [
         entry's magnitude rank (MagPrune), and divides each survivor by its own keep
         probability. You will write MagPrune, build DELLA from it and the TIES steps, and
         compare the two at the same density with λ chosen on validation. Part of the grade
-        is a short written verdict. Expected time: 2–3 hours.
+        is a short written verdict. MagPrune is yours to write with `torch`; TIES is not this
+        assignment's subject, so its steps (`consensus.elect_sign`, `consensus.disjoint_merge`),
+        the package's TIES as the comparator and `deltas` may be used. Expected time: 2–3 hours.
 
         MagPrune, per row of a matrix (a 1-D tensor is one row) with n entries: rank the
         entries by |Δ| (rank 0 the smallest, ties by position), and keep entry i with
@@ -546,7 +688,7 @@ A4 = [
             return ((density - epsilon) + 2 * epsilon * ranks / (n - 1)).reshape(delta.shape)
             # END SOLUTION
         ''', [
-        test("test_keep_probability_on_a_toy", "magprune_keep_prob", """
+        test("test_keep_probability_on_a_toy", "magprune_keep_prob", setup=A4_PERMITS, body="""
             grading.expect_signature(magprune_keep_prob, "magprune_keep_prob", ("delta", "density", "epsilon"))
             out = grading.call(magprune_keep_prob, "magprune_keep_prob", torch.tensor([0.3, -0.1, 0.2]), 0.5, 0.2)
             out = grading.expect_tensor(out, "magprune_keep_prob", (3,))
@@ -555,13 +697,15 @@ A4 = [
                                   "magprune_keep_prob(delta, 0.5, epsilon)", (0.6,), ValueError,
                                   "(density − ε must stay above 0)")
             """),
-        test("test_keep_probability_matches_the_package", "magprune_keep_prob", """
+        test("test_keep_probability_matches_the_package", "magprune_keep_prob", setup=A4_PERMITS, body="""
             from merging_helpers.drop import magprune_keep_prob as reference
             delta = torch.randn(16, 40, generator=torch.Generator().manual_seed(0))
-            out = grading.expect_tensor(grading.call(magprune_keep_prob, "magprune_keep_prob", delta, 0.3, 0.1),
+            density, epsilon = ⟨A4_KEEP⟩
+            out = grading.expect_tensor(grading.call(magprune_keep_prob, "magprune_keep_prob", delta, density, epsilon),
                                         "magprune_keep_prob", delta.shape)
-            grading.expect_close(out, reference(delta, 0.3, 0.1), "magprune_keep_prob(16×40 matrix, 0.3, 0.1)")
-            grading.expect_close(out.mean(dim=1), torch.full((16,), 0.3), "each row's mean keep probability")
+            grading.expect_close(out, reference(delta, density, epsilon),
+                                 f"magprune_keep_prob(16×40 matrix, {density}, {epsilon})")
+            grading.expect_close(out.mean(dim=1), torch.full((16,), density), "each row's mean keep probability")
             """, hidden=True)]),
     *question("q2_magprune", 3, """
         **Question 2.** Write `magprune(delta, density, epsilon, generator)`: keep entry i
@@ -576,23 +720,26 @@ A4 = [
             return torch.where(keep, delta / prob, torch.zeros_like(delta))
             # END SOLUTION
         ''', [
-        test("test_magprune_keeps_or_rescales", "magprune, magprune_keep_prob", """
+        test("test_magprune_keeps_or_rescales", "magprune", setup=A4_PERMITS, body="""
+            from merging_helpers.drop import magprune_keep_prob as reference
             grading.expect_signature(magprune, "magprune", ("delta", "density", "epsilon", "generator"))
             delta = torch.randn(8, 30, generator=torch.Generator().manual_seed(4))
-            out = grading.call(magprune, "magprune", delta, 0.4, 0.1, torch.Generator().manual_seed(0))
+            pruned = grading.using(magprune, magprune_keep_prob=reference)   # graded apart from your question 1
+            out = grading.call(pruned, "magprune", delta, 0.4, 0.1, torch.Generator().manual_seed(0))
             out = grading.expect_tensor(out, "magprune", delta.shape)
-            prob = magprune_keep_prob(delta, 0.4, 0.1)
+            prob = reference(delta, 0.4, 0.1)
             kept = out != 0
             grading.expect_close(out[kept], (delta / prob)[kept], "the kept entries of magprune (Δ_i / p_i)")
             """),
-        test("test_magprune_is_unbiased_and_keeps_a_fraction_density", "magprune", """
+        test("test_magprune_is_unbiased_and_keeps_a_fraction_density", "magprune", setup=A4_PERMITS, body="""
+            from merging_helpers.drop import magprune_keep_prob as reference
+            pruned = grading.using(magprune, magprune_keep_prob=reference)
             delta = torch.linspace(-1, 1, 60).reshape(3, 20) + 0.005
             draws, generator = 3000, torch.Generator().manual_seed(5)
-            outs = [grading.expect_tensor(grading.call(magprune, "magprune", delta, 0.3, 0.1, generator), "magprune",
+            outs = [grading.expect_tensor(grading.call(pruned, "magprune", delta, 0.3, 0.1, generator), "magprune",
                                           delta.shape) for _ in range(draws)]
             kept = sum(int((o != 0).sum()) for o in outs)
             grading.expect_rate(kept, draws * delta.numel(), 0.3, "entries kept by magprune(density=0.3)")
-            from merging_helpers.drop import magprune_keep_prob as reference
             prob = reference(delta, 0.3, 0.1)
             mean = sum(outs) / draws
             standard_error = delta.abs() * ((1 - prob) / prob).sqrt() / draws ** 0.5
@@ -615,6 +762,7 @@ A4 = [
         (`deltas.apply_delta(zoo.base, deltas.task_vector(zoo.base, merged_at_1), lam)`). Return
         `{"ties": (lam, test_mean), "della": (lam, test_mean)}`.
         """, '''
+        from merging_helpers import deltas   # this question may use these parts of the package (TIES is not its subject)
         from merging_helpers.consensus import disjoint_merge, elect_sign
         from merging_helpers.recipes import merge_state_dicts
 
@@ -652,7 +800,7 @@ A4 = [
             return out
             # END SOLUTION
         ''', [
-        test("test_compare_returns_both_methods", "compare_at_density, zoo, evaluator", """
+        test("test_compare_returns_both_methods", "compare_at_density, zoo, evaluator", setup=A4_PERMITS, body="""
             grading.expect_signature(compare_at_density, "compare_at_density",
                                      ("evaluator", "zoo", "density", "grid", "epsilon", "seed"))
             result = grading.call(compare_at_density, "compare_at_density", evaluator, zoo, 0.2, (1.0,))
@@ -662,10 +810,16 @@ A4 = [
                 assert pair[0] == 1.0, f"{method}: λ = {pair[0]!r}, but the grid is (1.0,)"
                 assert 0 <= pair[1] <= 1, f"{method}: the test mean {pair[1]!r} is not an accuracy"
             """),
-        test("test_compare_chooses_on_validation", "compare_at_density, zoo, evaluator", """
+        test("test_compare_chooses_on_validation", "compare_at_density, della_merge, zoo, evaluator",
+             setup=REFERENCE_MAGPRUNE, body="""
             from merging_helpers.recipes import merge_state_dicts
             grid = (0.6, 1.0)
-            result = grading.call(compare_at_density, "compare_at_density", evaluator, zoo, 0.2, grid)
+            grading.expect_own_code(della_merge, "della_merge")
+            della = grading.using(della_merge, magprune=reference_magprune)   # graded apart from question 2
+            recorder = grading.SplitRecorder(evaluator)
+            compare = grading.using(compare_at_density, della_merge=della)
+            result = grading.call(compare, "compare_at_density", recorder, zoo, 0.2, grid)
+            grading.expect_splits(recorder, "compare_at_density", validation=2 * len(grid), test=2)
             grading.expect_keys(result, "compare_at_density", ("ties", "della"))
             for method in result:
                 grading.expect_pair(result[method], f"compare_at_density(...)[{method!r}]", "(lam, test_mean)")
@@ -716,7 +870,7 @@ A5 = [
         # Assignment 5 — RMS-adaptive drop rates
 
         Chapter 7 of the book. The RMS-adaptive method gives every delta *matrix* its own
-        DARE drop rate from its size: p_k^t = p_default − λ (rms_k^t − rms_mean), where
+        DARE drop rate from its size: p_k^t = p_default − λ (rms_k^t − rms_mean) / σ, where
         rms = ‖δ‖_F / √N and rms_mean is the mean RMS of the matrices of the same role
         (attention or ffn) over all experts — or over the expert's own matrices when the
         experts differ a lot (their average RMS values have a coefficient of variation
@@ -775,10 +929,13 @@ A5 = [
             """, hidden=True)]),
     *question("q3_rates", 4, """
         **Question 3.** Write `adaptive_rates(table, p_default, lam, cv_threshold=50.0)`:
-        expert → {matrix name → p}, with p = p_default − λ (rms − mean) clipped to
-        [0, 0.99], where `mean` is the mean RMS of the matrices of the same role over
-        *all* experts when `cv_percent(table)` ≤ `cv_threshold`, and over that expert's own
-        matrices of the role when it is larger.
+        expert → {matrix name → p}, with p = p_default − λ (rms − mean) / σ clipped to
+        [0, 0.99] — λ in units of 1/σ, as chapter 7 reads it, so that λ = 0.05 moves a matrix
+        one standard deviation above the mean by 0.05. Here `mean` is the mean RMS of the
+        matrices of the same role over *all* experts when `cv_percent(table)` ≤ `cv_threshold`,
+        and over that expert's own matrices of the role when it is larger; σ is the population
+        standard deviation (divide by n) of the RMS values of that role over all experts'
+        matrices, whichever mean is used (where σ = 0, the rate is p_default).
         """, '''
         from merging_helpers.partitions import describe
 
@@ -789,38 +946,49 @@ A5 = [
             own = cv_percent(table) > cv_threshold
             role = {n: describe(n).role for v in table.values() for n in v}
 
-            def mean_of(values, r):
-                chosen = [x for n, x in values if role[n] == r]
-                return sum(chosen) / len(chosen)
+            def by_role(pairs):
+                out = {}
+                for n, x in pairs:
+                    out.setdefault(role[n], []).append(x)
+                return out
 
-            pooled = [(n, x) for v in table.values() for n, x in v.items()]
+            pooled = by_role((n, x) for v in table.values() for n, x in v.items())
+            sigma = {r: torch.tensor(v, dtype=torch.float64).std(unbiased=False).item() for r, v in pooled.items()}
             rates = {}
             for t, values in table.items():
-                source = list(values.items()) if own else pooled
-                means = {r: mean_of(source, r) for r in set(role.values())}
-                rates[t] = {n: min(max(p_default - lam * (x - means[role[n]]), 0.0), 0.99) for n, x in values.items()}
+                means = {r: sum(v) / len(v) for r, v in (by_role(values.items()) if own else pooled).items()}
+                rates[t] = {}
+                for n, x in values.items():
+                    r = role[n]
+                    step = lam * (x - means[r]) / sigma[r] if sigma[r] > 0 else 0.0
+                    rates[t][n] = min(max(p_default - step, 0.0), 0.99)
             return rates
             # END SOLUTION
         ''', [
         test("test_rates_on_a_toy", "adaptive_rates", """
             grading.expect_signature(adaptive_rates, "adaptive_rates", ("table", "p_default", "lam", "cv_threshold"))
             q, f = "encoder.layer.0.attention.self.query.weight", "encoder.layer.0.intermediate.dense.weight"
-            table = {"a": {q: 0.010, f: 0.020}, "b": {q: 0.014, f: 0.030}}    # CV 19 %: the global means
-            rates = grading.call(adaptive_rates, "adaptive_rates", table, 0.9, 10.0)
-            grading.expect_keys(rates, "adaptive_rates", ("a", "b"))
-            got = torch.tensor([rates["a"][q], rates["a"][f], rates["b"][q], rates["b"][f]])
-            grading.expect_close(got, torch.tensor([0.92, 0.95, 0.88, 0.85]), "adaptive_rates (a-q, a-ffn, b-q, b-ffn)")
+            table = {"a": {q: 0.010, f: 0.020}, "b": {q: 0.014, f: 0.030}, "c": {q: 0.015, f: 0.022}}  # CV 18.9 %
+            cv = lambda table: 18.9   # the global means: graded apart from your question 2
+            rates = grading.call(grading.using(adaptive_rates, cv_percent=cv), "adaptive_rates", table, 0.9, 0.05)
+            grading.expect_keys(rates, "adaptive_rates", ("a", "b", "c"))
+            got = torch.tensor([rates[t][n] for t in "abc" for n in (q, f)])
+            # query: mean 0.013, σ 0.00216; ffn: mean 0.024, σ 0.00432 (population σ over the three experts)
+            want = torch.tensor([0.969444, 0.946291, 0.876852, 0.830564, 0.853704, 0.923146])
+            grading.expect_close(got, want, "adaptive_rates (a-q, a-ffn, b-q, b-ffn, c-q, c-ffn)")
             """),
         test("test_rates_match_the_package", "adaptive_rates, zoo", """
             import warnings
             from merging_helpers import rms_adaptive
             table = rms_adaptive.rms_table({n: deltas.task_vector(zoo.base, zoo.experts[n]) for n in zoo.task_names})
             spread = {t: {n: x * (1 + 3 * i) for n, x in v.items()} for i, (t, v) in enumerate(table.items())}  # CV > 50
-            for case, tab, lam in (("the zoo", table, 50.0), ("experts far apart (CV > 50 %)", spread, 30.0)):
+            rates = grading.using(adaptive_rates, cv_percent=rms_adaptive.cv_percent)   # apart from question 2
+            p_default, lams = ⟨A5_RATES⟩
+            for case, tab, lam in (("the zoo", table, lams[0]), ("experts far apart (CV > 50 %)", spread, lams[1])):
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    want, _ = rms_adaptive.adaptive_rates(tab, 0.9, lam)
-                got = grading.call(adaptive_rates, "adaptive_rates", tab, 0.9, lam)
+                    want, _ = rms_adaptive.adaptive_rates(tab, p_default, lam, scale="std")
+                got = grading.call(rates, "adaptive_rates", tab, p_default, lam)
                 grading.expect_keys(got, "adaptive_rates", tuple(tab))
                 for t in tab:
                     grading.expect_keys(got[t], f"adaptive_rates(...)[{t!r}]", tuple(tab[t]))
@@ -831,10 +999,10 @@ A5 = [
         The rates of the grading zoo's experts, layer by layer:
         """),
     code("""
-        from merging_helpers import rms_adaptive
+        from merging_helpers import deltas, rms_adaptive
         table = rms_adaptive.rms_table({n: deltas.task_vector(zoo.base, zoo.experts[n]) for n in zoo.task_names})
         print(f"CV = {cv_percent(table):.1f} %")
-        rates = adaptive_rates(table, 0.9, 50.0)
+        rates = adaptive_rates(table, 0.9, 0.05)
         for t, r in rates.items():
             print(t, "lowest drop rate:", min(r, key=r.get), round(min(r.values()), 3))
         """),
@@ -897,7 +1065,7 @@ A6 = [
             from merging_helpers.dppa import significance as reference
             g = torch.Generator().manual_seed(0)
             block = [torch.randn(50, 40, generator=g) ** 3, torch.randn(40, generator=g) ** 3]   # heavy tails
-            for n in (3.0, 5.0):
+            for n in ⟨A6_NS⟩:
                 got = grading.call(significance, "significance", block, n)
                 grading.expect_close(grading.expect_number(got, "significance"), torch.tensor(reference(block, n)), f"significance(n={n})")
             """, hidden=True)]),
@@ -937,11 +1105,13 @@ A6 = [
             layer_sig = torch.tensor([dppa.significance([delta[n] for n in layers[l]]) for l in ids])
             linear_sig = torch.tensor([[dppa.significance([delta[n] for n in linears[l, j]]) for j in maps] for l in ids])
             sizes = torch.tensor([[float(sum(delta[n].numel() for n in linears[l, j])) for j in maps] for l in ids])
-            got = grading.expect_tensor(grading.call(theta, "theta", layer_sig, linear_sig, sizes, 0.5, 0.08), "theta",
+            alpha, lam = ⟨A6_THETA⟩
+            got = grading.expect_tensor(grading.call(theta, "theta", layer_sig, linear_sig, sizes, alpha, lam), "theta",
                                         (len(ids), len(maps)))
-            want = dppa.dp_rates(delta, 0.5, 0.08, eq2_mean="layer")
+            want = dppa.dp_rates(delta, alpha, lam, eq2_mean="layer")
             expected = torch.tensor([[want[linears[l, j][0]] for j in maps] for l in ids])
-            grading.expect_close(got, expected, "theta on the zoo's first expert (α = 0.5) against dp_rates(eq2_mean='layer')")
+            grading.expect_close(got, expected, f"theta on the zoo's first expert (α = {alpha}, λ = {lam}) against "
+                                 "dp_rates(eq2_mean='layer')")
             """, hidden=True)]),
     *question("q3_budget", 2, """
         **Question 3 (written).** Show that, when all linear maps of a layer have the same
@@ -970,7 +1140,9 @@ A7 = [
         true label on a few-shot set drop: importance(s) = P_t* − P_t, where P_t is the
         clean expert's mean true-label probability and P_t* the one with partition s set back
         to θ_b (more negative = more important). You will write the layer-level partitions and
-        the tracing, and compare them with the package's `apl.trace`. Expected time: 1–1.5 hours.
+        a tracing with a *graded* corruption the chapter does not print (a fraction of the
+        layer's delta kept), and compare it with the package's `apl.trace` where the two
+        meet. Expected time: 1–1.5 hours.
 
         A parameter's layer is `describe(name).layer` (`from merging_helpers.partitions import
         describe`; `None` outside the transformer blocks). `evaluator.true_label_probability(state_dict,
@@ -1016,53 +1188,81 @@ A7 = [
                 assert sorted(got[key]) == sorted(want[key]), f"{key}: the names differ from apl.groups(..., 'layer')"
             """, hidden=True)]),
     *question("q2_trace_layers", 4, """
-        **Question 2.** Write `trace_layers(evaluator, base, expert, task, examples)`: a dict
-        `"layer.l"` → P_t* − P_t for every layer partition, where P_t =
+        **Question 2.** The chapter corrupts a partition by reverting it to the base. Here you
+        trace with a *graded* corruption: keep a fraction `keep` of the layer's delta. Write
+        `trace_layers(evaluator, base, expert, task, examples, keep=0.0)`: a dict `"layer.l"` →
+        P_t* − P_t for every layer partition, where P_t =
         `evaluator.true_label_probability(expert, task, examples)` and P_t* is the same for
-        `expert` with that layer's tensors replaced by `base`'s. Do not modify `expert`.
+        `expert` with each tensor of that layer set to θ_b + keep · (θ_t − θ_b) (computed in
+        float32); `keep = 0` is the chapter's tracing. Do not modify `expert`.
         """, '''
-        def trace_layers(evaluator, base, expert, task, examples):
-            """Causal tracing at the layer level (chapter 4): P* − P per layer."""
+        def trace_layers(evaluator, base, expert, task, examples, keep=0.0):
+            """Causal tracing at the layer level with a graded corruption: P* − P per layer."""
             # BEGIN SOLUTION
             clean = evaluator.true_label_probability(expert, task, examples)
             out = {}
             for key, names in layer_partitions(list(expert)).items():
-                corrupted = {**expert, **{n: base[n] for n in names}}
+                corrupted = {**expert, **{n: base[n].float() + keep * (expert[n].float() - base[n].float()) for n in names}}
                 out[key] = evaluator.true_label_probability(corrupted, task, examples) - clean
             return out
             # END SOLUTION
         ''', [
         test("test_trace_layers_returns_one_value_per_layer", "trace_layers, zoo, evaluator, examples", """
-            grading.expect_signature(trace_layers, "trace_layers", ("evaluator", "base", "expert", "task", "examples"))
+            from merging_helpers import apl
+            grading.expect_signature(trace_layers, "trace_layers", ("evaluator", "base", "expert", "task", "examples",
+                                                                    "keep"))
             task = zoo.task_names[0]
-            got = grading.call(trace_layers, "trace_layers", evaluator, zoo.base, zoo.experts[task], task, examples[task])
+            trace = grading.using(trace_layers, layer_partitions=lambda names: {k: list(v) for k, v in apl.groups(
+                {n: zoo.base[n] for n in names}, "layer").items()})   # graded apart from your question 1
+            got = grading.call(trace, "trace_layers", evaluator, zoo.base, zoo.experts[task], task, examples[task])
             grading.expect_keys(got, "trace_layers", tuple(f"layer.{l}" for l in range(6)))
             assert all(-1 <= float(v) <= 1 for v in got.values()), "a difference of two probabilities is in [−1, 1]"
             """),
         test("test_trace_layers_matches_the_package", "trace_layers, zoo, evaluator, examples", """
             from merging_helpers import apl
+            trace = grading.using(trace_layers, layer_partitions=lambda names: {k: list(v) for k, v in apl.groups(
+                {n: zoo.base[n] for n in names}, "layer").items()})   # graded apart from your question 1
             for task in zoo.task_names:
                 before = copy.deepcopy(zoo.experts[task])
-                got = grading.call(trace_layers, "trace_layers", evaluator, zoo.base, zoo.experts[task], task, examples[task])
+                got = grading.call(trace, "trace_layers", evaluator, zoo.base, zoo.experts[task], task, examples[task])
                 want = apl.trace(evaluator, zoo.base, zoo.experts[task], task, examples[task], "layer", naive=True).as_dict()
                 grading.expect_keys(got, "trace_layers", tuple(want))
                 grading.expect_close(torch.tensor([float(got[k]) for k in want]), torch.tensor(list(want.values())),
-                                     f"trace_layers on {task!r}", atol=1e-4)
+                                     f"trace_layers on {task!r} at keep = 0 (the chapter's tracing)", atol=1e-4)
                 grading.expect_unchanged(before, zoo.experts[task], "trace_layers")
+            # keep = 0.25: a quarter of each layer's delta kept (the same scorer, state dicts built here)
+            task, keep = zoo.task_names[⟨A7_TASK⟩], ⟨A7_KEEP⟩
+            expert = zoo.experts[task]
+            got = grading.call(trace, "trace_layers", evaluator, zoo.base, expert, task, examples[task], keep)
+            clean = evaluator.true_label_probability(expert, task, examples[task])
+            parts = apl.groups(expert, "layer")
+            want = {k: evaluator.true_label_probability({**expert, **{n: zoo.base[n].float() + keep * (expert[n].float()
+                    - zoo.base[n].float()) for n in names}}, task, examples[task]) - clean for k, names in parts.items()}
+            grading.expect_keys(got, "trace_layers", tuple(want))
+            grading.expect_close(torch.tensor([float(got[k]) for k in want]), torch.tensor(list(want.values())),
+                                 f"trace_layers on {task!r} at keep = {keep}", atol=1e-4)
             """, hidden=True)]),
     code("""
         for name in zoo.task_names:
-            importance = trace_layers(evaluator, zoo.base, zoo.experts[name], name, examples[name])
-            print(f"{name:10s}", "  ".join(f"{k}: {v:+.3f}" for k, v in importance.items()))
+            for keep in (0.0, 0.5):
+                importance = trace_layers(evaluator, zoo.base, zoo.experts[name], name, examples[name], keep)
+                print(f"{name:10s} keep {keep}", "  ".join(f"{k}: {v:+.3f}" for k, v in importance.items()))
         """),
     *question("q3_reading", 2, """
         **Question 3 (written).** Which layers matter most for each task, and is the pattern
-        the same across tasks? APL turns these importances into drop rates (important
-        partitions dropped less): what could go wrong if you used layer-level importances
-        measured on 16 examples per label? Three to five sentences.
+        the same across tasks? Does keeping half of a layer's delta recover half of its
+        importance, more, or less, and what does that say about how the delta acts? APL turns
+        these importances into drop rates (important partitions dropped less): what could go
+        wrong if you used layer-level importances measured on 16 examples per label? Three to
+        five sentences.
         """, """
         On the grading zoo the last layers carry most of each task (their P* − P is the most
-        negative), with the ordering differing between tasks. Reverting one whole layer is a
+        negative), with the ordering differing between tasks. Read the keep = 0.5 rows against
+        the keep = 0 rows: where P* − P at keep 0.5 is less than half of it at keep 0 (on the
+        grading zoo, every layer of news and sign), half of the delta recovers more than half of
+        the probability: the effect saturates, so a drop that keeps part of a partition loses
+        less than its share; where it is about half (sentiment), the layer acts close to
+        linearly. Reverting one whole layer is a
         large intervention, so the importances mix the layer's own contribution with how the
         later layers react to its removal; and 16 examples per label give noisy probabilities,
         so small differences between layers are not reliable. Turning noisy, coarse scores into
@@ -1076,14 +1276,16 @@ A7 = [
 A8 = [
     config("a8_gradient_importance"),
     md("""
-        # Assignment 8 — APL's gradient importance and the Taylor check
+        # Assignment 8 — gradient importance at the other expansion point, and the Taylor check
 
         Chapter 5 of the book. Tracing needs one forward pass per partition; APL's
-        approximation needs one backward pass: with g = ∇L(θ_b) the gradient of the
-        few-shot loss at the base, adding partition s of Δ changes the loss by about
-        Σ_{i∈s} Δ_i g_i (first-order Taylor), and APL scores s by −|Σ_{i∈s} Δ_i g_i|. You
-        will compute it per layer and check the first-order term numerically: for small t,
-        L(θ_b + t Δ_s) − L(θ_b) ≈ t Σ_{i∈s} Δ_i g_i. Expected time: 1–1.5 hours.
+        approximation needs one backward pass. The chapter expands the loss at the **base**:
+        with g = ∇L(θ_b), *adding* partition s of Δ to the base changes the loss by about
+        Σ_{i∈s} Δ_i g_i. Tracing, though, *removes* a partition from the **expert**; so here you
+        expand at the expert instead: with g_t = ∇L(θ_t), removing s from the expert changes the
+        loss by about −Σ_{i∈s} Δ_i (g_t)_i, and the partition's score is −|Σ_{i∈s} Δ_i (g_t)_i|.
+        You will compute it per layer and check the first-order term numerically: for small t,
+        L(θ_t − t Δ_s) − L(θ_t) ≈ −t Σ_{i∈s} Δ_i (g_t)_i. Expected time: 1–1.5 hours.
 
         `evaluator.loss_gradient(state_dict, task, examples)` returns the gradient (a dict
         name → tensor); `evaluator.loss(evaluator.params(state_dict), task, examples)` the loss.
@@ -1100,13 +1302,14 @@ A8 = [
         """),
     *question("q1_gradient_importance", 4, """
         **Question 1.** Write `gradient_importance(evaluator, base, expert, task, examples, layers)`:
-        the gradient g of the few-shot loss at `base`, then, for every key of `layers` (a dict
-        key → list of names), −|Σ_{i∈s} Δ_i g_i| with Δ = expert − base (in float64). Return a dict key → float.
-        """, '''
+        the gradient g_t of the few-shot loss at `expert`, then, for every key of `layers` (a dict
+        key → list of names), −|Σ_{i∈s} Δ_i (g_t)_i| with Δ = expert − base (in float64). Return a
+        dict key → float.
+        """, """
         def gradient_importance(evaluator, base, expert, task, examples, layers):
-            """APL's gradient importance (chapter 5): −|Σ_{i∈s} Δ_i g_i| per partition, from one backward pass."""
+            \"\"\"Gradient importance expanded at the expert: −|Σ_{i∈s} Δ_i (g_t)_i| per partition.\"\"\"
             # BEGIN SOLUTION
-            gradient = evaluator.loss_gradient(base, task, examples)
+            gradient = evaluator.loss_gradient(expert, task, examples)
             out = {}
             for key, names in layers.items():
                 total = sum(float(((expert[n].double() - base[n].double()) * gradient[n].double().cpu()).sum())
@@ -1114,7 +1317,7 @@ A8 = [
                 out[key] = -abs(total)
             return out
             # END SOLUTION
-        ''', [
+        """, [
         test("test_gradient_importance_is_not_positive", "gradient_importance, zoo, evaluator, examples, layers", """
             grading.expect_signature(gradient_importance, "gradient_importance",
                                      ("evaluator", "base", "expert", "task", "examples", "layers"))
@@ -1129,31 +1332,33 @@ A8 = [
             for task in zoo.task_names:
                 got = grading.call(gradient_importance, "gradient_importance", evaluator, zoo.base, zoo.experts[task],
                                    task, examples[task], layers)
-                want = taylor.gradient_importance(evaluator, zoo.base, zoo.experts[task], task, examples[task],
+                # the package expands at its first argument: at the expert, with the delta base − expert
+                want = taylor.gradient_importance(evaluator, zoo.experts[task], zoo.base, task, examples[task],
                                                   "layer").as_dict()
                 grading.expect_keys(got, "gradient_importance", tuple(want))
                 grading.expect_close(torch.tensor([float(got[k]) for k in want]), torch.tensor(list(want.values())),
-                                     f"gradient_importance on {task!r}")
+                                     f"gradient_importance on {task!r} (g at the expert)")
             """, hidden=True)]),
     *question("q2_taylor_check", 4, """
         **Question 2.** Write `taylor_check(evaluator, base, expert, task, examples, names, t)`:
-        return `(predicted, actual)`, where predicted = t Σ_{i∈s} Δ_i g_i over the tensors
-        `names` (g at the base, as above) and actual = L(θ_b + t Δ_s) − L(θ_b), the loss
-        change when only those tensors move by t Δ (computed without gradients).
-        """, '''
+        return `(predicted, actual)`, where predicted = −t Σ_{i∈s} Δ_i (g_t)_i over the tensors
+        `names` (g_t at the expert, as above) and actual = L(θ_t − t Δ_s) − L(θ_t), the loss
+        change when only those tensors move from the expert back toward the base by t Δ
+        (computed without gradients).
+        """, """
         def taylor_check(evaluator, base, expert, task, examples, names, t):
-            """The first-order Taylor term against the real loss change (chapter 5)."""
+            \"\"\"The first-order Taylor term at the expert against the real loss change.\"\"\"
             # BEGIN SOLUTION
-            gradient = evaluator.loss_gradient(base, task, examples)
+            gradient = evaluator.loss_gradient(expert, task, examples)
             delta = {n: expert[n].float() - base[n].float() for n in names}
-            predicted = t * sum(float((delta[n].double() * gradient[n].double().cpu()).sum()) for n in names)
-            moved = {**base, **{n: base[n] + t * delta[n] for n in names}}
+            predicted = -t * sum(float((delta[n].double() * gradient[n].double().cpu()).sum()) for n in names)
+            moved = {**expert, **{n: expert[n] - t * delta[n] for n in names}}
             with torch.no_grad():
                 actual = float(evaluator.loss(evaluator.params(moved), task, examples)
-                               - evaluator.loss(evaluator.params(base), task, examples))
+                               - evaluator.loss(evaluator.params(expert), task, examples))
             return predicted, actual
             # END SOLUTION
-        ''', [
+        """, [
         test("test_taylor_check_agrees_for_a_small_step", "taylor_check, zoo, evaluator, examples, layers", """
             grading.expect_signature(taylor_check, "taylor_check",
                                      ("evaluator", "base", "expert", "task", "examples", "names", "t"))
@@ -1168,21 +1373,22 @@ A8 = [
             """),
         test("test_taylor_check_matches_the_package", "taylor_check, zoo, evaluator, examples, layers", """
             from merging_helpers import apl, taylor
-            task = zoo.task_names[1]
-            gradient = evaluator.loss_gradient(zoo.base, task, examples[task])
-            delta = deltas.task_vector(zoo.base, zoo.experts[task])
-            parts = apl.groups(zoo.experts[task], "layer")
-            want = float(taylor.partition_products(delta, gradient, {"layer.2": parts["layer.2"]})[0])
+            task, layer = zoo.task_names[⟨A8_TASK⟩], "layer.⟨A8_LAYER⟩"
+            expert = zoo.experts[task]
+            gradient = evaluator.loss_gradient(expert, task, examples[task])
+            delta = deltas.task_vector(zoo.base, expert)
+            parts = apl.groups(expert, "layer")
+            want = -float(taylor.partition_products(delta, gradient, {layer: parts[layer]})[0])
             for t in (0.01, 0.1):
-                result = grading.call(taylor_check, "taylor_check", evaluator, zoo.base, zoo.experts[task], task,
-                                      examples[task], layers["layer.2"], t)
+                result = grading.call(taylor_check, "taylor_check", evaluator, zoo.base, expert, task,
+                                      examples[task], layers[layer], t)
                 grading.expect_pair(result, "taylor_check", "(predicted, actual)")
                 predicted, actual = (float(grading.expect_number(x, "taylor_check's result")) for x in result)
                 grading.expect_close(torch.tensor(predicted), torch.tensor(t * want), f"predicted at t = {t}", atol=1e-6)
-                moved = {**zoo.base, **{n: zoo.base[n] + t * delta[n] for n in parts["layer.2"]}}
+                moved = {**expert, **{n: expert[n] - t * delta[n] for n in parts[layer]}}
                 with torch.no_grad():
                     real = float(evaluator.loss(evaluator.params(moved), task, examples[task])
-                                 - evaluator.loss(evaluator.params(zoo.base), task, examples[task]))
+                                 - evaluator.loss(evaluator.params(expert), task, examples[task]))
                 grading.expect_close(torch.tensor(actual), torch.tensor(real), f"actual at t = {t}", atol=1e-5)
             """, hidden=True)]),
     code("""
@@ -1193,19 +1399,60 @@ A8 = [
         """),
     *question("q3_reading", 2, """
         **Question 3 (written).** How does the relative error of the first-order term change
-        as t shrinks, and what does that tell you about the order of the neglected term? APL
-        applies the approximation at t = 1 (the whole delta): when is that justified, and when
-        would you trust tracing more? Three to five sentences.
+        as t shrinks, and what does that tell you about the order of the neglected term? At
+        t = 1 the two expansions (at the base, the chapter's; at the expert, yours) estimate the
+        same change from opposite ends: when would they agree, and which would you trust to rank
+        partitions for tracing, which removes partitions from the expert? Three to five sentences.
         """, """
         The relative error shrinks roughly in proportion to t (the absolute error like t²), as
         it should when the neglected term is the second-order one, ½ t² Δ_sᵀ H Δ_s. At t = 1 the
-        approximation is good only when the deltas are small relative to the curvature of the
-        loss (light fine-tunes); for large, dense deltas (the book's heavy tier) the second-order
-        term can dominate and even flip the ranking of partitions, and tracing, which measures
-        the real change, is the one to trust; the chapter's Table 4 re-measure shows where the
-        two agree.
+        two expansions agree when the loss is close to quadratic along Δ_s with small curvature
+        (light fine-tunes: g_t ≈ g_b + H Δ small); they differ by about Δ_sᵀ H Δ_s, which for
+        large, dense deltas (the heavy tier) can dominate and flip the ranking. Tracing removes a
+        partition from the expert, so the expansion at the expert describes the same move and is
+        the better first-order stand-in for it; the expansion at the base describes adding the
+        partition to the base, which is what APL's Eq. 5 writes. Where they disagree, trust tracing.
         """, [], manual=True),
 ]
+
+# The hidden tests' parameters per offering: the first value is the committed masters'; a seed
+# draws one of the values (all keep the tests' tolerances and the solutions' cost about the same).
+VARIANTS = {
+    "a1_task_arithmetic": {"A1_LAMS": ("[0.5, 0.1, 0.3]", "[0.2, 0.6, 0.4]", "[0.7, 0.3, 0.1]", "[0.1, 0.4, 0.8]"),
+                           "A1_GRID": ("(0.2, 0.4, 0.8)", "(0.3, 0.5, 0.9)", "(0.1, 0.6, 1.0)", "(0.2, 0.7, 1.2)")},
+    "a2_dare": {"A2_PS": ("(0.3, 0.9, 0.5005)", "(0.2, 0.75, 0.6003)", "(0.45, 0.95, 0.3337)", "(0.1, 0.8, 0.7001)"),
+                "A2_P": ("0.3", "0.4", "0.6", "0.2"),
+                "A2_MERGE": ("0.6, 0.7", "0.5, 0.9", "0.8, 1.2", "0.3, 0.5")},
+    "a3_ties": {"A3_DENSITIES": ("(0.05, 0.2, 1.0)", "(0.1, 0.3, 0.9)", "(0.02, 0.5, 1.0)", "(0.15, 0.4, 0.7)"),
+                "A3_MERGE": ("0.2, 0.8", "0.3, 1.0", "0.1, 0.6", "0.5, 1.2")},
+    "a4_magprune": {"A4_KEEP": ("0.3, 0.1", "0.5, 0.2", "0.2, 0.15", "0.7, 0.25")},
+    "a5_rms_rates": {"A5_RATES": ("0.9, (0.05, 0.03)", "0.8, (0.1, 0.05)", "0.7, (0.08, 0.02)", "0.95, (0.02, 0.04)")},
+    "a6_dppa_rates": {"A6_NS": ("(3.0, 5.0)", "(2.0, 4.0)", "(2.5, 6.0)", "(3.5, 4.5)"),
+                      "A6_THETA": ("0.5, 0.08", "0.7, 0.05", "0.3, 0.1", "0.6, 0.12")},
+    "a7_apl_tracing": {"A7_TASK": ("0", "1", "2"), "A7_KEEP": ("0.25", "0.4", "0.75", "0.1")},
+    "a8_gradient_importance": {"A8_TASK": ("1", "0", "2"), "A8_LAYER": ("2", "3", "4", "1")},
+}
+
+
+def draw(seed: int | None) -> dict[str, dict[str, str]]:
+    """Each assignment's token values for an offering: the first values without a seed, else drawn."""
+    rng = random.Random(seed)
+    return {name: {token: values[0] if seed is None else rng.choice(values) for token, values in tokens.items()}
+            for name, tokens in VARIANTS.items()}
+
+
+def fill(cells: list[dict], values: dict[str, str]) -> list[dict]:
+    """The cells with every token ``⟨NAME⟩`` replaced by its value (a token left over is an error)."""
+    out = []
+    for cell in cells:
+        source = cell["source"]
+        for token, value in values.items():
+            source = source.replace(f"⟨{token}⟩", value)
+        if "⟨" in source:
+            raise ValueError(f"a token has no value: {source[source.index('⟨'):][:30]}")
+        out.append({**cell, "source": source})
+    return out
+
 
 MASTERS = {"a1_task_arithmetic": A1, "a2_dare": A2, "a3_ties": A3, "a4_magprune": A4, "a5_rms_rates": A5,
            "a6_dppa_rates": A6, "a7_apl_tracing": A7, "a8_gradient_importance": A8}
@@ -1220,11 +1467,27 @@ def notebook(cells: list[dict]) -> dict:
             "nbformat": 4, "nbformat_minor": 5}
 
 
+def master(name: str, seed: int | None = None) -> str:
+    """The master notebook ``name`` as written to disk, for the offering of ``seed`` (None: committed)."""
+    cells = fill(MASTERS[name], draw(seed)[name])
+    return json.dumps(notebook(cells), indent=1, ensure_ascii=False) + "\n"
+
+
+def write(folder: Path, seed: int | None = None, names=None) -> list[Path]:
+    """Write the masters (all, or ``names``) into ``folder``, atomically each; returns their paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name in names or list(MASTERS):
+        path = folder / f"{name}.ipynb"
+        tmp = path.with_suffix(".ipynb.tmp")
+        tmp.write_text(master(name, seed))
+        tmp.replace(path)
+        paths.append(path)
+    return paths
+
+
 def main(argv=None) -> None:
-    names = argv or list(MASTERS)
-    for name in names:
-        path = HERE / f"{name}.ipynb"
-        path.write_text(json.dumps(notebook(MASTERS[name]), indent=1, ensure_ascii=False) + "\n")
+    for path in write(HERE, None, argv or None):
         print("wrote", path.relative_to(HERE.parent))
 
 

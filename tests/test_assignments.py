@@ -5,12 +5,14 @@ GradingError that says what was expected; no solution or hidden test leaks into 
 import importlib.util
 import json
 import re
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
 pytest.importorskip("otter", reason="otter-grader is in requirements.txt; install it to check the assignments")
 spec = importlib.util.spec_from_file_location("assignments_build", ROOT / "assignments" / "build.py")
 build = importlib.util.module_from_spec(spec)
@@ -26,8 +28,7 @@ def test_there_are_assignments_and_a_generator_that_wrote_them():
     make = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(make)
     for master in MASTERS:  # the committed notebook is what make_masters.py writes (edit there)
-        written = json.dumps(make.notebook(make.MASTERS[master.stem]), indent=1, ensure_ascii=False) + "\n"
-        assert master.read_text() == written, f"{master.name} differs from make_masters.py: run it again"
+        assert master.read_text() == make.master(master.stem), f"{master.name} differs from make_masters.py: run it again"
 
 
 @pytest.fixture(scope="module")
@@ -100,14 +101,15 @@ def test_no_solution_or_hidden_test_leaks_into_the_student_copy(assigned):
         assert name not in student, f"hidden test {name} is in the student copy of {master.name}"
 
 
-# A plausible wrong answer loses the points of its question (the hidden tests are not vacuous):
-# DARE without the rescale is biased; the statistical test must see it.
-WRONG = {"a2_dare": ("delta / (1 - p), torch.zeros_like(delta)", "delta, torch.zeros_like(delta)", "q1_dare")}
+# A plausible wrong answer loses the points of its question, graded by otter itself (the hidden
+# tests are not vacuous), and only those: the fixed-count DARE rescaled by DARE's 1/(1 − p).
+WRONG = {"a2_dare": ("out = delta.reshape(-1) * (n / (n - k))", "out = delta.reshape(-1) / (1 - p)", "q1_dare",
+                     "(× n / (n − k))")}
 
 
 @pytest.mark.parametrize("name", list(WRONG))
 def test_a_wrong_answer_loses_its_points(name, tmp_path):
-    old, new, question = WRONG[name]
+    old, new, question, message = WRONG[name]
     folder = build.assign(ROOT / "assignments" / f"{name}.ipynb", tmp_path / "built")
     graded = folder / "autograder" / f"{name}.ipynb"
     text = graded.read_text()
@@ -116,9 +118,90 @@ def test_a_wrong_answer_loses_its_points(name, tmp_path):
     wrong.write_text(text.replace(old, new))
     scores = build.grade(folder, wrong, tmp_path / "graded")
     assert scores[question]["score"] < scores[question]["max_score"], scores[question]["output"]
-    assert "biased" in scores[question]["output"]
+    assert message in scores[question]["output"], scores[question]["output"]
     others = [q for q in scores if q != question]
-    assert all(scores[q]["score"] == scores[q]["max_score"] for q in others if q != "q2_dare_merge")
+    assert all(scores[q]["score"] == scores[q]["max_score"] for q in others), "questions are graded apart"
+
+
+# Every question against the answers of tests/assignment_mutants.py, in this process (the master's
+# cells run once per assignment; each answer's cell, then its question's tests, in a copy of the
+# notebook's variables): each wrong answer fails a test with a readable AssertionError, the
+# alternative passes them all.
+from assignment_mutants import MUTANTS  # noqa: E402
+
+
+def _master_parts(name: str, text: str | None = None):
+    """The master's program cells (setup, solutions, the cells between questions) and each question's
+    tests; ``text``: the master's notebook as written for an offering (default: the committed one)."""
+    program, tests, question, in_tests = [], {}, None, False
+    text = text or (ROOT / "assignments" / f"{name}.ipynb").read_text()
+    for cell in json.loads(text)["cells"]:
+        text = "".join(cell["source"])
+        if cell["cell_type"] == "raw":
+            if text.startswith("# BEGIN QUESTION"):
+                question = re.search(r"name: (\w+)", text).group(1)
+            in_tests = text.startswith("# BEGIN TESTS") or (in_tests and not text.startswith("# END TESTS"))
+        elif cell["cell_type"] == "code":
+            (tests.setdefault(question, []) if in_tests else program).append(text)
+    return program, tests
+
+
+_SOLVED: dict[str, tuple[dict, dict]] = {}
+
+
+def _solved(name: str):
+    """The master run as a solved notebook: its variables, and each question's test cells."""
+    if name not in _SOLVED:
+        program, tests = _master_parts(name)
+        env = {"__name__": "__main__"}
+        for source in program:
+            exec(compile(source, f"<{name}>", "exec"), env)
+        _SOLVED[name] = env, tests
+    return _SOLVED[name]
+
+
+def _failures(name: str, question: str, answer: str, first: bool = False, tests=None) -> list[BaseException]:
+    """The exceptions the question's tests (``tests``: an offering's, else the committed master's)
+    raise on ``answer`` (run in a copy of the solved notebook); ``first``: stop at the first."""
+    from merging_helpers import grading
+    env, committed = _solved(name)
+    env = dict(env)
+    exec(compile(answer, f"<{name} {question} answer>", "exec"), env)
+    failures = []
+    for source in (tests or committed)[question]:
+        grading._permitted.clear()  # otter grades each notebook in a process of its own
+        try:
+            exec(compile(source, f"<{name} {question} test>", "exec"), dict(env))
+        except Exception as error:  # noqa: BLE001 - the verdict is what we collect
+            failures.append(error)
+            if first:
+                break
+    return failures
+
+
+CASES = [(name, question, label) for name, questions in MUTANTS.items() for question, kinds in questions.items()
+         for label in ("solution", *kinds["wrong"], "alternative")]
+
+
+def test_every_auto_graded_question_has_two_wrong_answers_and_an_alternative():
+    for master in MASTERS:
+        _, tests = _master_parts(master.stem)
+        for question in tests:
+            kinds = MUTANTS.get(master.stem, {}).get(question)
+            assert kinds and len(kinds["wrong"]) >= 2 and kinds["alternative"], f"{master.stem} {question}"
+
+
+@pytest.mark.parametrize("name, question, label", CASES, ids=["-".join(c) for c in CASES])
+def test_the_tests_tell_a_wrong_answer_from_a_right_one(name, question, label):
+    kinds = MUTANTS[name][question]
+    right = {"solution": "", "alternative": kinds["alternative"]}   # the master's own answer; another correct one
+    failures = _failures(name, question, right.get(label, kinds["wrong"].get(label)), label not in right)
+    if label in right:
+        assert not failures, f"a correct answer ({label}) fails: {failures}"
+        return
+    assert failures, f"{name} {question}: the wrong answer '{label}' passes every test"
+    unreadable = [f for f in failures if not isinstance(f, AssertionError)]
+    assert not unreadable, f"{name} {question} '{label}': a test fails with a traceback, not a verdict: {unreadable!r}"
 
 
 def test_the_grading_requirements_install_the_package_with_its_data_and_the_base_model():
@@ -138,3 +221,77 @@ def test_the_grading_requirements_install_the_package_with_its_data_and_the_base
         missing = [m for m in imports - set(sys.stdlib_module_names) - {"merging_helpers", "otter"}
                    if not {d.lower().replace("_", "-") for d in owners.get(m, [])} & installed]
         assert not missing, f"{master.name} imports {missing}, which assignments/requirements.txt does not install"
+
+
+def test_two_offerings_draw_different_hidden_tests_and_the_solutions_pass_them():
+    """``build.py --seed n``: seeds 1 and 2 draw other parameters for every assignment's hidden tests
+    (so other expected values), and each master's solution passes the tests of offering 1."""
+    make = build.make_masters()
+    one, two = make.draw(1), make.draw(2)
+    for name in make.VARIANTS:
+        assert one[name] != two[name], f"{name}: offerings 1 and 2 have the same hidden tests"
+        assert one[name] != make.draw(None)[name] or two[name] != make.draw(None)[name]
+        _, committed = _master_parts(name)
+        _, offered = _master_parts(name, make.master(name, 1))
+        changed = [q for q in offered if offered[q] != committed[q]]
+        assert changed, f"{name}: offering 1 changes no test"
+        for question in changed:
+            failures = _failures(name, question, "", tests=offered)
+            assert not failures, f"{name} {question}: the solution fails offering 1's tests: {failures}"
+
+
+def test_a_seeded_build_writes_masters_the_autograder_takes(tmp_path):
+    (master,) = [m for m in build.seeded_masters(3, tmp_path) if m.stem == "a6_dppa_rates"]
+    assert "⟨" not in master.read_text() and (master.parent / "requirements.txt").exists()
+    folder = build.assign(master, tmp_path / "built")
+    assert build.autograder_zip(folder).exists() and (folder / "student" / master.name).exists()
+
+
+def test_the_instructors_page_carries_the_measured_grading_times():
+    data = json.loads(build.TIMES.read_text())   # written by build.py --grade --record
+    assert set(data["assignments"]) == {m.stem for m in MASTERS}
+    assert all(t["solution_s"] > 0 and t["student_s"] > 0 for t in data["assignments"].values())
+    assert f"{build.START}\n{build.times_table(data)}\n{build.END}" in build.PAGE.read_text(), (
+        "book/assignments.md's grading times differ from assignments/grading_times.json: run build.py --grade --record")
+
+
+def _shapes(text: str) -> set[str]:
+    """The normalised lines of some code: comments and spaces gone, names, numbers and strings
+    replaced by placeholders (so a renamed copy is still a copy); lines of under 8 symbols dropped."""
+    import io
+    import keyword
+    import tokenize
+    shapes = set()
+    for line in text.splitlines():
+        line = line.split("#")[0].strip()
+        try:
+            tokens = list(tokenize.generate_tokens(io.StringIO(line).readline))
+        except (tokenize.TokenError, IndentationError, SyntaxError):
+            continue
+        shape = "".join("N" if t.type == tokenize.NAME and not keyword.iskeyword(t.string) else
+                        "0" if t.type == tokenize.NUMBER else "S" if t.type == tokenize.STRING else
+                        t.string if t.type == tokenize.OP or keyword.iskeyword(t.string) else "" for t in tokens)
+        if len(shape) >= 8:
+            shapes.add(shape)
+    return shapes
+
+
+def test_no_answer_copies_a_chapter_cell():
+    """An answer cell of a master shares fewer than 4 normalised lines with any code cell of the book."""
+    chapters = [(f"{nb.name} cell {i}", _shapes("".join(c["source"])))
+                for nb in sorted((ROOT / "book").glob("*.ipynb"))
+                for i, c in enumerate(json.loads(nb.read_text())["cells"]) if c["cell_type"] == "code"]
+    assert len(chapters) > 100
+    for master in MASTERS:
+        for cell in _source(master):
+            for answer in re.findall(r"# BEGIN SOLUTION\n(.*?)# END SOLUTION", "".join(cell["source"]), flags=re.S):
+                mine = _shapes(answer)
+                shared, where = max((len(mine & lines), where) for where, lines in chapters)
+                assert shared < 4, f"{master.name}: an answer shares {shared} lines with {where}"
+
+
+def test_the_copy_check_sees_a_renamed_copy():
+    chapter = "".join(json.loads((ROOT / "book" / "03_ties.ipynb").read_text())["cells"][10]["source"])
+    renamed = re.sub(r"\bmerged\b", "out", re.sub(r"\bdeltas\b", "ds", chapter))
+    assert renamed != chapter
+    assert len(_shapes(renamed) & _shapes(chapter)) >= 4
