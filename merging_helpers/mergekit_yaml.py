@@ -10,6 +10,10 @@ ways; what one side cannot say is refused with the option that cannot be said:
     merge_method  task_arithmetic           method task_arithmetic
                   dare_linear, ties,        the same name
                   dare_ties, della
+                  linear (import only)      task_arithmetic with weights w_t / Σw (a base_model is
+                                            needed; Σ w θ / Σ w = θ_b + Σ (w_t / Σw) Δ_t)
+                  breadcrumbs, gamma: 0     magnitude (keep the largest |Δ|; with γ > 0 mergekit
+                  (import only)             also drops the top γ outliers, which we do not run)
     weight (per model)                      weights
     density (per model)                     density (a list, one per expert)
     epsilon (per model, della)              epsilon (one value for all experts)
@@ -35,7 +39,7 @@ from .methods import get_method
 SHARED_METHODS = ("task_arithmetic", "dare_linear", "ties", "dare_ties", "della")
 # mergekit's defaults (0.1.5, merge_methods/registry.py): normalize, rescale
 DEFAULTS = {"task_arithmetic": (False, False), "dare_linear": (False, True), "ties": (True, False),
-            "dare_ties": (False, True), "della": (True, True)}
+            "dare_ties": (False, True), "della": (True, True), "magnitude": (False, False)}
 MODEL_KEYS = {"weight", "density", "epsilon"}
 SHARED_KEYS = {"normalize", "rescale", "lambda", "int8_mask"}
 
@@ -83,6 +87,56 @@ def _floats(value, n: int, what: str) -> list[float]:
         return [float(value)] * n
     raise NotRepresentable(f"{what}: mergekit takes one number per model, not per-partition or per-row rates "
                            f"(got a {type(value).__name__})")
+
+
+def _breadcrumbs_without_outliers(doc: dict) -> dict:
+    """mergekit's ``breadcrumbs`` at γ = 0 (no outliers removed) is our ``magnitude``: the document
+    with the method renamed and every γ taken out; γ > 0 (mergekit's default is 0.01) is refused."""
+    doc = {**doc, "merge_method": "magnitude", "parameters": dict(doc.get("parameters") or {})}
+    models = [dict(e, parameters=dict(e.get("parameters") or {})) if isinstance(e, dict) else e
+              for e in (doc.get("models") or [])]
+    gammas = [doc["parameters"].pop("gamma", None)] + [e["parameters"].pop("gamma", None) for e in models
+                                                       if isinstance(e, dict)]
+    given = [g for g in gammas if g is not None]
+    if not given or any(isinstance(g, bool) or g != 0 for g in given):
+        raise NotRepresentable(f"breadcrumbs removes the top γ of |Δ| as outliers (mergekit's default γ = 0.01), "
+                               f"which this engine does not run; only gamma: 0 (plain magnitude pruning) is read, "
+                               f"got {given or 'no gamma'}")
+    return {**doc, "models": models}
+
+
+def _from_linear(doc: dict, base: str) -> tuple[MergeConfig, list[str]]:
+    """mergekit's ``linear`` (Σ_t w_t θ_t / Σ w, or Σ w_t θ_t without ``normalize``) as Task Arithmetic
+    on the experts' deltas: θ_b + Σ_t (w_t / W) Δ_t, W = Σ w over every listed model, the base's
+    weight too when the base is listed. A merge that scales the base (Σ w ≠ 1, unnormalised) is refused."""
+    entries = _model_entries(doc.get("models"))
+    shared = dict(doc.get("parameters") or {})
+    if set(shared) - {"normalize", "weight"}:
+        raise NotRepresentable(f"linear: parameters {sorted(set(shared) - {'normalize', 'weight'})} are not "
+                               "understood; known: ['normalize', 'weight']")
+    weights = []
+    for e in entries:
+        params = {**shared, **(e.get("parameters") or {})}
+        params.pop("normalize", None)
+        if set(params) - {"weight"}:
+            raise NotRepresentable(f"model {e['model']!r}: linear takes only a weight, got {sorted(params)}")
+        if "weight" not in params:
+            raise ValueError(f"model {e['model']!r}: mergekit needs a weight for every model")
+        weights.append(_number(params["weight"], f"model {e['model']!r}: weight"))
+    total = sum(weights)
+    if _boolean(shared.get("normalize", True), "parameters.normalize"):
+        if abs(total) < 1e-8:
+            raise ValueError(f"linear: the weights {weights} sum to 0, so normalize divides by 0")
+        weights = [w / total for w in weights]
+    elif abs(total - 1.0) > 1e-6:
+        raise NotRepresentable(f"linear with normalize: false and weights summing to {total:g} scales the base "
+                               "model itself by that sum; that is not a task-vector merge (make the weights sum to "
+                               "1, or normalize)")
+    experts = [(str(e["model"]), w) for e, w in zip(entries, weights) if str(e["model"]) != str(base)]
+    if not experts:
+        raise ValueError("linear: the models list holds only the base model")
+    config = MergeConfig.build("task_arithmetic", len(experts), weights=[w for _, w in experts], lam=1.0)
+    return config, [name for name, _ in experts]
 
 
 def to_mergekit(config: MergeConfig, base_model: str, models: Sequence[str], dtype: str = "bfloat16") -> str:
@@ -157,12 +211,21 @@ def from_mergekit(text: str) -> tuple[MergeConfig, str, list[str], str | None]:
                       "models, parameters and dtype are read)", UserWarning, stacklevel=2)
     if "slices" in doc:
         raise NotRepresentable("'slices' (layer ranges from different models) are not supported; list whole models")
+    breadcrumbs = doc.get("merge_method") == "breadcrumbs"
+    if breadcrumbs:
+        doc = _breadcrumbs_without_outliers(doc)
     method = doc.get("merge_method")
-    if method not in SHARED_METHODS:
-        raise NotRepresentable(f"merge_method {method!r} has no counterpart here; shared methods: {SHARED_METHODS}")
+    if method not in (*SHARED_METHODS, "linear") and not breadcrumbs:
+        raise NotRepresentable(f"merge_method {method!r} has no counterpart here; shared methods: "
+                               f"{(*SHARED_METHODS, 'linear', 'breadcrumbs (gamma: 0)')}")
     base, models = doc.get("base_model"), doc.get("models")
     if not base:
-        raise ValueError(f"{method}: mergekit's task-vector methods need a base_model")
+        raise ValueError(f"{method}: this import merges task vectors: mergekit's task-vector methods need a base_model"
+                         + (" (the models' common base: Σ w θ / Σ w = θ_b + Σ (w / Σ w) Δ)" if method == "linear"
+                            else ""))
+    if method == "linear":
+        config, names = _from_linear(doc, str(base))
+        return config, str(base), names, doc.get("dtype")
     models = [e for e in _model_entries(models) if str(e["model"]) != str(base)]  # mergekit lets the base be listed
     if not isinstance(doc.get("parameters") or {}, dict):
         raise ValueError(f"parameters must be a mapping, got {doc['parameters']!r}")

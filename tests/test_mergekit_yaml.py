@@ -190,3 +190,80 @@ def test_a_della_config_whose_band_leaves_0_1_is_refused_on_import_not_midway():
         from_mergekit(text)
     config, _, _, _ = from_mergekit(text.replace("density: 1.0", "density: 0.5"))
     assert config.epsilon == 0.15
+
+
+def _linear_yaml(entries: str, parameters: str = "", base: str = "base_model: org/base\n") -> str:
+    return f"merge_method: linear\n{base}models:\n{entries}{parameters}"
+
+
+def test_a_mergekit_linear_config_is_task_arithmetic_with_normalised_weights():
+    """mergekit's linear, Σ w θ / Σ w over the listed models (the base's weight too), against that
+    formula computed here on state dicts."""
+    from conftest import bert_like, expert_of
+
+    from merging_helpers.recipes import merge_state_dicts
+    base = bert_like()
+    a, b = expert_of(base, 1), expert_of(base, 2)
+    text = _linear_yaml("  - model: org/base\n    parameters: {weight: 1.0}\n"
+                        "  - model: org/a\n    parameters: {weight: 2.0}\n"
+                        "  - model: org/b\n    parameters: {weight: 1.0}\n")
+    config, base_name, models, _ = from_mergekit(text)
+    assert (base_name, models, config.method.name, config.weights) == ("org/base", MODELS, "task_arithmetic", (0.5, 0.25))
+    ours = merge_state_dicts(base, [a, b], config=config, progress=False)
+    for name, t in base.items():
+        want = (1.0 * t.double() + 2.0 * a[name].double() + 1.0 * b[name].double()) / 4.0
+        assert torch.allclose(ours[name].double(), want.to(t.dtype).double(), atol=1e-6), name
+
+
+def test_an_unnormalised_linear_is_read_only_when_it_does_not_scale_the_base():
+    entries = "  - model: org/a\n    parameters: {weight: 0.7}\n  - model: org/b\n    parameters: {weight: 0.3}\n"
+    config, *_ = from_mergekit(_linear_yaml(entries, "parameters: {normalize: false}\n"))
+    assert config.weights == (0.7, 0.3)
+    heavy = entries.replace("0.3}", "0.9}")
+    with pytest.raises(NotRepresentable, match="summing to 1.6 scales the base model"):
+        from_mergekit(_linear_yaml(heavy, "parameters: {normalize: false}\n"))
+    with pytest.raises(ValueError, match="need a base_model .*common base"):
+        from_mergekit(_linear_yaml(entries, base=""))
+    with pytest.raises(ValueError, match="sum to 0, so normalize divides by 0"):
+        from_mergekit(_linear_yaml(entries.replace("0.3}", "-0.7}")))
+    with pytest.raises(NotRepresentable, match="linear takes only a weight"):
+        from_mergekit(_linear_yaml(entries.replace("{weight: 0.7}", "{weight: 0.7, density: 0.5}")))
+
+
+def test_breadcrumbs_without_outliers_is_magnitude_pruning_and_outliers_are_refused():
+    """breadcrumbs at γ = 0 against mergekit's rule computed here: keep the int(d·n) largest |Δ| of
+    each tensor (d·n whole here), sum the weighted deltas, no normalising, no rescale."""
+    from conftest import bert_like, expert_of
+
+    from merging_helpers.recipes import merge_state_dicts
+    text = """
+merge_method: breadcrumbs
+base_model: org/base
+models:
+  - model: org/a
+    parameters: {weight: 1.0, density: 0.5}
+  - model: org/b
+    parameters: {weight: 0.5, density: 0.5}
+parameters: {gamma: 0}
+"""
+    config, _, models, _ = from_mergekit(text)
+    assert (config.method.name, models, config.weights, config.rescale) == ("magnitude", MODELS, (1.0, 0.5), "auto")
+    base = bert_like()
+    experts = [expert_of(base, 1), expert_of(base, 2)]
+    ours = merge_state_dicts(base, experts, config=config, progress=False)
+    for name, t in base.items():
+        if not t.is_floating_point():
+            continue
+        total = torch.zeros_like(t, dtype=torch.float64)
+        for w, e in zip((1.0, 0.5), experts):
+            d = (e[name] - t).double().reshape(-1)
+            keep = torch.zeros_like(d)
+            keep[d.abs().argsort(descending=True)[: int(0.5 * d.numel())]] = 1
+            total += w * (d * keep).reshape(t.shape)
+        assert torch.allclose(ours[name].double(), t.double() + total, atol=1e-6), name
+    with pytest.raises(NotRepresentable, match=r"mergekit's default γ = 0.01.*got no gamma"):
+        from_mergekit(text.replace("parameters: {gamma: 0}\n", ""))
+    with pytest.raises(NotRepresentable, match=r"got \[0.05\]"):
+        from_mergekit(text.replace("{gamma: 0}", "{gamma: 0.05}"))
+    with pytest.raises(NotRepresentable, match="merge_method 'magnitude' has no counterpart"):
+        from_mergekit(text.replace("breadcrumbs", "magnitude"))
