@@ -390,3 +390,47 @@ def test_the_colab_extra_installs_every_package_a_chapter_imports():
             missing[module] = (sorted(dists) or ["not installed here"], sorted(chapters))
     assert not missing, f"imported by chapters but not installed by merging_helpers[colab]: {missing}"
     assert {"datasets", "scipy", "peft", "nbclient"} <= installed  # what chapters 0, 3 and 8 need beyond the core
+
+
+# ----------------------------------------------------------------------------- typed numbers
+# A result is computed and glued, never typed (intro.md). The scan takes out what is not prose —
+# code fences (the answers' code), list numbers, glue roles, math, code spans, link targets, HTML,
+# headings, footnote marks, years and numbered references ("Eq. 11", "Table 1", "chapter 4",
+# "row 3") — and reads every number left, named by
+# the two words before it. Each must be allowed, with its reason, in tests/book_numbers.py.
+_NOT_PROSE = [r"(?s)(`{3,}).*?\1", r"^\s*\d+\.\s", r"\{glue:?[a-z]*\}`[^`]*`", r"(?s)\$\$.*?\$\$", r"\$[^$\n]+\$", r"`[^`\n]*`", r"\]\([^)]*\)",
+              r"https?://\S+", r"<[^>]+>", r"\{[a-z]+\}`[^`]*`", r"^\s*#+ .*$", r"\[\^?\w+\]",
+              r"\b(?:Eqs?|Tables?|Figs?|Figure|Sec|Section|Appendix|Algorithm|[Cc]hapters?|[Ss]teps?|[Ee]xercises?"
+              r"|[Pp]arts?|[Rr]ows?|[Ee]ntry|[Ee]ntries|[Cc]ells?|[Qq]uestions?|[Cc]olumns?|[Bb]locks?|[Ll]ayers?)\.?\s*"
+              r"\d+(?:\.\d+)?(?:\s*(?:[–,\-]|and|vs\.?|or|to)\s*\d+(?:\.\d+)?)*",
+              r"\b(?:19|20)\d{2}\b"]
+_NUMBER = re.compile(r"(?<![\w.\-])[+\-−±≥≤~≈]?\d+(?:[.,]\d+)*(?:\s?%|\s?×|[kKMB]\b|⁻?[⁰¹²³⁴⁵⁶⁷⁸⁹]+)?(?![\w])")
+
+
+def typed_numbers(markdown: str) -> list[str]:
+    """The numbers a markdown cell types in its prose, each as the two words before it and itself."""
+    text = markdown
+    for pattern in _NOT_PROSE:
+        text = re.sub(pattern, " ", text, flags=re.M)
+    text = re.sub(r"\s+", " ", text)
+    return [" ".join(text[:m.start()].split()[-2:] + [m.group()]) for m in _NUMBER.finditer(text)]
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=[c.stem for c in CHAPTERS])
+def test_no_result_is_typed_in_the_prose(chapter):
+    from book_numbers import ALLOWED
+    typed = [k for c in json.loads(chapter.read_text())["cells"] if c["cell_type"] == "markdown"
+             for k in typed_numbers("".join(c["source"]))]
+    allowed = ALLOWED.get(chapter.stem, {})
+    unknown = [k for k in typed if k not in allowed]
+    assert not unknown, (f"{chapter.name} types these numbers: {unknown}. Glue a result ({{glue:text}}); a setting, "
+                         "a quote of a source or a fact goes into tests/book_numbers.py with its reason")
+    stale = sorted(set(allowed) - set(typed))
+    assert not stale, f"tests/book_numbers.py allows numbers {chapter.name} no longer types: {stale}"
+
+
+def test_the_number_scan_sees_a_typed_result_and_not_glue_math_or_references():
+    assert typed_numbers("Accuracy rose by 3.2 points, above DARE.") == ["rose by 3.2"]
+    assert typed_numbers("It keeps 95 % of it.") == ["It keeps 95 %"]
+    assert typed_numbers("rose by {glue:text}`gain:.1f` points ($p = 0.9$, Eq. 11, `lam=0.3`, chapter 4, "
+                         "[the paper](https://x.org/2311.03099), E1 and float32)") == []
