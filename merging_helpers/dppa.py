@@ -115,17 +115,41 @@ def _clipped(rates: dict[str, float], what: str) -> dict[str, float]:
 
 
 EQ2_MEANS = ("model", "layer")  # Eq. 2's mean: over every linear map (as printed), or within each layer
+BUDGETS = ("clip", "exact")  # a rate outside [0, 1): clipped (the achieved rate may miss α), or all shifted to meet α
+_TOP = 1.0 - 1e-6  # the highest rate: nothing of the tensor is kept
+
+
+def at_budget(rates: Mapping[str, float], sizes: Mapping[str, int], alpha: float) -> dict[str, float]:
+    """The rates shifted by one constant s, clip(rate + s) to [0, 1), with s chosen by bisection so
+    that their size-weighted mean is ``alpha`` (chapter 6: DP's budget kept exactly where Eq. 5
+    sends rates past the ends). The order of the rates is kept, and no warning is needed."""
+    names = list(rates)
+    r = torch.tensor([rates[n] for n in names], dtype=torch.float64)
+    w = torch.tensor([float(sizes[n]) for n in names], dtype=torch.float64)
+
+    def achieved(shift: float) -> float:
+        return float((w * (r + shift).clamp(0.0, _TOP)).sum() / w.sum())
+
+    low, high = -1.0 - float(r.max()), 1.0 - float(r.min())  # achieved: 0 at low, _TOP at high
+    for _ in range(200):
+        middle = (low + high) / 2
+        low, high = (middle, high) if achieved(middle) < alpha else (low, middle)
+    return dict(zip(names, (r + high).clamp(0.0, _TOP).tolist()))
 
 
 def dp_rates(deltas: Mapping[str, torch.Tensor], alpha: float, lam: float = LAMBDA, n_layer: float = N_SIGNIFICANT,
-             n_linear: float = N_SIGNIFICANT, eq2_mean: str = "model") -> dict[str, float]:
+             n_linear: float = N_SIGNIFICANT, eq2_mean: str = "model", budget: str = "clip") -> dict[str, float]:
     """DP's pruning rate of every tensor (Eqs. 1–5): Θ_lj for the tensors of linear map j of
     layer l, α for the rest (chapter 6). ``eq2_mean``: Eq. 2's size-weighted mean of sig over
     every linear map of the model (``"model"``, as printed) or within each layer (``"layer"``).
-    Rates outside [0, 1) are clipped, with a warning."""
+    Rates outside [0, 1): ``budget="clip"`` clips them, with a warning (the achieved rate then
+    misses α near the ends); ``"exact"`` shifts the linear maps' rates by one constant so that
+    they still prune α of their entries (:func:`at_budget`)."""
     _check(alpha, lam, min(n_layer, n_linear))
     if eq2_mean not in EQ2_MEANS:
         raise ValueError(f"dp_rates: eq2_mean must be one of {EQ2_MEANS}, got {eq2_mean!r}")
+    if budget not in BUDGETS:
+        raise ValueError(f"dp_rates: budget must be one of {BUDGETS}, got {budget!r}")
     layers, linears = _structure(deltas)
     rates = {name: float(alpha) for name in deltas}
     if not layers:
@@ -145,6 +169,9 @@ def dp_rates(deltas: Mapping[str, torch.Tensor], alpha: float, lam: float = LAMB
     for i, (layer, _) in enumerate(keys):
         for name in linears[keys[i]]:
             rates[name] = alpha + by_layer[layer] + float(dif_lin[i])
+    if budget == "exact":
+        mapped = {name: rates[name] for k in keys for name in linears[k]}
+        return {**rates, **at_budget(mapped, {n: deltas[n].numel() for n in mapped}, alpha)}
     return _clipped(rates, "dp_rates")
 
 

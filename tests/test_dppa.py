@@ -159,3 +159,35 @@ def test_dare_bands_split_dares_survivors_and_unit_factors_give_dare_back():
         dppa.dare_bands(deltas, {**dropped, Q0: dropped[Q0][:2]})
     with pytest.raises(KeyError, match="no DARE-pruned tensor"):
         dppa.dare_bands(deltas, {n: v for n, v in dropped.items() if n != Q0})
+
+
+def test_an_exact_budget_shifts_the_linear_maps_so_dp_still_prunes_alpha():
+    # α = 0.95 on the hand model: Eq. 5 gives Q0 1.014 and D0 1.078 (clipped to just below 1), Q1 0.918, D1 0.79;
+    # clipped, the four maps prune (2 + 1.708) / 4 = 0.927 < α. One shift s with (2 + 1.708 + 2s) / 4 = 0.95:
+    # s = 0.046, so Q1 0.964 and D1 0.836 (Q0, D0 stay at the top).
+    with pytest.warns(UserWarning, match="clipped"):
+        clipped = dppa.dp_rates(hand_model(), alpha=0.95, n_layer=2, n_linear=2)
+    maps = (Q0, D0, Q1, D1)
+    assert sum(clipped[n] for n in maps) / 4 == pytest.approx(0.927, abs=1e-5)
+    exact = dppa.dp_rates(hand_model(), alpha=0.95, n_layer=2, n_linear=2, budget="exact")
+    assert [exact[n] for n in maps] == pytest.approx([1.0, 1.0, 0.964, 0.836], abs=1e-5)
+    assert sum(exact[n] for n in maps) / 4 == pytest.approx(0.95, abs=1e-9) and exact[EMB] == 0.95
+    unclipped = dppa.dp_rates(hand_model(), alpha=0.5, n_layer=2, n_linear=2)   # nothing to shift: the same rates
+    assert dppa.dp_rates(hand_model(), 0.5, n_layer=2, n_linear=2, budget="exact") == pytest.approx(unclipped, abs=1e-9)
+    with pytest.raises(ValueError, match="budget must be one of"):
+        dppa.dp_rates(hand_model(), 0.5, budget="renormalise")
+
+
+def test_an_exact_budget_holds_on_a_bert_shaped_model_at_the_ends():
+    g = torch.Generator().manual_seed(0)
+    sd, _ = _bert_sd(0)
+    deltas = {n: torch.randn(t.shape, generator=g) * (1 + 3 * (n.startswith("encoder.layer.1")))
+              for n, t in sd.items() if t.is_floating_point()}
+    total = sum(t.numel() for t in deltas.values())
+    for alpha in (0.0, 0.999):
+        rates = dppa.dp_rates(deltas, alpha, lam=0.2, budget="exact")
+        achieved = sum(rates[n] * deltas[n].numel() for n in deltas) / total
+        assert achieved == pytest.approx(alpha, abs=1e-6)
+        pruned = dppa.magnitude_prune(deltas, rates)
+        dropped = sum(int((p == 0).sum()) for p in pruned.values())
+        assert abs(dropped / total - alpha) <= len(deltas) / total  # rounding: at most one entry per tensor
