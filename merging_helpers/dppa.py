@@ -137,6 +137,15 @@ def at_budget(rates: Mapping[str, float], sizes: Mapping[str, int], alpha: float
     return dict(zip(names, (r + high).clamp(0.0, _TOP).tolist()))
 
 
+def _within_range(rates: dict[str, float], deltas, members, alpha: float, budget: str, what: str) -> dict[str, float]:
+    """The rates brought back into [0, 1): clipped (``budget="clip"``, with a warning) or, for the
+    tensors in ``members``, shifted together so they still prune ``alpha`` (``"exact"``)."""
+    if budget == "exact":
+        moved = {name: rates[name] for name in members}
+        return {**rates, **at_budget(moved, {n: deltas[n].numel() for n in moved}, alpha)}
+    return _clipped(rates, what)
+
+
 def dp_rates(deltas: Mapping[str, torch.Tensor], alpha: float, lam: float = LAMBDA, n_layer: float = N_SIGNIFICANT,
              n_linear: float = N_SIGNIFICANT, eq2_mean: str = "model", budget: str = "clip") -> dict[str, float]:
     """DP's pruning rate of every tensor (Eqs. 1–5): Θ_lj for the tensors of linear map j of
@@ -169,17 +178,18 @@ def dp_rates(deltas: Mapping[str, torch.Tensor], alpha: float, lam: float = LAMB
     for i, (layer, _) in enumerate(keys):
         for name in linears[keys[i]]:
             rates[name] = alpha + by_layer[layer] + float(dif_lin[i])
-    if budget == "exact":
-        mapped = {name: rates[name] for k in keys for name in linears[k]}
-        return {**rates, **at_budget(mapped, {n: deltas[n].numel() for n in mapped}, alpha)}
-    return _clipped(rates, "dp_rates")
+    return _within_range(rates, deltas, [n for k in keys for n in linears[k]], alpha, budget, "dp_rates")
 
 
-def owl_rates(deltas: Mapping[str, torch.Tensor], alpha: float, lam: float = LAMBDA, m: float = N_SIGNIFICANT) -> dict[str, float]:
+def owl_rates(deltas: Mapping[str, torch.Tensor], alpha: float, lam: float = LAMBDA, m: float = N_SIGNIFICANT,
+              budget: str = "clip") -> dict[str, float]:
     """OWL's layer-wise pruning rates computed on the deltas (chapter 6): per layer, the outlier
     ratio D_l (entries with |δ| > m · the layer's mean |δ|) mapped to [0, 2λ] and shifted so
-    that the densities average 1 − α; tensors outside the blocks get α."""
+    that the densities average 1 − α; tensors outside the blocks get α. Rates outside [0, 1):
+    ``budget`` as in :func:`dp_rates`."""
     _check(alpha, lam, m, "owl_rates")
+    if budget not in BUDGETS:
+        raise ValueError(f"owl_rates: budget must be one of {BUDGETS}, got {budget!r}")
     layers, _ = _structure(deltas)
     rates = {name: float(alpha) for name in deltas}
     if not layers:
@@ -195,7 +205,7 @@ def owl_rates(deltas: Mapping[str, torch.Tensor], alpha: float, lam: float = LAM
     for layer_density, names in zip(density.tolist(), layers.values()):
         for name in names:
             rates[name] = 1 - layer_density
-    return _clipped(rates, "owl_rates")
+    return _within_range(rates, deltas, [n for names in layers.values() for n in names], alpha, budget, "owl_rates")
 
 
 def magnitude_prune(deltas: Mapping[str, torch.Tensor], rates: Mapping[str, float]) -> dict[str, torch.Tensor]:

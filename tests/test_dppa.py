@@ -191,3 +191,18 @@ def test_an_exact_budget_holds_on_a_bert_shaped_model_at_the_ends():
         pruned = dppa.magnitude_prune(deltas, rates)
         dropped = sum(int((p == 0).sum()) for p in pruned.values())
         assert abs(dropped / total - alpha) <= len(deltas) / total  # rounding: at most one entry per tensor
+
+
+def test_owl_takes_the_same_exact_budget():
+    g = torch.Generator().manual_seed(1)
+    sd, _ = _bert_sd(0)
+    deltas = {n: torch.randn(t.shape, generator=g) ** 3 * (1 + 5 * n.startswith("encoder.layer.0"))
+              for n, t in sd.items() if t.is_floating_point()}
+    total = sum(t.numel() for t in deltas.values())
+    with pytest.warns(UserWarning, match="clipped"):
+        clipped = dppa.owl_rates(deltas, 0.999, lam=0.2)
+    assert sum(clipped[n] * deltas[n].numel() for n in deltas) / total < 0.999 - 1e-4   # clipping misses α
+    exact = dppa.owl_rates(deltas, 0.999, lam=0.2, budget="exact")
+    assert sum(exact[n] * deltas[n].numel() for n in deltas) / total == pytest.approx(0.999, abs=1e-6)
+    with pytest.raises(ValueError, match="owl_rates: budget must be one of"):
+        dppa.owl_rates(deltas, 0.5, budget="refuse")
