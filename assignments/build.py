@@ -16,8 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import importlib.util
+import shutil
 import subprocess
 import sys
 import time
@@ -94,6 +94,13 @@ def grade(folder: Path, notebook: Path, out: Path, threads: int | None = None) -
     return {t["name"]: t for t in tests if t.get("max_score") is not None}
 
 
+def _write_atomically(path: Path, text: str) -> None:
+    """``text`` into ``path`` through a temporary file beside it, so a reader never sees half of it."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def times_table(data: dict) -> str:
     """The instructor page's table of measured grading times (from :data:`TIMES`)."""
     rows = ["| assignment | auto-graded points | solution graded in | student copy graded in |", "|---|---|---|---|"]
@@ -107,18 +114,14 @@ def render(page: Path = PAGE) -> None:
     text = page.read_text()
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
-    tmp = page.with_suffix(".md.tmp")
-    tmp.write_text(f"{head}{START}\n{times_table(json.loads(TIMES.read_text()))}\n{END}{tail}")
-    tmp.replace(page)
+    _write_atomically(page, f"{head}{START}\n{times_table(json.loads(TIMES.read_text()))}\n{END}{tail}")
 
 
 def record(times: dict) -> None:
     """Store the grading times of this run (one ``otter run`` at a time) and render the page's table."""
     note = (f"{os.cpu_count()} CPU cores, one grading at a time, each `otter run` from a fresh kernel "
             f"(the grading zoo cached), {time.strftime('%Y-%m-%d')}")
-    tmp = TIMES.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"note": note, "assignments": times}, indent=1, ensure_ascii=False) + "\n")
-    tmp.replace(TIMES)
+    _write_atomically(TIMES, json.dumps({"note": note, "assignments": times}, indent=1, ensure_ascii=False) + "\n")
     render()
 
 

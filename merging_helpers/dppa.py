@@ -137,6 +137,11 @@ def at_budget(rates: Mapping[str, float], sizes: Mapping[str, int], alpha: float
     return dict(zip(names, (r + high).clamp(0.0, _TOP).tolist()))
 
 
+def _check_budget(budget: str, what: str) -> None:
+    if budget not in BUDGETS:
+        raise ValueError(f"{what}: budget must be one of {BUDGETS}, got {budget!r}")
+
+
 def _within_range(rates: dict[str, float], deltas, members, alpha: float, budget: str, what: str) -> dict[str, float]:
     """The rates brought back into [0, 1): clipped (``budget="clip"``, with a warning) or, for the
     tensors in ``members``, shifted together so they still prune ``alpha`` (``"exact"``)."""
@@ -157,8 +162,7 @@ def dp_rates(deltas: Mapping[str, torch.Tensor], alpha: float, lam: float = LAMB
     _check(alpha, lam, min(n_layer, n_linear))
     if eq2_mean not in EQ2_MEANS:
         raise ValueError(f"dp_rates: eq2_mean must be one of {EQ2_MEANS}, got {eq2_mean!r}")
-    if budget not in BUDGETS:
-        raise ValueError(f"dp_rates: budget must be one of {BUDGETS}, got {budget!r}")
+    _check_budget(budget, "dp_rates")
     layers, linears = _structure(deltas)
     rates = {name: float(alpha) for name in deltas}
     if not layers:
@@ -188,8 +192,7 @@ def owl_rates(deltas: Mapping[str, torch.Tensor], alpha: float, lam: float = LAM
     that the densities average 1 − α; tensors outside the blocks get α. Rates outside [0, 1):
     ``budget`` as in :func:`dp_rates`."""
     _check(alpha, lam, m, "owl_rates")
-    if budget not in BUDGETS:
-        raise ValueError(f"owl_rates: budget must be one of {BUDGETS}, got {budget!r}")
+    _check_budget(budget, "owl_rates")
     layers, _ = _structure(deltas)
     rates = {name: float(alpha) for name in deltas}
     if not layers:

@@ -89,6 +89,20 @@ def _floats(value, n: int, what: str) -> list[float]:
                            f"(got a {type(value).__name__})")
 
 
+def _model_parameters(entry: dict, shared: dict) -> dict:
+    """One model's parameters: the shared ones it may take, overridden by its own; each understood,
+    a plain number (not a per-layer gradient), and a weight among them."""
+    params = {**{k: v for k, v in shared.items() if k in MODEL_KEYS}, **(entry.get("parameters") or {})}
+    bad = sorted(set(params) - MODEL_KEYS)
+    if bad:
+        raise NotRepresentable(f"model {entry.get('model')!r}: parameters {bad} are not understood")
+    if any(isinstance(v, (list, dict)) for v in params.values()):
+        raise NotRepresentable(f"model {entry.get('model')!r}: gradient (per-layer) parameters are not supported")
+    if "weight" not in params:
+        raise ValueError(f"model {entry.get('model')!r}: mergekit needs a weight for every model")
+    return params
+
+
 def _breadcrumbs_without_outliers(doc: dict) -> dict:
     """mergekit's ``breadcrumbs`` at γ = 0 (no outliers removed) is our ``magnitude``: the document
     with the method renamed and every γ taken out; γ > 0 (mergekit's default is 0.01) is refused."""
@@ -233,17 +247,7 @@ def from_mergekit(text: str) -> tuple[MergeConfig, str, list[str], str | None]:
     unknown = sorted(set(shared) - SHARED_KEYS - MODEL_KEYS)
     if unknown:
         raise NotRepresentable(f"parameters {unknown} are not understood; known: {sorted(SHARED_KEYS | MODEL_KEYS)}")
-    per_model = []
-    for e in models:
-        params = {**{k: v for k, v in shared.items() if k in MODEL_KEYS}, **(e.get("parameters") or {})}
-        bad = sorted(set(params) - MODEL_KEYS)
-        if bad:
-            raise NotRepresentable(f"model {e.get('model')!r}: parameters {bad} are not understood")
-        if any(isinstance(v, (list, dict)) for v in params.values()):
-            raise NotRepresentable(f"model {e.get('model')!r}: gradient (per-layer) parameters are not supported")
-        if "weight" not in params:
-            raise ValueError(f"model {e.get('model')!r}: mergekit needs a weight for every model")
-        per_model.append(params)
+    per_model = [_model_parameters(e, shared) for e in models]
     default_normalize, default_rescale = DEFAULTS[method]
     normalize = _boolean(shared.get("normalize", default_normalize), "parameters.normalize")
     rescale = _boolean(shared.get("rescale", default_rescale), "parameters.rescale")
