@@ -7,7 +7,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: book test install clean-book zoo assignments reader publish
+.PHONY: book test install clean-book zoo assignments reader publish model-answers
 
 install: $(STAMP)
 
@@ -72,6 +72,10 @@ test: zoo reader
 # SEED=n builds offering n (the hidden tests' parameters drawn from n).
 assignments: $(STAMP)
 	$(BIN)/python assignments/build.py $(if $(SEED),--seed $(SEED))
+
+# the numbers behind the written questions' model answers, on the grading zoo, into the instructors' page
+model-answers: $(STAMP)
+	$(BIN)/python assignments/model_answers.py
 
 clean-book:
 	rm -rf _build

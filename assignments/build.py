@@ -94,7 +94,7 @@ def grade(folder: Path, notebook: Path, out: Path, threads: int | None = None) -
     return {t["name"]: t for t in tests if t.get("max_score") is not None}
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def write_atomically(path: Path, text: str) -> None:
     """``text`` into ``path`` through a temporary file beside it, so a reader never sees half of it."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
@@ -109,19 +109,23 @@ def times_table(data: dict) -> str:
     return "\n".join(rows) + f"\n\nMeasured with `python assignments/build.py --grade --record`: {data['note']}."
 
 
+def splice(page: Path, start: str, end: str, body: str) -> None:
+    """Write ``body`` between the page's markers ``start`` and ``end`` (atomically)."""
+    head, rest = page.read_text().split(start, 1)
+    _, tail = rest.split(end, 1)
+    write_atomically(page, f"{head}{start}\n{body}\n{end}{tail}")
+
+
 def render(page: Path = PAGE) -> None:
-    """Write :func:`times_table` between the page's markers (atomically)."""
-    text = page.read_text()
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    _write_atomically(page, f"{head}{START}\n{times_table(json.loads(TIMES.read_text()))}\n{END}{tail}")
+    """Write :func:`times_table` between the page's markers."""
+    splice(page, START, END, times_table(json.loads(TIMES.read_text())))
 
 
 def record(times: dict) -> None:
     """Store the grading times of this run (one ``otter run`` at a time) and render the page's table."""
     note = (f"{os.cpu_count()} CPU cores, one grading at a time, each `otter run` from a fresh kernel "
             f"(the grading zoo cached), {time.strftime('%Y-%m-%d')}")
-    _write_atomically(TIMES, json.dumps({"note": note, "assignments": times}, indent=1, ensure_ascii=False) + "\n")
+    write_atomically(TIMES, json.dumps({"note": note, "assignments": times}, indent=1, ensure_ascii=False) + "\n")
     render()
 
 

@@ -83,6 +83,12 @@ def question(name: str, points, prompt: str, solution: str, tests: list[str], ma
     return cells
 
 
+def choose(token: str, **rules: list[dict]) -> dict:
+    """Cells that depend on a rule drawn per offering: ``rules`` maps each of the token's values
+    (a rule's name, :data:`VARIANTS`) to the cells written for it; :func:`fill` keeps one list."""
+    return {"choose": token, "rules": rules}
+
+
 SETUP = code("""
     import copy
     import torch
@@ -99,20 +105,25 @@ SETUP = code("""
 
 # Question 1's rule, for grading a later question apart from the student's question 1 (hidden tests only)
 REFERENCE_DARE_SOURCE = """
-def REFERENCE_DARE(delta, p, generator):
-    n = delta.numel()
+def REFERENCE_DARE(delta, p, generator, rule="⟨A2_RULE⟩"):
+    n = delta.numel() if rule == "tensor" else delta.shape[-1]   # the count is per tensor or per row
     k = round(p * n)
-    kept = delta.flatten() * n / (n - k)
-    kept[torch.randperm(n, generator=generator)[:k]] = 0
-    return kept.view(delta.shape)
+    rows = delta.reshape(-1, n)
+    dropped = torch.rand(rows.shape, generator=generator).argsort(dim=1) < k
+    return torch.where(dropped, 0.0, rows * n / (n - k)).view(delta.shape)
 """
 
 # The package's TIES steps, for grading the whole merge apart from the student's steps
 REFERENCE_TIES_STEPS = """
 from merging_helpers import consensus
 from merging_helpers.drop import magnitude_keep_mask
+def max_election(ds):   # the sign of the largest-magnitude delta (the first among equals); +1 where all are 0
+    stacked = torch.stack(list(ds))
+    sign = stacked.gather(0, stacked.abs().argmax(dim=0, keepdim=True))[0].sign()
+    return torch.where(sign < 0, -1.0, 1.0)
+elections = {"frequency": lambda ds: consensus.elect_sign(ds, "frequency"), "max": max_election}
 steps = dict(trim=lambda delta, density: delta * magnitude_keep_mask(delta, density),
-             elect_sign=lambda ds: consensus.elect_sign(ds, "frequency"),
+             elect_sign=elections["⟨A3_RULE⟩"],
              disjoint_merge=lambda ds, signs: consensus.disjoint_merge(ds, signs, "count"))
 """
 
@@ -309,9 +320,108 @@ A1 = [
 
 # ----------------------------------------------------------------------------- assignment 2
 
+# The other rule an offering may draw (A2_RULE = "row"): the fixed count per row, not per tensor
+A2_ROW_INTRO = [md("""
+    # Assignment 2 — DARE with a fixed count per row: drop, rescale, merge
+
+    Chapter 2 of the book. DARE drops each entry of a task vector *independently* with
+    probability p and divides the survivors by 1 − p, so the expected delta is unchanged but
+    the number of dropped entries varies from draw to draw, and from row to row. Here you
+    build a variant the chapter does not print: drop **exactly** k = round(p · c) entries of
+    **each row** (c the length of the last dimension: a row of a weight matrix is one output
+    unit's weights), chosen uniformly at random within the row, and find the rescale that keeps
+    the expected delta unchanged. Then the merge built on it, and, in words, why the rescale
+    works. Use only `torch`.
+
+    The tests are statistical: they check the counts, the reproducibility and the
+    unbiasedness over many draws (a correct answer fails them with a chance below one in a
+    million), not equality with a particular way of drawing. Expected time: 1–1.5 hours.
+    """)]
+
+A2_ROW_Q1 = question("q1_dare", 4, """
+    **Question 1.** Write `dare(delta, p, generator)`: a new tensor in which exactly
+    k = round(p · c) entries of **every row** of `delta` (c = `delta.shape[-1]`, Python's
+    `round`; a 1-D tensor is one row), chosen uniformly at random within the row without
+    replacement, are set to 0, and every other entry is multiplied by the factor that makes
+    the expected output equal to `delta` (derive it: each entry survives with probability
+    (c − k) / c). Draw every random number from `generator` on the CPU (e.g. one
+    `torch.rand(rows, c, generator=generator)` for all rows). Keep the shape, dtype and device
+    of `delta`. Raise a `ValueError` naming `p` when p is not in [0, 1) or when k = c (nothing
+    of a row would survive). Do not modify `delta`.
+    """, '''
+    def dare(delta, p, generator):
+        """DARE with a fixed count per row: drop exactly round(p · c) entries of each row, rescale by c / (c − k)."""
+        # BEGIN SOLUTION
+        c = delta.shape[-1]
+        k = round(p * c)
+        if not 0 <= p < 1 or k >= c:
+            raise ValueError(f"dare: the drop rate p must be in [0, 1) and leave an entry of each row, got p = {p} "
+                             f"for rows of {c}")
+        rows = delta.reshape(-1, c)
+        ranks = torch.rand(rows.shape, generator=generator).argsort(dim=1).to(delta.device)
+        return torch.where(ranks < k, torch.zeros_like(rows), rows * (c / (c - k))).reshape(delta.shape)
+        # END SOLUTION
+    ''', [
+    test("test_dare_count_rescale_and_bad_p", "dare", """
+        grading.expect_signature(dare, "dare", ("delta", "p", "generator"))
+        delta = torch.linspace(-1, 1, 7) + 0.01                  # one row, c = 7, p = 0.3: k = round(2.1) = 2
+        before = delta.clone()
+        out = grading.expect_tensor(grading.call(dare, "dare", delta, 0.3, torch.Generator().manual_seed(0)),
+                                    "dare(delta, 0.3)", delta.shape, delta.dtype)
+        assert int((out == 0).sum()) == 2, f"dare(7 entries, p=0.3) should drop exactly round(2.1) = 2, dropped {int((out == 0).sum())}"
+        kept = out != 0
+        grading.expect_close(out[kept], delta[kept] * 7 / 5, "the kept entries of dare(7 entries, p=0.3) (× c / (c − k))")
+        grading.expect_unchanged({"delta": before}, {"delta": delta}, "dare")
+        matrix = torch.arange(1.0, 16.0).reshape(3, 5)            # p = 0.4: 2 of each row's 5 entries
+        out = grading.expect_tensor(grading.call(dare, "dare", matrix, 0.4, torch.Generator().manual_seed(1)),
+                                    "dare(a 3 × 5 matrix, 0.4)", matrix.shape)
+        assert (out == 0).sum(dim=1).tolist() == [2, 2, 2], (
+            f"dare(3 × 5, p=0.4) should drop 2 entries of every row, dropped {(out == 0).sum(dim=1).tolist()}")
+        for bad in (1.0, -0.1, 0.95):   # 0.95 of 7 entries rounds to all 7
+            grading.expect_raises(lambda p: dare(delta, p, torch.Generator()), "dare(delta, p)", (bad,),
+                                  ValueError, "(p must be in [0, 1) and leave an entry of each row)")
+        """),
+    test("test_dare_drops_exactly_k_per_row_reproducibly", "dare", """
+        delta = torch.randn(50, 41, generator=torch.Generator().manual_seed(1))   # c = 41
+        for p in ⟨A2_PS⟩:
+            out = grading.expect_tensor(grading.call(dare, "dare", delta, p, torch.Generator().manual_seed(2)),
+                                        f"dare(delta, {p})", delta.shape)
+            k, counts = round(p * 41), (out == 0).sum(dim=1)
+            assert bool((counts == k).all()), (f"dare(p={p}) should drop {k} of each row's 41 entries; rows dropped "
+                                               f"between {int(counts.min())} and {int(counts.max())}")
+            kept = out != 0
+            grading.expect_close(out[kept], delta[kept] * 41 / (41 - k), f"the kept entries of dare(delta, {p})")
+        again = [grading.call(dare, "dare", delta, 0.5, torch.Generator().manual_seed(7)) for _ in range(2)]
+        assert torch.equal(again[0], again[1]), "dare should draw from the generator it is given (same seed, same drop)"
+        columns = torch.stack([grading.call(dare, "dare", delta, 0.5, torch.Generator().manual_seed(s)) == 0
+                               for s in range(40)]).double().mean(dim=(0, 1))   # how often each column is dropped
+        # each of 41 columns: 40 × 50 draws at rate 21/41, sd 0.011; 6 sd apart at the worst column
+        assert float((columns - 21 / 41).abs().max()) < 0.07, "within a row, every entry should be equally likely to drop"
+        """, hidden=True),
+    test("test_dare_is_unbiased_and_uniform", "dare", """
+        delta = torch.linspace(-1, 1, 7) + 0.01
+        p, draws = ⟨A2_P⟩, 6000
+        n = 7
+        k = round(p * n)
+        generator = torch.Generator().manual_seed(3)
+        outs = torch.stack([grading.expect_tensor(grading.call(dare, "dare", delta, p, generator), "dare", delta.shape)
+                            for _ in range(draws)])
+        mean = outs.mean(0)
+        # an entry survives with probability q = (c − k) / c; its value is Δ / q; sd of one draw |Δ| sqrt(1/q − 1)
+        q = (n - k) / n
+        standard_error = delta.abs() * (1 / q - 1) ** 0.5 / draws ** 0.5
+        worst = float(((mean - delta).abs() / standard_error).max())
+        # 5.5 standard errors over 7 entries: a correct answer fails with a chance below 1e-6
+        assert worst < 5.5, (f"the mean of {draws} dare draws is {worst:.1f} standard errors from Δ at its worst "
+                             "entry: dare is biased (is the rescale c / (c − k), and is every entry equally likely "
+                             "to be dropped?)")
+        for i in range(n):
+            grading.expect_rate(int((outs[:, i] == 0).sum()), draws, k / n, f"draws in which entry {i} was dropped")
+        """, hidden=True)])
+
 A2 = [
     config("a2_dare"),
-    md("""
+    choose("A2_RULE", tensor=[md("""
         # Assignment 2 — DARE with a fixed count: drop, rescale, merge
 
         Chapter 2 of the book. DARE drops each entry of a task vector *independently* with
@@ -325,9 +435,9 @@ A2 = [
         The tests are statistical: they check the count, the reproducibility and the
         unbiasedness over many draws (a correct answer fails them with a chance below one in a
         million), not equality with a particular way of drawing. Expected time: 1–1.5 hours.
-        """),
+        """)], row=A2_ROW_INTRO),
     SETUP,
-    *question("q1_dare", 4, """
+    choose("A2_RULE", tensor=question("q1_dare", 4, """
         **Question 1.** Write `dare(delta, p, generator)`: a new tensor in which exactly
         k = round(p · n) entries of `delta` (n = `delta.numel()`, Python's `round`), chosen
         uniformly at random without replacement, are set to 0, and every other entry is
@@ -396,7 +506,7 @@ A2 = [
                                  "to be dropped?)")
             for i in range(n):
                 grading.expect_rate(int((outs[:, i] == 0).sum()), draws, k / n, f"draws in which entry {i} was dropped")
-            """, hidden=True)]),
+            """, hidden=True)]), row=A2_ROW_Q1),
     *question("q2_dare_merge", 3, """
         **Question 2.** Write `dare_merge(base, vectors, p, lam, seed)`: make one
         `torch.Generator().manual_seed(seed)`, apply your `dare` to every tensor of every
@@ -454,7 +564,8 @@ A2 = [
             count = expected = variance = 0
             for name in names:
                 nonzero = sum((v[name] != 0).double() for v in vectors)   # experts that changed the entry
-                survive = 1 - p ** nonzero                                # some expert's entry is kept
+                n = ours[name].numel() if "⟨A2_RULE⟩" == "tensor" else ours[name].shape[-1]
+                survive = 1 - (round(p * n) / n) ** nonzero              # some expert's entry is kept
                 count += int(((ours[name].float() - zoo.base[name].float()) != 0).sum())
                 expected += float(survive.sum())
                 variance += float((survive * (1 - survive)).sum())
@@ -462,14 +573,29 @@ A2 = [
                 f"dare_merge(p={p}) changed {count} entries of the dense maps, expected about {expected:.0f} "
                 f"(an entry changes when any of the {len(vectors)} experts keeps it)")
             """, hidden=True)]),
+    md("""
+        How much the number of kept entries varies under your rule and under the chapter's independent
+        drops, on a 300 × 7 matrix (200 draws each), and the two rescales where p · 7 is not whole:
+        """),
+    code("""
+        generator = torch.Generator().manual_seed(0)
+        matrix = torch.randn(300, 7, generator=generator)
+        for p in (0.3, 0.9):
+            fixed = torch.stack([(dare(matrix, p, generator) != 0).sum() for _ in range(200)]).float()
+            independent = torch.stack([(torch.rand(matrix.shape, generator=generator) >= p).sum() for _ in range(200)]).float()
+            print(f"p = {p}: entries kept of 2100, your rule {fixed.mean():.1f} ± {fixed.std():.1f}, "
+                  f"independent drops {independent.mean():.1f} ± {independent.std():.1f}")
+        k = round(0.3 * 7)
+        print(f"7 entries at p = 0.3: k = {k}, rescale 7 / (7 − k) = {7 / (7 - k):.4f}, 1 / (1 − p) = {1 / 0.7:.4f}")
+        """),
     *question("q3_why_rescale", 2, """
         **Question 3 (written).** In three to five sentences: why does your factor keep the
-        expected delta equal to Δ, and how does it differ from DARE's 1/(1 − p) when p · n is not
-        a whole number? Is one entry's variance smaller or larger than under independent drops?
+        expected delta equal to Δ, and how does it differ from DARE's 1/(1 − p) when p times your
+        count (n entries of the tensor, or c of the row) is not a whole number? Is one entry's variance smaller or larger than under independent drops?
         The chapter's heavy tier shows DARE failing at p = 0.9 although it is unbiased: what does
         unbiased not promise, and which property of the delta decides whether that matters?
         """, """
-        k entries of n are dropped uniformly, so each survives with probability q = (n − k)/n and
+        (Per row, read c for n.) k entries of n are dropped uniformly, so each survives with probability q = (n − k)/n and
         then equals Δ_i · n/(n − k) = Δ_i / q: E = q · Δ_i / q = Δ_i. With k = round(p n), q differs
         from 1 − p by the rounding (at most 1/(2n)), so 1/(1 − p) would be biased by that much;
         for large tensors the two agree. One entry's variance, Δ_i² (1/q − 1), is the same as
@@ -484,9 +610,55 @@ A2 = [
 
 # ----------------------------------------------------------------------------- assignment 3
 
+# The other election an offering may draw (A3_RULE = "max"): the largest-magnitude delta decides
+A3_MAX_INTRO = [md("""
+    # Assignment 3 — TIES with the max election: trim, elect, disjoint merge
+
+    Chapter 3 of the book. TIES merges task vectors in three steps: **trim** each to its
+    largest-magnitude entries, **elect** a sign per entry, and average only the deltas that
+    agree with it (**disjoint merge**). The chapter builds the paper's election, the sign of
+    the trimmed deltas' *sum* (the mass); here you build another one: the **max** election,
+    in which, per entry, the single expert with the largest |Δ| decides the sign, however
+    many smaller deltas disagree. You will write each step on tensors, then the whole merge on
+    state dicts; the hidden tests compare your merge with the package's trim and disjoint merge
+    (divide by the number of agreeing experts) around a reference max election. Use only
+    `torch`. Expected time: 1.5–2 hours.
+    """)]
+
+A3_MAX_Q2 = question("q2_elect_sign", 2, """
+    **Question 2.** Write `elect_sign(deltas)`: for a list of same-shaped tensors, the
+    tensor of elected signs by the max rule: per entry, the sign of the delta with the
+    largest magnitude |Δ| across the experts (among equal magnitudes, the first expert in the
+    list); +1.0 where every delta is 0. The result holds only +1.0 and −1.0.
+    """, '''
+    def elect_sign(deltas):
+        """TIES step 2, max election: the sign of the largest-|Δ| expert's delta, +1 where all are 0."""
+        # BEGIN SOLUTION
+        stacked = torch.stack(list(deltas))
+        largest = stacked.abs().argmax(dim=0, keepdim=True)
+        return torch.where(stacked.gather(0, largest)[0] < 0, -1.0, 1.0)
+        # END SOLUTION
+    ''', [
+    test("test_elect_sign_on_a_toy", "elect_sign", """
+        grading.expect_signature(elect_sign, "elect_sign", ("deltas",))
+        deltas_ = [torch.tensor([0.5, -0.2, 0.0, 0.1, 0.2, 0.6]), torch.tensor([-0.1, -0.3, 0.0, -0.4, -0.9, -0.35]),
+                   torch.tensor([0.2, 0.1, 0.0, 0.0, 0.3, -0.35])]
+        out = grading.expect_tensor(grading.call(elect_sign, "elect_sign", deltas_), "elect_sign", (6,))
+        # largest |Δ|: 0.5, −0.3, none, −0.4, −0.9, 0.6 (the mass says −, two experts say −: the largest decides)
+        grading.expect_close(out, torch.tensor([1.0, -1.0, 1.0, -1.0, -1.0, 1.0]), "elect_sign (by the largest |Δ|)")
+        """),
+    test("test_elect_sign_matches_the_reference", "elect_sign", setup=REFERENCE_TIES_STEPS, body="""
+        g = torch.Generator().manual_seed(1)
+        deltas_ = [torch.randn(30, 20, generator=g) * (torch.rand(30, 20, generator=g) > 0.3) for _ in range(4)]
+        deltas_[1][:5] = -deltas_[0][:5]   # equal magnitudes, opposite signs: the first expert decides
+        out = grading.expect_tensor(grading.call(elect_sign, "elect_sign", deltas_), "elect_sign", (30, 20))
+        grading.expect_close(out, max_election(deltas_), "elect_sign on four sparse random deltas")
+        """, hidden=True)])
+
+
 A3 = [
     config("a3_ties"),
-    md("""
+    choose("A3_RULE", frequency=[md("""
         # Assignment 3 — TIES with the frequency election: trim, elect, disjoint merge
 
         Chapter 3 of the book. TIES merges task vectors in three steps: **trim** each to its
@@ -498,7 +670,7 @@ A3 = [
         whole merge on state dicts; the hidden tests compare your merge with the package's
         `ties` at `election="frequency"` (unweighted votes, divide by the number of agreeing
         experts). Use only `torch`. Expected time: 1.5–2 hours.
-        """),
+        """)], max=A3_MAX_INTRO),
     SETUP,
     *question("q1_trim", 2, """
         **Question 1.** Write `trim(delta, density)`: a new tensor that keeps the
@@ -535,7 +707,7 @@ A3 = [
                                             delta.shape)
                 grading.expect_close(out, delta * magnitude_keep_mask(delta, density), f"trim(delta, {density})")
             """, hidden=True)]),
-    *question("q2_elect_sign", 2, """
+    choose("A3_RULE", frequency=question("q2_elect_sign", 2, """
         **Question 2.** Write `elect_sign(deltas)`: for a list of same-shaped tensors, the
         tensor of elected signs by frequency: per entry, count the experts whose delta is
         positive and those whose delta is negative (a zero votes for neither); +1.0 where the
@@ -562,7 +734,7 @@ A3 = [
             deltas_ = [torch.randn(30, 20, generator=g) * (torch.rand(30, 20, generator=g) > 0.3) for _ in range(4)]
             out = grading.expect_tensor(grading.call(elect_sign, "elect_sign", deltas_), "elect_sign", (30, 20))
             grading.expect_close(out, reference(deltas_, "frequency"), "elect_sign on four sparse random deltas")
-            """, hidden=True)]),
+            """, hidden=True)]), max=A3_MAX_Q2),
     *question("q3_disjoint_merge", 2, """
         **Question 3.** Write `disjoint_merge(deltas, signs)`: per entry, the mean of the
         deltas that are nonzero and have the elected sign; 0 where none does.
@@ -624,12 +796,19 @@ A3 = [
             vectors = deltas.task_vectors(zoo.base, zoo.experts)
             density, lam = ⟨A3_MERGE⟩
             ours = grading.call(grading.using(ties_merge, **steps), "ties_merge", zoo.base, vectors, density, lam)
-            want = merge_state_dicts(zoo.base, zoo.experts, "ties", density=density, lam=lam, election="frequency",
-                                     progress=False)
+            if "⟨A3_RULE⟩" == "frequency":
+                want = merge_state_dicts(zoo.base, zoo.experts, "ties", density=density, lam=lam, election="frequency",
+                                         progress=False)
+            else:   # the package has no max election: its trim and disjoint merge around the reference election
+                want = {}
+                for name, tensor in zoo.base.items():
+                    trimmed = [steps["trim"](v[name], density) for v in vectors] if name in vectors[0] else None
+                    want[name] = tensor if trimmed is None else (tensor.float() + lam * steps["disjoint_merge"](
+                        trimmed, steps["elect_sign"](trimmed))).to(tensor.dtype)
             grading.expect_state_dicts_close(ours, want, f"ties_merge(density={density}, λ={lam})")
             """, hidden=True)]),
     md("""
-        Your TIES (frequency election) against the chapter's (mass election) and Task Arithmetic on
+        Your TIES (⟨A3_RULE⟩ election) against the chapter's (mass election) and Task Arithmetic on
         the validation split (λ = 1, density 0.2), and how many entries the two elections decide
         differently:
         """),
@@ -637,7 +816,7 @@ A3 = [
         from merging_helpers import deltas, evaluation
         from merging_helpers.recipes import merge_state_dicts
         vectors = deltas.task_vectors(zoo.base, zoo.experts)
-        print("TIES, frequency:", evaluator.accuracy(ties_merge(zoo.base, vectors, 0.2, 1.0), "validation"))
+        print("TIES, ⟨A3_RULE⟩:", evaluator.accuracy(ties_merge(zoo.base, vectors, 0.2, 1.0), "validation"))
         mass = merge_state_dicts(zoo.base, zoo.experts, "ties", density=0.2, lam=1.0, progress=False)
         print("TIES, mass:     ", evaluator.accuracy(mass, "validation"))
         print("TA (λ = 0.4):   ", evaluator.accuracy(evaluation.task_arithmetic_state(zoo.base, zoo.experts, 0.4), "validation"))
@@ -1116,6 +1295,26 @@ A6 = [
             grading.expect_close(got, expected, f"theta on the zoo's first expert (α = {alpha}, λ = {lam}) against "
                                  "dp_rates(eq2_mean='layer')")
             """, hidden=True)]),
+    md("""
+        Your Θ on the first expert at α = 0.5: the size-weighted mean rate (the budget), and the
+        maps pruned least and most:
+        """),
+    code("""
+        from merging_helpers.partitions import describe
+        expert = zoo.experts[zoo.task_names[0]]
+        delta = {n: expert[n].float() - t.float() for n, t in zoo.base.items() if describe(n).layer is not None}
+        layer_ids = sorted({describe(n).layer for n in delta})
+        kinds = sorted({describe(n).linear for n in delta if describe(n).linear})
+        group = lambda l, j=None: [d for n, d in delta.items() if describe(n).layer == l and (j is None or describe(n).linear == j)]
+        layer_sig = torch.tensor([significance(group(l)) for l in layer_ids])
+        linear_sig = torch.tensor([[significance(group(l, j)) for j in kinds] for l in layer_ids])
+        sizes = torch.tensor([[float(sum(d.numel() for d in group(l, j))) for j in kinds] for l in layer_ids])
+        rates = theta(layer_sig, linear_sig, sizes, 0.5)
+        print(f"size-weighted mean Θ: {float((rates * sizes).sum() / sizes.sum()):.4f} (α = 0.5)")
+        order = sorted(((float(rates[i, k]), f"layer {l} {j}") for i, l in enumerate(layer_ids) for k, j in enumerate(kinds)))
+        print("pruned least:", ", ".join(f"{w} {r:.3f}" for r, w in order[:3]))
+        print("pruned most: ", ", ".join(f"{w} {r:.3f}" for r, w in order[-3:]))
+        """),
     *question("q3_budget", 2, """
         **Question 3 (written).** Show that, when all linear maps of a layer have the same
         size and all layers the same number of entries, DP keeps the same number of entries
@@ -1133,9 +1332,148 @@ A6 = [
 
 # ----------------------------------------------------------------------------- assignment 7
 
+# The other level an offering may draw (A7_RULE = "block"): attention, FFN and norms of each layer apart
+A7_BLOCK_INTRO = [md("""
+    # Assignment 7 — APL: which blocks of which layers carry a task, by causal intervention
+
+    Chapter 4 of the book. APL measures how much a *partition* of an expert's parameters
+    matters by reverting it to the base and watching the expert's probability of the
+    true label on a few-shot set drop: importance(s) = P_t* − P_t, where P_t is the
+    clean expert's mean true-label probability and P_t* the one with partition s set back
+    to θ_b (more negative = more important). The chapter traces whole layers; you will write
+    a finer level it does not print, each layer's **attention**, **FFN** and **norm**
+    parameters apart, and a tracing with a *graded* corruption (a fraction of the partition's
+    delta kept). Expected time: 1–1.5 hours.
+
+    A parameter's layer and role are `describe(name).layer` and `describe(name).role`
+    (`from merging_helpers.partitions import describe`; the layer is `None` outside the
+    transformer blocks, the role one of `"attention"`, `"ffn"`, `"norm"`, … ).
+    `evaluator.true_label_probability(state_dict, task, examples)` scores a state dict on a
+    few-shot set.
+    """)]
+
+A7_BLOCK = [
+    *question("q1_block_partitions", 2, """
+        **Question 1.** Write `block_partitions(names)`: a dict `"layer.l.role"` → the list of
+        names of layer l with that role (in the order given), for every (layer, role) that has
+        a name, sorted by l and then by role name. Names outside the blocks (embeddings,
+        pooler) are in no partition.
+        """, '''
+        from merging_helpers.partitions import describe
+
+
+        def block_partitions(names):
+            """APL's partitions at the level of blocks: each layer's attention, FFN and norm parameters."""
+            # BEGIN SOLUTION
+            out = {}
+            for name in names:
+                info = describe(name)
+                if info.layer is not None:
+                    out.setdefault((info.layer, info.role), []).append(name)
+            return {f"layer.{layer}.{role}": out[layer, role] for layer, role in sorted(out)}
+            # END SOLUTION
+        ''', [
+        test("test_block_partitions_on_the_zoo", "block_partitions, zoo", """
+            grading.expect_signature(block_partitions, "block_partitions", ("names",))
+            parts = grading.call(block_partitions, "block_partitions", list(zoo.base))
+            want = tuple(f"layer.{l}.{role}" for l in range(6) for role in ("attention", "ffn", "norm"))
+            grading.expect_keys(parts, "block_partitions", want)
+            assert list(parts) == list(want), f"sorted by layer, then role: expected {list(want)[:4]}…, got {list(parts)[:4]}…"
+            assert "encoder.layer.3.attention.self.query.weight" in parts["layer.3.attention"], "layer.3.attention lacks its query weight"
+            """),
+        test("test_block_partitions_match_the_package", "block_partitions, zoo", """
+            from merging_helpers import partitions
+            names = list(zoo.experts[zoo.task_names[0]])
+            want = {k: v for k, v in partitions.group_by(names, "layer_role").items() if k.startswith("layer.")}
+            got = grading.call(block_partitions, "block_partitions", names)
+            grading.expect_keys(got, "block_partitions", tuple(want))
+            for key in want:
+                assert got[key] == want[key], f"{key}: the names (in their given order) differ from the package's"
+            """, hidden=True)]),
+    *question("q2_trace_blocks", 4, """
+        **Question 2.** The chapter corrupts a partition by reverting it to the base. Here you
+        trace with a *graded* corruption: keep a fraction `keep` of the partition's delta. Write
+        `trace_blocks(evaluator, base, expert, task, examples, keep=0.0)`: a dict `"layer.l.role"`
+        → P_t* − P_t for every partition of question 1, where P_t =
+        `evaluator.true_label_probability(expert, task, examples)` and P_t* is the same for
+        `expert` with each tensor of that partition set to θ_b + keep · (θ_t − θ_b) (computed in
+        float32). Do not modify `expert`.
+        """, '''
+        def trace_blocks(evaluator, base, expert, task, examples, keep=0.0):
+            """Causal tracing per block of each layer with a graded corruption: P* − P per partition."""
+            # BEGIN SOLUTION
+            clean = evaluator.true_label_probability(expert, task, examples)
+            out = {}
+            for key, names in block_partitions(list(expert)).items():
+                moved = {n: torch.lerp(base[n].float(), expert[n].float(), keep) for n in names}
+                out[key] = evaluator.true_label_probability({**expert, **moved}, task, examples) - clean
+            return out
+            # END SOLUTION
+        ''', [
+        test("test_trace_blocks_returns_one_value_per_block", "trace_blocks, zoo, evaluator, examples", """
+            from merging_helpers import partitions
+            grading.expect_signature(trace_blocks, "trace_blocks", ("evaluator", "base", "expert", "task", "examples",
+                                                                    "keep"))
+            task = zoo.task_names[0]
+            trace = grading.using(trace_blocks, block_partitions=lambda names: {k: v for k, v in partitions.group_by(
+                names, "layer_role").items() if k.startswith("layer.")})   # graded apart from your question 1
+            before = copy.deepcopy(zoo.experts[task])
+            got = grading.call(trace, "trace_blocks", evaluator, zoo.base, zoo.experts[task], task, examples[task])
+            grading.expect_unchanged(before, zoo.experts[task], "trace_blocks")
+            grading.expect_keys(got, "trace_blocks", tuple(f"layer.{l}.{r}" for l in range(6) for r in ("attention", "ffn", "norm")))
+            assert all(-1 <= float(v) <= 1 for v in got.values()), "a difference of two probabilities is in [−1, 1]"
+            """),
+        test("test_trace_blocks_matches_a_reference", "trace_blocks, zoo, evaluator, examples", """
+            from merging_helpers import partitions
+            parts = {k: v for k, v in partitions.group_by(list(zoo.base), "layer_role").items() if k.startswith("layer.")}
+            trace = grading.using(trace_blocks, block_partitions=lambda names: {k: [n for n in v if n in names]
+                                                                                for k, v in parts.items()})
+            for task, keep in ((zoo.task_names[⟨A7_TASK⟩], 0.0), (zoo.task_names[⟨A7_TASK⟩], ⟨A7_KEEP⟩)):
+                expert = zoo.experts[task]
+                before = copy.deepcopy(expert)
+                got = grading.call(trace, "trace_blocks", evaluator, zoo.base, expert, task, examples[task], keep)
+                clean = evaluator.true_label_probability(expert, task, examples[task])
+                want = {k: evaluator.true_label_probability({**expert, **{n: zoo.base[n].float() + keep * (
+                        expert[n].float() - zoo.base[n].float()) for n in names}}, task, examples[task]) - clean
+                        for k, names in parts.items()}
+                grading.expect_keys(got, "trace_blocks", tuple(want))
+                # float32 probabilities summed in another order differ by < 1e-5
+                grading.expect_close(torch.tensor([float(got[k]) for k in want]), torch.tensor(list(want.values())),
+                                     f"trace_blocks on {task!r} at keep = {keep}", atol=1e-4)
+                grading.expect_unchanged(before, expert, "trace_blocks")
+            """, hidden=True)]),
+    code("""
+        for name in zoo.task_names:
+            for keep in (0.0, 0.5):
+                importance = trace_blocks(evaluator, zoo.base, zoo.experts[name], name, examples[name], keep)
+                top = sorted(importance, key=importance.get)[:4]
+                print(f"{name:10s} keep {keep}  most important:", "  ".join(f"{k}: {importance[k]:+.3f}" for k in top))
+        """),
+    *question("q3_reading", 2, """
+        **Question 3 (written).** Which blocks matter most for each task: attention or FFN, and
+        in which layers? Are the norms ever important, given how few parameters they hold? Does
+        keeping half of a block's delta recover half of its importance, more, or less? APL turns
+        these importances into drop rates (important partitions dropped less): what could go
+        wrong if you used them, measured on 16 examples per label? Three to five sentences.
+        """, """
+        Read the printed rows (and the numbers on the instructors' page, computed on the grading
+        zoo): the answer names, per task, the blocks with the most negative P* − P and whether
+        they are attention or FFN, and notes that the leading layer is not the same for every
+        task. The norms hold a few hundred parameters each: whether they rank high or not, the
+        answer should say that importance is not proportional to size, which is why APL's rates
+        are per partition, not per parameter. Where P* − P at keep 0.5 is less than half of it at keep 0, half of the
+        delta recovers more than half of the probability (the effect saturates); about half means
+        the block acts close to linearly. With three times more partitions than the layer level
+        and 16 examples per label, many importances are within noise of each other; rates built
+        from them can protect the wrong block; several few-shot seeds, or the gradient
+        approximation on more examples, address it.
+        """, [], manual=True),
+]
+
+
 A7 = [
     config("a7_apl_tracing"),
-    md("""
+    choose("A7_RULE", layer=[md("""
         # Assignment 7 — APL: which layers carry a task, by causal intervention
 
         Chapter 4 of the book. APL measures how much a *partition* of an expert's parameters
@@ -1150,13 +1488,13 @@ A7 = [
         A parameter's layer is `describe(name).layer` (`from merging_helpers.partitions import
         describe`; `None` outside the transformer blocks). `evaluator.true_label_probability(state_dict,
         task, examples)` scores a state dict on a few-shot set.
-        """),
+        """)], block=A7_BLOCK_INTRO),
     SETUP,
     code("""
         from merging_helpers.tasks import few_shot
         examples = {name: few_shot(zoo.task(name), 16, seed=0) for name in zoo.task_names}   # 16 per label
         """),
-    *question("q1_layer_partitions", 2, """
+    choose("A7_RULE", layer=[*question("q1_layer_partitions", 2, """
         **Question 1.** Write `layer_partitions(names)`: a dict `"layer.l"` → the list of
         names of layer l (in the order given), for every layer l that has a name, sorted by
         l. Names outside the blocks (embeddings, pooler) are in no partition.
@@ -1260,8 +1598,9 @@ A7 = [
         wrong if you used layer-level importances measured on 16 examples per label? Three to
         five sentences.
         """, """
-        On the grading zoo the last layers carry most of each task (their P* − P is the most
-        negative), with the ordering differing between tasks. Read the keep = 0.5 rows against
+        The answer names, per task, the layer whose P* − P is the most negative in the printed
+        table; on the grading zoo (numbers on the instructors' page) it is not the same layer for
+        every task, so the pattern is task-specific. Read the keep = 0.5 rows against
         the keep = 0 rows: where P* − P at keep 0.5 is less than half of it at keep 0 (on the
         grading zoo, every layer of news and sign), half of the delta recovers more than half of
         the probability: the effect saturates, so a drop that keeps part of a partition loses
@@ -1272,14 +1611,161 @@ A7 = [
         so small differences between layers are not reliable. Turning noisy, coarse scores into
         drop rates can protect the wrong layer; the chapter's hidden-state level and several
         few-shot seeds address both.
-        """, [], manual=True),
+        """, [], manual=True)], block=A7_BLOCK),
 ]
 
 # ----------------------------------------------------------------------------- assignment 8
 
+# The other expansion point an offering may draw (A8_RULE = "midpoint"): halfway along the move
+A8_MIDPOINT_INTRO = [md("""
+    # Assignment 8 — gradient importance at the midpoint, and the Taylor check
+
+    Chapter 5 of the book. Tracing needs one forward pass per partition; APL's
+    approximation needs one backward pass. The chapter expands the loss at the **base**:
+    with g = ∇L(θ_b), *adding* partition s of Δ to the base changes the loss by about
+    Σ_{i∈s} Δ_i g_i, with an error of second order in Δ. Here you take the gradient
+    **halfway** instead (the midpoint rule): with m = θ_b + ½ Δ and g_m = ∇L(m), the whole
+    move from base to expert changes the loss by about Σ_i Δ_i (g_m)_i, and the error is of
+    *third* order, because the second-order terms of the two halves cancel. The partition's
+    score is −|Σ_{i∈s} Δ_i (g_m)_i|. You will compute it per layer and check the midpoint rule
+    numerically on a move of one partition: for a step t, with the gradient halfway along the
+    step, L(θ_t − t Δ_s) − L(θ_t) ≈ −t Σ_{i∈s} Δ_i ∇L(θ_t − ½ t Δ_s)_i. Expected time: 1–1.5 hours.
+
+    `evaluator.loss_gradient(state_dict, task, examples)` returns the gradient (a dict
+    name → tensor); `evaluator.loss(evaluator.params(state_dict), task, examples)` the loss.
+    """)]
+
+A8_MIDPOINT = [
+    *question("q1_gradient_importance", 4, """
+        **Question 1.** Write `gradient_importance(evaluator, base, expert, task, examples, layers)`:
+        the midpoint m (every floating-point tensor θ_b + 0.5 · (θ_t − θ_b) in float32; any other
+        tensor the expert's), the gradient g_m of the few-shot loss at m, then, for every key of
+        `layers` (a dict key → list of names), −|Σ_{i∈s} Δ_i (g_m)_i| with Δ = expert − base (in
+        float64). Return a dict key → float.
+        """, """
+        def gradient_importance(evaluator, base, expert, task, examples, layers):
+            \"\"\"Gradient importance at the midpoint θ_b + Δ/2: −|Σ_{i∈s} Δ_i (g_m)_i| per partition.\"\"\"
+            # BEGIN SOLUTION
+            middle = {n: base[n].float() + 0.5 * (t.float() - base[n].float()) if t.is_floating_point() else t
+                      for n, t in expert.items()}
+            gradient = evaluator.loss_gradient(middle, task, examples)
+            out = {}
+            for key, names in layers.items():
+                products = [(expert[n].double() - base[n].double()) * gradient[n].double().cpu() for n in names]
+                out[key] = -abs(float(sum(p.sum() for p in products)))
+            return out
+            # END SOLUTION
+        """, [
+        test("test_gradient_importance_is_not_positive", "gradient_importance, zoo, evaluator, examples, layers", """
+            grading.expect_signature(gradient_importance, "gradient_importance",
+                                     ("evaluator", "base", "expert", "task", "examples", "layers"))
+            task = zoo.task_names[0]
+            got = grading.call(gradient_importance, "gradient_importance", evaluator, zoo.base, zoo.experts[task], task,
+                               examples[task], layers)
+            grading.expect_keys(got, "gradient_importance", tuple(layers))
+            assert all(float(v) <= 0 for v in got.values()), "−|Σ Δ g| is never positive"
+            """),
+        test("test_gradient_importance_matches_the_package", "gradient_importance, zoo, evaluator, examples, layers", """
+            from merging_helpers import taylor
+            for task in zoo.task_names:
+                expert = zoo.experts[task]
+                got = grading.call(gradient_importance, "gradient_importance", evaluator, zoo.base, expert,
+                                   task, examples[task], layers)
+                middle = {n: zoo.base[n].float() + 0.5 * (t.float() - zoo.base[n].float()) if t.is_floating_point()
+                          else t for n, t in expert.items()}
+                # the package expands at its first argument with the delta second − first = base − m = −Δ/2
+                half = taylor.gradient_importance(evaluator, middle, zoo.base, task, examples[task], "layer").as_dict()
+                want = {k: 2 * v for k, v in half.items()}
+                grading.expect_keys(got, "gradient_importance", tuple(want))
+                # Δ/2 rounds to float32 in the package (1e-7 relative); sums in another order: ≪ 1e-6
+                grading.expect_close(torch.tensor([float(got[k]) for k in want]), torch.tensor(list(want.values())),
+                                     f"gradient_importance on {task!r} (g at the midpoint)", rtol=1e-4)
+            """, hidden=True)]),
+    *question("q2_taylor_check", 4, """
+        **Question 2.** Write `taylor_check(evaluator, base, expert, task, examples, names, t)`:
+        return `(predicted, actual)`, where predicted = −t Σ_{i∈s} Δ_i (g)_i over the tensors
+        `names`, with g the gradient at the middle of the step (the expert with only those
+        tensors moved to θ_t − ½ t Δ), and actual = L(θ_t − t Δ_s) − L(θ_t), the loss change when
+        only those tensors move from the expert back toward the base by t Δ (computed without
+        gradients).
+        """, """
+        def taylor_check(evaluator, base, expert, task, examples, names, t):
+            \"\"\"The midpoint rule against the real loss change of moving `names` back by t Δ.\"\"\"
+            # BEGIN SOLUTION
+            delta = {n: expert[n].float() - base[n].float() for n in names}
+            halfway = {**expert, **{n: expert[n] - 0.5 * t * delta[n] for n in names}}
+            gradient = evaluator.loss_gradient(halfway, task, examples)
+            predicted = -t * sum(float((delta[n].double() * gradient[n].double().cpu()).sum()) for n in names)
+            moved = {**expert, **{n: expert[n] - t * delta[n] for n in names}}
+            with torch.no_grad():
+                actual = float(evaluator.loss(evaluator.params(moved), task, examples)
+                               - evaluator.loss(evaluator.params(expert), task, examples))
+            return predicted, actual
+            # END SOLUTION
+        """, [
+        test("test_taylor_check_agrees_closely_for_a_moderate_step", "taylor_check, zoo, evaluator, examples, layers", """
+            grading.expect_signature(taylor_check, "taylor_check",
+                                     ("evaluator", "base", "expert", "task", "examples", "names", "t"))
+            task = zoo.task_names[0]
+            result = grading.call(taylor_check, "taylor_check", evaluator, zoo.base, zoo.experts[task], task,
+                                  examples[task], layers["layer.5"], 0.1)
+            grading.expect_pair(result, "taylor_check", "(predicted, actual)")
+            predicted, actual = (float(grading.expect_number(x, "taylor_check's result")) for x in result)
+            # the midpoint rule's error is O(t³): 0.2 % at t = 0.1 on the grading zoo, where the expansion at
+            # the expert (O(t²)) misses by 10 %; 1 % tells the two apart
+            assert abs(actual - predicted) <= 0.01 * abs(actual), (
+                f"at t = 0.1 the midpoint prediction {predicted:.3e} and the loss change {actual:.3e} should agree "
+                "within 1 % (is the gradient taken halfway along the step?)")
+            """),
+        test("test_taylor_check_matches_the_package", "taylor_check, zoo, evaluator, examples, layers", """
+            from merging_helpers import apl, taylor
+            task, layer = zoo.task_names[⟨A8_TASK⟩], "layer.⟨A8_LAYER⟩"
+            expert = zoo.experts[task]
+            delta = deltas.task_vector(zoo.base, expert)
+            parts = apl.groups(expert, "layer")
+            for t in (0.01, 0.3):
+                halfway = {**expert, **{n: expert[n] - 0.5 * t * delta[n] for n in parts[layer]}}
+                gradient = evaluator.loss_gradient(halfway, task, examples[task])
+                want = -float(taylor.partition_products(delta, gradient, {layer: parts[layer]})[0])
+                result = grading.call(taylor_check, "taylor_check", evaluator, zoo.base, expert, task,
+                                      examples[task], layers[layer], t)
+                grading.expect_pair(result, "taylor_check", "(predicted, actual)")
+                predicted, actual = (float(grading.expect_number(x, "taylor_check's result")) for x in result)
+                # float64 dot products in another order: ≪ 1e-6; the halfway point rounded otherwise: ~1e-7 relative
+                grading.expect_close(torch.tensor(predicted), torch.tensor(t * want), f"predicted at t = {t}",
+                                     atol=1e-6, rtol=1e-4)
+                moved = {**expert, **{n: expert[n] - t * delta[n] for n in parts[layer]}}
+                with torch.no_grad():
+                    real = float(evaluator.loss(evaluator.params(moved), task, examples[task])
+                                 - evaluator.loss(evaluator.params(expert), task, examples[task]))
+                grading.expect_close(torch.tensor(actual), torch.tensor(real), f"actual at t = {t}", atol=1e-5)
+            """, hidden=True)]),
+]
+
+A8_MIDPOINT_Q3 = question("q3_reading", 2, """
+    **Question 3 (written).** How does the relative error of your prediction change as t
+    shrinks from 1 to 0.1, and what order is the neglected term? Below some t the error
+    stops shrinking: why (think of how the loss difference is computed)? Your importance
+    takes one gradient at θ_b + Δ/2 for every partition, while the check takes it halfway
+    along each partition's own move: when is the first a good stand-in for the second, and
+    would you trust it to rank partitions for tracing? Three to five sentences.
+    """, """
+    From t = 1 to t = 0.1 the relative error falls roughly like t² (about a hundredfold; see the
+    numbers on the instructors' page), so the neglected term is of third order: the midpoint
+    rule cancels the second-order term that the expansions at the base or the expert keep.
+    Where the error stops falling at the smallest t (for some layers and tasks it does), the
+    loss change is a difference of two float32 losses of similar size whose rounding (~1e-7 of
+    the loss) has become comparable with the shrinking error. One gradient at θ_b + Δ/2 stands in for each partition's own
+    midpoint when the partitions interact weakly (the gradient in one layer changes little when
+    the others move), which holds for light fine-tunes and less for heavy ones; it then ranks
+    partitions better than the one-sided expansions, but tracing stays the reference where
+    the scores are close.
+    """, [], manual=True)
+
+
 A8 = [
     config("a8_gradient_importance"),
-    md("""
+    choose("A8_RULE", expert=[md("""
         # Assignment 8 — gradient importance at the other expansion point, and the Taylor check
 
         Chapter 5 of the book. Tracing needs one forward pass per partition; APL's
@@ -1293,7 +1779,7 @@ A8 = [
 
         `evaluator.loss_gradient(state_dict, task, examples)` returns the gradient (a dict
         name → tensor); `evaluator.loss(evaluator.params(state_dict), task, examples)` the loss.
-        """),
+        """)], midpoint=A8_MIDPOINT_INTRO),
     SETUP,
     code("""
         from merging_helpers.partitions import describe
@@ -1304,7 +1790,7 @@ A8 = [
             if describe(name).layer is not None:
                 layers.setdefault(f"layer.{describe(name).layer}", []).append(name)
         """),
-    *question("q1_gradient_importance", 4, """
+    choose("A8_RULE", expert=[*question("q1_gradient_importance", 4, """
         **Question 1.** Write `gradient_importance(evaluator, base, expert, task, examples, layers)`:
         the gradient g_t of the few-shot loss at `expert`, then, for every key of `layers` (a dict
         key → list of names), −|Σ_{i∈s} Δ_i (g_t)_i| with Δ = expert − base (in float64). Return a
@@ -1396,14 +1882,14 @@ A8 = [
                     real = float(evaluator.loss(evaluator.params(moved), task, examples[task])
                                  - evaluator.loss(evaluator.params(expert), task, examples[task]))
                 grading.expect_close(torch.tensor(actual), torch.tensor(real), f"actual at t = {t}", atol=1e-5)
-            """, hidden=True)]),
+            """, hidden=True)])], midpoint=A8_MIDPOINT),
     code("""
         task = zoo.task_names[0]
         for t in (1.0, 0.3, 0.1, 0.03, 0.01):
             predicted, actual = taylor_check(evaluator, zoo.base, zoo.experts[task], task, examples[task], layers["layer.5"], t)
             print(f"t = {t:<5} predicted {predicted:+.3e}  actual {actual:+.3e}  relative error {abs(actual - predicted) / abs(predicted):.1e}")
         """),
-    *question("q3_reading", 2, """
+    choose("A8_RULE", expert=question("q3_reading", 2, """
         **Question 3 (written).** How does the relative error of the first-order term change
         as t shrinks, and what does that tell you about the order of the neglected term? At
         t = 1 the two expansions (at the base, the chapter's; at the expert, yours) estimate the
@@ -1418,39 +1904,57 @@ A8 = [
         partition from the expert, so the expansion at the expert describes the same move and is
         the better first-order stand-in for it; the expansion at the base describes adding the
         partition to the base, which is what APL's Eq. 5 writes. Where they disagree, trust tracing.
-        """, [], manual=True),
+        """, [], manual=True), midpoint=A8_MIDPOINT_Q3),
 ]
 
 # The hidden tests' parameters per offering: the first value is the committed masters'; a seed
-# draws one of the values (all keep the tests' tolerances and the solutions' cost about the same).
+# draws one of the others (all keep the tests' tolerances and the solutions' cost about the same).
+# A token named *_RULE picks cells written for each rule (:func:`choose`): what the students must write.
 VARIANTS = {
     "a1_task_arithmetic": {"A1_LAMS": ("[0.5, 0.1, 0.3]", "[0.2, 0.6, 0.4]", "[0.7, 0.3, 0.1]", "[0.1, 0.4, 0.8]"),
                            "A1_GRID": ("(0.2, 0.4, 0.8)", "(0.3, 0.5, 0.9)", "(0.1, 0.6, 1.0)", "(0.2, 0.7, 1.2)")},
-    "a2_dare": {"A2_PS": ("(0.3, 0.9, 0.5005)", "(0.2, 0.75, 0.6003)", "(0.45, 0.95, 0.3337)", "(0.1, 0.8, 0.7001)"),
+    "a2_dare": {"A2_RULE": ("tensor", "row"),
+                "A2_PS": ("(0.3, 0.9, 0.5005)", "(0.2, 0.75, 0.6003)", "(0.45, 0.95, 0.3337)", "(0.1, 0.8, 0.7001)"),
                 "A2_P": ("0.3", "0.4", "0.6", "0.2"),
                 "A2_MERGE": ("0.6, 0.7", "0.5, 0.9", "0.8, 1.2", "0.3, 0.5")},
-    "a3_ties": {"A3_DENSITIES": ("(0.05, 0.2, 1.0)", "(0.1, 0.3, 0.9)", "(0.02, 0.5, 1.0)", "(0.15, 0.4, 0.7)"),
+    "a3_ties": {"A3_RULE": ("frequency", "max"),
+                "A3_DENSITIES": ("(0.05, 0.2, 1.0)", "(0.1, 0.3, 0.9)", "(0.02, 0.5, 1.0)", "(0.15, 0.4, 0.7)"),
                 "A3_MERGE": ("0.2, 0.8", "0.3, 1.0", "0.1, 0.6", "0.5, 1.2")},
     "a4_magprune": {"A4_KEEP": ("0.3, 0.1", "0.5, 0.2", "0.2, 0.15", "0.7, 0.25")},
     "a5_rms_rates": {"A5_RATES": ("0.9, (0.05, 0.03)", "0.8, (0.1, 0.05)", "0.7, (0.08, 0.02)", "0.95, (0.02, 0.04)")},
     "a6_dppa_rates": {"A6_NS": ("(3.0, 5.0)", "(2.0, 4.0)", "(2.5, 6.0)", "(3.5, 4.5)"),
                       "A6_THETA": ("0.5, 0.08", "0.7, 0.05", "0.3, 0.1", "0.6, 0.12")},
-    "a7_apl_tracing": {"A7_TASK": ("0", "1", "2"), "A7_KEEP": ("0.25", "0.4", "0.75", "0.1")},
-    "a8_gradient_importance": {"A8_TASK": ("1", "0", "2"), "A8_LAYER": ("2", "3", "4", "1")},
+    "a7_apl_tracing": {"A7_RULE": ("layer", "block"),
+                       "A7_TASK": ("0", "1", "2"), "A7_KEEP": ("0.25", "0.4", "0.75", "0.1")},
+    "a8_gradient_importance": {"A8_RULE": ("expert", "midpoint"),
+                               "A8_TASK": ("1", "0", "2"), "A8_LAYER": ("2", "3", "4", "1")},
 }
 
 
 def draw(seed: int | None) -> dict[str, dict[str, str]]:
-    """Each assignment's token values for an offering: the first values without a seed, else drawn."""
-    rng = random.Random(seed)
-    return {name: {token: values[0] if seed is None else rng.choice(values) for token, values in tokens.items()}
-            for name, tokens in VARIANTS.items()}
+    """Each assignment's token values for an offering: the first values (the committed, public masters')
+    without a seed; else drawn from the others, so an offering never uses a public rule or parameter
+    (one random stream per assignment: a token added to one leaves the others' draws as they were)."""
+    out = {}
+    for name, tokens in VARIANTS.items():
+        rng = random.Random(f"{name}/offering {seed}")
+        out[name] = {token: values[0] if seed is None else rng.choice(values[1:]) for token, values in tokens.items()}
+    return out
+
+
+def rules(name: str) -> dict[str, tuple[str, ...]]:
+    """The rule tokens of assignment ``name`` (those whose values pick cells) and their rules."""
+    return {token: values for token, values in VARIANTS[name].items() if token.endswith("_RULE")}
 
 
 def fill(cells: list[dict], values: dict[str, str]) -> list[dict]:
-    """The cells with every token ``⟨NAME⟩`` replaced by its value (a token left over is an error)."""
+    """The cells with each rule's chosen cells in place of its :func:`choose` block and every token
+    ``⟨NAME⟩`` replaced by its value (a token left over is an error)."""
     out = []
     for cell in cells:
+        if "choose" in cell:
+            out += fill(cell["rules"][values[cell["choose"]]], values)
+            continue
         source = cell["source"]
         for token, value in values.items():
             source = source.replace(f"⟨{token}⟩", value)
@@ -1473,9 +1977,10 @@ def notebook(cells: list[dict]) -> dict:
             "nbformat": 4, "nbformat_minor": 5}
 
 
-def master(name: str, seed: int | None = None) -> str:
-    """The master notebook ``name`` as written to disk, for the offering of ``seed`` (None: committed)."""
-    cells = fill(MASTERS[name], draw(seed)[name])
+def master(name: str, seed: int | None = None, **fixed: str) -> str:
+    """The master notebook ``name`` as written to disk, for the offering of ``seed`` (None: committed);
+    ``fixed``: tokens set by hand (``A2_RULE="row"``), e.g. to test every rule."""
+    cells = fill(MASTERS[name], {**draw(seed)[name], **fixed})
     return json.dumps(notebook(cells), indent=1, ensure_ascii=False) + "\n"
 
 

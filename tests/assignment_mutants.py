@@ -837,3 +837,239 @@ def taylor_check(evaluator, base, expert, task, examples, names, t):
 
 MUTANTS = {"a1_task_arithmetic": A1, "a2_dare": A2, "a3_ties": A3, "a4_magprune": A4, "a5_rms_rates": A5,
            "a6_dppa_rates": A6, "a7_apl_tracing": A7, "a8_gradient_importance": A8}
+
+# The other rules an offering may draw (make_masters.VARIANTS' *_RULE tokens): (assignment, token, rule)
+# → the answers of the questions whose specification that rule changes; the other questions keep theirs.
+A2_ROW = {
+    "q1_dare": {
+        "wrong": {
+            "the count over the whole tensor, not per row": """
+def dare(delta, p, generator):
+    n = delta.numel()
+    k = round(p * n)
+    if not 0 <= p < 1 or k >= n:
+        raise ValueError(f"p = {p}")
+    out = delta.reshape(-1) * (n / (n - k))
+    out[torch.randperm(n, generator=generator)[:k]] = 0
+    return out.reshape(delta.shape)
+""",
+            "DARE's 1 / (1 − p), not c / (c − k)": """
+def dare(delta, p, generator):
+    c = delta.shape[-1]
+    k = round(p * c)
+    if not 0 <= p < 1 or k >= c:
+        raise ValueError(f"p = {p}")
+    rows = delta.reshape(-1, c)
+    ranks = torch.rand(rows.shape, generator=generator).argsort(dim=1)
+    return torch.where(ranks < k, 0.0, rows / (1 - p)).reshape(delta.shape)
+""",
+            "per column (the first dimension), not per row": """
+def dare(delta, p, generator):
+    c = delta.shape[0]
+    k = round(p * c)
+    if not 0 <= p < 1 or k >= c:
+        raise ValueError(f"p = {p}")
+    columns = delta.reshape(c, -1)
+    ranks = torch.rand(columns.shape, generator=generator).argsort(dim=0)
+    return torch.where(ranks < k, 0.0, columns * (c / (c - k))).reshape(delta.shape)
+""",
+        },
+        # a randperm per row, in a loop
+        "alternative": """
+def dare(delta, p, generator):
+    c = delta.shape[-1]
+    k = int(round(p * c))
+    if p < 0 or p >= 1 or k == c:
+        raise ValueError(f"dare: bad p = {p}")
+    out = delta.clone().reshape(-1, c) * c / (c - k)
+    for row in out:
+        row[torch.randperm(c, generator=generator)[:k].to(delta.device)] = 0
+    return out.reshape(delta.shape)
+""",
+    },
+}
+
+A3_MAX = {
+    "q2_elect_sign": {
+        "wrong": {
+            "the largest signed value, not the largest magnitude": """
+def elect_sign(deltas):
+    return torch.where(torch.stack(deltas).max(dim=0).values < 0, -1.0, 1.0)
+""",
+            "the mass election (the chapter's)": """
+def elect_sign(deltas):
+    return torch.where(sum(deltas) < 0, -1.0, 1.0)
+""",
+            "0 where every delta is 0": """
+def elect_sign(deltas):
+    stacked = torch.stack(deltas)
+    return stacked.gather(0, stacked.abs().argmax(dim=0, keepdim=True))[0].sign()
+""",
+            "the last expert among equal magnitudes": """
+def elect_sign(deltas):
+    stacked = torch.stack(deltas).flip(0)
+    return torch.where(stacked.gather(0, stacked.abs().argmax(dim=0, keepdim=True))[0] < 0, -1.0, 1.0)
+""",
+        },
+        # a running maximum over the experts, strict > so the first among equals stays
+        "alternative": """
+def elect_sign(deltas):
+    best = torch.zeros_like(deltas[0])
+    for d in deltas:
+        best = torch.where(d.abs() > best.abs(), d, best)
+    return torch.where(best >= 0, 1.0, -1.0)
+""",
+    },
+}
+
+A7_BLOCK = {
+    "q1_block_partitions": {
+        "wrong": {
+            "by role only, not per layer": """
+from merging_helpers.partitions import describe
+def block_partitions(names):
+    out = {}
+    for name in names:
+        if describe(name).layer is not None:
+            out.setdefault(describe(name).role, []).append(name)
+    return dict(sorted(out.items()))
+""",
+            "the norms left out": """
+from merging_helpers.partitions import describe
+def block_partitions(names):
+    out = {}
+    for name in names:
+        info = describe(name)
+        if info.layer is not None and info.role != "norm":
+            out.setdefault(f"layer.{info.layer}.{info.role}", []).append(name)
+    return out
+""",
+            "keys sorted as strings (layer.10 before layer.2)": """
+from merging_helpers.partitions import describe
+def block_partitions(names):
+    out = {}
+    for name in names:
+        info = describe(name)
+        if info.layer is not None:
+            out.setdefault(f"layer.{info.layer}.{info.role}", []).append(name)
+    return dict(sorted(out.items(), reverse=True))
+""",
+        },
+        # string keys first, sorted by the numbers and roles read back from them
+        "alternative": """
+from collections import defaultdict
+from merging_helpers import partitions
+def block_partitions(names):
+    groups = defaultdict(list)
+    for name in names:
+        info = partitions.describe(name)
+        if info.layer is not None:
+            groups["layer.%d.%s" % (info.layer, info.role)].append(name)
+    order = lambda key: (int(key.split(".")[1]), key.split(".")[2])
+    return {key: groups[key] for key in sorted(groups, key=order)}
+""",
+    },
+    # the layer-level answers' mistakes, made at the block level
+    "q2_trace_blocks": {
+        "wrong": {label: answer.replace("trace_layers", "trace_blocks").replace("layer_partitions", "block_partitions")
+                  for label, answer in A7["q2_trace_layers"]["wrong"].items()},
+        "alternative": A7["q2_trace_layers"]["alternative"].replace("trace_layers", "trace_blocks").replace(
+            "layer_partitions", "block_partitions"),
+    },
+}
+
+A8_MIDPOINT = {
+    "q1_gradient_importance": {
+        "wrong": {
+            "the gradient at the expert": """
+def gradient_importance(evaluator, base, expert, task, examples, layers):
+    g = evaluator.loss_gradient(expert, task, examples)
+    return {k: -abs(sum(float(((expert[n].double() - base[n].double()) * g[n].double()).sum()) for n in names))
+            for k, names in layers.items()}
+""",
+            "the gradient at the base": """
+def gradient_importance(evaluator, base, expert, task, examples, layers):
+    g = evaluator.loss_gradient(base, task, examples)
+    return {k: -abs(sum(float(((expert[n].double() - base[n].double()) * g[n].double()).sum()) for n in names))
+            for k, names in layers.items()}
+""",
+            "half the delta in the product": """
+def gradient_importance(evaluator, base, expert, task, examples, layers):
+    middle = {n: base[n].float() + 0.5 * (t.float() - base[n].float()) if t.is_floating_point() else t
+              for n, t in expert.items()}
+    g = evaluator.loss_gradient(middle, task, examples)
+    return {k: -abs(sum(float(((middle[n].double() - base[n].double()) * g[n].double()).sum()) for n in names))
+            for k, names in layers.items()}
+""",
+        },
+        # the midpoint as (θ_b + θ_t) / 2, products with torch.dot
+        "alternative": """
+def gradient_importance(evaluator, base, expert, task, examples, layers):
+    middle = dict(expert)
+    for n, t in expert.items():
+        if torch.is_floating_point(t):
+            middle[n] = ((base[n].double() + t.double()) / 2).float()
+    g = evaluator.loss_gradient(middle, task, examples)
+    out = {}
+    for k, names in layers.items():
+        out[k] = -abs(sum(torch.dot((expert[n].double() - base[n].double()).flatten(), g[n].double().cpu().flatten()).item()
+                          for n in names))
+    return out
+""",
+    },
+    "q2_taylor_check": {
+        "wrong": {
+            "the gradient at the expert (first order only)": """
+def taylor_check(evaluator, base, expert, task, examples, names, t):
+    g = evaluator.loss_gradient(expert, task, examples)
+    delta = {n: expert[n].float() - base[n].float() for n in names}
+    predicted = -t * sum(float((delta[n].double() * g[n].double()).sum()) for n in names)
+    moved = {**expert, **{n: expert[n] - t * delta[n] for n in names}}
+    with torch.no_grad():
+        actual = float(evaluator.loss(evaluator.params(moved), task, examples) - evaluator.loss(evaluator.params(expert), task, examples))
+    return predicted, actual
+""",
+            "the whole model's midpoint θ_b + Δ/2, not the step's": """
+def taylor_check(evaluator, base, expert, task, examples, names, t):
+    middle = {n: base[n].float() + 0.5 * (x.float() - base[n].float()) if x.is_floating_point() else x for n, x in expert.items()}
+    g = evaluator.loss_gradient(middle, task, examples)
+    delta = {n: expert[n].float() - base[n].float() for n in names}
+    predicted = -t * sum(float((delta[n].double() * g[n].double()).sum()) for n in names)
+    moved = {**expert, **{n: expert[n] - t * delta[n] for n in names}}
+    with torch.no_grad():
+        actual = float(evaluator.loss(evaluator.params(moved), task, examples) - evaluator.loss(evaluator.params(expert), task, examples))
+    return predicted, actual
+""",
+            "the prediction without its minus": """
+def taylor_check(evaluator, base, expert, task, examples, names, t):
+    delta = {n: expert[n].float() - base[n].float() for n in names}
+    g = evaluator.loss_gradient({**expert, **{n: expert[n] - 0.5 * t * delta[n] for n in names}}, task, examples)
+    predicted = t * sum(float((delta[n].double() * g[n].double()).sum()) for n in names)
+    moved = {**expert, **{n: expert[n] - t * delta[n] for n in names}}
+    with torch.no_grad():
+        actual = float(evaluator.loss(evaluator.params(moved), task, examples) - evaluator.loss(evaluator.params(expert), task, examples))
+    return predicted, actual
+""",
+        },
+        # the halfway point by torch.lerp, sums in float64 step by step
+        "alternative": """
+def taylor_check(evaluator, base, expert, task, examples, names, t):
+    halfway, moved = dict(expert), dict(expert)
+    for n in names:
+        halfway[n] = torch.lerp(expert[n].float(), base[n].float(), 0.5 * t)
+        moved[n] = expert[n].float() - t * (expert[n].float() - base[n].float())
+    g = evaluator.loss_gradient(halfway, task, examples)
+    predicted = 0.0
+    for n in names:
+        predicted -= t * float(((expert[n].double() - base[n].double()) * g[n].double()).sum())
+    with torch.no_grad():
+        before = evaluator.loss(evaluator.params(expert), task, examples)
+        after = evaluator.loss(evaluator.params(moved), task, examples)
+    return predicted, float(after - before)
+""",
+    },
+}
+
+RULE_MUTANTS = {("a2_dare", "A2_RULE", "row"): A2_ROW, ("a3_ties", "A3_RULE", "max"): A3_MAX,
+                ("a7_apl_tracing", "A7_RULE", "block"): A7_BLOCK,
+                ("a8_gradient_importance", "A8_RULE", "midpoint"): A8_MIDPOINT}

@@ -123,7 +123,7 @@ def test_a_wrong_answer_loses_its_points(name, tmp_path):
 # cells run once per assignment; each answer's cell, then its question's tests, in a copy of the
 # notebook's variables): each wrong answer fails a test with a readable AssertionError, the
 # alternative passes them all.
-from assignment_mutants import MUTANTS  # noqa: E402
+from assignment_mutants import MUTANTS, RULE_MUTANTS  # noqa: E402
 
 
 def _master_parts(name: str, text: str | None = None):
@@ -142,29 +142,30 @@ def _master_parts(name: str, text: str | None = None):
     return program, tests
 
 
-_SOLVED: dict[str, tuple[dict, dict]] = {}
+_SOLVED: dict[tuple[str, str | None], tuple[dict, dict]] = {}
 
 
-def _solved(name: str):
-    """The master run as a solved notebook: its variables, and each question's test cells."""
-    if name not in _SOLVED:
-        program, tests = _master_parts(name)
+def _solved(name: str, text: str | None = None):
+    """The master (``text``: as written for an offering or a rule, else the committed one) run as a
+    solved notebook: its variables, and each question's test cells."""
+    if (name, text) not in _SOLVED:
+        program, tests = _master_parts(name, text)
         env = {"__name__": "__main__"}
         for source in program:
             exec(compile(source, f"<{name}>", "exec"), env)
-        _SOLVED[name] = env, tests
-    return _SOLVED[name]
+        _SOLVED[name, text] = env, tests
+    return _SOLVED[name, text]
 
 
-def _failures(name: str, question: str, answer: str, first: bool = False, tests=None) -> list[BaseException]:
-    """The exceptions the question's tests (``tests``: an offering's, else the committed master's)
-    raise on ``answer`` (run in a copy of the solved notebook); ``first``: stop at the first."""
+def _failures(name: str, question: str, answer: str, first: bool = False, text: str | None = None) -> list[BaseException]:
+    """The exceptions the question's tests raise on ``answer`` (run in a copy of the solved notebook of
+    the master ``text``, default the committed one); ``first``: stop at the first."""
     from merging_helpers import grading
-    env, committed = _solved(name)
+    env, tests = _solved(name, text)
     env = dict(env)
     exec(compile(answer, f"<{name} {question} answer>", "exec"), env)
     failures = []
-    for source in (tests or committed)[question]:
+    for source in tests[question]:
         grading._permitted.clear()  # otter grades each notebook in a process of its own
         try:
             exec(compile(source, f"<{name} {question} test>", "exec"), dict(env))
@@ -175,23 +176,44 @@ def _failures(name: str, question: str, answer: str, first: bool = False, tests=
     return failures
 
 
-CASES = [(name, question, label) for name, questions in MUTANTS.items() for question, kinds in questions.items()
+MAKE = build.make_masters()
+# every rule an offering may draw that the committed masters do not use: (assignment, token, rule)
+OTHER_RULES = [(name, token, rule) for name in MAKE.VARIANTS for token, rules in MAKE.rules(name).items()
+               for rule in rules[1:]]
+
+
+def _answers(name: str, question: str, rule: tuple | None) -> dict:
+    """The wrong answers and the alternative of a question, under ``rule`` (its own, else the committed)."""
+    return RULE_MUTANTS.get(rule, {}).get(question) or MUTANTS[name][question]
+
+
+def _rule_text(rule: tuple | None) -> str | None:
+    return None if rule is None else MAKE.master(rule[0], **{rule[1]: rule[2]})
+
+
+CASES = [(name, question, label, None) for name, questions in MUTANTS.items() for question, kinds in questions.items()
          for label in ("solution", *kinds["wrong"], "alternative")]
+CASES += [(rule[0], question, label, rule) for rule in OTHER_RULES for question in _master_parts(rule[0], _rule_text(rule))[1]
+          for label in ("solution", *_answers(rule[0], question, rule)["wrong"], "alternative")]
 
 
 def test_every_auto_graded_question_has_two_wrong_answers_and_an_alternative():
-    for master in MASTERS:
-        _, tests = _master_parts(master.stem)
-        for question in tests:
-            kinds = MUTANTS.get(master.stem, {}).get(question)
-            assert kinds and len(kinds["wrong"]) >= 2 and kinds["alternative"], f"{master.stem} {question}"
+    for rule in [None, *OTHER_RULES]:
+        for master in ([m.stem for m in MASTERS] if rule is None else [rule[0]]):
+            for question in _master_parts(master, _rule_text(rule))[1]:
+                kinds = _answers(master, question, rule)
+                assert kinds and len(kinds["wrong"]) >= 2 and kinds["alternative"], f"{master} {question} {rule}"
+    assert set(RULE_MUTANTS) <= set(OTHER_RULES), "an answer set for a rule no offering draws"
+    assert OTHER_RULES and all(RULE_MUTANTS.get(r) for r in OTHER_RULES), "every other rule has its own answers"
 
 
-@pytest.mark.parametrize("name, question, label", CASES, ids=["-".join(c) for c in CASES])
-def test_the_tests_tell_a_wrong_answer_from_a_right_one(name, question, label):
-    kinds = MUTANTS[name][question]
+@pytest.mark.parametrize("name, question, label, rule", CASES,
+                         ids=["-".join(c[:3]) + (f"@{c[3][2]}" if c[3] else "") for c in CASES])
+def test_the_tests_tell_a_wrong_answer_from_a_right_one(name, question, label, rule):
+    kinds = _answers(name, question, rule)
     right = {"solution": "", "alternative": kinds["alternative"]}   # the master's own answer; another correct one
-    failures = _failures(name, question, right.get(label, kinds["wrong"].get(label)), label not in right)
+    failures = _failures(name, question, right.get(label, kinds["wrong"].get(label)), label not in right,
+                         _rule_text(rule))
     if label in right:
         assert not failures, f"a correct answer ({label}) fails: {failures}"
         return
@@ -226,13 +248,15 @@ def test_two_offerings_draw_different_hidden_tests_and_the_solutions_pass_them()
     one, two, committed_values = make.draw(1), make.draw(2), make.draw(None)
     for name in make.VARIANTS:
         assert one[name] != two[name], f"{name}: offerings 1 and 2 have the same hidden tests"
-        assert one[name] != committed_values[name] or two[name] != committed_values[name]
+        public = [t for t in one[name] if one[name][t] == committed_values[name][t]]
+        assert not public, f"{name}: offering 1 uses the public masters' {public}"
         _, committed = _master_parts(name)
-        _, offered = _master_parts(name, make.master(name, 1))
-        changed = [q for q in offered if offered[q] != committed[q]]
+        text = make.master(name, 1)
+        _, offered = _master_parts(name, text)
+        changed = [q for q in offered if offered[q] != committed.get(q)]
         assert changed, f"{name}: offering 1 changes no test"
         for question in changed:
-            failures = _failures(name, question, "", tests=offered)
+            failures = _failures(name, question, "", text=text)
             assert not failures, f"{name} {question}: the solution fails offering 1's tests: {failures}"
 
 
@@ -249,6 +273,29 @@ def test_the_instructors_page_carries_the_measured_grading_times():
     assert all(t["solution_s"] > 0 and t["student_s"] > 0 for t in data["assignments"].values())
     assert f"{build.START}\n{build.times_table(data)}\n{build.END}" in build.PAGE.read_text(), (
         "book/assignments.md's grading times differ from assignments/grading_times.json: run build.py --grade --record")
+
+
+def test_the_instructors_page_carries_the_computed_model_answers():
+    """The numbers behind the written questions (assignments/model_answers.py, run on the grading zoo)
+    cover every written question of every rule, and the page shows exactly them."""
+    spec = importlib.util.spec_from_file_location("model_answers", ROOT / "assignments" / "model_answers.py")
+    answers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(answers)
+    data = json.loads(answers.ANSWERS.read_text())
+    for master in MASTERS:
+        written = list(_written_questions(master.read_text()))
+        assert set(data["answers"].get(master.stem, {})) == set(written), master.stem
+        rules = MAKE.rules(master.stem)   # one rule token at most per assignment: its rules, else one
+        for question in written:
+            assert len(data["answers"][master.stem][question]) == (sum(map(len, rules.values())) or 1), question
+    assert f"{answers.START}\n{answers.section(data)}\n{answers.END}" in build.PAGE.read_text(), (
+        "book/assignments.md's model answers differ from assignments/model_answers.json: run model_answers.py")
+    assert sum(len(q) for q in data["answers"].values()) >= 6 and "keep 0.5" in answers.section(data)
+
+
+def _written_questions(text: str) -> dict[str, str]:
+    return {re.search(r"name: (\w+)", c).group(1): c for c in ("".join(cell["source"]) for cell in json.loads(text)["cells"])
+            if c.startswith("# BEGIN QUESTION") and "manual: true" in c}
 
 
 def _shapes(text: str) -> set[str]:
@@ -291,3 +338,39 @@ def test_the_copy_check_sees_a_renamed_copy():
     renamed = re.sub(r"\bmerged\b", "out", re.sub(r"\bdeltas\b", "ds", chapter))
     assert renamed != chapter
     assert len(_shapes(renamed) & _shapes(chapter)) >= 4
+
+
+@pytest.mark.parametrize("rule", OTHER_RULES, ids=lambda r: f"{r[0]}@{r[2]}")
+def test_the_public_solution_fails_an_offering_of_another_rule(rule):
+    """A seeded offering draws another rule than the public masters (make_masters.draw): the committed
+    solution, handed in to that offering, loses the points of every question whose answer the rule changes."""
+    from merging_helpers import grading
+    name = rule[0]
+    env, committed = _solved(name)
+    _, offered = _master_parts(name, _rule_text(rule))
+    failing = []
+    for question in (q for q in offered if offered[q] != committed.get(q)):
+        for source in offered[question]:
+            grading._permitted.clear()
+            try:
+                exec(compile(source, f"<{name} {question} test>", "exec"), dict(env))
+            except Exception:  # noqa: BLE001 - otter marks the test failed, whatever the error
+                failing.append(question)
+                break
+    rewritten = [q for q, answer in _solutions(name, _rule_text(rule)).items() if answer != _solutions(name).get(q)]
+    assert rewritten and set(failing) >= {q for q in rewritten if q in offered}, (
+        f"{name} rule {rule[2]!r}: the public solution fails {failing}; the rule rewrites the answers of {rewritten}")
+
+
+def _solutions(name: str, text: str | None = None) -> dict[str, str]:
+    """Each auto-graded question's solution cell in master ``name`` (``text``: as written for a rule)."""
+    text = text or (ROOT / "assignments" / f"{name}.ipynb").read_text()
+    out, question, inside = {}, None, False
+    for cell in json.loads(text)["cells"]:
+        source = "".join(cell["source"])
+        if cell["cell_type"] == "raw":
+            question = re.search(r"name: (\w+)", source).group(1) if source.startswith("# BEGIN QUESTION") else question
+            inside = source.startswith("# BEGIN SOLUTION")
+        elif inside and cell["cell_type"] == "code":
+            out[question] = source
+    return out
