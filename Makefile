@@ -7,7 +7,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: book test install clean-book zoo assignments reader publish model-answers
+.PHONY: book test install clean-book zoo assignments reader publish model-answers mergekit
 
 install: $(STAMP)
 
@@ -61,12 +61,25 @@ $(READER)/.installed: $(STAMP) $(PACKAGE_FILES)
 	  nbval pytest ipykernel otter-grader
 	touch $@
 
+# mergekit 0.1.5, the tool the YAML import and export are checked against (tests/test_mergekit_yaml.py),
+# in a venv of its own: its requirements held to ours by -c requirements.txt (so the CPU torch, never a
+# CUDA build). Made once.
+MERGEKIT_VENV := .venv-mergekit
+
+mergekit: $(MERGEKIT_VENV)/.installed
+
+$(MERGEKIT_VENV)/.installed: requirements.txt
+	test -x $(MERGEKIT_VENV)/bin/python || $(PYTHON) -m venv $(MERGEKIT_VENV)
+	$(MERGEKIT_VENV)/bin/python -m pip install --quiet -c requirements.txt mergekit==0.1.5
+	touch $@
+
 # The unit tests, then every chapter alone from the reader's install (tests/test_chapters_alone.py),
 # in the quick mode (MERGING_BOOK_QUICK=1: fewer seeds and smaller grids, the same code paths);
 # `make book` runs them in full. The zoo is built first (`zoo`), so no cell trains a tier.
-test: zoo reader
+test: zoo reader mergekit
 	PATH=$(abspath $(BIN)):$$PATH MERGING_BOOK_QUICK=1 MERGING_BOOK_READER_PYTHON=$(abspath $(READER))/bin/python \
-	  MERGING_BOOK_GRADER_PYTHON=$(abspath $(READER))/bin/python $(BIN)/python -m pytest tests -p no:cacheprovider -q
+	  MERGING_BOOK_GRADER_PYTHON=$(abspath $(READER))/bin/python \
+	  MERGING_BOOK_MERGEKIT=$(abspath $(MERGEKIT_VENV))/bin/mergekit-yaml $(BIN)/python -m pytest tests -p no:cacheprovider -q
 
 # The course assignments: student notebooks and autograder zips in _build/assignments (not committed);
 # SEED=n builds offering n (the hidden tests' parameters drawn from n).

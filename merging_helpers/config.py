@@ -28,7 +28,7 @@ import torch
 
 from .consensus import ELECTIONS
 from .methods import DIVISORS, Method, get_method
-from .partitions import (LEVELS, PerColumn, PerRow, check_rate_fits, complement, levels_matching, rate_for,
+from .partitions import (LEVELS, Floored, PerColumn, PerRow, check_rate_fits, complement, levels_matching, rate_for,
                          unused_rate_keys, validate_rates)
 from .rescale import RESCALES
 
@@ -38,6 +38,8 @@ RENAMED = {
     "merge_mode": ("divide_by", {"mean": "count", "weighted_mean": "weight_sum", "sum": "nothing", None: None}),
 }
 SCOPES = ("tensor", "model")
+ROUNDINGS = ("round", "floor")
+OUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 def _is_real(x) -> bool:
@@ -79,6 +81,8 @@ class MergeConfig:
     rate_level: str = "layer_role"
     rate_default: float | None = None
     magnitude_scope: str = "tensor"
+    count_rounding: str = "round"   # a magnitude trim keeps round(d·n) entries, or "floor": int(d·n) (mergekit)
+    out_dtype: str | None = None    # the merged floating tensors' dtype (mergekit's out_dtype); None: the input's
     thresholds: tuple | None = field(default=None, repr=False)  # per expert |Δ| thresholds (whole-model scope)
 
     # ---- building and validating ------------------------------------------------------
@@ -179,6 +183,14 @@ class MergeConfig:
             raise ValueError(f"rate_level must be one of {LEVELS}, got {self.rate_level!r}")
         if self.magnitude_scope not in SCOPES:
             raise ValueError(f"magnitude_scope must be 'tensor' or 'model', got {self.magnitude_scope!r}")
+        if self.out_dtype is not None and self.out_dtype not in OUT_DTYPES:
+            raise ValueError(f"out_dtype must be one of {tuple(OUT_DTYPES)} or None (each tensor's own dtype), "
+                             f"got {self.out_dtype!r}")
+        if self.count_rounding not in ROUNDINGS:
+            raise ValueError(f"count_rounding must be one of {ROUNDINGS}, got {self.count_rounding!r}")
+        if self.count_rounding == "floor" and (m.drop != "magnitude" or self.magnitude_scope == "model"):
+            raise ValueError("count_rounding='floor' rounds the kept count of a per-tensor magnitude trim ('magnitude', "
+                             f"'ties'); method {m.name!r} with magnitude_scope={self.magnitude_scope!r} keeps no count")
         if self.thresholds is not None:
             t = self.thresholds
             if not isinstance(t, (list, tuple)) or len(t) != self.n_experts or not all(
@@ -241,7 +253,13 @@ class MergeConfig:
         given = self.density if self.density is not None else self.drop_rate
         values = [rate_for(name, r, self.rate_level, self.rate_default)
                   for r in _per_expert(given, self.n_experts, "rates")]
-        return values if self.density is not None else [complement(p) for p in values]
+        values = values if self.density is not None else [complement(p) for p in values]
+        if self.count_rounding == "floor":
+            if any(isinstance(v, (PerRow, PerColumn)) for v in values):
+                raise ValueError(f"{name!r}: count_rounding='floor' takes one density per tensor, not per-row or "
+                                 "per-column densities")
+            values = [Floored(v) for v in values]
+        return values
 
     def factor(self, name: str):
         """The ``rescale_factor`` of tensor ``name`` (None without one)."""
@@ -253,6 +271,11 @@ class MergeConfig:
                                                     self.n_experts, "rates")
         return any(isinstance(v, (PerRow, PerColumn)) for s in specs
                    for v in (s.values() if isinstance(s, dict) else [s]))
+
+    def output_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype a merged tensor whose inputs are ``dtype`` is written in: ``out_dtype`` for
+        floating tensors when given, else ``dtype`` (integer buffers are always copied as they are)."""
+        return OUT_DTYPES[self.out_dtype] if self.out_dtype and dtype.is_floating_point else dtype
 
     @property
     def rescale_rule(self) -> str | None:

@@ -8,12 +8,13 @@ Conventions: "drop rate" p is the fraction set to zero, "density" = 1 − p is t
 fraction kept. A rate is a float, or a :class:`~merging_helpers.partitions.PerRow` /
 ``PerColumn`` vector (one rate per row / column, chapter 4): each row (column) then
 gets exactly what a tensor made of that row alone would get at its own rate. Drop rates live in [0, 1) (p = 1 would leave nothing to rescale),
-densities in (0, 1]. Magnitude pruning keeps k = round(density · n) entries (peft
-uses int(), i.e. floor; the two agree whenever density · n is an integer).
+densities in (0, 1]. Magnitude pruning keeps k = round(density · n) entries (peft and
+mergekit use int(), i.e. floor; the two agree whenever density · n is an integer; a
+:class:`~merging_helpers.partitions.Floored` density keeps int(density · n), as they do).
 """
 import torch
 
-from .partitions import PerColumn, PerRow, broadcast_rate, validate_rates
+from .partitions import Floored, PerColumn, PerRow, broadcast_rate, validate_rates
 from .rng import EntryRandoms, uniform_like
 from .selection import global_kth_largest_abs, top_k_mask
 
@@ -21,6 +22,12 @@ from .selection import global_kth_largest_abs, top_k_mask
 def _check_tensor(delta, what: str) -> None:
     if not isinstance(delta, torch.Tensor):
         raise TypeError(f"{what}: delta must be a torch.Tensor, got {type(delta).__name__}")
+
+
+def keep_count(density: float, n: int) -> int:
+    """How many of ``n`` entries a magnitude trim at ``density`` keeps (chapter 2): round(d · n), or
+    int(d · n) for a :class:`~merging_helpers.partitions.Floored` density (mergekit's count, chapter 9)."""
+    return int(density * n) if isinstance(density, Floored) else round(density * n)
 
 
 def magnitude_keep_mask(delta: torch.Tensor, density) -> torch.Tensor:
@@ -33,7 +40,7 @@ def magnitude_keep_mask(delta: torch.Tensor, density) -> torch.Tensor:
         return magnitude_keep_mask(delta.transpose(0, 1), PerRow(density.values)).transpose(0, 1)
     if isinstance(density, PerRow):
         return torch.stack([magnitude_keep_mask(row, float(d)) for row, d in zip(delta, density.values)])
-    return top_k_mask(delta, round(density * delta.numel()))
+    return top_k_mask(delta, keep_count(density, delta.numel()))
 
 
 def global_magnitude_threshold(deltas, density: float) -> float:

@@ -15,7 +15,9 @@ ways; what one side cannot say is refused with the option that cannot be said:
                   breadcrumbs, gamma: 0     magnitude (keep the largest |Δ|; with γ > 0 mergekit
                   (import only)             also drops the top γ outliers, which we do not run)
     weight (per model)                      weights
-    density (per model)                     density (a list, one per expert)
+    density (per model)                     density (a list, one per expert); a magnitude trim
+                                            (ties, breadcrumbs) keeps int(d·n) entries there:
+                                            the import sets count_rounding="floor" to match
     epsilon (per model, della)              epsilon (one value for all experts)
     lambda                                  lam
     normalize  true / false                 divide_by "weight_sum" / "nothing" (elect methods);
@@ -45,7 +47,7 @@ SHARED_KEYS = {"normalize", "rescale", "lambda", "int8_mask"}
 
 
 # top-level keys: what the import reads, and mergekit's others, which it accepts and does not apply
-TOP_LEVEL_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "slices"}
+TOP_LEVEL_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "slices"}
 
 
 class NotRepresentable(ValueError):
@@ -149,7 +151,8 @@ def _from_linear(doc: dict, base: str) -> tuple[MergeConfig, list[str]]:
     experts = [(str(e["model"]), w) for e, w in zip(entries, weights) if str(e["model"]) != str(base)]
     if not experts:
         raise ValueError("linear: the models list holds only the base model")
-    config = MergeConfig.build("task_arithmetic", len(experts), weights=[w for _, w in experts], lam=1.0)
+    config = MergeConfig.build("task_arithmetic", len(experts), weights=[w for _, w in experts], lam=1.0,
+                               out_dtype=_out_dtype(doc))
     return config, [name for name, _ in experts]
 
 
@@ -203,9 +206,22 @@ def to_mergekit(config: MergeConfig, base_model: str, models: Sequence[str], dty
         entries.append({"model": str(path), "parameters": params})
     doc = {"merge_method": m.name, "base_model": str(base_model), "models": entries,
            "parameters": {"normalize": normalize, "rescale": rescale == "l1", "lambda": float(config.lam)},
-           "dtype": dtype}
+           "dtype": dtype, **({"out_dtype": config.out_dtype} if config.out_dtype else {})}
     header = f"# written by merging_helpers.mergekit_yaml (seed {config.seed}: mergekit's masks use its own RNG)\n"
+    if m.drop == "magnitude" and config.count_rounding == "round":
+        header += ("# mergekit keeps int(density·n) entries of each tensor, this config round(density·n): the merges are\n"
+                   "# equal where density·n is whole (count_rounding='floor' keeps mergekit's count)\n")
     return header + yaml.safe_dump(doc, sort_keys=False)
+
+
+def _out_dtype(doc: dict) -> str | None:
+    """The dtype mergekit writes the merge in (``out_dtype``, else ``dtype``), as MergeConfig.out_dtype."""
+    from .config import OUT_DTYPES
+    key = "out_dtype" if doc.get("out_dtype") is not None else "dtype"
+    value = doc.get(key)
+    if value is not None and value not in OUT_DTYPES:
+        raise ValueError(f"{key}: {value!r} is not a dtype this import writes; one of {tuple(OUT_DTYPES)}")
+    return value
 
 
 def from_mergekit(text: str) -> tuple[MergeConfig, str, list[str], str | None]:
@@ -265,6 +281,9 @@ def from_mergekit(text: str) -> tuple[MergeConfig, str, list[str], str | None]:
         options["density"] = densities[0] if len(set(densities)) == 1 else densities
         # no rescale: "auto" where the drop rule brings none (TIES), else None
         options["rescale"] = "l1" if rescale else ("auto" if get_method(method).rescale is None else None)
+    if get_method(method).drop == "magnitude":
+        options["count_rounding"] = "floor"   # mergekit's trim keeps int(d·n) entries of each tensor
+    options["out_dtype"] = _out_dtype(doc)
     if method == "della":
         eps = {_number(p.get("epsilon", 0.15), f"model {e['model']!r}: epsilon") for p, e in zip(per_model, models)}
         if len(eps) != 1:

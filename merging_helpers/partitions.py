@@ -112,6 +112,12 @@ class PerColumn(NamedTuple):
     values: torch.Tensor
 
 
+class Floored(float):
+    """A density whose magnitude trim keeps int(d · n) entries (rounded down, as mergekit and peft
+    do) where a plain float keeps round(d · n); ``MergeConfig(count_rounding="floor")`` makes them
+    (chapter 8's appendix)."""
+
+
 RATE_RANGES = {"drop_rate": (0.0, 1.0, "[0, 1)"), "density": (0.0, 1.0, "(0, 1]"), "factor": (0.0, math.inf, "[0, inf)")}
 
 

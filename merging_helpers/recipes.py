@@ -89,7 +89,8 @@ def merge_deltas(name, deltas, config: MergeConfig, offset: int = 0):
 
 
 def merge_tensor(name, base, experts_tensors, method=None, *, config=None, offset=0, **options):
-    """Merge one tensor (chapters 2–3): θ_b + λ · merged delta, in ``base``'s dtype and device.
+    """Merge one tensor (chapters 2–3): θ_b + λ · merged delta, in ``base``'s dtype (or the
+    config's ``out_dtype``) and device.
 
     ``method`` and the keyword options (see :class:`~merging_helpers.config.MergeConfig`)
     or a ready ``config``. ``name`` seeds the random masks and picks per-partition rates.
@@ -116,11 +117,12 @@ def _merge_checked(name, base, experts_tensors, config, offset=0, check_finite=T
             raise ValueError(nonfinite_delta_message(f"expert {t}", name, experts_tensors[t], base, work))
     merged = merge_deltas(name, deltas, config, offset)
     exact = base.to(work) + config.lam * merged
+    target = config.output_dtype(base.dtype)
     # beyond the dtype's range: inf in float16/bfloat16/float32, clamped without a word in float8
-    overflow = ~torch.isfinite(exact) | (exact.abs() > torch.finfo(base.dtype).max)
+    overflow = ~torch.isfinite(exact) | (exact.abs() > torch.finfo(target).max)
     if bool(overflow.any()):
-        raise OverflowError(overflow_message(name, base.dtype, int(overflow.sum())))
-    return exact.to(base.dtype)
+        raise OverflowError(overflow_message(name, target, int(overflow.sum())))
+    return exact.to(target)
 
 
 def overflow_message(name: str, dtype, count: int) -> str:

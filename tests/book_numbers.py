@@ -132,7 +132,7 @@ ALLOWED = {
         'but no 7B': FACT, 'fraction of 0.3': SETTING, 'one at 0.2': SETTING, 'only within ±0.5': SETTING,
     },
     "09_merging_at_scale": {
-        'from ( 1': LABEL, 'and ( 2': LABEL, 'at density 1': SETTING, 'merged a 22M': FACT,
+        'from ( 1': LABEL, 'and ( 2': LABEL, 'merged a 22M': FACT,
         'papers merge 7B': SOURCE, '7B and 13B': SOURCE, '13B checkpoints, 14': SOURCE,
         'checkpoints, 14– 26': SOURCE, 'mode (a 10M': FACT, '(base + 3': SETTING,
     },

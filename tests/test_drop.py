@@ -54,3 +54,19 @@ def test_della_keep_prob_and_unbiased_rescale():
     assert ((mean - delta).abs() <= tolerance).all()
     mask, _ = magprune_keep(delta, 0.5, 0.2, EntryRandoms(0, "d", 0))
     assert abs(mask.float().mean() - 0.5) < 5 * math.sqrt(0.25 / mask.numel())
+
+
+def test_a_floored_density_keeps_int_d_n_like_mergekit_and_a_float_round_d_n():
+    from merging_helpers.config import MergeConfig
+    from merging_helpers.drop import keep_count, magnitude_keep_mask
+    from merging_helpers.partitions import Floored
+    delta = torch.tensor([0.9, -0.8, 0.7, -0.6, 0.5, 0.4, -0.3, 0.2, 0.1, 0.05])
+    assert (keep_count(0.36, 10), keep_count(Floored(0.36), 10)) == (4, 3)  # 3.6: rounded, and cut as int() does
+    assert int(magnitude_keep_mask(delta, 0.36).sum()) == 4
+    assert magnitude_keep_mask(delta, Floored(0.36)).tolist() == [True] * 3 + [False] * 7
+    config = MergeConfig.build("ties", 2, density=[0.36, 0.5], count_rounding="floor")
+    assert [type(d) for d in config.densities("w")] == [Floored, Floored] and config.densities("w") == [0.36, 0.5]
+    with pytest.raises(ValueError, match="count_rounding='floor' rounds the kept count of a per-tensor magnitude"):
+        MergeConfig.build("dare_ties", 2, density=0.5, count_rounding="floor")
+    with pytest.raises(ValueError, match=r"count_rounding must be one of \('round', 'floor'\), got 'down'"):
+        MergeConfig.build("ties", 2, density=0.5, count_rounding="down")

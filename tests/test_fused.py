@@ -28,6 +28,7 @@ FUSED_CASES = [
     ("ties", dict(density=[0.2, 0.5, 0.9], weights=[0.5, 1.2, 0.8], lam=0.7, election="frequency")),
     ("ties", dict(drop_rate=0.8, weights=[0.5, 1.2, 0.8], weighted_election=True, rescale="inverse")),
     ("ties", dict(density=0.3, divide_by="nothing")),
+    ("ties", dict(density=[0.30003, 0.7, 0.11111], count_rounding="floor")),  # mergekit's int(d·n) kept
     ("ties", dict(density=0.3, weights=[0.5, 1.2, 0.8], divide_by="weight_sum")),
     ("magnitude", dict(density=0.5, weights=[1.0, -0.5, 0.3])),
     ("magnitude", dict(density=1e-7)),  # k = 0: nothing kept

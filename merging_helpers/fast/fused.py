@@ -35,6 +35,7 @@ import torch
 from .. import rng
 from ..config import MergeConfig
 from ..deltas import nonfinite_delta_message
+from ..drop import keep_count
 from ..partitions import PerColumn, PerRow
 from ..selection import kth_largest_abs
 from . import compiled
@@ -204,7 +205,7 @@ class FusedMerge:
             # given thresholds (e.g. the whole model's): keep |Δ| >= threshold (drop.threshold_keep_mask)
             topk = [_TopK(float(th), 1 << 62, [1] * len(pieces)) for th in self.fixed]
         elif self.drop == "magnitude":
-            topk = self._topk(name, b, es, [round(d * n) for d in dens], pieces)
+            topk = self._topk(name, b, es, [keep_count(d, n) for d in dens], pieces)
         drop_rates = [1.0 - d for d in dens]  # as recipes.drop_and_rescale
         divisors = [1.0 - p for p in drop_rates]  # as rescale.rescale_inverse_keep
         if self.config.rescale_rule == "smallest":  # every expert by the smallest rate (recipes.smallest_drop_rate)

@@ -400,7 +400,8 @@ def merge_folders(
             ``direct_io=True`` lets large tensors bypass the page cache.
 
     Returns: the output folder (resolved). Integer tensors are copied from the base.
-    Output dtypes equal the input dtypes; config and tokenizer files come from the base.
+    Output dtypes equal the input dtypes (or the config's ``out_dtype`` for floating tensors);
+    config and tokenizer files come from the base.
     """
     device = torch.device(device)
     if device.type == "meta":
@@ -447,7 +448,7 @@ def merge_folders(
         if config.magnitude_scope == "model":
             config = config.replace(thresholds=_model_thresholds(base, experts, floating, config, progress))
 
-        specs = [(n, base.tensors[n].dtype, base.tensors[n].shape) for n in names]
+        specs = [(n, config.output_dtype(base.tensors[n].dtype), base.tensors[n].shape) for n in names]
         total_bytes = sum(f.total_bytes for f in folders)
         bar = None
         if progress:
@@ -470,7 +471,7 @@ def merge_folders(
                 raise RuntimeError(f"merge of {name!r} returned shape {tuple(m.shape)}, expected {tuple(shape)}")
 
         def to_host(name, m, dtype, shape):
-            """The merged tensor in the input dtype, in a (pinned) pool buffer on the CPU."""
+            """The merged tensor in ``dtype`` (the output's), in a (pinned) pool buffer on the CPU."""
             check_shape(name, m, shape)
             m = m.to(dtype)
             if m.device.type == "cpu":
@@ -498,16 +499,16 @@ def merge_folders(
                     pool.put(buf)
             try:
                 for name, (b, *ex) in prefetch:
-                    dtype = b.dtype
+                    dtype = config.output_dtype(b.dtype)
                     if not dtype.is_floating_point:
                         out = b  # integer buffers (e.g. position_ids) are copied from the base
-                    elif fusedm is not None and fusedm.takes(name, dtype):
+                    elif fusedm is not None and dtype == b.dtype and fusedm.takes(name, dtype):
                         out = pool.get(b.numel() * b.element_size()).view(dtype).view(b.shape)
                         overflowed = fusedm(name, b, ex, out)
                         if overflowed:  # refused, with the reference engine's words for the cause
                             _raise_overflow(name, b, ex, int(overflowed))
                     elif chunkable and b.dim() >= 1 and b.numel() > chunk_elems:
-                        out = pool.get(b.numel() * b.element_size()).view(dtype).view(b.shape)
+                        out = pool.get(b.numel() * dtype.itemsize).view(dtype).view(b.shape)
                         for r0, r1 in _row_chunks(tuple(b.shape), chunk_elems):
                             m = merge_fn(name, to_device(b[r0:r1]), [to_device(e[r0:r1]) for e in ex],
                                          config.method.name, config=config, offset=r0 * (b.numel() // b.shape[0]))
