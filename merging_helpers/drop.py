@@ -26,7 +26,7 @@ def _check_tensor(delta, what: str) -> None:
 
 def keep_count(density: float, n: int) -> int:
     """How many of ``n`` entries a magnitude trim at ``density`` keeps (chapter 2): round(d · n), or
-    int(d · n) for a :class:`~merging_helpers.partitions.Floored` density (mergekit's count, chapter 9)."""
+    int(d · n) for a :class:`~merging_helpers.partitions.Floored` density (mergekit's count, chapter 8's appendix)."""
     return int(density * n) if isinstance(density, Floored) else round(density * n)
 
 

@@ -341,6 +341,7 @@ class CheckpointFolder:
         self.format, self.files = _weight_files(self.path)
         self._fds: dict[Path, int] = {}
         self._pickles: dict[Path, dict[str, torch.Tensor]] = {}
+        self.guard = None  # an input_guard.InputGuard that leases each file as it is opened (streaming)
         infos: list[TensorInfo] = []
         if self.format == "safetensors":
             for file in self.files:
@@ -412,6 +413,8 @@ class CheckpointFolder:
         if fd is None:
             fd = os.open(file, os.O_RDONLY)
             self._fds[file] = fd
+            if self.guard is not None:
+                self.guard.protect(fd, file)
         return fd
 
     def read(self, name: str, buffer: torch.Tensor | None = None) -> torch.Tensor:

@@ -75,6 +75,7 @@ from . import compiled
 from .checkpoints import (CheckpointFolder, ShardedSafetensorsWriter, ShortFileError, check_output_path,
                           recover_leftovers)
 from .fused import FusedMerge, fused_supported
+from .input_guard import InputGuard
 
 __all__ = ["merge_folders", "validate_folders", "fused_supported", "KERNELS"]
 
@@ -401,7 +402,9 @@ def merge_folders(
 
     Returns: the output folder (resolved). Integer tensors are copied from the base.
     Output dtypes equal the input dtypes (or the config's ``out_dtype`` for floating tensors);
-    config and tokenizer files come from the base.
+    config and tokenizer files come from the base. An input that another process opens for
+    writing or truncates meanwhile stops the merge with ``InputChangedError`` naming it (read
+    leases on Linux, :mod:`~merging_helpers.fast.input_guard`), never a crash.
     """
     device = torch.device(device)
     if device.type == "meta":
@@ -433,6 +436,9 @@ def merge_folders(
     base = CheckpointFolder(base_dir)
     experts = [CheckpointFolder(d) for d in dirs]
     folders = [base, *experts]
+    guard = InputGuard().start()  # another process that writes an input stops the merge, not SIGBUS
+    for f in folders:
+        f.guard = guard
     try:
         validate_folders(base, experts, expert_names)
         names = base.names()
@@ -499,6 +505,7 @@ def merge_folders(
                     pool.put(buf)
             try:
                 for name, (b, *ex) in prefetch:
+                    guard.check()
                     dtype = config.output_dtype(b.dtype)
                     if not dtype.is_floating_point:
                         out = b  # integer buffers (e.g. position_ids) are copied from the base
@@ -547,3 +554,4 @@ def merge_folders(
     finally:
         for f in folders:
             f.close()
+        guard.stop()
