@@ -7,7 +7,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: book test install clean-book zoo assignments reader publish model-answers mergekit
+.PHONY: book test install clean-book zoo assignments reader publish model-answers mergekit reader-edition
 
 install: $(STAMP)
 
@@ -30,9 +30,15 @@ zoo: $(STAMP)
 
 book: zoo
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/jupyter-book build . --warningiserror --keep-going
+	$(BIN)/python -m merging_helpers.reader_edition --mode full book _build/html/reader
 	@echo "book written to _build/html/index.html"
 	@if command -v chromium >/dev/null 2>&1; then $(BIN)/python tests/test_book_html.py _build/html; \
 	  else echo "chromium not found: the browser check of the book was skipped"; fi
+
+# The reader's edition (prose rendered from the chapters' records, for plain Jupyter and Colab):
+# MODE=full after make book (the default), MODE=quick after make test
+reader-edition: $(STAMP)
+	$(BIN)/python -m merging_helpers.reader_edition --mode $(or $(MODE),full) book _build/reader
 
 # Push a local build to the gh-pages branch (the workflow in .github/workflows/book.yml does the same
 # from CI): ghp-import, as Jupyter Book's documentation suggests.

@@ -35,6 +35,8 @@ modules on disk and ``_toc.yml``:
 * ``rms_adaptive`` – chapter 7: RMS-adaptive drop rates, the dispersion switch, the min-rate rescale
 * ``rms_explorer`` – chapter 7: the RMS-adaptive explorer (drop-rate maps, merge and score, widget)
 * ``results``    – chapter 8: every chapter's glued numbers, kept on disk for chapter 8
+* ``reader_edition`` – chapter 8: the chapters with their prose rendered from those numbers, for plain
+  Jupyter and Colab (no glue roles, answers folded)
 * ``verdicts``   – chapter 8: the papers' claims as data, and the rule that reads each verdict
 * ``compare``    – chapter 8: every method on one protocol (equal budgets, λ tuned on validation, seeds, cost)
 * ``mergekit_yaml`` – chapter 8 (appendix "Merging at scale"): our merge configs as mergekit YAML, and back

@@ -1,0 +1,73 @@
+"""merging_helpers.reader_edition: the chapters' prose with every glue role replaced by its value,
+formatted as myst-nb formats it (checked against myst-nb's own function), and every dropdown folded."""
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from merging_helpers import reader_edition as re_ed
+from merging_helpers import results
+
+ROOT = Path(__file__).resolve().parents[1]
+CHAPTERS = sorted((ROOT / "book").glob("[0-9]*.ipynb"))
+
+
+def _markdown(chapter: Path) -> list[str]:
+    return ["".join(c["source"]) for c in json.loads(chapter.read_text())["cells"] if c["cell_type"] == "markdown"]
+
+
+@pytest.mark.parametrize("value", [0.123456, 3, -2.5e-07, 1234567.891, True, "abc", "0.5", 0.0, -0.049])
+@pytest.mark.parametrize("spec", ["", ".2f", ".1%", ".3g", "+.2f", ",.0f", ".2e", "d", "s", ">8.3f"])
+def test_a_value_is_formatted_as_myst_nb_formats_it(value, spec):
+    from myst_nb.core.variables import format_plain_text   # the book build's own rule: the outside reference
+    try:
+        want = format_plain_text(repr(value), spec)   # myst-nb reads the text/plain output, i.e. the repr
+    except (ValueError, TypeError):
+        with pytest.raises((ValueError, TypeError)):
+            re_ed.format_glued(value, spec)
+        return
+    assert re_ed.format_glued(value, spec) == want
+
+
+def test_roles_and_dropdowns_become_plain_markdown():
+    text = ("Accuracy {glue:text}`acc:.1%` ({glue:md}`verdict`), n = {glue:text}`n`.\n\n"
+            "1. An exercise.\n\n   ````{dropdown} Answer\n   ```python\n   x = 1\n   ```\n   ````\n")
+    out = re_ed.render_dropdowns(re_ed.render_roles(text, {"acc": 0.8125, "verdict": "**above** TA", "n": 12}))
+    assert out.startswith("Accuracy 81.2% (**above** TA), n = 12.")
+    assert "   <details><summary>Answer</summary>\n\n   ```python\n   x = 1\n   ```\n\n   </details>" in out
+    with pytest.raises(re_ed.MissingValue, match=r"04_apl: its prose cites 'gone'"):
+        re_ed.render_roles("{glue:text}`gone:.2f`", {}, "04_apl")
+    with pytest.raises(ValueError, match="never closed"):
+        re_ed.render_dropdowns("```{dropdown} Answer\nno end")
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=lambda p: p.stem)
+def test_every_chapter_renders_to_markdown_jupyter_reads(chapter):
+    """Every role and dropdown of the chapter is understood (values stand in for its record's)."""
+    names = {m.group(2).partition(":")[0] for text in _markdown(chapter) for m in re_ed.ROLE.finditer(text)}
+    fake = {"chapter": chapter.stem, "mode": "full", "written": "now", "values": {n: 0.5 for n in names}}
+    notebook = re_ed.reader_notebook(json.loads(chapter.read_text()), fake)
+    rendered = "\n".join(c["source"] for c in notebook["cells"] if c["cell_type"] == "markdown")
+    assert "{glue" not in rendered and "{dropdown}" not in rendered
+    raw = re.findall(r"\{[a-z][\w:-]*\}`|^[ \t]*(?:`{3,}|:{3,})[ \t]*\{[a-z]", rendered, flags=re.MULTILINE)
+    assert not raw, f"MyST that Jupyter shows raw: {raw[:3]}"   # any role or directive: {numref}`…`, :::{note}
+    opened = sum(len(re.findall(r"\{dropdown\}", t)) for t in _markdown(chapter))
+    assert rendered.count("<details>") == rendered.count("</details>") == opened
+    assert notebook["cells"][0]["id"] == "reader-edition-note"
+
+
+def test_the_edition_from_the_chapters_records(tmp_path):
+    """Every role of every chapter has a value in its record (make test's chapters write the quick
+    ones before this file runs): the edition is complete, and it keeps the code cells as they are."""
+    if not all(results.record_path(c.stem, "quick").exists() for c in CHAPTERS):
+        pytest.skip("the chapters' quick records are not written yet (make test runs the chapters first)")
+    written = re_ed.write_edition(ROOT / "book", tmp_path, "quick")
+    assert [p.name for p in written] == [c.name for c in CHAPTERS]
+    for chapter, path in zip(CHAPTERS, written):
+        original, edition = json.loads(chapter.read_text()), json.loads(path.read_text())
+        code = lambda nb: [c["source"] for c in nb["cells"] if c["cell_type"] == "code"]  # noqa: E731
+        assert code(edition) == code(original)
+        assert "{glue" not in path.read_text()
+    with pytest.raises(results.MissingResult, match="no full record"):
+        re_ed.write_edition(ROOT / "book", tmp_path / "full", "full", root=tmp_path / "empty-cache")
