@@ -64,10 +64,10 @@ def compute() -> dict:
     make = build.make_masters()
     answers = {}
     for name in make.MASTERS:
-        rules = make.rules(name)
-        choices = [{}] + [{token: rule} for token, values in rules.items() for rule in values[1:]]
-        for fixed in choices:
-            label = next(iter(fixed.values()), None) or (next(iter(rules.values()))[0] if rules else "")
+        rules = make.rules(name)   # one rule token at most: the committed rule, then each other one
+        choices = [(values[0], {}) for values in rules.values()] or [("", {})]
+        choices += [(rule, {token: rule}) for token, values in rules.items() for rule in values[1:]]
+        for label, fixed in choices:
             for question, printed in printed_before_written_questions(make.master(name, **fixed)).items():
                 answers.setdefault(name, {}).setdefault(question, {})[label] = printed
         print(name, "done", flush=True)

@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from .config import MergeConfig
+from .config import OUT_DTYPES, MergeConfig
 from .methods import get_method
 
 SHARED_METHODS = ("task_arithmetic", "dare_linear", "ties", "dare_ties", "della")
@@ -216,7 +216,6 @@ def to_mergekit(config: MergeConfig, base_model: str, models: Sequence[str], dty
 
 def _out_dtype(doc: dict) -> str | None:
     """The dtype mergekit writes the merge in (``out_dtype``, else ``dtype``), as MergeConfig.out_dtype."""
-    from .config import OUT_DTYPES
     key = "out_dtype" if doc.get("out_dtype") is not None else "dtype"
     value = doc.get(key)
     if value is not None and value not in OUT_DTYPES:
