@@ -117,7 +117,9 @@ def corrupt(expert: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor]
 @dataclass
 class Importance:
     """Result of tracing one expert at one level (chapter 4): ``values[i]`` = P_t^* − P_t of
-    partition ``keys[i]`` (Eq. 5), with the clean P_t and the few-shot accuracy."""
+    partition ``keys[i]`` (Eq. 5), with the clean P_t and the few-shot accuracy. ``units``:
+    ``"probability"`` for tracing's P* − P; ``"loss"`` for chapter 5's gradient scores −|Σ Δ g|,
+    which Eq. 11's tanh(I/τ₁) cannot read as they are (:func:`drop_rates` says so)."""
 
     task: str
     level: str
@@ -125,6 +127,7 @@ class Importance:
     values: torch.Tensor
     clean: float
     few_shot_accuracy: float
+    units: str = "probability"
 
     def as_dict(self) -> dict[str, float]:
         return dict(zip(self.keys, self.values.tolist()))
@@ -396,6 +399,11 @@ def drop_rates(importance: Importance, lam: float, eps: float, mapping: str = "t
     """One expert's per-partition drop rates: Eq. 11 (``"tanh"``), Fig. 3's ``"linear"``, or Eq. 11
     shifted to plain DARE's expected kept count at ``lam`` (``"tanh-matched"``, which needs the
     model's ``shapes``: a budget-matched comparison with DARE) (chapter 4)."""
+    if mapping != "linear" and not normalise and getattr(importance, "units", "probability") != "probability":
+        raise ValueError(f"{importance.task}: these importances are in {importance.units} units (gradient scores, "
+                         "chapter 5), and Eq. 11's tanh(I/τ₁) reads probability differences P* − P, so τ₁ = 5 means "
+                         "nothing for them: pass normalise=True (each expert's scores divided by their largest "
+                         "magnitude first) or mapping='linear' (ranks only)")
     if mapping == "tanh-matched":
         if shapes is None:
             raise ValueError("mapping='tanh-matched' needs the model's shapes to count each partition's entries")

@@ -123,8 +123,11 @@ def apl_contender(scorer, base, experts: Mapping, few_shot: Mapping, importance:
     first = list(next(iter(few_shot.values())))
     per_label = len(first) // max(1, len({label for _, label in first}))
     chapter = "04_apl" if importance == "causal" else "05_gradient_importance"
+    # gradient scores are loss changes, not P* − P: Eqs. 11 and 12 read them divided by their largest magnitude
+    normalise = importance == "gradient"
     contender = Contender(f"APL ({importance}, {weighting})", chapter, None, random=True,
-                          knobs=f"{level} level, ε = (1 − p)/2, τ = 5, {per_label} shots per label")
+                          knobs=f"{level} level, ε = (1 − p)/2, τ = 5, {per_label} shots per label"
+                          + (", scores / max |score| (loss units)" if normalise else ""))
     names = list(experts)
     levels = (level, "model") if weighting == "MI-TA" else (level,)
 
@@ -137,14 +140,16 @@ def apl_contender(scorer, base, experts: Mapping, few_shot: Mapping, importance:
     def prepare():
         found = {t: importances_of(t) for t in names}
         contender.state["importances"] = {t: found[t][level] for t in names}
-        contender.state["weights"] = (apl.expert_weights([float(found[t]["model"].values[0]) for t in names],
-                                                         total=len(names)) if weighting == "MI-TA" else None)
+        model = [float(found[t]["model"].values[0]) for t in names] if weighting == "MI-TA" else None
+        if model is not None and normalise:
+            model = [m / (max(abs(x) for x in model) or 1.0) for m in model]
+        contender.state["weights"] = apl.expert_weights(model, total=len(names)) if model is not None else None
 
     def merge(deltas, budget, seed):
         p = 1.0 - budget
         named = dict(zip(names, deltas))
         return apl.merge(_zero_like(deltas[0]), named, contender.state["importances"], p, (1.0 - p) / 2,
-                         weights=contender.state["weights"], seed=seed)
+                         weights=contender.state["weights"], normalise=normalise, seed=seed)
     contender.prepare, contender.merge = prepare, merge
     return contender
 

@@ -92,7 +92,7 @@ def gradient_importances(scorer, base, expert, task: str, examples, levels=apl.L
         parts = apl.groups(expert, level)
         products = partition_products(delta, gradient, parts)
         out[level] = apl.Importance(task, level, list(parts), products if signed else -products.abs(), loss_at_base,
-                                    accuracy)
+                                    accuracy, units="loss")
     return out
 
 
@@ -126,7 +126,8 @@ def fisher_importances(scorer, base, expert, task: str, examples, levels=apl.LEV
     out = {}
     for level in levels:
         parts = apl.groups(expert, level)
-        out[level] = apl.Importance(task, level, list(parts), -partition_sums(squares, parts), loss_at_base, accuracy)
+        out[level] = apl.Importance(task, level, list(parts), -partition_sums(squares, parts), loss_at_base, accuracy,
+                                    units="loss")
     return out
 
 

@@ -122,7 +122,7 @@ ALLOWED = {
         'path a 7B': FACT,
     },
     "08_side_by_side": {
-        '(a of 0': FACT, 'keeps ( 1.0': FACT, 'with a 95 %': SETTING, 'where the 95 %': SETTING,
+        '(a of 0': FACT, '(τ = 5': SOURCE, 'keeps ( 1.0': FACT, 'with a 95 %': SETTING, 'where the 95 %': SETTING,
         'interval excludes 0': FACT, '( points, 95 %': SETTING, 'tasks; section 8.5': LABEL,
         'budgets of 8.2': LABEL, 'groups of 8.3': LABEL, 'test at 95 %': SETTING, 'a family-wise 5 %': SETTING,
         '*detectable ( 80 %': SETTING, 'found with 80 %': SETTING, 'Llama-2-7B or 13B': SOURCE, 'from a 22M': FACT,

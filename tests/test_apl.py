@@ -301,3 +301,27 @@ def test_hidden_rates_become_per_row_vectors(scorer):
     out, level = apl.engine_rates(imp, rates, names)
     assert level == "tensor" and len(out) == 48
     assert all(isinstance(v, PerRow) and torch.equal(v.values, rates) for v in out.values())
+
+
+def test_gradient_scores_are_not_read_as_probabilities_by_eq_11():
+    """Chapter 5's −|Σ Δ g| is a loss change: Eq. 11's tanh(I/τ₁) with τ₁ = 5 is set for P* − P. A
+    loss-unit Importance needs normalise=True or the rank mapping; tracing's passes as it is."""
+    values = torch.tensor([-0.9, -0.3, -0.01])
+    traced = apl.Importance("news", "layer", ["layer.0", "layer.1", "layer.2"], values, 0.8, 1.0)
+    scored = apl.Importance("news", "layer", ["layer.0", "layer.1", "layer.2"], values, 0.8, 1.0, units="loss")
+    apl.drop_rates(traced, 0.9, 0.05)
+    for mapping in ("tanh", "tanh-matched"):
+        with pytest.raises(ValueError, match=r"news: these importances are in loss units .* normalise=True"):
+            apl.drop_rates(scored, 0.9, 0.05, mapping, shapes={})
+    torch.testing.assert_close(apl.drop_rates(scored, 0.9, 0.05, normalise=True),
+                               apl.drop_rates(traced, 0.9, 0.05, normalise=True))
+    torch.testing.assert_close(apl.drop_rates(scored, 0.9, 0.05, "linear"), apl.drop_rates(traced, 0.9, 0.05, "linear"))
+
+
+def test_the_package_marks_its_gradient_scores_in_loss_units(scorer):
+    from merging_helpers import taylor
+    zoo = scorer.zoo
+    task = "news"
+    few = few_shot(zoo.tasks[task], 2, seed=0)
+    assert taylor.gradient_importance(scorer, zoo.base, zoo.experts[task], task, few, "layer").units == "loss"
+    assert apl.trace(scorer, zoo.base, zoo.experts[task], task, few, "model").units == "probability"

@@ -275,7 +275,7 @@ def _sweep(family, base, folders, shapes, inputs, heads, levels, device, dtype, 
     bar.update()
     bar.close()
     return {t: {level: apl.Importance(t, level, keys[level], sums[t][level] if signed else -sums[t][level].abs(),
-                                      loss_at_base[t], float("nan")) for level in levels} for t in tasks}
+                                      loss_at_base[t], float("nan"), units="loss") for level in levels} for t in tasks}
 
 
 def _levels(levels):
