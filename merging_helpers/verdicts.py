@@ -55,6 +55,8 @@ class Claim:
 CLAIMS: tuple[Claim, ...] = (
     Claim("APL, Fig. 3", "APL prunes better than DARE at drop ratios ≥ 0.95 (here at the highest ratio)",
           "04_apl", "fig3_diff_995", "fig3_low_995", "fig3_high_995", paper="APL above (figure only)"),
+    Claim("APL, Fig. 6", "similar tasks use similar layers: r(news, sentiment) − r(news, compare) of the layer "
+          "profiles", "04_apl", "fig6_diff", "fig6_low", "fig6_high", paper="similar above (figure only)", unit="r"),
     Claim("APL, Table 1", "MI-Task Arithmetic beats Task Arithmetic", "04b_apl_merging",
           "t1_weights_diff", "t1_weights_low", "t1_weights_high", paper=75.57 - 70.15),
     Claim("APL, Table 1", "APL beats DARE inside Task Arithmetic", "04b_apl_merging",

@@ -53,7 +53,7 @@ ALLOWED = {
         'weights (0.25, 1': EXAMPLE, '(0.25, 1, 1': EXAMPLE, 'sum elects +1': SETTING,
     },
     "04_apl": {
-        '( CPUs): 5 ×': FACT, '× ( 1': FACT, '(1 + 6': FACT, '6 + 384': FACT, 'ratios from 0.95': SETTING,
+        '(a bootstrap, 2,000': SETTING, 'with the 95 %': SETTING, '( CPUs): 5 ×': FACT, '× ( 1': FACT, '(1 + 6': FACT, '6 + 384': FACT, 'ratios from 0.95': SETTING,
         'highlighted ratio, 0.995': SOURCE, 'smaller: $\\tanh(I/ 5': SETTING, '\\approx I/ 5': SETTING,
         'or a 12 ×': FACT, '12 × 32': FACT, 'of the 384': FACT, 'and from 0.95': SOURCE,
         '"especially reaching 99.5 %': SOURCE, 'also has 0.5': SOURCE, '0.5 and 0.95': SOURCE,
@@ -77,7 +77,7 @@ ALLOWED = {
         'never below 0': FACT, 'would have 50 %': FACT, 'for a 7B': FACT, 'that is 27': FACT, 'on a 300M': SETTING,
         'under the 15': FACT, 'expert ( 391': FACT, "for Llama-2-7B's 32": FACT, 'layers and 4,096': FACT,
         'hidden dimensions, 1': FACT, '1 + 32': FACT, '32 + 4,096': FACT, '4,096 = 4,129': FACT,
-        'Section [ 5.2': LABEL, 'is why 5.2': LABEL, 'of the 6': FACT, '| | 1': FACT, 'most; = 20': SETTING,
+        'Section [ 5.2': LABEL, 'normalised, and 5.2': LABEL, 'of the 6': FACT, '| | 1': FACT, 'most; = 20': SETTING,
         'states, all 6': SETTING, 'in [ 5.2': LABEL,
     },
     "05b_gradient_table4": {
