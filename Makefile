@@ -30,7 +30,10 @@ zoo: $(STAMP)
 
 book: zoo
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/jupyter-book build . --warningiserror --keep-going
-	$(BIN)/python -m merging_helpers.reader_edition --mode full book _build/html/reader
+	@# the build's full records into the package (merging_helpers/records/), and the reader's edition the
+	@# Colab badges open (book/reader/) written from them: both committed, checked for staleness by make test
+	$(BIN)/python -m merging_helpers.reader_edition --ship book book/reader
+	rm -rf _build/html/reader && cp -r book/reader _build/html/reader
 	@echo "book written to _build/html/index.html"
 	@if command -v chromium >/dev/null 2>&1; then $(BIN)/python tests/test_book_html.py _build/html; \
 	  else echo "chromium not found: the browser check of the book was skipped"; fi
@@ -52,7 +55,7 @@ publish: book
 # (nbval) and grades the assignments (otter). Made once; the wheel is reinstalled when the package changes.
 READER := .venv-reader
 PACKAGE_FILES := pyproject.toml requirements.txt assignments/requirements.txt \
-  $(shell find merging_helpers -name '*.py' -o -name '*.c' | sort)
+  $(shell find merging_helpers -name '*.py' -o -name '*.c' -o -name '*.json' | sort)
 
 reader: $(READER)/.installed
 

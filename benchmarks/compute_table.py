@@ -6,9 +6,13 @@ Times are measured, never typed: ``record`` reads the durations pytest printed f
 chapter run alone from the reader's install) and stores them under a column name in
 ``benchmarks/compute_times.json``; ``render`` writes the table between the
 ``<!-- compute-table -->`` markers of README.md and book/intro.md. A column nobody measured
-reads "unmeasured".
+reads "unmeasured". The full columns come from ``make book``, which runs the chapters through
+jupyter-book, not pytest: ``record --records DIR`` reads each chapter's own run time from the
+full records that build wrote (``<cache>/results``; ``seconds``, measured by the chapter's
+last cell).
 
     python benchmarks/compute_table.py record LOG --column "quick, cold" --note "2 CPU cores, ..."
+    python benchmarks/compute_table.py record --records ~/.cache/merging_book/results --column "full, cold" --note ...
     python benchmarks/compute_table.py render
 """
 from __future__ import annotations
@@ -40,12 +44,23 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def record(log_path: Path, column: str, note: str) -> dict:
+def record_durations(folder: Path, mode: str = "full") -> dict[str, float]:
+    """chapter → seconds, from the ``<chapter>.<mode>.json`` records in ``folder`` (a build's own timing)."""
+    return {path.name.split(".")[0]: float(json.loads(path.read_text())["seconds"])
+            for path in sorted(folder.glob(f"[0-9]*.{mode}.json"))}
+
+
+def record(source: Path, column: str, note: str, from_records: bool = False) -> dict:
     if column not in COLUMNS:
         raise SystemExit(f"--column must be one of {COLUMNS}, got {column!r}")
-    found = chapter_durations(log_path.read_text(errors="replace"))
-    if not found:
-        raise SystemExit(f"{log_path}: no durations of tests/test_chapters_alone.py (run pytest with --durations=0)")
+    if from_records:
+        found = record_durations(source, "quick" if column.startswith("quick") else "full")
+        if not found:
+            raise SystemExit(f"{source}: no chapter records for the column {column!r}")
+    else:
+        found = chapter_durations(source.read_text(errors="replace"))
+        if not found:
+            raise SystemExit(f"{source}: no durations of tests/test_chapters_alone.py (run pytest with --durations=0)")
     data = json.loads(TIMES.read_text()) if TIMES.exists() else {"columns": {}}
     data["columns"][column] = {"seconds": found, "note": note}
     _write_atomically(TIMES, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
@@ -85,14 +100,17 @@ def render() -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    rec = sub.add_parser("record", help="store the chapter durations of a pytest log under a column")
-    rec.add_argument("log", type=Path)
+    rec = sub.add_parser("record", help="store the chapter durations of a pytest log (or of records) under a column")
+    rec.add_argument("log", type=Path, nargs="?", help="a pytest log with --durations=0")
+    rec.add_argument("--records", type=Path, help="instead of a log: a folder of chapter records (make book's)")
     rec.add_argument("--column", required=True, choices=COLUMNS)
     rec.add_argument("--note", default="", help="the machine and conditions of the measurement")
     sub.add_parser("render", help="write the table into README.md and book/intro.md")
     args = parser.parse_args(argv)
     if args.command == "record":
-        record(args.log, args.column, args.note)
+        if (args.log is None) == (args.records is None):
+            parser.error("record: give a pytest log or --records DIR, not both")
+        record(args.records or args.log, args.column, args.note, from_records=args.records is not None)
     render()
 
 

@@ -190,12 +190,12 @@ def write_first_cells(book_dir="book") -> list:
 
 
 def repository_files(root) -> list:
-    """The files that name the book's repository: _config.yml, the chapters, this module, the README,
-    the assignments' grading requirements (chapter 0)."""
+    """The files that name the book's repository: _config.yml, the chapters and their reader's
+    edition, this module, the README, the assignments' grading requirements (chapter 0)."""
     from pathlib import Path
     root = Path(root)
     return ([root / "_config.yml", root / "README.md", Path(__file__), root / "assignments" / "requirements.txt"]
-            + sorted((root / "book").glob("*.ipynb")))
+            + sorted((root / "book").glob("*.ipynb")) + sorted((root / "book" / "reader").glob("*.ipynb")))
 
 
 def set_repository(url: str, root=".") -> list:

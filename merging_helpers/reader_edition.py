@@ -9,7 +9,12 @@ with every role replaced by its value, taken from the chapter's record of glued 
 formatted as myst-nb formats it, and every dropdown turned into an HTML ``<details>`` block,
 which Jupyter and Colab fold. A note at the top says which build the numbers come from: running
 the code cells computes them again. ``python -m merging_helpers.reader_edition [--mode full]
-[BOOK_DIR] [OUT_DIR]`` (``make reader-edition``; ``make book`` writes it into the site's ``reader/``).
+[BOOK_DIR] [OUT_DIR]`` (``make reader-edition``).
+
+The committed edition, ``book/reader/``, is the one the chapters' Colab badges open. ``make book``
+writes it with ``--ship``: the build's full records are copied into the package first
+(:func:`merging_helpers.results.ship`) and the edition is written from those shipped records, so a
+test can write it again from the repository alone and fail when it is stale.
 """
 
 from __future__ import annotations
@@ -92,20 +97,23 @@ def reader_notebook(notebook: dict, record: dict) -> dict:
     return out
 
 
-def write_edition(book_dir, out_dir, mode: str = "full", root=None) -> list[Path]:
-    """The reader's edition of every chapter in ``book_dir``, from its ``mode`` records (chapter 8), into ``out_dir``."""
+def write_edition(book_dir, out_dir, mode: str = "full", root=None, shipped: bool = False) -> list[Path]:
+    """The reader's edition of every chapter in ``book_dir``, from its ``mode`` records in the cache
+    (or, ``shipped``, from the full records shipped with the package), into ``out_dir`` (chapter 8)."""
     book_dir, out_dir = Path(book_dir), Path(out_dir)
     chapters = sorted(book_dir.glob("[0-9]*.ipynb"))
     if not chapters:
         raise FileNotFoundError(f"no chapter notebooks (NN_name.ipynb) in {book_dir}")
-    missing = [c.stem for c in chapters if not results.record_path(c.stem, mode, root).exists()]
+    have = results.shipped_path if shipped else (lambda c: results.record_path(c, mode, root))
+    missing = [c.stem for c in chapters if not have(c.stem).exists()]
     if missing:
-        raise results.MissingResult(f"no {mode} record of {missing}: run those chapters first "
-                                    f"({'make book' if mode == 'full' else 'make test'})")
+        raise results.MissingResult(f"no {'shipped' if shipped else mode} record of {missing}: run those chapters "
+                                    f"first ({'make test' if mode == 'quick' and not shipped else 'make book'})")
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for chapter in chapters:
-        notebook = reader_notebook(json.loads(chapter.read_text()), results.load(chapter.stem, mode, root))
+        record = results.load_shipped(chapter.stem) if shipped else results.load(chapter.stem, mode, root)
+        notebook = reader_notebook(json.loads(chapter.read_text()), record)
         target = out_dir / chapter.name
         tmp = target.with_name(f".{target.name}.tmp")
         tmp.write_text(json.dumps(notebook, indent=1, ensure_ascii=False) + "\n")
@@ -120,8 +128,15 @@ def main(argv=None) -> None:
     parser.add_argument("book_dir", nargs="?", default="book")
     parser.add_argument("out_dir", nargs="?", default="_build/reader")
     parser.add_argument("--mode", choices=results.MODES, default="full", help="whose numbers: make book's or make test's")
+    parser.add_argument("--ship", action="store_true",
+                        help="copy the cache's full records into the package first, and write from those (make book)")
     args = parser.parse_args(argv)
-    for path in write_edition(args.book_dir, args.out_dir, args.mode):
+    if args.ship:
+        if args.mode != "full":
+            parser.error("--ship ships the full build's records: leave --mode at full")
+        for path in results.ship(args.book_dir):
+            print("shipped", path)
+    for path in write_edition(args.book_dir, args.out_dir, args.mode, shipped=args.ship):
         print("wrote", path)
 
 

@@ -9,6 +9,12 @@ leaves the previous complete record in place. Chapter 8 reads these records inst
 recomputing chapters 2–7, and runs a chapter again (:func:`run_chapter`) when its record
 is missing.
 
+The full records of the book's last build travel with the package (``merging_helpers/records/``,
+written by :func:`ship` in ``make book``, each stamped with the hash of its chapter's code
+cells): where the cache has no full record, :func:`load` reads the shipped one, so chapter 8
+opened alone on Colab does not need chapters 4–7 run first, and the reader's edition
+(:mod:`merging_helpers.reader_edition`) is written from them.
+
 :func:`memo` keeps the expensive grids of chapters 6–8 the same way (``results/memo/``):
 a rebuild with the same code re-reads them; ``MERGING_BOOK_FRESH=1`` recomputes everything.
 """
@@ -41,6 +47,9 @@ def results_dir(root=None) -> Path:
     folder = cache_root(root) / "results"
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+SHIPPED = Path(__file__).parent / "records"  # the last full build's records, shipped with the package
 
 
 def record_path(chapter: str, mode: str, root=None) -> Path:
@@ -114,12 +123,56 @@ def finish(seconds: float) -> Path | None:
 
 
 def load(chapter: str, mode: str, root=None) -> dict:
-    """The complete record of ``chapter`` in ``mode``; :class:`MissingResult` when there is none (chapter 8)."""
+    """The complete record of ``chapter`` in ``mode``: the cache's, else (full mode) the one
+    shipped with the package; :class:`MissingResult` when there is none (chapter 8)."""
     path = record_path(chapter, mode, root)
+    if path.exists():
+        return json.loads(path.read_text())
+    if mode == "full" and shipped_path(chapter).exists():
+        return load_shipped(chapter)
+    raise MissingResult(f"no {mode} record of chapter {chapter} in {path.parent}: run the chapter "
+                        f"(or results.run_chapter({chapter!r}))")
+
+
+def shipped_path(chapter: str) -> Path:
+    """``merging_helpers/records/<chapter>.full.json``: the book's last full build of ``chapter`` (chapter 8)."""
+    return SHIPPED / f"{chapter}.full.json"
+
+
+def load_shipped(chapter: str) -> dict:
+    """The full record of ``chapter`` shipped with the package (:func:`ship`), ``shipped`` set (chapter 8)."""
+    path = shipped_path(chapter)
     if not path.exists():
-        raise MissingResult(f"no {mode} record of chapter {chapter} in {path.parent}: run the chapter "
-                            f"(or results.run_chapter({chapter!r}))")
-    return json.loads(path.read_text())
+        raise MissingResult(f"no record of chapter {chapter} is shipped with the package ({path} is missing): "
+                            "`make book` writes them")
+    return json.loads(path.read_text()) | {"shipped": True}
+
+
+def code_cells_hash(notebook_path) -> str:
+    """SHA-256 (16 hex digits) of a chapter notebook's code cells, in order: what its record was
+    computed by (a shipped record is stale when they change). The repository's URL in the install
+    line is left out, so that ``set-repository`` on a fork keeps the records current (chapter 8)."""
+    cells = json.loads(Path(notebook_path).read_text())["cells"]
+    code = "\x00".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+    code = re.sub(r"https://github\.com/[\w.-]+/[\w.-]+", "https://github.com/<repository>", code)
+    return hashlib.sha256(code.encode()).hexdigest()[:16]
+
+
+def ship(book_dir, root=None) -> list[Path]:
+    """Copy every chapter's full record from the cache into the package (``make book``), each
+    stamped with :func:`code_cells_hash` of its notebook in ``book_dir`` (chapter 8)."""
+    chapters = sorted(Path(book_dir).glob("[0-9]*.ipynb"))
+    missing = [c.stem for c in chapters if not record_path(c.stem, "full", root).exists()]
+    if missing:
+        raise MissingResult(f"no full record of {missing} in {results_dir(root)}: run `make book` first")
+    SHIPPED.mkdir(exist_ok=True)
+    written = []
+    for chapter in chapters:
+        record = json.loads(record_path(chapter.stem, "full", root).read_text())
+        record["code_cells"] = code_cells_hash(chapter)
+        write_json_atomically(shipped_path(chapter.stem), record)
+        written.append(shipped_path(chapter.stem))
+    return written
 
 
 def run_chapter(chapter: str, mode: str, book_dir=None, timeout: int = 3600) -> dict:
@@ -146,13 +199,15 @@ def run_chapter(chapter: str, mode: str, book_dir=None, timeout: int = 3600) -> 
 
 
 def load_or_run(chapters, mode: str, book_dir=None, progress: bool = True) -> dict[str, dict]:
-    """The records of ``chapters``, running (in order) the chapters whose record is missing (chapter 8).
-    Where a missing chapter's notebook is not beside this one (a chapter opened alone), nothing runs:
-    one error lists every chapter to run first, in this mode."""
+    """The records of ``chapters`` (the cache's, else in full mode the shipped ones), running (in
+    order) the chapters that have neither (chapter 8). Where such a chapter's notebook is not
+    beside this one (a chapter opened alone), nothing runs: one error lists every chapter to run
+    first, in this mode."""
     from tqdm.auto import tqdm
     chapters = list(chapters)
     book = Path(book_dir) if book_dir is not None else Path.cwd()
-    absent = [c for c in chapters if not record_path(c, mode).exists() and not (book / f"{c}.ipynb").exists()]
+    absent = [c for c in chapters if not record_path(c, mode).exists() and not (book / f"{c}.ipynb").exists()
+              and not (mode == "full" and shipped_path(c).exists())]
     if absent:
         raise MissingResult(
             f"this chapter reads the numbers other chapters stored when they ran ({mode} mode) in this cache "

@@ -64,7 +64,7 @@ def test_badges_and_install_lines_point_where_config_says(chapter):
     cells = json.loads(chapter.read_text())["cells"]
     text = "\n".join("".join(c["source"]) for c in cells)
     badges = re.findall(r"https://colab\.research\.google\.com/github/([^)\s]+)", text)
-    assert badges == [f"{owner_repo}/blob/{branch}/book/{chapter.name}"], badges
+    assert badges == [f"{owner_repo}/blob/{branch}/book/reader/{chapter.name}"], badges   # the reader's edition
     assert re.findall(r'REPOSITORY = "([^"]+)"', text) == [url]
     assert '%pip install -q "merging_helpers[colab] @ git+{REPOSITORY}"' in text
 

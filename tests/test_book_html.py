@@ -102,7 +102,7 @@ def problems(html_dir: Path, tmp: Path) -> list[str]:
                 found.append(f"{page.name}: image {src} does not exist")
         for href in dom.links:
             if "colab.research.google.com/github/" in href:
-                want = f"colab.research.google.com/github/{owner_repo}/blob/{config.get('branch', 'main')}/book/"
+                want = f"colab.research.google.com/github/{owner_repo}/blob/{config.get('branch', 'main')}/book/reader/"
                 if want not in href or not href.endswith(page.stem + ".ipynb"):
                     found.append(f"{page.name}: Colab badge {href} does not point to {want}{page.stem}.ipynb")
     return found

@@ -35,3 +35,11 @@ def test_the_pages_carry_the_table_markers_and_the_stored_times():
         table = compute_table.table(json.loads(compute_table.TIMES.read_text()))
         for page in compute_table.TARGETS:
             assert table in page.read_text(), f"{page.name}: run `python benchmarks/compute_table.py render`"
+
+
+def test_full_columns_are_read_from_the_records_a_build_wrote(tmp_path):
+    for chapter, seconds in {"04_apl": 301.5, "08_side_by_side": 900.0}.items():
+        (tmp_path / f"{chapter}.full.json").write_text(json.dumps({"chapter": chapter, "seconds": seconds}))
+    (tmp_path / "04_apl.quick.json").write_text(json.dumps({"chapter": "04_apl", "seconds": 1.0}))
+    assert compute_table.record_durations(tmp_path) == {"04_apl": 301.5, "08_side_by_side": 900.0}
+    assert compute_table.record_durations(tmp_path, "quick") == {"04_apl": 1.0}
