@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from .. import apl
 from ..metrics import check_finite_gradient, mean_pool
-from .checkpoints import CheckpointFolder
+from .reader import CheckpointFolder
 
 
 # ----------------------------------------------------------------------------- the families

@@ -72,8 +72,9 @@ from ..config import as_config
 from ..deltas import far_from_base, nonfinite_delta_message
 from ..recipes import merge_tensor, model_thresholds, overflow_message
 from . import compiled
-from .checkpoints import (CheckpointFolder, ShardedSafetensorsWriter, ShortFileError, check_output_path,
-                          recover_leftovers)
+from .output_path import check_output_path, recover_leftovers
+from .reader import CheckpointFolder, ShortFileError
+from .writer import ShardedSafetensorsWriter
 from .fused import FusedMerge, fused_supported
 from .input_guard import InputGuard
 
