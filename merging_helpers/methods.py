@@ -86,6 +86,21 @@ METHODS: dict[str, Method] = {m.name: m for m in (
 )}
 
 
+# Methods whose merge config depends on statistics of the whole model (a plan): name → "module:function".
+# ``plan(n_experts, options) -> (config, finish)``; ``finish(matrices, expert_names) -> config`` reads
+# each block matrix once. The streamed merge runs a plan without naming the method (chapter 7, appendix).
+PLANS: dict[str, str] = {"rms_adaptive": "merging_helpers.rms_adaptive:plan"}
+
+
+def get_plan(name):
+    """The plan function of method ``name``, or None where its config needs no whole-model pass (chapter 7)."""
+    import importlib
+    if not isinstance(name, str) or name not in PLANS:
+        return None
+    module, _, function = PLANS[name].partition(":")
+    return getattr(importlib.import_module(module), function)
+
+
 def get_method(name) -> Method:
     """The record of method ``name`` (a ``Method`` passes through); a clear error otherwise (chapters 2–3)."""
     if isinstance(name, Method):
