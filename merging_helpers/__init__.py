@@ -7,6 +7,8 @@ modules on disk and ``_toc.yml``:
 * ``notebook``   – chapter 0: every chapter's first cell (device, seeds, Colab)
 * ``optional``   – chapter 0: the optional packages, imported with the extra that installs them named
 * ``tasks``      – chapter 0: the five offline tasks (and chapter 4's held-out one) and their splits
+* ``metrics``    – chapter 0: the measurements methods need too (accuracy, P_t, finite gradients, pooling);
+  imports nothing of the package
 * ``zoo``        – chapter 0: the model zoo (base, experts, frozen-base heads, cache)
 * ``evaluation`` – chapter 0: accuracy, Task/Domain-Ratio, the Scorer (loss, gradient, batched variants)
 * ``deltas``     – chapter 1: delta parameters (task vectors) and their statistics

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .evaluation import accuracy
+from .metrics import accuracy
 from .partitions import PerRow, describe, partition_key
 
 LEVELS = ("model", "layer", "hidden")

@@ -40,6 +40,7 @@ from . import apl, dppa, results, rms_adaptive
 from .ablations import next_lambda
 from .optional import require
 from .deltas import apply_delta
+from .methods import get_method
 from .recipes import merge_state_dicts
 
 LAMBDAS = (0.4, 0.7, 1.0, 1.3, 1.6)  # the one grid every method tunes on validation
@@ -57,6 +58,14 @@ def _engine(method: str, **options) -> Callable:
         rate = {} if budget is None else {"density": budget}
         return merge_state_dicts(_zero_like(deltas[0]), deltas, method, seed=seed, progress=False, **rate, **options)
     return merge
+
+
+def engine_contender(name: str, chapter: str, method: str, knobs: str = "", **options) -> "Contender":
+    """A method of the engine's registry as a contender (chapter 8): whether it is random (a
+    merge per seed) and whether it prunes to a budget are read from its record."""
+    record = get_method(method)
+    return Contender(name, chapter, _engine(method, **options), random=record.random,
+                     budgeted=record.needs_rate, knobs=knobs)
 
 
 def _dp(deltas, budget, seed):
@@ -163,12 +172,12 @@ def apl_contenders(scorer, base, experts: Mapping, few_shot: Mapping) -> list[Co
 CONTENDERS: dict[str, Contender] = {c.name: c for c in (
     Contender("weight averaging", "02_task_arithmetic_and_dare", _average, budgeted=False, tuned=False,
               knobs="λ = 1/T, not tuned"),
-    Contender("Task Arithmetic", "02_task_arithmetic_and_dare", _engine("task_arithmetic"), budgeted=False),
-    Contender("magnitude", "02_task_arithmetic_and_dare", _engine("magnitude")),
-    Contender("DARE", "02_task_arithmetic_and_dare", _engine("dare_linear"), random=True),
-    Contender("TIES", "03_ties", _engine("ties")),
-    Contender("DARE-TIES", "03_ties", _engine("dare_ties"), random=True),
-    Contender("DELLA", "03_ties", _engine("della", epsilon=0.0), random=True, knobs="ε = 0 (MagPrune, no band)"),
+    engine_contender("Task Arithmetic", "02_task_arithmetic_and_dare", "task_arithmetic"),
+    engine_contender("magnitude", "02_task_arithmetic_and_dare", "magnitude"),
+    engine_contender("DARE", "02_task_arithmetic_and_dare", "dare_linear"),
+    engine_contender("TIES", "03_ties", "ties"),
+    engine_contender("DARE-TIES", "03_ties", "dare_ties"),
+    engine_contender("DELLA", "03_ties", "della", knobs="ε = 0 (MagPrune, no band)", epsilon=0.0),
     Contender("DP (DPPA's pruning)", "06_dppa", _dp, knobs=f"λ = {dppa.LAMBDA}, n = {dppa.N_SIGNIFICANT:g} (DPPA's defaults)"),
     rms_contender(),
 )}

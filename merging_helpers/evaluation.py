@@ -27,34 +27,11 @@ import torch
 from torch.func import functional_call, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .zoo import Zoo, default_device, load_encoder, load_tokenizer, mean_pool
+from .metrics import accuracy, check_finite_gradient, mean_pool, mean_true_label_probability  # noqa: F401 (re-exported)
+from .zoo import Zoo, default_device, load_encoder, load_tokenizer
 
 
 # ----------------------------------------------------------------------------- metrics
-
-def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """Fraction of rows whose arg-max equals the label (chapter 0)."""
-    if logits.shape[0] != labels.shape[0]:
-        raise ValueError(f"accuracy: {logits.shape[0]} rows of logits but {labels.shape[0]} labels")
-    if logits.shape[0] == 0:
-        raise ValueError("accuracy of an empty set is undefined")
-    return (logits.argmax(-1) == labels.to(logits.device)).float().mean().item()
-
-
-def check_finite_gradient(gradient: Mapping[str, torch.Tensor], what: str = "the gradient") -> None:
-    """Raise FloatingPointError naming the first parameter whose gradient has NaN or inf (chapters 0, 5)."""
-    for name, g in gradient.items():
-        if not bool(torch.isfinite(g).all()):
-            raise FloatingPointError(f"{what} has NaN or inf entries in {name!r}")
-
-
-def mean_true_label_probability(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """Mean over examples of softmax(logits)[label]: APL's P_t (chapter 4)."""
-    if logits.shape[0] != labels.shape[0]:
-        raise ValueError(f"{logits.shape[0]} rows of logits but {labels.shape[0]} labels")
-    probs = logits.float().softmax(-1)
-    return probs.gather(1, labels.to(probs.device).view(-1, 1)).mean().item()
-
 
 def majority_accuracy(train_labels, test_labels) -> float:
     """Accuracy of always predicting the most frequent training label (chapter 0)."""

@@ -36,9 +36,9 @@ import math
 from collections.abc import Sequence
 
 from .config import OUT_DTYPES, MergeConfig
-from .methods import get_method
+from .methods import METHODS, get_method
 
-SHARED_METHODS = ("task_arithmetic", "dare_linear", "ties", "dare_ties", "della")
+SHARED_METHODS = tuple(m.name for m in METHODS.values() if m.mergekit)  # the records that name a mergekit method
 # mergekit's defaults (0.1.5, merge_methods/registry.py): normalize, rescale
 DEFAULTS = {"task_arithmetic": (False, False), "dare_linear": (False, True), "ties": (True, False),
             "dare_ties": (False, True), "della": (True, True), "magnitude": (False, False)}
@@ -204,7 +204,7 @@ def to_mergekit(config: MergeConfig, base_model: str, models: Sequence[str], dty
         if m.name == "della":
             params["epsilon"] = float(config.epsilon)
         entries.append({"model": str(path), "parameters": params})
-    doc = {"merge_method": m.name, "base_model": str(base_model), "models": entries,
+    doc = {"merge_method": m.mergekit, "base_model": str(base_model), "models": entries,
            "parameters": {"normalize": normalize, "rescale": rescale == "l1", "lambda": float(config.lam)},
            "dtype": dtype, **({"out_dtype": config.out_dtype} if config.out_dtype else {})}
     header = f"# written by merging_helpers.mergekit_yaml (seed {config.seed}: mergekit's masks use its own RNG)\n"

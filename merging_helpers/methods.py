@@ -43,6 +43,7 @@ class Method:
     drop: str | None  # one of DROP_RULES
     combine: str  # one of COMBINE_RULES
     divide_when_weighted: str = "weight_sum"  # divisor of an election on weighted deltas
+    mergekit: str | None = None  # mergekit's name for the same merge, where it has one (chapter 9)
 
     def __post_init__(self):
         if self.drop not in DROP_RULES:
@@ -58,6 +59,11 @@ class Method:
         return RULE_RESCALE[self.drop]
 
     @property
+    def random(self) -> bool:
+        """True where the drop draws random masks (a merge per seed)."""
+        return self.drop in ("random", "magprune")
+
+    @property
     def needs_rate(self) -> bool:
         return self.drop is not None
 
@@ -71,13 +77,28 @@ class Method:
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("task_arithmetic", 2, drop=None, combine="sum"),
+    Method("task_arithmetic", 2, drop=None, combine="sum", mergekit="task_arithmetic"),
     Method("magnitude", 2, drop="magnitude", combine="sum"),
-    Method("dare_linear", 2, drop="random", combine="sum"),
-    Method("ties", 3, drop="magnitude", combine="elect"),
-    Method("dare_ties", 3, drop="random", combine="elect", divide_when_weighted="nothing"),
-    Method("della", 3, drop="magprune", combine="elect"),
+    Method("dare_linear", 2, drop="random", combine="sum", mergekit="dare_linear"),
+    Method("ties", 3, drop="magnitude", combine="elect", mergekit="ties"),
+    Method("dare_ties", 3, drop="random", combine="elect", divide_when_weighted="nothing", mergekit="dare_ties"),
+    Method("della", 3, drop="magprune", combine="elect", mergekit="della"),
 )}
+
+
+# Methods whose merge config depends on statistics of the whole model (a plan): name → "module:function".
+# ``plan(n_experts, options) -> (config, finish)``; ``finish(matrices, expert_names) -> config`` reads
+# each block matrix once. The streamed merge runs a plan without naming the method (chapter 7, appendix).
+PLANS: dict[str, str] = {"rms_adaptive": "merging_helpers.rms_adaptive:plan"}
+
+
+def get_plan(name):
+    """The plan function of method ``name``, or None where its config needs no whole-model pass (chapter 7)."""
+    import importlib
+    if not isinstance(name, str) or name not in PLANS:
+        return None
+    module, _, function = PLANS[name].partition(":")
+    return getattr(importlib.import_module(module), function)
 
 
 def get_method(name) -> Method:

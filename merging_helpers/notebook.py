@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from . import results
+from .results import quick_mode  # noqa: F401 (the chapters import it from here)
 
 # The book's repository: the same URL as _config.yml's repository.url, the chapters'
 # Colab badges and install lines (tests/test_book.py checks they agree; change them all
@@ -25,13 +26,6 @@ _chapter_started = time.perf_counter()  # reset by setup(): a chapter's clock st
 def in_colab() -> bool:
     """True when running on Google Colab (every chapter's first cell, chapter 0)."""
     return "google.colab" in sys.modules
-
-
-def quick_mode() -> bool:
-    """True where ``$MERGING_BOOK_QUICK=1``: a chapter then runs smaller grids and fewer seeds
-    through the same code (for trying a change quickly); ``make book`` and the tests never
-    set it (chapter 0)."""
-    return os.environ.get("MERGING_BOOK_QUICK", "") == "1"
 
 
 def seed_everything(seed: int = 0) -> None:

@@ -41,6 +41,13 @@ class MissingResult(LookupError):
     """A chapter's record, or a value in it, is not on disk (chapter 8)."""
 
 
+def quick_mode() -> bool:
+    """True where ``$MERGING_BOOK_QUICK=1``: a chapter then runs smaller grids and fewer seeds
+    through the same code (``make test`` sets it, the CI's classroom mode; ``make book`` never
+    does) (chapter 0)."""
+    return os.environ.get("MERGING_BOOK_QUICK", "") == "1"
+
+
 def results_dir(root=None) -> Path:
     """``<zoo cache>/results`` (chapter 8)."""
     from .zoo import cache_root
@@ -274,7 +281,6 @@ def memo(name: str, key: Mapping, compute: Callable[[], object], root=None):
     far (so an edit anywhere above recomputes); the quick/full mode is part of the key. The value
     must be JSON (numbers, text, None, lists, dicts with text keys); a cold run returns it as
     read back from JSON too, so a cold and a warm build compute on the same types."""
-    from .notebook import quick_mode
     if not re.fullmatch(r"[A-Za-z0-9_.\-]+", name):
         raise ValueError(f"memo: name must be letters, digits, '_', '.' or '-', got {name!r}")
     cells = hashlib.sha256("\x00".join(_cells_so_far()).encode()).hexdigest()[:16]

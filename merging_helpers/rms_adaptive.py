@@ -125,6 +125,42 @@ RATE_OPTIONS = {"p_default", "drop_scale", "cv_threshold", "aware", "scale", "cl
 MERGE_OPTIONS = {"lam", "seed", "elect", "rescale"}
 
 
+def streamed_rms_table(triples, expert_names: Sequence[str], slide_formula: bool = False) -> dict[str, dict[str, float]]:
+    """:func:`rms_table` over ``(name, base, experts)`` triples read one block matrix at a time
+    (a streamed merge, appendix): Σδ² per float32 block of ``RMS_CHUNK`` entries in
+    :func:`matrix_rms`'s order, so the values equal the in-memory ones bit for bit (chapter 7)."""
+    table = {who: {} for who in expert_names}
+    for name, b, ex in triples:
+        b, n = b.reshape(-1), b.numel()
+        bf = torch.empty(min(n, RMS_CHUNK))  # cache-sized float32 blocks, reused: one pass over memory
+        delta = torch.empty_like(bf)
+        totals = dict.fromkeys(expert_names, 0.0)
+        for s in range(0, n, RMS_CHUNK):
+            m = min(RMS_CHUNK, n - s)
+            base_block = bf[:m].copy_(b[s:s + m])
+            for who, e in zip(expert_names, ex):
+                totals[who] += sum_of_squares(delta[:m].copy_(e.reshape(-1)[s:s + m]).sub_(base_block))
+        for who in expert_names:
+            table[who][name] = rms_from_sum(totals[who], n, slide_formula)
+    return table
+
+
+def plan(n_experts: int, options: Mapping):
+    """The method's plan for a merge that reads the model as it goes (appendix, chapter 7):
+    ``(config, finish)``. ``config`` has the right method and knobs (to check the inputs with)
+    but no rates yet; ``finish(matrices, expert_names)`` reads every block matrix once
+    (``matrices``: ``(name, base, experts)`` triples) and returns the config to merge with."""
+    rate_options, merge_options = split_options(options)
+    first = merge_config([{}] * n_experts, rate_options["p_default"], **merge_options)
+
+    def finish(matrices, expert_names):
+        rates_from = dict(rate_options)
+        table = streamed_rms_table(matrices, expert_names, rates_from.pop("slide_formula", False))
+        rates, _ = adaptive_rates(table, **rates_from)
+        return merge_config([rates[who] for who in expert_names], rate_options["p_default"], **merge_options)
+    return first, finish
+
+
 def split_options(options: Mapping) -> tuple[dict, dict]:
     """Check the options of the method by name and split them into :func:`adaptive_rates`'
     keyword arguments (plus ``slide_formula``) and :func:`merge_config`'s (chapter 7)."""

@@ -27,7 +27,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import apl
-from .evaluation import check_finite_gradient
+from .metrics import check_finite_gradient
 
 NEAR_ZERO_LOSS = 1e-4  # below this few-shot loss at the base, gradient_importance warns
 

@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from .metrics import mean_pool  # noqa: F401 (the zoo's pooling; re-exported)
 from .optional import require
 from .tasks import HELD_OUT_TASKS, TASK_NAMES, Task, check_task_names, make_task
 
@@ -133,12 +134,6 @@ def load_encoder(folder: Path | None = None, device="cpu") -> nn.Module:
     logging.disable_progress_bar()
     model = AutoModel.from_pretrained(str(folder or base_model_dir()))
     return model.to(device).eval()
-
-
-def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Mean of the hidden states over the real (unpadded) tokens: the sentence embedding (chapter 0)."""
-    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
 
 
 class Classifier(nn.Module):

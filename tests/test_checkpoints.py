@@ -311,7 +311,6 @@ def test_writer_bytes_with_and_without_direct_io(tmp_path, monkeypatch, direct):
     falls back to the page cache)."""
     from safetensors.torch import load_file
 
-    from merging_helpers.fast import checkpoints
 
     if direct == "refused":
         real = os.pwrite
@@ -321,7 +320,7 @@ def test_writer_bytes_with_and_without_direct_io(tmp_path, monkeypatch, direct):
                 raise OSError(22, "Invalid argument")  # EINVAL, as a file system without O_DIRECT
             return real(fd, data, offset)
         writer_fds: list[int] = []
-        monkeypatch.setattr(checkpoints.os, "pwrite", pwrite)
+        monkeypatch.setattr(os, "pwrite", pwrite)
     g = torch.Generator().manual_seed(0)
     tensors = {"a": torch.randn(7, generator=g), "b": torch.randn(700_001, generator=g).to(torch.bfloat16),
                "c": torch.randn(300, 1001, generator=g), "d": torch.arange(5, dtype=torch.int64)}
@@ -371,7 +370,7 @@ def test_a_full_disk_names_the_output_and_its_size_and_keeps_nothing(tmp_path, m
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     if where == "preallocating":
-        monkeypatch.setattr(ckpt, "_preallocate", full)
+        monkeypatch.setattr(ckpt.writer, "_preallocate", full)   # the writer part reads its own global
     else:
         monkeypatch.setattr(ckpt.ShardedSafetensorsWriter, "_pwrite", staticmethod(full))
     out = tmp_path / "out"

@@ -70,3 +70,16 @@ def test_methods_docstring_table_matches_the_records():
     for row in rows:
         m = METHODS[row[0]]
         assert ("elect" in row) == m.elects, row
+
+
+def test_the_facts_other_modules_need_are_read_from_the_records():
+    """Randomness and the mergekit name live in the records; compare, sweeps and mergekit_yaml read them."""
+    from merging_helpers import compare, mergekit_yaml, sweeps
+    from merging_helpers.methods import METHODS, Method
+    assert sweeps.RANDOM_METHODS == {n for n, m in METHODS.items() if m.drop in ("random", "magprune")}
+    assert set(mergekit_yaml.SHARED_METHODS) == {n for n, m in METHODS.items() if m.mergekit}
+    assert Method("new", 3, drop="random", combine="elect").random
+    assert not Method("new", 3, drop="magnitude", combine="elect").random
+    for name, method in {"DARE": "dare_linear", "TIES": "ties", "DELLA": "della", "Task Arithmetic": "task_arithmetic"}.items():
+        assert compare.CONTENDERS[name].random == METHODS[method].random
+        assert compare.CONTENDERS[name].budgeted == METHODS[method].needs_rate

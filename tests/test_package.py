@@ -3,7 +3,9 @@
 * the package docstring lists every module on disk, in chapter order, and each chapter
   it names is in ``_toc.yml`` (or marked planned);
 * every public function and class names the chapter that introduces it;
-* no reference module imports the fast tier (``merging_helpers.fast``).
+* no reference module imports the fast tier (``merging_helpers.fast``);
+* the package's imports (function-level ones included) have no cycle, and no method module
+  imports the book's infrastructure.
 """
 import ast
 import importlib
@@ -113,3 +115,82 @@ def test_first_edition_module_names_still_work_with_a_warning():
         from merging_helpers.streaming import merge_folders
         from merging_helpers.fast import streaming
     assert merge_folders is streaming.merge_folders and CheckpointFolder is checkpoints.CheckpointFolder
+
+
+# the wings: what merges (the engine, the seed methods, the fast tier) and what runs the book
+METHODS = {"partitions", "rng", "selection", "drop", "rescale", "consensus", "methods", "config", "recipes",
+           "deltas", "metrics", "apl", "taylor", "dppa", "adamerging", "lora", "rms_adaptive", "fast"}
+BOOK = {"notebook", "results", "verdicts", "reader_edition", "compare", "sweeps", "ablations", "explorer",
+        "apl_explorer", "rms_explorer", "grading", "zoo", "tasks", "evaluation", "paired", "bench"}
+
+
+def import_graph(root: Path = ROOT) -> dict[str, set[str]]:
+    """module → the package's modules it imports anywhere in its file (dotted, without the package name)."""
+    graph = {}
+    for path in sorted(root.rglob("*.py")):
+        parts = list(path.relative_to(root).with_suffix("").parts)
+        package = parts[:-1] if parts[-1] != "__init__" else parts[:-1]
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = package[:len(package) - (node.level - 1)] + ([node.module] if node.module else [])
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("merging_helpers"):
+                base = node.module.split(".")[1:]
+            else:
+                continue
+            for alias in node.names:
+                candidate = base + [alias.name]
+                exists = (root.joinpath(*candidate).with_suffix(".py").exists() or root.joinpath(*candidate).is_dir())
+                found.add(".".join(candidate if exists else base))
+        graph[name] = {m for m in found if m and m != name}
+    return graph
+
+
+def _cycle(graph):
+    """One import cycle as a list of modules, or None."""
+    state, stack = {}, []
+
+    def visit(m):
+        state[m] = "open"
+        stack.append(m)
+        for d in sorted(graph.get(m, ())):
+            if state.get(d) == "open":
+                return stack[stack.index(d):] + [d]
+            if d not in state and (found := visit(d)):
+                return found
+        state[m] = "done"
+        stack.pop()
+        return None
+
+    return next((c for m in sorted(graph) if m not in state for c in [visit(m)] if c), None)
+
+
+def _wing(module: str) -> str:
+    top = module.split(".")[0]
+    return "method" if top in METHODS else "book" if top in BOOK else "other"
+
+
+def test_the_imports_have_no_cycle_and_methods_never_import_the_book():
+    graph = import_graph()
+    assert _cycle(graph) is None, f"import cycle: {' -> '.join(_cycle(graph))}"
+    crossing = sorted(f"{m} -> {d}" for m, deps in graph.items() for d in deps
+                      if _wing(m) == "method" and _wing(d) == "book")
+    assert not crossing, f"method modules import the book's infrastructure: {crossing}"
+    unplaced = sorted(m for m in graph if "." not in m and m and _wing(m) == "other"
+                      and m not in ALIASES | {"optional", "mergekit_yaml", "__init__"})
+    assert not unplaced, f"modules in no wing (add them to METHODS or BOOK): {unplaced}"
+
+
+def test_the_structure_check_finds_a_cycle_and_a_crossing(tmp_path):
+    """The check above fails on a tree like the second edition's (notebook <-> results; apl -> evaluation)."""
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "notebook.py").write_text("from . import results\n")
+    (package / "results.py").write_text("def f():\n    from .notebook import quick_mode\n")
+    (package / "apl.py").write_text("from .evaluation import accuracy\n")
+    (package / "evaluation.py").write_text("")
+    graph = import_graph(package)
+    assert _cycle(graph) in (["notebook", "results", "notebook"], ["results", "notebook", "results"])
+    assert [f"{m} -> {d}" for m, deps in graph.items() for d in deps
+            if _wing(m) == "method" and _wing(d) == "book"] == ["apl -> evaluation"]

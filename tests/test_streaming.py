@@ -465,7 +465,7 @@ def test_rms_adaptive_streams_like_in_memory(families, tmp_path, case, monkeypat
 ])
 def test_rms_adaptive_bad_options_fail_before_reading(families, tmp_path, kw, error, match, monkeypatch):
     base_dir, expert_dirs = families["llama-fp32-single"]
-    monkeypatch.setattr(streaming, "_streamed_rms_table", lambda *a, **k: pytest.fail("read before checking"))
+    monkeypatch.setattr(streaming, "_matrix_triples", lambda *a, **k: pytest.fail("read before checking"))
     with pytest.raises(error, match=match):
         merge_folders(base_dir, expert_dirs, tmp_path / "out", "rms_adaptive", progress=False, **kw)
 

@@ -2,7 +2,11 @@
 
 It imports the reference engine and is never imported by it:
 
-* ``checkpoints`` – header-only listing, one-tensor reads, planned sharded writes (atomic);
+* ``reader``      – header-only listing, one-tensor reads (``pread``, or mapped without a copy);
+* ``output_path`` – where an output may go, and the leftovers of an interrupted write;
+* ``writer``      – planned sharded safetensors writes (atomic);
+* ``checkpoints`` – the three above in one namespace;
+* ``input_guard`` – read leases on the inputs, so a file truncated during a merge is an error, not SIGBUS;
 * ``streaming``   – :func:`merge_folders`: validate, prefetch, merge tensor by tensor, write;
 * ``fused``       – the fused CPU path (pieces on worker threads, one-pass top-k);
 * ``compiled``    – builds and loads ``csrc/fused_merge.c``, the kernel the fused path runs;

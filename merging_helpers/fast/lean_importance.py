@@ -35,8 +35,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import apl
-from ..evaluation import check_finite_gradient
-from .checkpoints import CheckpointFolder
+from ..metrics import check_finite_gradient, mean_pool
+from .reader import CheckpointFolder
 
 
 # ----------------------------------------------------------------------------- the families
@@ -140,7 +140,6 @@ class _Encoder:
         return hidden
 
     def loss(self, top, hidden, stream, head):
-        from ..zoo import mean_pool
         logits = mean_pool(hidden, stream["mask"]) @ head["weight"].T + head["bias"]
         return torch.nn.functional.cross_entropy(logits.float(), stream["answers"])
 

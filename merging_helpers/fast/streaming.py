@@ -62,22 +62,24 @@ import queue
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import torch
 
-from .. import rms_adaptive as ra
 from ..config import as_config
+from ..methods import get_plan
 from ..deltas import far_from_base, nonfinite_delta_message
 from ..recipes import merge_tensor, model_thresholds, overflow_message
 from . import compiled
-from .checkpoints import (CheckpointFolder, ShardedSafetensorsWriter, ShortFileError, check_output_path,
-                          recover_leftovers)
+from .output_path import check_output_path, recover_leftovers
+from .reader import CheckpointFolder, ShortFileError
+from .writer import ShardedSafetensorsWriter
 from .fused import FusedMerge, fused_supported
 from .input_guard import InputGuard
 
-__all__ = ["merge_folders", "validate_folders", "fused_supported", "KERNELS"]
+__all__ = ["merge_folders", "RunOptions", "validate_folders", "fused_supported", "KERNELS"]
 
 KERNELS = ("auto", "c", "reference")
 
@@ -250,34 +252,23 @@ def _model_thresholds(base: CheckpointFolder, experts: Sequence[CheckpointFolder
     return model_thresholds([deltas_of(cf) for cf in experts], config)
 
 
-def _streamed_rms_table(base: CheckpointFolder, experts: Sequence[CheckpointFolder], expert_names: Sequence[str],
-                        names: Sequence[str], slide_formula: bool, prefetch_bytes: int, progress: bool) -> dict:
-    """``rms_adaptive.rms_table`` on deltas streamed from the folders: one read of every block matrix."""
-    matrices = [n for n in names if ra.is_matrix(n, base.tensors[n].shape)]
-    table = {who: {} for who in expert_names}
+def _matrix_triples(base: CheckpointFolder, experts: Sequence[CheckpointFolder], names: Sequence[str],
+                    prefetch_bytes: int, progress: bool):
+    """(name, base tensor, expert tensors) of every block matrix, read once (mapped where cached) for a
+    method's plan; each triple's buffers go back to the pool once the plan has read it."""
+    from ..rms_adaptive import is_matrix
+    from tqdm.auto import tqdm
+    matrices = [n for n in names if is_matrix(n, base.tensors[n].shape)]
     pool = _BufferPool()
     prefetch = _Prefetcher([base, *experts], matrices, prefetch_bytes, pool, mapped=True)
     try:
-        from tqdm.auto import tqdm
-        block = ra.RMS_CHUNK
-        for name, (b, *ex) in tqdm(prefetch, total=len(matrices), desc="rms statistics", disable=not progress):
-            b, n = b.reshape(-1), b.numel()
-            bf = torch.empty(min(n, block))  # cache-sized float32 blocks, reused: one pass over memory
-            delta = torch.empty_like(bf)
-            totals = dict.fromkeys(expert_names, 0.0)
-            for s in range(0, n, block):  # the blocks of ra.matrix_rms, in its order
-                m = min(block, n - s)
-                base_block = bf[:m].copy_(b[s:s + m])
-                for who, e in zip(expert_names, ex):
-                    totals[who] += ra.sum_of_squares(delta[:m].copy_(e.reshape(-1)[s:s + m]).sub_(base_block))
-            for who in expert_names:
-                table[who][name] = ra.rms_from_sum(totals[who], n, slide_formula)
+        for name, (b, *ex) in tqdm(prefetch, total=len(matrices), desc="plan: statistics", disable=not progress):
+            yield name, b, ex
             for t in (b, *ex):
                 if t.numel():
                     pool.put(_as_bytes(t))
     finally:
         prefetch.close()
-    return table
 
 
 def _row_chunks(shape: tuple[int, ...], chunk_elems: int):
@@ -341,27 +332,49 @@ def _check_run_options(prefetch_bytes, workers, **flags) -> None:
         raise TypeError(f"merge_folders: workers must be None or a whole number > 0, got {workers!r}")
 
 
-def merge_folders(
-    base_dir: str | os.PathLike,
-    expert_dirs: Sequence[str | os.PathLike] | Mapping[str, str | os.PathLike],
-    out_dir: str | os.PathLike,
-    method: str | None = None,
-    *,
-    config=None,
-    device: str | torch.device = "cpu",
-    chunk_elems: int = 1 << 22,
-    max_shard_size: int | str = "2GB",
-    progress: bool = True,
-    overwrite: bool = False,
-    prefetch_bytes: int = 1 << 29,
-    fused: bool = True,
-    kernel: str = "auto",
-    workers: int | None = None,
-    merge_fn: Callable | None = None,
-    direct_io: bool = False,
-    fsync: bool = False,
-    **options,
-) -> Path:
+@dataclass(frozen=True)
+class RunOptions:
+    """How a streamed merge runs, not what it computes (appendix, chapter 8). ``device``: where the
+    arithmetic runs; ``chunk_elems``: row-chunk size of the reference path; ``max_shard_size``: the
+    largest output shard; ``progress``: tqdm bars; ``overwrite``: replace a non-empty output;
+    ``prefetch_bytes``: read-ahead; ``fused``/``kernel``/``workers``: the fused CPU path;
+    ``merge_fn``: replaces ``recipes.merge_tensor`` (tests); ``direct_io``/``fsync``: how the
+    output is written (:class:`~merging_helpers.fast.writer.ShardedSafetensorsWriter`)."""
+
+    device: str | torch.device = "cpu"
+    chunk_elems: int = 1 << 22
+    max_shard_size: int | str = "2GB"
+    progress: bool = True
+    overwrite: bool = False
+    prefetch_bytes: int = 1 << 29
+    fused: bool = True
+    kernel: str = "auto"
+    workers: int | None = None
+    merge_fn: Callable | None = None
+    direct_io: bool = False
+    fsync: bool = False
+
+    def checked(self) -> "RunOptions":
+        """These options with ``device`` as a ``torch.device``; a clear error for any out of range."""
+        device = torch.device(self.device)
+        if device.type == "meta":
+            raise ValueError("device='meta' holds no data, so nothing could be merged: use 'cpu' or 'cuda'")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("device='cuda' requested but torch.cuda.is_available() is False")
+        if not (isinstance(self.chunk_elems, int) and self.chunk_elems > 0):
+            raise ValueError(f"chunk_elems must be a positive int, got {self.chunk_elems!r}")
+        _check_run_options(progress=self.progress, overwrite=self.overwrite, fused=self.fused,
+                           direct_io=self.direct_io, fsync=self.fsync, prefetch_bytes=self.prefetch_bytes,
+                           workers=self.workers)
+        return replace(self, device=device)
+
+
+RUN_OPTIONS = frozenset(f.name for f in fields(RunOptions))
+
+
+def merge_folders(base_dir: str | os.PathLike, expert_dirs: Sequence[str | os.PathLike] | Mapping[str, str | os.PathLike],
+                  out_dir: str | os.PathLike, method: str | None = None, *, config=None,
+                  run: RunOptions | None = None, **options) -> Path:
     """Merge the experts' folders onto the base folder, tensor by tensor, into ``out_dir``
     (appendix "Merging at scale", chapter 8).
 
@@ -371,34 +384,12 @@ def merge_folders(
         expert_dirs: list of expert folders (or dict name -> folder, for messages).
         out_dir: output folder; must not be, contain or lie inside an input folder.
         method, options: the merge, as for :func:`merging_helpers.recipes.merge_state_dicts`
-            (``density``, ``drop_rate``, ``weights``, ``lam``, ``seed``, ``rescale``,
-            ``election``, ``weighted_election``, per-partition rates with ``rate_level`` /
-            ``rate_default``, ``magnitude_scope="model"``, ...), or a ready ``config``
-            (:class:`~merging_helpers.config.MergeConfig`). ``"rms_adaptive"`` (chapter 7)
-            takes ``p_default``, ``drop_scale`` (the slides' λ), ``cv_threshold``, ``aware``,
-            ``scale``, ``clip``, ``slide_formula``, ``elect``, ``rescale`` (True/False), ``lam``
-            and ``seed``: a first pass reads every block matrix once for its RMS
-            (:func:`merging_helpers.rms_adaptive.adaptive_rates`), then the merge streams
-            as DARE-TIES with those rates (:func:`merging_helpers.rms_adaptive.merge_config`).
-        device: where the arithmetic runs ("cpu", "cuda", "cuda:1", ...).
-        chunk_elems: row-chunk size for the reference path (see module docstring).
-        max_shard_size: largest output shard ("2GB", "500MB" or bytes).
-        progress: show a tqdm bar over input bytes.
-        overwrite: replace an existing non-empty ``out_dir``.
-        prefetch_bytes: read-ahead budget of the prefetch thread.
-        fused: on the CPU, use the fused path for the options it supports.
-        kernel: ``"auto"`` (the compiled kernel where it can be built and applies, else
-            the reference engine), ``"c"`` (the kernel or an error), ``"reference"``
-            (always the reference engine); the numbers are the same.
-        workers: threads of the fused path (default: torch's intra-op thread count);
-            while it runs, torch ops are single-threaded (``torch.set_num_threads(1)``).
-        merge_fn: replaces ``recipes.merge_tensor`` (same signature; disables the
-            fused path); for tests.
-        direct_io, fsync: how the output is written (see
-            :class:`~merging_helpers.fast.checkpoints.ShardedSafetensorsWriter`): by
-            default through the page cache, unflushed, like ``save_pretrained``;
-            ``fsync=True`` flushes every shard before the folder is moved into place,
-            ``direct_io=True`` lets large tensors bypass the page cache.
+            (``density``, ``drop_rate``, ``weights``, ``lam``, ``seed``, ``rescale``, ...), or a
+            ready ``config`` (:class:`~merging_helpers.config.MergeConfig`). A method with a plan
+            (:data:`merging_helpers.methods.PLANS`: ``"rms_adaptive"``, chapter 7, with its own
+            options) reads every block matrix once first, for the statistics its config needs.
+        run: how it runs (:class:`RunOptions`); its fields may also be passed by name
+            (``device="cuda"``, ``progress=False``, ...).
 
     Returns: the output folder (resolved). Integer tensors are copied from the base.
     Output dtypes equal the input dtypes (or the config's ``out_dtype`` for floating tensors);
@@ -406,152 +397,159 @@ def merge_folders(
     writing or truncates meanwhile stops the merge with ``InputChangedError`` naming it (read
     leases on Linux, :mod:`~merging_helpers.fast.input_guard`), never a crash.
     """
-    device = torch.device(device)
-    if device.type == "meta":
-        raise ValueError("device='meta' holds no data, so nothing could be merged: use 'cpu' or 'cuda'")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device='cuda' requested but torch.cuda.is_available() is False")
-    if not (isinstance(chunk_elems, int) and chunk_elems > 0):
-        raise ValueError(f"chunk_elems must be a positive int, got {chunk_elems!r}")
-    _check_run_options(progress=progress, overwrite=overwrite, fused=fused, direct_io=direct_io, fsync=fsync,
-                       prefetch_bytes=prefetch_bytes, workers=workers)
-
-    # ---- 1. validate everything before any work
+    run = replace(run or RunOptions(), **{k: options.pop(k) for k in list(options) if k in RUN_OPTIONS}).checked()
     base_dir = Path(base_dir)
     expert_names, dirs = _expert_names(expert_dirs)
-    adaptive = method == "rms_adaptive"  # chapter 7: its rates come from a statistics pass (below)
-    if adaptive:
-        rate_options, merge_options = ra.split_options(options)
-        config = ra.merge_config([{}] * len(dirs), rate_options["p_default"], **merge_options)
-    else:
-        config = as_config(method, len(dirs), config, **options)
+    plan = get_plan(method)
+    config, finish = plan(len(dirs), options) if plan else (as_config(method, len(dirs), config, **options), None)
     for d, who in [(base_dir, "base")] + list(zip(dirs, expert_names)):
         if not d.is_dir():
             raise FileNotFoundError(f"{who}: folder not found: {d}")
     recover_leftovers(out_dir)
-    check_output_path(out_dir, [base_dir, *dirs], overwrite)
-    use_kernel = fused and merge_fn is None
-    lib = _kernel_for(kernel, config, device) if use_kernel else None
-    merge_fn = merge_fn or merge_tensor
-    base = CheckpointFolder(base_dir)
-    experts = [CheckpointFolder(d) for d in dirs]
+    check_output_path(out_dir, [base_dir, *dirs], run.overwrite)
+    lib = _kernel_if_fused(run, config)  # an unavailable kernel='c' fails here, before any reading
+    base, experts = CheckpointFolder(base_dir), [CheckpointFolder(d) for d in dirs]
     folders = [base, *experts]
     guard = InputGuard().start()  # another process that writes an input stops the merge, not SIGBUS
     for f in folders:
         f.guard = guard
     try:
         validate_folders(base, experts, expert_names)
-        names = base.names()
-        floating = [n for n in names if base.tensors[n].dtype.is_floating_point]
+        floating = [n for n in base.names() if base.tensors[n].dtype.is_floating_point]
         config.check_tensors({n: base.tensors[n].shape for n in floating})
         _warn_if_not_the_base(base, experts, expert_names, floating)
-        if adaptive:
-            slide_formula = rate_options.pop("slide_formula", False)
-            table = _streamed_rms_table(base, experts, expert_names, floating, slide_formula, prefetch_bytes, progress)
-            rates, _ = ra.adaptive_rates(table, **rate_options)
-            config = ra.merge_config([rates[who] for who in expert_names], rate_options["p_default"], **merge_options)
-            lib = _kernel_for(kernel, config, device) if use_kernel else None
+        if finish is not None:
+            config = finish(_matrix_triples(base, experts, floating, run.prefetch_bytes, run.progress), expert_names)
+            lib = _kernel_if_fused(run, config)
         if config.magnitude_scope == "model":
-            config = config.replace(thresholds=_model_thresholds(base, experts, floating, config, progress))
-
-        specs = [(n, config.output_dtype(base.tensors[n].dtype), base.tensors[n].shape) for n in names]
-        total_bytes = sum(f.total_bytes for f in folders)
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"merge {config.method.name}")
-        # row chunks give the whole tensor's result only without per-tensor statistics:
-        # no top-k (unless thresholds are given), no L1 norm, no ranking within rows, no per-row rates
-        drop = config.method.drop
-        chunkable = (config.rescale_rule != "l1" and not config.has_vector_rates()
-                     and (drop in (None, "random") or (drop == "magnitude" and config.thresholds is not None)))
-
-        def to_device(t):
-            # inputs are pinned pool buffers on a GPU run: an asynchronous copy, which is complete
-            # before their buffers go back to the pool (the synchronous copy of the result waits for it)
-            return t if device.type == "cpu" else t.to(device, non_blocking=t.is_pinned())
-
-        def check_shape(name, m, shape):
-            if tuple(m.shape) != tuple(shape):  # checked first: copy_ would broadcast it
-                raise RuntimeError(f"merge of {name!r} returned shape {tuple(m.shape)}, expected {tuple(shape)}")
-
-        def to_host(name, m, dtype, shape):
-            """The merged tensor in ``dtype`` (the output's), in a (pinned) pool buffer on the CPU."""
-            check_shape(name, m, shape)
-            m = m.to(dtype)
-            if m.device.type == "cpu":
-                return m
-            host = pool.get(m.numel() * m.element_size()).view(dtype).view(shape)
-            return host.copy_(m)  # synchronous: the inputs' copies to the GPU are done too
-
-        fusedm, threads = None, torch.get_num_threads()
-        if lib is not None:
-            fusedm = FusedMerge(config, lib, workers or threads)
-            torch.set_num_threads(1)  # parallel over pieces instead (see the fused path)
-
-        # ---- 2.-4. stream: prefetch -> merge -> write
-        with ShardedSafetensorsWriter(out_dir, specs, max_shard_size, copy_from=base_dir, input_dirs=dirs,
-                                      overwrite=overwrite, direct=direct_io, fsync=fsync) as writer, \
-                ThreadPoolExecutor(1, thread_name_prefix="merge-write") as wpool:
-            pending: list = []
-            pool = _BufferPool(pin=device.type == "cuda")
-            # on the CPU, inputs already in the page cache are mapped, not copied: no buffer to fill
-            prefetch = _Prefetcher(folders, names, prefetch_bytes, pool, mapped=device.type == "cpu")
-
-            def write(name, out, release):
-                writer.write(name, out)
-                for buf in release:  # the buffers are free once written
-                    pool.put(buf)
-            try:
-                for name, (b, *ex) in prefetch:
-                    guard.check()
-                    dtype = config.output_dtype(b.dtype)
-                    if not dtype.is_floating_point:
-                        out = b  # integer buffers (e.g. position_ids) are copied from the base
-                    elif fusedm is not None and dtype == b.dtype and fusedm.takes(name, dtype):
-                        out = pool.get(b.numel() * b.element_size()).view(dtype).view(b.shape)
-                        overflowed = fusedm(name, b, ex, out)
-                        if overflowed:  # refused, with the reference engine's words for the cause
-                            _raise_overflow(name, b, ex, int(overflowed))
-                    elif chunkable and b.dim() >= 1 and b.numel() > chunk_elems:
-                        out = pool.get(b.numel() * dtype.itemsize).view(dtype).view(b.shape)
-                        for r0, r1 in _row_chunks(tuple(b.shape), chunk_elems):
-                            m = merge_fn(name, to_device(b[r0:r1]), [to_device(e[r0:r1]) for e in ex],
-                                         config.method.name, config=config, offset=r0 * (b.numel() // b.shape[0]))
-                            check_shape(name, m, out[r0:r1].shape)
-                            out[r0:r1].copy_(m)  # synchronous, as in to_host
-                            del m
-                    else:
-                        m = merge_fn(name, to_device(b), [to_device(e) for e in ex], config.method.name, config=config)
-                        out = to_host(name, m, dtype, b.shape)
-                        del m
-                    # input buffers go back to the pool now, the output's once it is written
-                    # (an output that aliases an input, e.g. a copied integer buffer, waits too)
-                    release = ([_as_bytes(out)] if out.numel() and out.is_contiguous() and out.device.type == "cpu"
-                               else [])
-                    for t in (b, *ex):
-                        if t.numel() and t.data_ptr() != out.data_ptr():
-                            pool.put(_as_bytes(t))
-                    del b, ex
-                    # at most two writes in flight: bounds memory, keeps the disk busy
-                    while len(pending) >= 2:
-                        pending.pop(0).result()
-                    pending.append(wpool.submit(write, name, out, release))
-                    del out
-                    if bar is not None:
-                        bar.update(sum(f.tensors[name].nbytes for f in folders))
-                for fut in pending:
-                    fut.result()
-            finally:
-                prefetch.close()
-                if fusedm is not None:
-                    fusedm.close()
-                    torch.set_num_threads(threads)
-        if bar is not None:
-            bar.close()
-        return writer.out_dir
+            config = config.replace(thresholds=_model_thresholds(base, experts, floating, config, run.progress))
+        return _Executor(config, run, lib, guard).write(base, experts, base_dir, dirs, out_dir)
     finally:
         for f in folders:
             f.close()
         guard.stop()
+
+
+def _kernel_if_fused(run: RunOptions, config):
+    """The compiled library where the fused path may run this config, else None."""
+    return _kernel_for(run.kernel, config, run.device) if run.fused and run.merge_fn is None else None
+
+
+def _chunkable(config) -> bool:
+    """Row chunks give the whole tensor's result only without per-tensor statistics: no top-k
+    (unless thresholds are given), no L1 norm, no ranking within rows, no per-row rates."""
+    drop = config.method.drop
+    return (config.rescale_rule != "l1" and not config.has_vector_rates()
+            and (drop in (None, "random") or (drop == "magnitude" and config.thresholds is not None)))
+
+
+class _Executor:
+    """The per-tensor loop of a streamed merge (appendix, chapter 8): prefetch → merge → write,
+    for any method's config; it names no method."""
+
+    def __init__(self, config, run: RunOptions, lib, guard):
+        self.config, self.run, self.guard = config, run, guard
+        self.merge_fn = run.merge_fn or merge_tensor
+        self.chunkable = _chunkable(config)
+        self.threads = torch.get_num_threads()
+        self.fused = FusedMerge(config, lib, run.workers or self.threads) if lib is not None else None
+        self.pool = _BufferPool(pin=run.device.type == "cuda")
+
+    def write(self, base, experts, base_dir, dirs, out_dir) -> Path:
+        """Merge every tensor of ``base`` and ``experts`` into ``out_dir``; returns the output folder."""
+        folders, names = [base, *experts], base.names()
+        specs = [(n, self.config.output_dtype(base.tensors[n].dtype), base.tensors[n].shape) for n in names]
+        bar = None
+        if self.run.progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=sum(f.total_bytes for f in folders), unit="B", unit_scale=True,
+                       desc=f"merge {self.config.method.name}")
+        if self.fused is not None:
+            torch.set_num_threads(1)  # parallel over pieces instead (see the fused path)
+        with ShardedSafetensorsWriter(out_dir, specs, self.run.max_shard_size, copy_from=base_dir, input_dirs=dirs,
+                                      overwrite=self.run.overwrite, direct=self.run.direct_io,
+                                      fsync=self.run.fsync) as writer, \
+                ThreadPoolExecutor(1, thread_name_prefix="merge-write") as wpool:
+            # on the CPU, inputs already in the page cache are mapped, not copied: no buffer to fill
+            prefetch = _Prefetcher(folders, names, self.run.prefetch_bytes, self.pool,
+                                   mapped=self.run.device.type == "cpu")
+            try:
+                self._stream(prefetch, writer, wpool, folders, bar)
+            finally:
+                prefetch.close()
+                if self.fused is not None:
+                    self.fused.close()
+                    torch.set_num_threads(self.threads)
+        if bar is not None:
+            bar.close()
+        return writer.out_dir
+
+    def _stream(self, prefetch, writer, wpool, folders, bar) -> None:
+        pending: list = []
+        for name, (b, *ex) in prefetch:
+            self.guard.check()
+            out = self._merge_one(name, b, ex)
+            # input buffers go back to the pool now, the output's once it is written
+            # (an output that aliases an input, e.g. a copied integer buffer, waits too)
+            release = [_as_bytes(out)] if out.numel() and out.is_contiguous() and out.device.type == "cpu" else []
+            for t in (b, *ex):
+                if t.numel() and t.data_ptr() != out.data_ptr():
+                    self.pool.put(_as_bytes(t))
+            del b, ex
+            while len(pending) >= 2:  # at most two writes in flight: bounds memory, keeps the disk busy
+                pending.pop(0).result()
+            pending.append(wpool.submit(self._write, writer, name, out, release))
+            del out
+            if bar is not None:
+                bar.update(sum(f.tensors[name].nbytes for f in folders))
+        for fut in pending:
+            fut.result()
+
+    def _write(self, writer, name, out, release) -> None:
+        writer.write(name, out)
+        for buf in release:  # the buffers are free once written
+            self.pool.put(buf)
+
+    def _merge_one(self, name, b, ex) -> torch.Tensor:
+        """One tensor merged, in the output dtype, on the CPU: copied (integers), fused, by row
+        chunks, or whole through the reference engine."""
+        config = self.config
+        dtype = config.output_dtype(b.dtype)
+        if not dtype.is_floating_point:
+            return b  # integer buffers (e.g. position_ids) are copied from the base
+        if self.fused is not None and dtype == b.dtype and self.fused.takes(name, dtype):
+            out = self.pool.get(b.numel() * b.element_size()).view(dtype).view(b.shape)
+            overflowed = self.fused(name, b, ex, out)
+            if overflowed:  # refused, with the reference engine's words for the cause
+                _raise_overflow(name, b, ex, int(overflowed))
+            return out
+        if self.chunkable and b.dim() >= 1 and b.numel() > self.run.chunk_elems:
+            out = self.pool.get(b.numel() * dtype.itemsize).view(dtype).view(b.shape)
+            for r0, r1 in _row_chunks(tuple(b.shape), self.run.chunk_elems):
+                m = self.merge_fn(name, self._to_device(b[r0:r1]), [self._to_device(e[r0:r1]) for e in ex],
+                                  config.method.name, config=config, offset=r0 * (b.numel() // b.shape[0]))
+                _check_shape(name, m, out[r0:r1].shape)
+                out[r0:r1].copy_(m)  # synchronous, as in _to_host
+                del m
+            return out
+        m = self.merge_fn(name, self._to_device(b), [self._to_device(e) for e in ex], config.method.name, config=config)
+        return self._to_host(name, m, dtype, b.shape)
+
+    def _to_device(self, t):
+        # inputs are pinned pool buffers on a GPU run: an asynchronous copy, which is complete
+        # before their buffers go back to the pool (the synchronous copy of the result waits for it)
+        return t if self.run.device.type == "cpu" else t.to(self.run.device, non_blocking=t.is_pinned())
+
+    def _to_host(self, name, m, dtype, shape):
+        """The merged tensor in ``dtype`` (the output's), in a (pinned) pool buffer on the CPU."""
+        _check_shape(name, m, shape)
+        m = m.to(dtype)
+        if m.device.type == "cpu":
+            return m
+        host = self.pool.get(m.numel() * m.element_size()).view(dtype).view(shape)
+        return host.copy_(m)  # synchronous: the inputs' copies to the GPU are done too
+
+
+def _check_shape(name, m, shape) -> None:
+    if tuple(m.shape) != tuple(shape):  # checked first: copy_ would broadcast it
+        raise RuntimeError(f"merge of {name!r} returned shape {tuple(m.shape)}, expected {tuple(shape)}")
