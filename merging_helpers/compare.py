@@ -151,7 +151,8 @@ def apl_contender(scorer, base, experts: Mapping, few_shot: Mapping, importance:
         contender.state["importances"] = {t: found[t][level] for t in names}
         model = [float(found[t]["model"].values[0]) for t in names] if weighting == "MI-TA" else None
         if model is not None and normalise:
-            model = [m / (max(abs(x) for x in model) or 1.0) for m in model]
+            largest = max(abs(x) for x in model) or 1.0
+            model = [m / largest for m in model]
         contender.state["weights"] = apl.expert_weights(model, total=len(names)) if model is not None else None
 
     def merge(deltas, budget, seed):
