@@ -115,7 +115,7 @@ def html_dir(tmp_path_factory):
     config = re.sub(r"execute_notebooks: \w+", 'execute_notebooks: "off"', config)
     # unexecuted chapters have no glued values: their {glue} references are left empty here
     config = config.replace('suppress_warnings: [', 'suppress_warnings: ["mystnb.glue", "mystnb.glue_ref", ')
-    config = config.replace("offline_mathjax: book/_ext", f"offline_mathjax: {ROOT / 'book' / '_ext'}")
+    config = config.replace(": book/_ext", f": {ROOT / 'book' / '_ext'}")  # the local extensions' folder
     (out / "_config.yml").write_text(config)
     exe = Path(sys.executable).parent / "jupyter-book"
     done = subprocess.run([str(exe), "build", str(ROOT), "--config", str(out / "_config.yml"), "--path-output",
