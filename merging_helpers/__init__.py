@@ -23,6 +23,7 @@ modules on disk and ``_toc.yml``:
 * ``methods``    – chapter 3: merge methods as data (drop → rescale → combine records)
 * ``config``     – chapter 3: one validated merge configuration
 * ``recipes``    – chapter 3: the reference engine (merge_tensor, merge_state_dicts)
+* ``tensor_source`` – chapter 3: where a planned method reads the model (state dicts, or folders on disk)
 * ``ablations``  – chapter 3: TIES step by step, merged deltas, ablation grids
 * ``paired``     – chapter 3: two merges on the same examples (paired bootstrap, McNemar)
 * ``apl``        – chapter 4: APL — causal tracing of partitions, calibrated drop rates, weights

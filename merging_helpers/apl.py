@@ -425,21 +425,70 @@ def merge(base, experts: Mapping[str, Mapping[str, torch.Tensor]], importances: 
     not cover keep the plain rate λ. ``weights``: one per expert (default 1 each: "APL on
     Task Arithmetic"; :func:`expert_weights` for MI-Task Arithmetic). ``rescale``: divide the
     survivors by 1 − p as DARE does (Eq. 12 as printed has no rescale: ``rescale=False``).
-    ``mapping="tanh-matched"`` keeps plain DARE's expected count of entries (:func:`drop_rates`)."""
+    ``mapping="tanh-matched"`` keeps plain DARE's expected count of entries (:func:`drop_rates`).
+    The same merge by name, in memory or streamed from folders: method ``"apl"`` with
+    ``drop_rate=lam`` and ``lam=scale`` (:func:`plan`)."""
     from .recipes import merge_state_dicts
-    names = list(experts)
-    missing = [t for t in names if t not in importances]
+    return merge_state_dicts(base, dict(experts), "apl", importances=importances, drop_rate=lam, eps=eps,
+                             mapping=mapping, tau=tau, normalise=normalise, weights=weights, lam=scale,
+                             rescale=rescale, seed=seed, progress=progress)
+
+
+# ------------------------------------------------------------------ APL as a plan (method "apl")
+
+PLAN_OPTIONS = {"importances": None, "drop_rate": None, "eps": None, "mapping": "tanh", "tau": 5.0,
+                "normalise": False, "rescale": True}  # APL's own (drop_rate: Eq. 11's λ, the DARE rate)
+MERGE_OPTIONS = {"lam", "weights", "seed"}  # the merge's: λ scales Σ_t w_t DARE(Δ_t)
+
+
+def _plan_options(options: Mapping) -> tuple[dict, dict]:
+    unknown = sorted(set(options) - set(PLAN_OPTIONS) - MERGE_OPTIONS)
+    if unknown:
+        raise TypeError(f"apl: unknown option(s) {unknown}; the options are {sorted(set(PLAN_OPTIONS) | MERGE_OPTIONS)}")
+    missing = [k for k in ("importances", "drop_rate", "eps") if options.get(k) is None]
     if missing:
-        raise KeyError(f"APL merge: no importances for expert(s) {missing}")
-    levels = {importances[t].level for t in names}
+        raise TypeError(f"apl needs {missing} (importances: one Importance per expert; drop_rate: Eq. 11's λ; "
+                        "eps: its ε)")
+    own = {k: options.get(k, default) for k, default in PLAN_OPTIONS.items()}
+    _check_rate_band(own["drop_rate"], own["eps"])
+    _check_tau(own["tau"])
+    if own["mapping"] not in MAPPINGS:
+        raise ValueError(f"mapping must be one of {MAPPINGS}, got {own['mapping']!r}")
+    return own, {k: options[k] for k in MERGE_OPTIONS if k in options}
+
+
+def _by_expert(importances, names: Sequence[str]) -> list[Importance]:
+    """One Importance per expert, in ``names``' order (a mapping by expert name, or a list)."""
+    if isinstance(importances, Mapping):
+        missing = [t for t in names if t not in importances]
+        if missing:
+            raise KeyError(f"APL merge: no importances for expert(s) {missing}")
+        importances = [importances[t] for t in names]
+    if len(importances) != len(names):
+        raise ValueError(f"APL merge: {len(importances)} importances for {len(names)} experts")
+    levels = {i.level for i in importances}
     if len(levels) != 1:
         raise ValueError(f"APL merge: all experts' importances must be of one level, got {sorted(levels)}")
-    float_names = [n for n, t in base.items() if t.is_floating_point()]
-    rates, level = [], "model"
-    for t in names:
-        r, level = engine_rates(importances[t], drop_rates(importances[t], lam, eps, mapping, tau, normalise,
-                                                           {n: base[n].shape for n in float_names}), float_names)
-        rates.append(r)
-    return merge_state_dicts(base, [experts[t] for t in names], "dare_linear", drop_rate=rates, rate_level=level,
-                             rate_default=lam, weights=weights, lam=scale, rescale="inverse" if rescale else None,
-                             seed=seed, progress=progress, expert_names=names)
+    return list(importances)
+
+
+def plan(n_experts: int, options: Mapping):
+    """APL as a method (``merge_state_dicts(..., "apl", ...)`` or ``merge_folders``; chapter 4):
+    ``(config, finish)`` as :mod:`merging_helpers.methods` describes. ``finish(source)`` reads only
+    the model's shapes: each expert's calibrated per-partition rates (:func:`drop_rates`) as a
+    DARE merge with Task Arithmetic's weighted sum."""
+    from .config import MergeConfig
+    own, merge = _plan_options(options)
+    rescale = "inverse" if own["rescale"] else None
+    first = MergeConfig.build("dare_linear", n_experts, drop_rate=own["drop_rate"], rescale=rescale, **merge)
+
+    def finish(source):
+        rates, level = [], "model"
+        for importance in _by_expert(own["importances"], source.expert_names):
+            calibrated = drop_rates(importance, own["drop_rate"], own["eps"], own["mapping"], own["tau"],
+                                    own["normalise"], source.shapes)
+            r, level = engine_rates(importance, calibrated, list(source.shapes))
+            rates.append(r)
+        return MergeConfig.build("dare_linear", n_experts, drop_rate=rates, rate_level=level,
+                                 rate_default=own["drop_rate"], rescale=rescale, **merge)
+    return first, finish

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import apl, dppa, results, rms_adaptive
+from . import apl, dppa, results
 from .ablations import next_lambda
 from .optional import require
 from .deltas import apply_delta
@@ -69,10 +69,9 @@ def engine_contender(name: str, chapter: str, method: str, knobs: str = "", **op
 
 
 def _dp(deltas, budget, seed):
-    """DPPA's dynamic pruning (chapter 6, Eqs. 1–5): per-layer and per-map magnitude rates around
-    α = 1 − budget, then Task Arithmetic's sum (the amplification's search is left out: see the chapter)."""
-    pruned = [dppa.magnitude_prune(d, dppa.dp_rates(d, 1.0 - budget)) for d in deltas]
-    return {n: sum(p[n] for p in pruned) for n in deltas[0]}
+    """DPPA's dynamic pruning (chapter 6, Eqs. 1–5; the registry's ``"dp"``): per-layer and per-map magnitude
+    rates around α = 1 − budget, then Task Arithmetic's sum (the amplification's search is left out: see the chapter)."""
+    return merge_state_dicts(_zero_like(deltas[0]), deltas, "dp", alpha=1.0 - budget, progress=False)
 
 
 RMS_DROP_SCALE = 0.1  # the RMS rule's λ in units of 1/σ (chapter 7's reading) when no choice is passed
@@ -87,13 +86,12 @@ def rms_contender(drop_scale: float = RMS_DROP_SCALE) -> Contender:
         raise ValueError(f"rms_contender: drop_scale (λ in units of 1/σ) must be >= 0, got {drop_scale}")
 
     def merge(deltas, budget, seed):
-        named = {f"expert{t}": d for t, d in enumerate(deltas)}
         with warnings.catch_warnings():  # how many rates were clipped is chapter 7's to report
             warnings.filterwarnings("ignore", message="adaptive_rates: .* drop rates were clipped")
-            rates, _ = rms_adaptive.adaptive_rates(rms_adaptive.rms_table(named), 1.0 - budget, drop_scale,
-                                                   scale="std")
-        return rms_adaptive.merge(_zero_like(deltas[0]), named, rates, 1.0 - budget, seed=seed)
-    return Contender("RMS-adaptive", "07_rms_adaptive", merge, random=True, knobs=f"λ = {drop_scale:g}/σ, aware")
+            return merge_state_dicts(_zero_like(deltas[0]), deltas, "rms_adaptive", p_default=1.0 - budget,
+                                     drop_scale=drop_scale, scale="std", seed=seed, progress=False)
+    return Contender("RMS-adaptive", "07_rms_adaptive", merge, random=get_method("rms_adaptive").random,
+                     knobs=f"λ = {drop_scale:g}/σ, aware")
 
 
 @dataclass
@@ -134,7 +132,7 @@ def apl_contender(scorer, base, experts: Mapping, few_shot: Mapping, importance:
     chapter = "04_apl" if importance == "causal" else "05_gradient_importance"
     # gradient scores are loss changes, not P* − P: Eqs. 11 and 12 read them divided by their largest magnitude
     normalise = importance == "gradient"
-    contender = Contender(f"APL ({importance}, {weighting})", chapter, None, random=True,
+    contender = Contender(f"APL ({importance}, {weighting})", chapter, None, random=get_method("apl").random,
                           knobs=f"{level} level, ε = (1 − p)/2, τ = 5, {per_label} shots per label"
                           + (", scores / max |score| (loss units)" if normalise else ""))
     names = list(experts)
@@ -179,7 +177,8 @@ CONTENDERS: dict[str, Contender] = {c.name: c for c in (
     engine_contender("TIES", "03_ties", "ties"),
     engine_contender("DARE-TIES", "03_ties", "dare_ties"),
     engine_contender("DELLA", "03_ties", "della", knobs="ε = 0 (MagPrune, no band)", epsilon=0.0),
-    Contender("DP (DPPA's pruning)", "06_dppa", _dp, knobs=f"λ = {dppa.LAMBDA}, n = {dppa.N_SIGNIFICANT:g} (DPPA's defaults)"),
+    Contender("DP (DPPA's pruning)", "06_dppa", _dp, random=get_method("dp").random,
+              knobs=f"λ = {dppa.LAMBDA}, n = {dppa.N_SIGNIFICANT:g} (DPPA's defaults)"),
     rms_contender(),
 )}
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .consensus import ELECTIONS
-from .methods import DIVISORS, Method, get_method
+from .methods import DIVISORS, Method, get_method, get_plan
 from .partitions import (LEVELS, Floored, PerColumn, PerRow, check_rate_fits, complement, levels_matching, rate_for,
                          unused_rate_keys, validate_rates)
 from .rescale import RESCALES
@@ -106,6 +106,9 @@ class MergeConfig:
             raise TypeError(f"unknown merge option(s) {unknown}; the options are {sorted(allowed)}")
         if not (isinstance(n_experts, int) and n_experts >= 1):
             raise ValueError(f"a merge needs at least one expert, got {n_experts!r}")
+        if get_method(method).plan:
+            raise ValueError(f"method {get_method(method).name!r} builds its config from the whole model (a plan): "
+                             "give its own options to merge_state_dicts or merge_folders, not a MergeConfig")
         weights = options.get("weights")
         if weights is not None:
             options["weights"] = cls._checked_weights(weights, n_experts)
@@ -310,3 +313,17 @@ def as_config(method, n_experts: int, config: MergeConfig | None = None, **optio
     if config.n_experts != n_experts:
         raise ValueError(f"the config is for {config.n_experts} experts, got {n_experts}")
     return config
+
+
+def start_config(method, n_experts: int, config: MergeConfig | None = None, options: dict | None = None):
+    """``(config, finish)`` for either front door (chapters 2–7): a planned method's plan
+    (:data:`merging_helpers.methods.PLANNED`; ``finish(source)`` reads the model and returns the
+    config to merge with), else :func:`as_config` and ``finish = None``. Every option is checked here,
+    before anything is read."""
+    plan = get_plan(method)
+    if plan is None:
+        return as_config(method, n_experts, config, **(options or {})), None
+    if config is not None:
+        raise ValueError(f"method {method!r} builds its config from the whole model (a plan): give its options, "
+                         "not a config")
+    return plan(n_experts, dict(options or {}))

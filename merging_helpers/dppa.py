@@ -39,6 +39,7 @@ data (:func:`greedy_factor`, :func:`search_method1`, :func:`search_method2`).
 """
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 
@@ -142,12 +143,12 @@ def _check_budget(budget: str, what: str) -> None:
         raise ValueError(f"{what}: budget must be one of {BUDGETS}, got {budget!r}")
 
 
-def _within_range(rates: dict[str, float], deltas, members, alpha: float, budget: str, what: str) -> dict[str, float]:
+def _within_range(rates: dict[str, float], sizes, members, alpha: float, budget: str, what: str) -> dict[str, float]:
     """The rates brought back into [0, 1): clipped (``budget="clip"``, with a warning) or, for the
     tensors in ``members``, shifted together so they still prune ``alpha`` (``"exact"``)."""
     if budget == "exact":
         moved = {name: rates[name] for name in members}
-        return {**rates, **at_budget(moved, {n: deltas[n].numel() for n in moved}, alpha)}
+        return {**rates, **at_budget(moved, {n: sizes[n] for n in moved}, alpha)}
     return _clipped(rates, what)
 
 
@@ -160,29 +161,42 @@ def dp_rates(deltas: Mapping[str, torch.Tensor], alpha: float, lam: float = LAMB
     misses α near the ends); ``"exact"`` shifts the linear maps' rates by one constant so that
     they still prune α of their entries (:func:`at_budget`)."""
     _check(alpha, lam, min(n_layer, n_linear))
+    layers, linears = _structure(deltas)
+    sig_layers = [significance([deltas[n] for n in names], n_layer) for names in layers.values()]
+    sig_linears = [significance([deltas[n] for n in names], n_linear) for names in linears.values()]
+    sizes = {n: d.numel() for n, d in deltas.items()}
+    return rates_from_significance(sizes, sig_layers, sig_linears, alpha, lam, eq2_mean, budget)
+
+
+def rates_from_significance(sizes: Mapping[str, int], sig_layers: Sequence[float], sig_linears: Sequence[float],
+                            alpha: float, lam: float = LAMBDA, eq2_mean: str = "model",
+                            budget: str = "clip") -> dict[str, float]:
+    """Eqs. 1–5 from the significances (chapter 6): ``sizes`` {tensor name: entries}, one sig per
+    layer and per linear map in :func:`_structure`'s order. :func:`dp_rates` and DP's plan (which
+    streams the significances from disk) both end here."""
+    _check(alpha, lam)
     if eq2_mean not in EQ2_MEANS:
         raise ValueError(f"dp_rates: eq2_mean must be one of {EQ2_MEANS}, got {eq2_mean!r}")
     _check_budget(budget, "dp_rates")
-    layers, linears = _structure(deltas)
-    rates = {name: float(alpha) for name in deltas}
+    layers, linears = _structure(sizes)
+    rates = {name: float(alpha) for name in sizes}
     if not layers:
         return rates
-    layer_ids = list(layers)
-    dif = normalise(layer_fluctuation([significance([deltas[n] for n in layers[l]], n_layer) for l in layer_ids]), lam)
-    keys = list(linears)
-    sig = torch.tensor([significance([deltas[n] for n in linears[k]], n_linear) for k in keys], dtype=torch.float64)
-    sizes = torch.tensor([sum(deltas[n].numel() for n in linears[k]) for k in keys], dtype=torch.float64)
+    layer_ids, keys = list(layers), list(linears)
+    dif = normalise(layer_fluctuation(list(sig_layers)), lam)
+    sig = torch.tensor(list(sig_linears), dtype=torch.float64)
+    n = torch.tensor([sum(sizes[name] for name in linears[k]) for k in keys], dtype=torch.float64)
     groups = [list(range(len(keys)))] if eq2_mean == "model" else \
         [[i for i, k in enumerate(keys) if k[0] == layer] for layer in layer_ids]
     dif_lin = torch.zeros(len(keys), dtype=torch.float64)
     for idx in (g for g in groups if g):
-        dif_lin[idx] = linear_fluctuation(sig[idx], sizes[idx])
+        dif_lin[idx] = linear_fluctuation(sig[idx], n[idx])
     dif_lin = normalise(dif_lin, lam)
     by_layer = dict(zip(layer_ids, dif.tolist()))
     for i, (layer, _) in enumerate(keys):
         for name in linears[keys[i]]:
             rates[name] = alpha + by_layer[layer] + float(dif_lin[i])
-    return _within_range(rates, deltas, [n for k in keys for n in linears[k]], alpha, budget, "dp_rates")
+    return _within_range(rates, sizes, [name for k in keys for name in linears[k]], alpha, budget, "dp_rates")
 
 
 def owl_rates(deltas: Mapping[str, torch.Tensor], alpha: float, lam: float = LAMBDA, m: float = N_SIGNIFICANT,
@@ -208,7 +222,8 @@ def owl_rates(deltas: Mapping[str, torch.Tensor], alpha: float, lam: float = LAM
     for layer_density, names in zip(density.tolist(), layers.values()):
         for name in names:
             rates[name] = 1 - layer_density
-    return _within_range(rates, deltas, [n for names in layers.values() for n in names], alpha, budget, "owl_rates")
+    return _within_range(rates, {n: d.numel() for n, d in deltas.items()}, [n for names in layers.values() for n in names],
+                         alpha, budget, "owl_rates")
 
 
 def magnitude_prune(deltas: Mapping[str, torch.Tensor], rates: Mapping[str, float]) -> dict[str, torch.Tensor]:
@@ -337,3 +352,73 @@ def amplified(deltas: Mapping[str, torch.Tensor], masks: Mapping[str, Sequence[t
     """Every tensor's delta with its bands scaled by ``factors`` (:func:`amplify`); with all
     factors 1 it is the pruned delta of the last band's rate (chapter 6)."""
     return {n: amplify(d, masks[n], factors) for n, d in deltas.items()}
+
+
+# ------------------------------------------------------------------ DP as a plan (method "dp")
+
+PLAN_OPTIONS = {"alpha": None, "fluctuation": LAMBDA, "n_layer": N_SIGNIFICANT, "n_linear": N_SIGNIFICANT,
+                "eq2_mean": "model", "budget": "clip"}  # DP's own options (fluctuation: Eq. 4's λ) and defaults
+MERGE_OPTIONS = {"lam", "weights"}  # the merge's: λ scales the summed pruned deltas, weights as Task Arithmetic
+
+
+def _plan_options(options: Mapping) -> tuple[dict, dict]:
+    unknown = sorted(set(options) - set(PLAN_OPTIONS) - MERGE_OPTIONS)
+    if unknown:
+        raise TypeError(f"dp: unknown option(s) {unknown}; the options are {sorted(set(PLAN_OPTIONS) | MERGE_OPTIONS)}")
+    if "alpha" not in options:
+        raise TypeError("dp needs alpha (the target pruning rate, in [0, 1))")
+    own = {k: options.get(k, default) for k, default in PLAN_OPTIONS.items()}
+    _check(own["alpha"], own["fluctuation"], min(own["n_layer"], own["n_linear"]), "dp")
+    _check_budget(own["budget"], "dp")
+    if own["eq2_mean"] not in EQ2_MEANS:
+        raise ValueError(f"dp: eq2_mean must be one of {EQ2_MEANS}, got {own['eq2_mean']!r}")
+    return own, {k: options[k] for k in MERGE_OPTIONS if k in options}
+
+
+def streamed_significances(source, n_layer: float = N_SIGNIFICANT, n_linear: float = N_SIGNIFICANT) -> list[tuple]:
+    """Per expert of a :class:`~merging_helpers.tensor_source.TensorSource`: ``(sig per layer, sig per
+    linear map)`` in :func:`_structure`'s order, as :func:`significance` computes them on the whole
+    blocks, in two passes that hold one tensor at a time (the means first, then the outliers' sums;
+    chapter 6)."""
+    layers, linears = _structure(source.shapes)
+    layer_of = {n: l for l, names in layers.items() for n in names}
+    linear_of = {n: k for k, names in linears.items() for n in names}
+    experts = range(len(source.expert_names))
+    abs_sum = {}
+    for name, base, ex in source.triples(list(layer_of)):  # pass 1: Σ|δ| of every tensor
+        abs_sum[name] = [float((e.float() - base.float()).abs().double().sum()) for e in ex]
+
+    def means(blocks):
+        return {k: [sum(abs_sum[n][t] for n in names) / max(1, sum(math.prod(source.shapes[n]) for n in names))
+                    for t in experts] for k, names in blocks.items()}
+
+    layer_mean, linear_mean = means(layers), means(linears)
+    sig_l = {l: [0.0 for _ in experts] for l in layers}
+    sig_k = {k: [0.0 for _ in experts] for k in linears}
+    for name, base, ex in source.triples(list(layer_of)):  # pass 2: Σ|δ| over each block's outliers
+        for t, e in enumerate(ex):
+            a = (e.float() - base.float()).abs().double()
+            sig_l[layer_of[name]][t] += float(a[a > n_layer * layer_mean[layer_of[name]][t]].sum())
+            if name in linear_of:
+                k = linear_of[name]
+                sig_k[k][t] += float(a[a > n_linear * linear_mean[k][t]].sum())
+    return [([sig_l[l][t] for l in layers], [sig_k[k][t] for k in linears]) for t in experts]
+
+
+def plan(n_experts: int, options: Mapping):
+    """DP as a method (``merge_state_dicts(..., "dp", alpha=...)`` or ``merge_folders``; chapter 6):
+    ``(config, finish)`` as :mod:`merging_helpers.methods` describes. ``finish(source)`` streams
+    every expert's significances and returns a magnitude merge (no rescale, Task Arithmetic's sum)
+    with each tensor pruned at its own Θ_lj (α outside the blocks)."""
+    from .config import MergeConfig
+    own, merge = _plan_options(options)
+    first = MergeConfig.build("magnitude", n_experts, drop_rate=own["alpha"], **merge)
+
+    def finish(source):
+        sizes = {n: math.prod(shape) for n, shape in source.shapes.items()}
+        rates = [rates_from_significance(sizes, sig_layers, sig_linears, own["alpha"], own["fluctuation"],
+                                         own["eq2_mean"], own["budget"])
+                 for sig_layers, sig_linears in streamed_significances(source, own["n_layer"], own["n_linear"])]
+        return MergeConfig.build("magnitude", n_experts, drop_rate=rates, rate_level="tensor",
+                                 rate_default=own["alpha"], **merge)
+    return first, finish

@@ -36,9 +36,9 @@ import math
 from collections.abc import Sequence
 
 from .config import OUT_DTYPES, MergeConfig
-from .methods import METHODS, get_method
+from .methods import get_method, registry
 
-SHARED_METHODS = tuple(m.name for m in METHODS.values() if m.mergekit)  # the records that name a mergekit method
+SHARED_METHODS = tuple(m.name for m in registry().values() if m.mergekit)  # the records that name a mergekit method
 # mergekit's defaults (0.1.5, merge_methods/registry.py): normalize, rescale
 DEFAULTS = {"task_arithmetic": (False, False), "dare_linear": (False, True), "ties": (True, False),
             "dare_ties": (False, True), "della": (True, True), "magnitude": (False, False)}

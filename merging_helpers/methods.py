@@ -44,6 +44,7 @@ class Method:
     combine: str  # one of COMBINE_RULES
     divide_when_weighted: str = "weight_sum"  # divisor of an election on weighted deltas
     mergekit: str | None = None  # mergekit's name for the same merge, where it has one (chapter 9)
+    plan: str | None = None  # "module:function" of its plan, where its config needs the whole model (PLANNED)
 
     def __post_init__(self):
         if self.drop not in DROP_RULES:
@@ -86,10 +87,20 @@ METHODS: dict[str, Method] = {m.name: m for m in (
 )}
 
 
-# Methods whose merge config depends on statistics of the whole model (a plan): name → "module:function".
-# ``plan(n_experts, options) -> (config, finish)``; ``finish(matrices, expert_names) -> config`` reads
-# each block matrix once. The streamed merge runs a plan without naming the method (chapter 7, appendix).
-PLANS: dict[str, str] = {"rms_adaptive": "merging_helpers.rms_adaptive:plan"}
+# Methods whose config depends on the whole model (statistics of its deltas, or importances per
+# partition): each runs a *plan* first. ``plan(n_experts, options) -> (config, finish)`` checks the
+# method's own options (``config`` can check the inputs before anything is read);
+# ``finish(source) -> config`` reads a :class:`~merging_helpers.tensor_source.TensorSource` (state dicts
+# in memory, or checkpoint folders) and returns the engine's config: both front doors run the same plan,
+# and the streamed merge never names the method (chapters 4, 6, 7 and the appendix). The record's drop
+# and combine say what the planned config runs; ``options`` are the plan's own option names.
+PLANNED: dict[str, Method] = {m.name: m for m in (
+    Method("apl", 4, drop="random", combine="sum", plan="merging_helpers.apl:plan"),
+    Method("dp", 6, drop="magnitude", combine="sum", plan="merging_helpers.dppa:plan"),
+    Method("rms_adaptive", 7, drop="random", combine="elect", divide_when_weighted="nothing",
+           plan="merging_helpers.rms_adaptive:plan"),
+)}
+PLANS: dict[str, str] = {n: m.plan for n, m in PLANNED.items()}
 
 
 def get_plan(name):
@@ -101,13 +112,18 @@ def get_plan(name):
     return getattr(importlib.import_module(module), function)
 
 
+def registry() -> dict[str, Method]:
+    """Every method of the book, by name: the per-tensor records and the planned ones (chapters 3–7)."""
+    return {**METHODS, **PLANNED}
+
+
 def get_method(name) -> Method:
     """The record of method ``name`` (a ``Method`` passes through); a clear error otherwise (chapters 2–3)."""
     if isinstance(name, Method):
         return name
     if not isinstance(name, str):
-        raise TypeError(f"method must be a method's name, one of {sorted(METHODS)}, got a {type(name).__name__}: "
+        raise TypeError(f"method must be a method's name, one of {sorted(registry())}, got a {type(name).__name__}: "
                         f"{name!r}")
-    if name not in METHODS:
-        raise ValueError(f"method must be one of {sorted(METHODS)}, got {name!r}")
-    return METHODS[name]
+    if name not in registry():
+        raise ValueError(f"method must be one of {sorted(registry())}, got {name!r}")
+    return registry()[name]

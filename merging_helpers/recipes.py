@@ -14,7 +14,7 @@ This is the readable engine, and the reference: the fast tier
 import torch
 from tqdm.auto import tqdm
 
-from .config import MergeConfig, as_config
+from .config import MergeConfig, as_config, start_config
 from .consensus import disjoint_merge, elect_sign, weighted_sum
 from .deltas import check_compatible, check_like_base, nonfinite_delta_message, work_dtype
 from .drop import global_magnitude_threshold, magnitude_keep_mask, magprune_keep, random_keep_mask, threshold_keep_mask
@@ -22,6 +22,7 @@ from .methods import METHODS, RULE_RESCALE
 from .partitions import PerColumn, PerRow, complement
 from .rescale import rescale as apply_rescale
 from .rng import EntryRandoms
+from .tensor_source import StateDictSource
 
 MERGE_METHODS = METHODS  # the method records, by name
 
@@ -138,15 +139,20 @@ def merge_state_dicts(base_sd, expert_sds, method=None, *, config=None, progress
     Everything is validated first (``check_compatible``, the config, every tensor's
     rate, rate keys that match no tensor). ``magnitude_scope="model"`` computes one
     |Δ| threshold per expert over the whole model first (TIES paper code; needs a
-    float density per expert), instead of top-k within each tensor.
+    float density per expert), instead of top-k within each tensor. A planned method
+    (``"apl"``, ``"dp"``, ``"rms_adaptive"``: :data:`~merging_helpers.methods.PLANNED`, with
+    its own options) reads the model for its config first, as the streamed merge does.
     Non-floating tensors (integer buffers) are copied from the base.
     """
     check_compatible(base_sd, expert_sds, expert_names)  # first: it names a wrongly shaped argument
     if isinstance(expert_sds, dict):
         expert_names, expert_sds = list(expert_sds), list(expert_sds.values())
     expert_sds = list(expert_sds)
-    config = as_config(method, len(expert_sds), config, **options)
+    config, finish = start_config(method, len(expert_sds), config, options)
     config.check_tensors({n: tuple(t.shape) for n, t in base_sd.items() if t.is_floating_point()})
+    if finish is not None:
+        names = list(expert_names) if expert_names else [f"expert {t}" for t in range(len(expert_sds))]
+        config = finish(StateDictSource(base_sd, expert_sds, names))
     if config.magnitude_scope == "model":
         def deltas_of(expert):
             return lambda: (expert[n].float() - b.float() for n, b in base_sd.items() if b.is_floating_point())

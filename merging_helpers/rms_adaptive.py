@@ -146,15 +146,16 @@ def streamed_rms_table(triples, expert_names: Sequence[str], slide_formula: bool
 
 
 def plan(n_experts: int, options: Mapping):
-    """The method's plan for a merge that reads the model as it goes (appendix, chapter 7):
-    ``(config, finish)``. ``config`` has the right method and knobs (to check the inputs with)
-    but no rates yet; ``finish(matrices, expert_names)`` reads every block matrix once
-    (``matrices``: ``(name, base, experts)`` triples) and returns the config to merge with."""
+    """The method's plan (chapter 7; :mod:`merging_helpers.methods`): ``(config, finish)``.
+    ``config`` has the right method and knobs (to check the inputs with) but no rates yet;
+    ``finish(source)`` reads every block matrix of a :class:`~merging_helpers.tensor_source.TensorSource`
+    once and returns the config to merge with (in memory and streamed alike)."""
     rate_options, merge_options = split_options(options)
     first = merge_config([{}] * n_experts, rate_options["p_default"], **merge_options)
 
-    def finish(matrices, expert_names):
-        rates_from = dict(rate_options)
+    def finish(source):
+        rates_from, expert_names = dict(rate_options), source.expert_names
+        matrices = source.triples([n for n, shape in source.shapes.items() if is_matrix(n, shape)])
         table = streamed_rms_table(matrices, expert_names, rates_from.pop("slide_formula", False))
         rates, _ = adaptive_rates(table, **rates_from)
         return merge_config([rates[who] for who in expert_names], rate_options["p_default"], **merge_options)

@@ -34,11 +34,11 @@ from tqdm.auto import tqdm
 from .deltas import apply_delta, task_vectors
 from .drop import random_keep_mask
 from .evaluation import choose_lambda
-from .methods import METHODS
+from .methods import registry
 from .recipes import merge_state_dicts
 from .rng import EntryRandoms
 
-RANDOM_METHODS = frozenset(m.name for m in METHODS.values() if m.random)  # read from the records
+RANDOM_METHODS = frozenset(m.name for m in registry().values() if m.random)  # read from the records
 
 
 def _label(method, label, merge_kwargs):

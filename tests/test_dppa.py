@@ -206,3 +206,60 @@ def test_owl_takes_the_same_exact_budget():
     assert sum(exact[n] * deltas[n].numel() for n in deltas) / total == pytest.approx(0.999, abs=1e-6)
     with pytest.raises(ValueError, match="owl_rates: budget must be one of"):
         dppa.owl_rates(deltas, 0.5, budget="refuse")
+
+
+# ---- DP as a planned method ("dp"): the same rates from streamed significances, both front doors
+
+def _experts_on_a_bert(n_experts=2):
+    g = torch.Generator().manual_seed(1)
+    base, _ = _bert_sd(0)
+    def delta(shape, scale):  # heavy-tailed, as fine-tunes' deltas are: 2 % of entries 30× larger
+        spikes = 1 + 29 * (torch.rand(shape, generator=g) < 0.02)
+        return torch.randn(shape, generator=g) * spikes * scale
+
+    experts = [{n: t + delta(t.shape, 0.01 + 0.03 * t_ * n.startswith("encoder.layer.1"))
+                if t.is_floating_point() else t for n, t in base.items()} for t_ in range(n_experts)]
+    return base, experts
+
+
+def test_streamed_significances_equal_the_whole_blocks():
+    from merging_helpers.tensor_source import StateDictSource
+    base, experts = _experts_on_a_bert()
+    source = StateDictSource(base, experts, ["a", "b"])
+    layers, linears = dppa._structure(source.shapes)
+    for t, (sig_layers, sig_linears) in enumerate(dppa.streamed_significances(source, 5.0, 3.0)):
+        deltas = {n: experts[t][n].float() - base[n].float() for n in source.shapes}
+        want_l = [dppa.significance([deltas[n] for n in names], 5.0) for names in layers.values()]
+        want_k = [dppa.significance([deltas[n] for n in names], 3.0) for names in linears.values()]
+        assert sig_layers == pytest.approx(want_l, rel=1e-12) and sig_linears == pytest.approx(want_k, rel=1e-12)
+        assert min(want_l) > 0 and min(want_k) > 0  # outliers were found: the check compares something
+
+
+def test_dp_by_name_is_dp_rates_then_magnitude_pruning_and_the_sum():
+    from merging_helpers.recipes import merge_state_dicts
+    base, experts = _experts_on_a_bert(3)
+    got = merge_state_dicts(base, experts, "dp", alpha=0.8, lam=0.5, progress=False)
+    floating = [n for n, t in base.items() if t.is_floating_point()]
+    pruned = []
+    for e in experts:  # the chapter's from-the-parts route: dp_rates, then magnitude_prune
+        deltas = {n: e[n].float() - base[n].float() for n in floating}
+        pruned.append(dppa.magnitude_prune(deltas, dppa.dp_rates(deltas, 0.8)))
+    for n in floating:
+        torch.testing.assert_close(got[n], base[n] + 0.5 * sum(p[n] for p in pruned), rtol=0, atol=1e-6)
+    rates = dppa.dp_rates({n: experts[0][n].float() - base[n].float() for n in floating}, 0.8)
+    assert len({round(r, 6) for r in rates.values()}) > 3  # the rates do differ per map
+
+
+@pytest.mark.parametrize("options, error, match", [
+    (dict(), TypeError, "dp needs alpha"),
+    (dict(alpha=1.0), ValueError, r"alpha must be in \[0, 1\)"),
+    (dict(alpha=0.5, density=0.3), TypeError, r"unknown option\(s\) \['density'\]"),
+    (dict(alpha=0.5, eq2_mean="block"), ValueError, "eq2_mean must be one of"),
+    (dict(alpha=0.5, lam=float("nan")), ValueError, "lam must be a finite number"),
+])
+def test_dp_bad_options_fail_before_reading(options, error, match, monkeypatch):
+    from merging_helpers.recipes import merge_state_dicts
+    monkeypatch.setattr(dppa, "streamed_significances", lambda *a, **k: pytest.fail("read before checking"))
+    base, experts = _experts_on_a_bert()
+    with pytest.raises(error, match=match):
+        merge_state_dicts(base, experts, "dp", progress=False, **options)

@@ -75,11 +75,23 @@ def test_methods_docstring_table_matches_the_records():
 def test_the_facts_other_modules_need_are_read_from_the_records():
     """Randomness and the mergekit name live in the records; compare, sweeps and mergekit_yaml read them."""
     from merging_helpers import compare, mergekit_yaml, sweeps
-    from merging_helpers.methods import METHODS, Method
-    assert sweeps.RANDOM_METHODS == {n for n, m in METHODS.items() if m.drop in ("random", "magprune")}
-    assert set(mergekit_yaml.SHARED_METHODS) == {n for n, m in METHODS.items() if m.mergekit}
+    from merging_helpers.methods import METHODS, PLANNED, Method, registry
+    assert sweeps.RANDOM_METHODS == {n for n, m in registry().items() if m.drop in ("random", "magprune")}
+    assert {"apl", "rms_adaptive"} <= sweeps.RANDOM_METHODS and "dp" not in sweeps.RANDOM_METHODS
+    assert set(mergekit_yaml.SHARED_METHODS) == {n for n, m in registry().items() if m.mergekit}
     assert Method("new", 3, drop="random", combine="elect").random
     assert not Method("new", 3, drop="magnitude", combine="elect").random
     for name, method in {"DARE": "dare_linear", "TIES": "ties", "DELLA": "della", "Task Arithmetic": "task_arithmetic"}.items():
         assert compare.CONTENDERS[name].random == METHODS[method].random
         assert compare.CONTENDERS[name].budgeted == METHODS[method].needs_rate
+    for name, method in {"DP (DPPA's pruning)": "dp", "RMS-adaptive": "rms_adaptive"}.items():
+        assert compare.CONTENDERS[name].random == PLANNED[method].random
+
+
+def test_a_planned_method_refuses_a_hand_built_config():
+    """A planned method's config comes from its plan (which reads the model): building one by hand is refused."""
+    with pytest.raises(ValueError, match="'dp' builds its config from the whole model"):
+        MergeConfig.build("dp", 2, density=0.5)
+    config = MergeConfig.build("magnitude", 2, density=0.5)
+    with pytest.raises(ValueError, match="give its options, not a config"):
+        merge_state_dicts({"w": torch.zeros(2, 2)}, [{"w": torch.ones(2, 2)}] * 2, "dp", config=config)

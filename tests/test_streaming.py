@@ -456,6 +456,42 @@ def test_rms_adaptive_streams_like_in_memory(families, tmp_path, case, monkeypat
         calls.clear()
 
 
+def _planned_options(method, base_sd, names):
+    """Each planned method's options on a test family (APL: made-up importances at the hidden level)."""
+    if method == "dp":
+        return dict(alpha=0.7, fluctuation=0.1, lam=0.8, weights=[1.0, 0.5])
+    if method == "rms_adaptive":
+        return dict(p_default=0.6, drop_scale=0.2, scale="std", seed=2)
+    from merging_helpers.apl import Importance, groups
+    keys = list(groups(base_sd, "hidden"))
+    g = torch.Generator().manual_seed(5)
+    importances = {t: Importance(t, "hidden", keys, -torch.rand(len(keys), generator=g, dtype=torch.float64),
+                                 0.8, 0.9) for t in names}
+    return dict(importances=importances, drop_rate=0.6, eps=0.2, normalise=True, lam=0.9, seed=4)
+
+
+@pytest.mark.parametrize("method", ["apl", "dp", "rms_adaptive"])
+@pytest.mark.parametrize("case", ["llama-bf16-sharded", "bert-fp16-sharded"])
+def test_every_planned_method_streams_like_in_memory(families, tmp_path, case, method):
+    """One plan, two sources: the folders (streamed, two passes for DP) and the state dicts give the same
+    config, so the merges are equal bit for bit; and the plan did move the rates (not the plain method)."""
+    from merging_helpers.methods import PLANNED
+    base_dir, expert_dirs = families[case]
+    base_sd = load_state_dict(base_dir)
+    experts = {"a": load_state_dict(expert_dirs[0]), "b": load_state_dict(expert_dirs[1])}
+    options = _planned_options(method, base_sd, list(experts))
+    ref = merge_state_dicts(base_sd, experts, method, progress=False, **options)
+    out = merge_folders(base_dir, dict(zip("ab", expert_dirs)), tmp_path / "o", method, progress=False,
+                        prefetch_bytes=4096, chunk_elems=256, **options)
+    merged = load_state_dict(out)
+    assert all(torch.equal(merged[n], ref[n]) for n in base_sd)
+    plain = {"apl": dict(drop_rate=0.6), "dp": dict(drop_rate=0.7), "rms_adaptive": dict(drop_rate=0.6)}[method]
+    record = PLANNED[method]
+    flat = merge_state_dicts(base_sd, experts, "magnitude" if record.drop == "magnitude" else "dare_linear",
+                             progress=False, seed=options.get("seed", 0), **plain)
+    assert any(not torch.equal(flat[n], ref[n]) for n in base_sd)
+
+
 @pytest.mark.parametrize("kw, error, match", [
     (dict(p_default=1.0), ValueError, r"p_default must be in \[0, 1\)"),
     (dict(p_default=0.5, drop_scale=-1), ValueError, "drop_scale .* must be >= 0"),
@@ -465,7 +501,7 @@ def test_rms_adaptive_streams_like_in_memory(families, tmp_path, case, monkeypat
 ])
 def test_rms_adaptive_bad_options_fail_before_reading(families, tmp_path, kw, error, match, monkeypatch):
     base_dir, expert_dirs = families["llama-fp32-single"]
-    monkeypatch.setattr(streaming, "_matrix_triples", lambda *a, **k: pytest.fail("read before checking"))
+    monkeypatch.setattr(streaming.FolderSource, "triples", lambda *a, **k: pytest.fail("read before checking"))
     with pytest.raises(error, match=match):
         merge_folders(base_dir, expert_dirs, tmp_path / "out", "rms_adaptive", progress=False, **kw)
 

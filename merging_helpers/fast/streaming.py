@@ -68,8 +68,7 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from ..config import as_config
-from ..methods import get_plan
+from ..config import start_config
 from ..deltas import far_from_base, nonfinite_delta_message
 from ..recipes import merge_tensor, model_thresholds, overflow_message
 from . import compiled
@@ -252,23 +251,30 @@ def _model_thresholds(base: CheckpointFolder, experts: Sequence[CheckpointFolder
     return model_thresholds([deltas_of(cf) for cf in experts], config)
 
 
-def _matrix_triples(base: CheckpointFolder, experts: Sequence[CheckpointFolder], names: Sequence[str],
-                    prefetch_bytes: int, progress: bool):
-    """(name, base tensor, expert tensors) of every block matrix, read once (mapped where cached) for a
-    method's plan; each triple's buffers go back to the pool once the plan has read it."""
-    from ..rms_adaptive import is_matrix
-    from tqdm.auto import tqdm
-    matrices = [n for n in names if is_matrix(n, base.tensors[n].shape)]
-    pool = _BufferPool()
-    prefetch = _Prefetcher([base, *experts], matrices, prefetch_bytes, pool, mapped=True)
-    try:
-        for name, (b, *ex) in tqdm(prefetch, total=len(matrices), desc="plan: statistics", disable=not progress):
-            yield name, b, ex
-            for t in (b, *ex):
-                if t.numel():
-                    pool.put(_as_bytes(t))
-    finally:
-        prefetch.close()
+class FolderSource:
+    """The :class:`~merging_helpers.tensor_source.TensorSource` of checkpoint folders: a plan's reads,
+    prefetched (mapped where cached); each triple's buffers go back to the pool once the plan has read
+    it, so a plan's pass over the model holds about ``prefetch_bytes`` (appendix, chapter 8)."""
+
+    def __init__(self, base: CheckpointFolder, experts: Sequence[CheckpointFolder], expert_names: Sequence[str],
+                 floating: Sequence[str], run: "RunOptions"):
+        self.base, self.experts, self.expert_names, self.run = base, list(experts), list(expert_names), run
+        self.shapes = {n: tuple(base.tensors[n].shape) for n in floating}
+
+    def triples(self, names):
+        from tqdm.auto import tqdm
+        names = list(names)
+        pool = _BufferPool()
+        prefetch = _Prefetcher([self.base, *self.experts], names, self.run.prefetch_bytes, pool, mapped=True)
+        try:
+            for name, (b, *ex) in tqdm(prefetch, total=len(names), desc="plan: statistics",
+                                       disable=not self.run.progress):
+                yield name, b, ex
+                for t in (b, *ex):
+                    if t.numel():
+                        pool.put(_as_bytes(t))
+        finally:
+            prefetch.close()
 
 
 def _row_chunks(shape: tuple[int, ...], chunk_elems: int):
@@ -400,8 +406,7 @@ def merge_folders(base_dir: str | os.PathLike, expert_dirs: Sequence[str | os.Pa
     run = replace(run or RunOptions(), **{k: options.pop(k) for k in list(options) if k in RUN_OPTIONS}).checked()
     base_dir = Path(base_dir)
     expert_names, dirs = _expert_names(expert_dirs)
-    plan = get_plan(method)
-    config, finish = plan(len(dirs), options) if plan else (as_config(method, len(dirs), config, **options), None)
+    config, finish = start_config(method, len(dirs), config, options)
     for d, who in [(base_dir, "base")] + list(zip(dirs, expert_names)):
         if not d.is_dir():
             raise FileNotFoundError(f"{who}: folder not found: {d}")
@@ -419,7 +424,7 @@ def merge_folders(base_dir: str | os.PathLike, expert_dirs: Sequence[str | os.Pa
         config.check_tensors({n: base.tensors[n].shape for n in floating})
         _warn_if_not_the_base(base, experts, expert_names, floating)
         if finish is not None:
-            config = finish(_matrix_triples(base, experts, floating, run.prefetch_bytes, run.progress), expert_names)
+            config = finish(FolderSource(base, experts, expert_names, floating, run))
             lib = _kernel_if_fused(run, config)
         if config.magnitude_scope == "model":
             config = config.replace(thresholds=_model_thresholds(base, experts, floating, config, run.progress))
