@@ -78,6 +78,7 @@ class MergeConfig:
     weighted_election: bool = False
     divide_by: str | None = None
     epsilon: float = 0.0
+    gamma: float | None = None      # breadcrumbs: the fraction of largest |Δ| dropped as outliers (None: 0.01)
     rate_level: str = "layer_role"
     rate_default: float | None = None
     magnitude_scope: str = "tensor"
@@ -182,6 +183,9 @@ class MergeConfig:
             raise ValueError(f"epsilon is della's MagPrune spread; method {m.name!r} does not use it")
         if self.epsilon and m.drop == "magprune":
             self._check_magprune_band()
+        if self.gamma is not None and (m.drop != "breadcrumbs" or not _is_real(self.gamma) or not 0 <= self.gamma < 1):
+            raise ValueError(f"gamma is breadcrumbs' outlier fraction, a number in [0, 1); got {self.gamma!r} for "
+                             f"method {m.name!r}")
         if self.rate_level not in LEVELS:
             raise ValueError(f"rate_level must be one of {LEVELS}, got {self.rate_level!r}")
         if self.magnitude_scope not in SCOPES:
@@ -191,7 +195,7 @@ class MergeConfig:
                              f"got {self.out_dtype!r}")
         if self.count_rounding not in ROUNDINGS:
             raise ValueError(f"count_rounding must be one of {ROUNDINGS}, got {self.count_rounding!r}")
-        if self.count_rounding == "floor" and (m.drop != "magnitude" or self.magnitude_scope == "model"):
+        if self.count_rounding == "floor" and (m.drop not in ("magnitude", "breadcrumbs") or self.magnitude_scope == "model"):
             raise ValueError("count_rounding='floor' rounds the kept count of a per-tensor magnitude trim ('magnitude', "
                              f"'ties'); method {m.name!r} with magnitude_scope={self.magnitude_scope!r} keeps no count")
         if self.thresholds is not None:

@@ -30,6 +30,19 @@ def keep_count(density: float, n: int) -> int:
     return int(density * n) if isinstance(density, Floored) else round(density * n)
 
 
+def breadcrumbs_keep_mask(delta: torch.Tensor, density, gamma: float) -> torch.Tensor:
+    """Model Breadcrumbs (Davari & Belilovsky, 2023; mergekit's ``breadcrumbs``, chapter 3's exercise):
+    drop the int(γ · n) largest |Δ| as outliers and the smallest, keeping ``keep_count(density, n)``
+    entries (fewer outliers go where density leaves no room for them, as in mergekit)."""
+    _check_tensor(delta, "breadcrumbs_keep_mask")
+    if isinstance(density, (PerRow, PerColumn)):
+        raise ValueError("breadcrumbs takes one density per tensor, not per-row or per-column densities")
+    n = delta.numel()
+    keep = keep_count(density, n)
+    top = min(int(gamma * n), n - keep)
+    return top_k_mask(delta, keep + top) & ~top_k_mask(delta, top)
+
+
 def magnitude_keep_mask(delta: torch.Tensor, density) -> torch.Tensor:
     """Keep the round(density · n) largest-|Δ| entries of one tensor (exactly that many;
     ties at the threshold go to the lowest flat indices, see ``selection``); with a

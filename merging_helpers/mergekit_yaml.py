@@ -9,16 +9,17 @@ ways; what one side cannot say is refused with the option that cannot be said:
     mergekit                                ours (MergeConfig)
     merge_method  task_arithmetic           method task_arithmetic
                   dare_linear, ties,        the same name
-                  dare_ties, della
+                  dare_ties, della,
+                  breadcrumbs,
+                  breadcrumbs_ties
                   linear (import only)      task_arithmetic with weights w_t / Σw (a base_model is
                                             needed; Σ w θ / Σ w = θ_b + Σ (w_t / Σw) Δ_t)
-                  breadcrumbs, gamma: 0     magnitude (keep the largest |Δ|; with γ > 0 mergekit
-                  (import only)             also drops the top γ outliers, which we do not run)
     weight (per model)                      weights
     density (per model)                     density (a list, one per expert); a magnitude trim
                                             (ties, breadcrumbs) keeps int(d·n) entries there:
                                             the import sets count_rounding="floor" to match
     epsilon (per model, della)              epsilon (one value for all experts)
+    gamma (per model, breadcrumbs)          gamma (one value for all experts; mergekit's default 0.01)
     lambda                                  lam
     normalize  true / false                 divide_by "weight_sum" / "nothing" (elect methods);
                                             weights divided by their sum (sum methods)
@@ -41,8 +42,9 @@ from .methods import get_method, registry
 SHARED_METHODS = tuple(m.name for m in registry().values() if m.mergekit)  # the records that name a mergekit method
 # mergekit's defaults (0.1.5, merge_methods/registry.py): normalize, rescale
 DEFAULTS = {"task_arithmetic": (False, False), "dare_linear": (False, True), "ties": (True, False),
-            "dare_ties": (False, True), "della": (True, True), "magnitude": (False, False)}
-MODEL_KEYS = {"weight", "density", "epsilon"}
+            "dare_ties": (False, True), "della": (True, True), "magnitude": (False, False),
+            "breadcrumbs": (False, False), "breadcrumbs_ties": (False, False)}
+MODEL_KEYS = {"weight", "density", "epsilon", "gamma"}
 SHARED_KEYS = {"normalize", "rescale", "lambda", "int8_mask"}
 
 
@@ -103,22 +105,6 @@ def _model_parameters(entry: dict, shared: dict) -> dict:
     if "weight" not in params:
         raise ValueError(f"model {entry.get('model')!r}: mergekit needs a weight for every model")
     return params
-
-
-def _breadcrumbs_without_outliers(doc: dict) -> dict:
-    """mergekit's ``breadcrumbs`` at γ = 0 (no outliers removed) is our ``magnitude``: the document
-    with the method renamed and every γ taken out; γ > 0 (mergekit's default is 0.01) is refused."""
-    doc = {**doc, "merge_method": "magnitude", "parameters": dict(doc.get("parameters") or {})}
-    models = [dict(e, parameters=dict(e.get("parameters") or {})) if isinstance(e, dict) else e
-              for e in (doc.get("models") or [])]
-    gammas = [doc["parameters"].pop("gamma", None)] + [e["parameters"].pop("gamma", None) for e in models
-                                                       if isinstance(e, dict)]
-    given = [g for g in gammas if g is not None]
-    if not given or any(isinstance(g, bool) or g != 0 for g in given):
-        raise NotRepresentable(f"breadcrumbs removes the top γ of |Δ| as outliers (mergekit's default γ = 0.01), "
-                               f"which this engine does not run; only gamma: 0 (plain magnitude pruning) is read, "
-                               f"got {given or 'no gamma'}")
-    return {**doc, "models": models}
 
 
 def _from_linear(doc: dict, base: str) -> tuple[MergeConfig, list[str]]:
@@ -203,12 +189,14 @@ def to_mergekit(config: MergeConfig, base_model: str, models: Sequence[str], dty
             params["density"] = d
         if m.name == "della":
             params["epsilon"] = float(config.epsilon)
+        if m.drop == "breadcrumbs":
+            params["gamma"] = 0.01 if config.gamma is None else float(config.gamma)
         entries.append({"model": str(path), "parameters": params})
     doc = {"merge_method": m.mergekit, "base_model": str(base_model), "models": entries,
            "parameters": {"normalize": normalize, "rescale": rescale == "l1", "lambda": float(config.lam)},
            "dtype": dtype, **({"out_dtype": config.out_dtype} if config.out_dtype else {})}
     header = f"# written by merging_helpers.mergekit_yaml (seed {config.seed}: mergekit's masks use its own RNG)\n"
-    if m.drop == "magnitude" and config.count_rounding == "round":
+    if m.drop in ("magnitude", "breadcrumbs") and config.count_rounding == "round":
         header += ("# mergekit keeps int(density·n) entries of each tensor, this config round(density·n): the merges are\n"
                    "# equal where density·n is whole (count_rounding='floor' keeps mergekit's count)\n")
     return header + yaml.safe_dump(doc, sort_keys=False)
@@ -240,13 +228,10 @@ def from_mergekit(text: str) -> tuple[MergeConfig, str, list[str], str | None]:
                       "models, parameters and dtype are read)", UserWarning, stacklevel=2)
     if "slices" in doc:
         raise NotRepresentable("'slices' (layer ranges from different models) are not supported; list whole models")
-    breadcrumbs = doc.get("merge_method") == "breadcrumbs"
-    if breadcrumbs:
-        doc = _breadcrumbs_without_outliers(doc)
     method = doc.get("merge_method")
-    if method not in (*SHARED_METHODS, "linear") and not breadcrumbs:
+    if method not in (*SHARED_METHODS, "linear"):
         raise NotRepresentable(f"merge_method {method!r} has no counterpart here; shared methods: "
-                               f"{(*SHARED_METHODS, 'linear', 'breadcrumbs (gamma: 0)')}")
+                               f"{(*SHARED_METHODS, 'linear')}")
     base, models = doc.get("base_model"), doc.get("models")
     if not base:
         raise ValueError(f"{method}: this import merges task vectors: mergekit's task-vector methods need a base_model"
@@ -263,6 +248,10 @@ def from_mergekit(text: str) -> tuple[MergeConfig, str, list[str], str | None]:
     if unknown:
         raise NotRepresentable(f"parameters {unknown} are not understood; known: {sorted(SHARED_KEYS | MODEL_KEYS)}")
     per_model = [_model_parameters(e, shared) for e in models]
+    knobs = {"epsilon": ("della",), "gamma": ("breadcrumbs", "breadcrumbs_ties")}
+    stray = sorted({k for p in per_model for k in p if k in knobs and method not in knobs[k]})
+    if stray:
+        raise NotRepresentable(f"parameters {stray} do not apply to {method} (epsilon: della; gamma: breadcrumbs)")
     default_normalize, default_rescale = DEFAULTS[method]
     normalize = _boolean(shared.get("normalize", default_normalize), "parameters.normalize")
     rescale = _boolean(shared.get("rescale", default_rescale), "parameters.rescale")
@@ -280,14 +269,15 @@ def from_mergekit(text: str) -> tuple[MergeConfig, str, list[str], str | None]:
         options["density"] = densities[0] if len(set(densities)) == 1 else densities
         # no rescale: "auto" where the drop rule brings none (TIES), else None
         options["rescale"] = "l1" if rescale else ("auto" if get_method(method).rescale is None else None)
-    if get_method(method).drop == "magnitude":
+    if get_method(method).drop in ("magnitude", "breadcrumbs"):
         options["count_rounding"] = "floor"   # mergekit's trim keeps int(d·n) entries of each tensor
     options["out_dtype"] = _out_dtype(doc)
-    if method == "della":
-        eps = {_number(p.get("epsilon", 0.15), f"model {e['model']!r}: epsilon") for p, e in zip(per_model, models)}
-        if len(eps) != 1:
-            raise NotRepresentable(f"della: one epsilon for every model, got {sorted(eps)}")
-        options["epsilon"] = eps.pop()
+    for key, default, methods in (("epsilon", 0.15, ("della",)), ("gamma", 0.01, ("breadcrumbs", "breadcrumbs_ties"))):
+        if method in methods:  # mergekit's per-model knob: one value for every model here
+            values = {_number(p.get(key, default), f"model {e['model']!r}: {key}") for p, e in zip(per_model, models)}
+            if len(values) != 1:
+                raise NotRepresentable(f"{method}: one {key} for every model, got {sorted(values)}")
+            options[key] = values.pop()
     for w in weights:
         if not math.isfinite(w):
             raise ValueError(f"weights must be finite numbers, got {weights}")

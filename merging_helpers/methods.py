@@ -16,6 +16,8 @@ method is one entry here (plus a drop rule in ``drop`` or a combine rule in
     ties              top-k |Δ|               –                elect sign + disjoint merge
     dare_ties         Bernoulli(p)            1/(1−p)          elect sign + disjoint merge
     della             MagPrune (rank in row)  1/p_i            elect sign + disjoint merge
+    breadcrumbs       top-k |Δ| minus top γ   –                Σ w_t Δ̂_t
+    breadcrumbs_ties  top-k |Δ| minus top γ   –                elect sign + disjoint merge
 
 How the disjoint merge divides depends on where the weights enter (chapter 3's
 "peft vs mergekit" section): with the election on *unweighted* deltas it divides by
@@ -28,10 +30,10 @@ from dataclasses import dataclass
 
 from .consensus import DIVISORS
 
-DROP_RULES = (None, "magnitude", "random", "magprune")
+DROP_RULES = (None, "magnitude", "random", "magprune", "breadcrumbs")
 COMBINE_RULES = ("sum", "elect")
 # the rescale each drop rule brings ("inverse": 1/(1 − p); "keep_prob": 1/p_i)
-RULE_RESCALE = {None: None, "magnitude": None, "random": "inverse", "magprune": "keep_prob"}
+RULE_RESCALE = {None: None, "magnitude": None, "random": "inverse", "magprune": "keep_prob", "breadcrumbs": None}
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("ties", 3, drop="magnitude", combine="elect", mergekit="ties"),
     Method("dare_ties", 3, drop="random", combine="elect", divide_when_weighted="nothing", mergekit="dare_ties"),
     Method("della", 3, drop="magprune", combine="elect", mergekit="della"),
+    Method("breadcrumbs", 3, drop="breadcrumbs", combine="sum", mergekit="breadcrumbs"),
+    Method("breadcrumbs_ties", 3, drop="breadcrumbs", combine="elect", divide_when_weighted="nothing",
+           mergekit="breadcrumbs_ties"),
 )}
 
 

@@ -17,7 +17,8 @@ from tqdm.auto import tqdm
 from .config import MergeConfig, as_config, start_config
 from .consensus import disjoint_merge, elect_sign, weighted_sum
 from .deltas import check_compatible, check_like_base, nonfinite_delta_message, work_dtype
-from .drop import global_magnitude_threshold, magnitude_keep_mask, magprune_keep, random_keep_mask, threshold_keep_mask
+from .drop import (breadcrumbs_keep_mask, global_magnitude_threshold, magnitude_keep_mask, magprune_keep,
+                   random_keep_mask, threshold_keep_mask)
 from .methods import METHODS, RULE_RESCALE
 from .partitions import PerColumn, PerRow, complement
 from .rescale import rescale as apply_rescale
@@ -30,17 +31,23 @@ MERGE_METHODS = METHODS  # the method records, by name
 # ---- the three steps -----------------------------------------------------------------
 
 
-def drop_and_rescale(deltas, rule, densities, *, name="", seed=0, offset=0, epsilon=0.0, thresholds=None,
-                     rescale="auto", factor=None):
+def drop_and_rescale(deltas, rule, densities, *, name="", seed=0, offset=0, thresholds=None, rescale="auto",
+                     factor=None, **rule_knob):
     """Chapter 2: drop entries of every expert's delta by ``rule`` ("magnitude", "random",
-    "magprune" or None), then rescale the survivors (``rescale="auto"``: the rule's own
+    "magprune", "breadcrumbs" or None), then rescale the survivors (``rescale="auto"``: the rule's own
     rescale: 1/(1−p) for random, 1/p_i for magprune, none for magnitude; ``"smallest"``:
     every expert by 1/(1 − min_t p_t), chapter 7).
-    ``densities``: one per expert, a float or a PerRow / PerColumn vector."""
+    ``densities``: one per expert, a float or a PerRow / PerColumn vector. The rule's own knob goes
+    by name: ``epsilon`` (MagPrune's band, default 0) or ``gamma`` (breadcrumbs' outliers, default 0.01)."""
     if rule is None:
         return list(deltas)
     if rule not in RULE_RESCALE:
         raise ValueError(f"drop_and_rescale: unknown drop rule {rule!r}")
+    unknown = sorted(set(rule_knob) - {"epsilon", "gamma"})
+    if unknown:
+        raise TypeError(f"drop_and_rescale: unknown option(s) {unknown}; a rule's knob is epsilon or gamma")
+    epsilon, gamma = rule_knob.get("epsilon", 0.0), rule_knob.get("gamma")
+    gamma = 0.01 if gamma is None else gamma
     how = RULE_RESCALE[rule] if rescale == "auto" else rescale
     smallest = smallest_drop_rate(densities, name) if how == "smallest" else None
     out = []
@@ -53,6 +60,8 @@ def drop_and_rescale(deltas, rule, densities, *, name="", seed=0, offset=0, epsi
             mask = magnitude_keep_mask(delta, density)
         elif rule == "random":
             mask = random_keep_mask(delta, drop_rate, randoms)
+        elif rule == "breadcrumbs":
+            mask = breadcrumbs_keep_mask(delta, density, gamma)
         else:
             mask, keep_prob = magprune_keep(delta, density, epsilon, randoms)
         out.append(apply_rescale(delta * mask, how, original=delta, keep_prob=keep_prob, factor=factor,
@@ -82,7 +91,7 @@ def merge_deltas(name, deltas, config: MergeConfig, offset: int = 0):
     m = config.method
     kept = drop_and_rescale(deltas, m.drop, config.densities(name), name=name, seed=config.seed, offset=offset,
                             epsilon=config.epsilon, thresholds=config.thresholds, rescale=config.rescale,
-                            factor=config.factor(name))
+                            factor=config.factor(name), gamma=config.gamma)
     return combine(kept, config)
 
 

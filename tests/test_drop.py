@@ -70,3 +70,44 @@ def test_a_floored_density_keeps_int_d_n_like_mergekit_and_a_float_round_d_n():
         MergeConfig.build("dare_ties", 2, density=0.5, count_rounding="floor")
     with pytest.raises(ValueError, match=r"count_rounding must be one of \('round', 'floor'\), got 'down'"):
         MergeConfig.build("ties", 2, density=0.5, count_rounding="down")
+
+
+def _breadcrumbs_by_sorting(delta, density, gamma):
+    """Model Breadcrumbs written out as mergekit 0.1.5 writes it (sparsify.magnitude_outliers): sort |Δ|
+    ascending, keep the int(d·n) entries after the int(n − d·n − γ·n) smallest."""
+    n = delta.numel()
+    target, n_top = int(density * n), int(gamma * n)
+    n_bot = max(0, n - target - n_top)
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[torch.sort(delta.abs().reshape(-1)).indices[n_bot:n_bot + target]] = True
+    return mask.reshape(delta.shape)
+
+
+@pytest.mark.parametrize("shape, density, gamma", [((40, 25), 0.3, 0.05), ((1000,), 0.9, 0.2), ((7, 9), 0.5, 0.0),
+                                                   ((50, 4), 0.1, 0.0101), ((10, 10), 1.0, 0.3)])
+def test_breadcrumbs_keeps_what_mergekits_sort_keeps(shape, density, gamma):
+    from merging_helpers.drop import breadcrumbs_keep_mask
+    from merging_helpers.partitions import Floored
+    delta = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    got = breadcrumbs_keep_mask(delta, Floored(density), gamma)
+    assert torch.equal(got, _breadcrumbs_by_sorting(delta, density, gamma))
+    top = int(gamma * delta.numel())
+    if top and density < 1:  # the outliers are gone: the largest |Δ| is not kept
+        assert not bool(got.reshape(-1)[delta.abs().reshape(-1).argmax()])
+
+
+def test_breadcrumbs_is_one_registry_entry_through_both_front_doors(tmp_path):
+    """The new method by name, in memory: each expert's breadcrumbs mask, then Task Arithmetic's sum."""
+    from merging_helpers.recipes import merge_state_dicts
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(30, 20, generator=g)}
+    experts = [{"w": base["w"] + torch.randn(30, 20, generator=g)} for _ in range(2)]
+    got = merge_state_dicts(base, experts, "breadcrumbs", density=0.4, gamma=0.1, weights=[1.0, 0.5],
+                            count_rounding="floor", progress=False)["w"]
+    deltas = [e["w"] - base["w"] for e in experts]
+    want = base["w"] + sum(w * d * _breadcrumbs_by_sorting(d, 0.4, 0.1) for w, d in zip((1.0, 0.5), deltas))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="gamma is breadcrumbs' outlier fraction"):
+        merge_state_dicts(base, experts, "ties", density=0.4, gamma=0.1, progress=False)
+    with pytest.raises(ValueError, match=r"a number in \[0, 1\)"):
+        merge_state_dicts(base, experts, "breadcrumbs", density=0.4, gamma=1.0, progress=False)

@@ -61,6 +61,9 @@ def test_normalize_on_a_sum_method_divides_the_weights():
     dict(method="dare_linear", drop_rate=0.9, rescale="l1", weights=[0.5, 0.5]),
     dict(method="task_arithmetic", weights=[1.0, 2.0], lam=0.4),
     dict(method="della", density=0.5, epsilon=0.1, rescale="l1", weighted_election=True),
+    dict(method="breadcrumbs", density=0.3, gamma=0.05, weights=[1.0, 0.5]),
+    dict(method="breadcrumbs_ties", density=0.3, gamma=0.02, weights=[1.0, 0.5], weighted_election=True,
+         divide_by="nothing"),
 ])
 def test_export_then_import_gives_the_same_merge(options):
     method = options.pop("method")
@@ -70,7 +73,7 @@ def test_export_then_import_gives_the_same_merge(options):
     if config.weights is not None and config.seed == 0 and config.drop_rate is None:
         # the very same config, field by field, but for what the import takes from mergekit: the count a
         # magnitude trim keeps (int(d·n)) and the dtype the merge is written in (the YAML's)
-        floor = {"count_rounding": "floor"} if config.method.drop == "magnitude" else {}
+        floor = {"count_rounding": "floor"} if config.method.drop in ("magnitude", "breadcrumbs") else {}
         assert back == dataclasses.replace(config, out_dtype="float32", **floor)
     assert back.method == config.method and back.lam == config.lam
     assert list(back.weights) == list(config.weights or [1.0, 1.0])
@@ -176,6 +179,10 @@ CROSS_CHECKS = {
                                                          {"weight": 0.5, "density": 0.3}], {"gamma": 0.0}, "exact"),
     "breadcrumbs, gamma 0": ("breadcrumbs", [{"weight": 1.0, "density": 0.5}, {"weight": 0.5, "density": 0.5}],
                              {"gamma": 0.0}, "exact"),
+    "breadcrumbs, gamma 0.05": ("breadcrumbs", [{"weight": 1.0, "density": 0.3, "gamma": 0.05},
+                                                {"weight": 0.5, "density": 0.3, "gamma": 0.05}], {}, "exact"),
+    "breadcrumbs_ties, gamma 0.1": ("breadcrumbs_ties", [{"weight": 1.0, "density": 0.4},
+                                                         {"weight": 0.7, "density": 0.4}], {"gamma": 0.1}, "exact"),
     "dare_ties, density 1": ("dare_ties", [{"weight": 1.0, "density": 1.0}, {"weight": 1.0, "density": 1.0}],
                              {"lambda": 0.9}, "exact"),
     "dare_ties, density 0.5": ("dare_ties", [{"weight": 1.0, "density": 0.5}, {"weight": 0.7, "density": 0.5}],
@@ -318,9 +325,9 @@ def test_an_unnormalised_linear_is_read_only_when_it_does_not_scale_the_base():
         from_mergekit(_linear_yaml(entries.replace("{weight: 0.7}", "{weight: 0.7, density: 0.5}")))
 
 
-def test_breadcrumbs_without_outliers_is_magnitude_pruning_and_outliers_are_refused():
-    """breadcrumbs at γ = 0 against mergekit's rule computed here: keep the int(d·n) largest |Δ| of
-    each tensor (d·n whole here), sum the weighted deltas, no normalising, no rescale."""
+def test_breadcrumbs_reads_as_ours_and_gamma_0_is_magnitude_pruning():
+    """breadcrumbs against mergekit's rule computed here: at γ = 0 keep the int(d·n) largest |Δ| of each
+    tensor (d·n whole here), sum the weighted deltas, no normalising, no rescale; γ defaults to mergekit's 0.01."""
     from conftest import bert_like, expert_of
 
     from merging_helpers.recipes import merge_state_dicts
@@ -335,7 +342,7 @@ models:
 parameters: {gamma: 0}
 """
     config, _, models, _ = from_mergekit(text)
-    assert (config.method.name, models, config.weights, config.rescale) == ("magnitude", MODELS, (1.0, 0.5), "auto")
+    assert (config.method.name, models, config.weights, config.gamma) == ("breadcrumbs", MODELS, (1.0, 0.5), 0)
     base = bert_like()
     experts = [expert_of(base, 1), expert_of(base, 2)]
     ours = merge_state_dicts(base, experts, config=config, progress=False)
@@ -349,10 +356,9 @@ parameters: {gamma: 0}
             keep[d.abs().argsort(descending=True)[: int(0.5 * d.numel())]] = 1
             total += w * (d * keep).reshape(t.shape)
         assert torch.allclose(ours[name].double(), t.double() + total, atol=1e-6), name
-    with pytest.raises(NotRepresentable, match=r"mergekit's default γ = 0.01.*got no gamma"):
-        from_mergekit(text.replace("parameters: {gamma: 0}\n", ""))
-    with pytest.raises(NotRepresentable, match=r"got \[0.05\]"):
-        from_mergekit(text.replace("{gamma: 0}", "{gamma: 0.05}"))
+    assert from_mergekit(text.replace("parameters: {gamma: 0}\n", ""))[0].gamma == 0.01
+    with pytest.raises(NotRepresentable, match=r"one gamma for every model, got \[0.0, 0.05\]"):
+        from_mergekit(text.replace("{weight: 0.5, density: 0.5}", "{weight: 0.5, density: 0.5, gamma: 0.05}"))
     with pytest.raises(NotRepresentable, match="merge_method 'magnitude' has no counterpart"):
         from_mergekit(text.replace("breadcrumbs", "magnitude"))
 

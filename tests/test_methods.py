@@ -15,8 +15,9 @@ from merging_helpers.methods import METHODS, Method
 from merging_helpers.recipes import merge_state_dicts, merge_tensor
 
 
-def test_the_six_methods_and_what_they_do():
-    assert sorted(METHODS) == ["dare_linear", "dare_ties", "della", "magnitude", "task_arithmetic", "ties"]
+def test_the_methods_and_what_they_do():
+    assert sorted(METHODS) == ["breadcrumbs", "breadcrumbs_ties", "dare_linear", "dare_ties", "della", "magnitude",
+                               "task_arithmetic", "ties"]
     assert [METHODS[m].drop for m in ("task_arithmetic", "magnitude", "dare_linear", "della")] == \
         [None, "magnitude", "random", "magprune"]
     assert [METHODS[m].rescale for m in ("ties", "dare_ties", "della")] == [None, "inverse", "keep_prob"]

@@ -91,7 +91,8 @@ def test_whole_model_magnitude_scope_keeps_the_global_fraction():
 
 
 NO_DROP = {"task_arithmetic": {}, "magnitude": {"density": 1.0}, "dare_linear": {"drop_rate": 0.0},
-           "ties": {"density": 1.0}, "dare_ties": {"drop_rate": 0.0}, "della": {"density": 1.0, "epsilon": 0.0}}
+           "ties": {"density": 1.0}, "dare_ties": {"drop_rate": 0.0}, "della": {"density": 1.0, "epsilon": 0.0},
+           "breadcrumbs": {"density": 1.0}, "breadcrumbs_ties": {"density": 1.0}}
 
 
 @pytest.mark.parametrize("method", sorted(MERGE_METHODS))
