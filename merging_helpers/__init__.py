@@ -20,6 +20,7 @@ modules on disk and ``_toc.yml``:
 * ``rescale``    – chapter 2: rescales after a drop
 * ``sweeps``     – chapter 2: λ sweeps and pruning curves as tidy frames
 * ``consensus``  – chapter 3: Σ w_t Δ_t, sign election, disjoint merge
+* ``options``    – chapter 3: options objects (a function's knobs as one dataclass, unknown names refused)
 * ``methods``    – chapter 3: merge methods as data (drop → rescale → combine records)
 * ``config``     – chapter 3: one validated merge configuration
 * ``recipes``    – chapter 3: the reference engine (merge_tensor, merge_state_dicts)

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
 
+from .options import options_from
 from .partitions import LEVELS, partition_key
 
 
@@ -93,10 +95,26 @@ def _pools(inputs: Mapping[str, list], batch_size: int, seed: int) -> dict[str, 
     return pools
 
 
+@dataclass(frozen=True)
+class AdaMergingOptions:
+    """AdaMerging's knobs (chapter 6): one coefficient per expert and ``level`` partition, ``steps``
+    Adam steps at ``lr`` from ``init``, ``batch_size`` inputs per task and step, the scoring
+    ``heads`` (task → head; default the zoo's), the shuffle's ``seed``, a progress bar."""
+
+    level: str = "tensor"
+    steps: int = 100
+    lr: float = 1e-3
+    init: float = 0.3
+    batch_size: int = 16
+    heads: Mapping | None = None
+    seed: int = 0
+    progress: bool = True
+
+
 def adamerging(scorer, base: Mapping[str, torch.Tensor], deltas: Mapping[str, Mapping[str, torch.Tensor]],
-               inputs: Mapping[str, list], level: str = "tensor", steps: int = 100, lr: float = 1e-3,
-               init: float = 0.3, batch_size: int = 16, heads=None, seed: int = 0, progress: bool = True) -> AdaMerging:
-    """Learn AdaMerging's coefficients (chapter 6).
+               inputs: Mapping[str, list], options: AdaMergingOptions | None = None, **given) -> AdaMerging:
+    """Learn AdaMerging's coefficients (chapter 6); the knobs of :class:`AdaMergingOptions` as an
+    object or by name (``steps=50, lr=0.01``).
 
     ``deltas``: expert name → task vector; ``inputs``: task → unlabeled texts (or (text, label)
     pairs, whose labels are ignored) — one entry per task whose entropy is minimised, each
@@ -104,6 +122,9 @@ def adamerging(scorer, base: Mapping[str, torch.Tensor], deltas: Mapping[str, Ma
     ``batch_size`` inputs of every task (a seeded shuffle, cycled), sums the tasks' mean
     entropies and takes one Adam step on the coefficients, then clips them to [0, 1].
     """
+    o = options_from(AdaMergingOptions, options, given, "adamerging")
+    level, steps, lr, init, batch_size, heads, seed, progress = (o.level, o.steps, o.lr, o.init, o.batch_size,
+                                                                 o.heads, o.seed, o.progress)
     names = _check(deltas, base, level, steps, lr, init, batch_size)
     pools = _pools(inputs, batch_size, seed)  # checked before the deltas are stacked
     experts = list(deltas)

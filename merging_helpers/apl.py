@@ -137,9 +137,22 @@ def _few_shot_accuracy(scorer, params, task, examples, head=None) -> float:
     return accuracy(*scorer.logits(task, head, scorer.few_shot_batches(examples), scorer.params(params)))
 
 
-def trace(scorer, base, expert, task: str, examples, level: str, chunk: int = 32, progress: bool = False,
-          naive: bool = False, only=None, head=None) -> Importance:
-    """Causal tracing of ``expert`` on the few-shot ``examples`` of ``task`` at ``level`` (chapter 4).
+@dataclass(frozen=True)
+class TraceOptions:
+    """How :func:`trace` runs (chapter 4): ``chunk`` corrupted runs at a time, a progress bar,
+    the ``naive`` one-at-a-time reference, ``only`` these partition keys, the ``head`` that scores."""
+
+    chunk: int = 32
+    progress: bool = False
+    naive: bool = False
+    only: Sequence[str] | None = None
+    head: object = None
+
+
+def trace(scorer, base, expert, task: str, examples, level: str, options: TraceOptions | None = None,
+          **given) -> Importance:
+    """Causal tracing of ``expert`` on the few-shot ``examples`` of ``task`` at ``level`` (chapter 4);
+    the knobs of :class:`TraceOptions` as an object or by name (``chunk=64, head=probe``).
 
     The corrupted runs are independent and run ``chunk`` at a time: at the hidden-state
     level by :func:`patched_hidden_probabilities` (one forward pass, shared weights), at the
@@ -149,6 +162,9 @@ def trace(scorer, base, expert, task: str, examples, level: str, chunk: int = 32
     partition keys (e.g. a sample of hidden states), in this order. ``head``: the classifier
     that reads the encoder (default: expert ``task``'s own; a held-out task's probe for the
     out-of-domain setting)."""
+    from .options import options_from
+    how = options_from(TraceOptions, options, given, "trace")
+    chunk, progress, naive, only, head = how.chunk, how.progress, how.naive, how.only, how.head
     _check_level(level)
     examples = list(examples)
     if not examples:
@@ -416,10 +432,15 @@ def drop_rates(importance: Importance, lam: float, eps: float, mapping: str = "t
     raise ValueError(f"mapping must be one of {MAPPINGS}, got {mapping!r}")
 
 
+MERGE_KNOBS = {"mapping": "tanh", "tau": 5.0, "normalise": False, "weights": None, "scale": 1.0, "rescale": True,
+               "seed": 0, "progress": False}  # apl.merge's knobs (by name) and their defaults
+
+
 def merge(base, experts: Mapping[str, Mapping[str, torch.Tensor]], importances: Mapping[str, Importance],
-          lam: float, eps: float, *, mapping: str = "tanh", tau: float = 5.0, normalise: bool = False,
-          weights=None, scale: float = 1.0, rescale: bool = True, seed: int = 0, progress: bool = False):
-    """APL merge (Eq. 12, chapter 4): θ_b + scale · Σ_t w_t · DARE(Δ_t; calibrated rates).
+          lam: float, eps: float, **knobs):
+    """APL merge (Eq. 12, chapter 4): θ_b + scale · Σ_t w_t · DARE(Δ_t; calibrated rates); the
+    knobs (:data:`MERGE_KNOBS`: ``mapping``, ``tau``, ``normalise``, ``weights``, ``scale``,
+    ``rescale``, ``seed``, ``progress``) go by name.
 
     ``importances[t]`` is expert t's :class:`Importance` (any level); partitions it does
     not cover keep the plain rate λ. ``weights``: one per expert (default 1 each: "APL on
@@ -429,9 +450,13 @@ def merge(base, experts: Mapping[str, Mapping[str, torch.Tensor]], importances: 
     The same merge by name, in memory or streamed from folders: method ``"apl"`` with
     ``drop_rate=lam`` and ``lam=scale`` (:func:`plan`)."""
     from .recipes import merge_state_dicts
+    unknown = sorted(set(knobs) - set(MERGE_KNOBS))
+    if unknown:
+        raise TypeError(f"apl.merge: unknown option(s) {unknown}; the options are {list(MERGE_KNOBS)}")
+    k = {**MERGE_KNOBS, **knobs}
+    scale, progress = k.pop("scale"), k.pop("progress")
     return merge_state_dicts(base, dict(experts), "apl", importances=importances, drop_rate=lam, eps=eps,
-                             mapping=mapping, tau=tau, normalise=normalise, weights=weights, lam=scale,
-                             rescale=rescale, seed=seed, progress=progress)
+                             lam=scale, progress=progress, **k)
 
 
 # ------------------------------------------------------------------ APL as a plan (method "apl")

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
 from . import rms_adaptive as ra
 from .optional import require
+from .options import options_from
 from .partitions import describe
 
 P_DEFAULTS = (0.5, 0.7, 0.8, 0.9, 0.95)
@@ -69,12 +71,25 @@ def rate_map(table, p_default: float, lam: float, cv_threshold: float = ra.CV_TH
     return axes, info
 
 
+@dataclass(frozen=True)
+class ScoreOptions:
+    """How :func:`merge_and_score` merges and scores (chapter 7): the distribution-``aware`` switch,
+    the masks' ``seed``, the ``split`` scored, the scoring ``heads``."""
+
+    aware: bool = True
+    seed: int = 0
+    split: str = "validation"
+    heads: Mapping | None = None
+
+
 def merge_and_score(evaluator, base, experts, table, p_default: float, lam: float, cv_threshold=ra.CV_THRESHOLD,
-                    aware: bool = True, seed: int = 0, split: str = "validation", heads=None) -> dict:
-    """Merge ``experts`` with the adaptive rates and score the merge on their tasks (%) (chapter 7)."""
-    rates, _ = rates_quietly(table, p_default, lam, cv_threshold, aware)
-    merged = ra.merge(base, experts, rates, p_default, seed=seed)
-    scores = evaluator.accuracy(merged, split, list(experts), heads=heads)
+                    options: ScoreOptions | None = None, **given) -> dict:
+    """Merge ``experts`` with the adaptive rates and score the merge on their tasks (%) (chapter 7);
+    the knobs of :class:`ScoreOptions` as an object or by name (``split="test"``)."""
+    o = options_from(ScoreOptions, options, given, "merge_and_score")
+    rates, _ = rates_quietly(table, p_default, lam, cv_threshold, o.aware)
+    merged = ra.merge(base, experts, rates, p_default, seed=o.seed)
+    scores = evaluator.accuracy(merged, split=o.split, tasks=list(experts), heads=o.heads)
     return {t: 100 * v for t, v in scores.items()}
 
 

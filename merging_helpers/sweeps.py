@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass, fields
 
 import pandas as pd
 import torch
@@ -35,6 +36,7 @@ from .deltas import apply_delta, task_vectors
 from .drop import random_keep_mask
 from .evaluation import choose_lambda
 from .methods import registry
+from .options import options_from
 from .recipes import merge_state_dicts
 from .rng import EntryRandoms
 
@@ -56,8 +58,18 @@ def _runs(method, grid, seeds):
     return [(setting, seed) for setting in grid for seed in seeds]
 
 
-def merge_grid(evaluator, base, experts, method, grid, seeds=(0,), split="test", tasks=None, *, label=None,
-               progress=True, bar=None, **merge_kwargs) -> pd.DataFrame:
+@dataclass(frozen=True)
+class GridRun:
+    """How :func:`merge_grid` runs (chapter 2): the ``label`` of its rows, a progress bar, or an
+    outer ``bar`` to advance instead of drawing one."""
+
+    label: str | None = None
+    progress: bool = True
+    bar: object = None
+
+
+def merge_grid(evaluator, base, experts, method, grid, seeds=(0,), split="test", tasks=None, *,
+               run: GridRun | None = None, **merge_kwargs) -> pd.DataFrame:
     """Introduced in chapter 2: merge ``experts`` onto ``base`` with ``method`` for every
     setting in ``grid`` (a list of dicts of ``merge_state_dicts`` keyword arguments,
     e.g. ``[{"drop_rate": 0.9}, {"drop_rate": 0.99}]``) and every seed, and score each
@@ -67,8 +79,12 @@ def merge_grid(evaluator, base, experts, method, grid, seeds=(0,), split="test",
     a key in a setting overrides them. Deterministic methods are merged once per setting
     (seed <NA>). Returns columns ``method, <one per grid key>, seed, split, task, accuracy``
     (``method`` is ``label`` if given, else the recipe name plus a non-default rescale).
-    ``bar``: an outer tqdm bar to advance instead of drawing one here.
+    ``label``, ``progress`` and ``bar`` (an outer tqdm bar to advance instead of drawing one here):
+    a :class:`GridRun`, or by name.
     """
+    run = options_from(GridRun, run, {f.name: merge_kwargs.pop(f.name) for f in fields(GridRun)
+                                      if f.name in merge_kwargs}, "merge_grid")
+    label, progress, bar = run.label, run.progress, run.bar
     grid = [dict(setting) for setting in grid]
     if not grid:
         raise ValueError("grid: give at least one setting (a dict of merge keyword arguments)")

@@ -118,8 +118,8 @@ def test_first_edition_module_names_still_work_with_a_warning():
 
 
 # the wings: what merges (the engine, the seed methods, the fast tier) and what runs the book
-METHODS = {"partitions", "rng", "selection", "drop", "rescale", "consensus", "methods", "config", "recipes", "tensor_source",
-           "deltas", "metrics", "apl", "taylor", "dppa", "adamerging", "lora", "rms_adaptive", "fast"}
+METHODS = {"partitions", "rng", "selection", "drop", "rescale", "consensus", "methods", "config", "recipes",
+           "tensor_source", "options", "deltas", "metrics", "apl", "taylor", "dppa", "adamerging", "lora", "rms_adaptive", "fast"}
 BOOK = {"notebook", "results", "verdicts", "reader_edition", "compare", "sweeps", "ablations", "explorer",
         "apl_explorer", "rms_explorer", "grading", "zoo", "tasks", "evaluation", "paired", "bench"}
 
