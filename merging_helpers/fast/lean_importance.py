@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -177,104 +178,135 @@ def _output(out):
     return out[0] if isinstance(out, tuple) else out
 
 
-def _sweep(family, base, folders, shapes, inputs, heads, levels, device, dtype, signed, progress, what):
-    """Steps 1–4 of the module docstring for every task at once; returns task → level → Importance."""
-    tasks = list(folders)
-    where, keys = _index(shapes, levels)
-    sums = {t: {level: torch.zeros(len(keys[level]), dtype=torch.float64) for level in levels} for t in tasks}
-    stream = {t: family.stream(inputs[t]) for t in tasks}
-    for t in tasks:
-        if int(stream[t]["ids"].max()) >= family.vocab or int(stream[t]["ids"].min()) < 0:
-            raise ValueError(f"{what}: {t!r} has token ids outside the vocabulary (0..{family.vocab - 1})")
-    head = {t: {k: v.to(device=device, dtype=torch.float32) for k, v in heads[t].items()} for t in tasks} if heads else {}
+@dataclass(frozen=True)
+class _Where:
+    """Where a sweep runs: the device, the dtype of its forward and backward, whether scores keep their sign,
+    a progress bar, and the function's name for messages."""
 
-    def read(folder, name):
-        return folder.read(name).to(device=device, dtype=dtype)
+    device: object
+    dtype: torch.dtype
+    signed: bool
+    progress: bool
+    what: str
 
-    def add(name, gradient):
+
+class _Sweep:
+    """Steps 1–4 of the module docstring for every task at once (:meth:`run`: task → level → Importance)."""
+
+    def __init__(self, family, base, folders, shapes, inputs, heads, levels, where: _Where):
+        self.family, self.base, self.folders, self.shapes, self.levels, self.at = family, base, folders, shapes, levels, where
+        self.tasks = list(folders)
+        self.where, self.keys = _index(shapes, levels)
+        self.sums = {t: {lv: torch.zeros(len(self.keys[lv]), dtype=torch.float64) for lv in levels} for t in self.tasks}
+        self.stream = {t: family.stream(inputs[t]) for t in self.tasks}
+        for t in self.tasks:
+            if int(self.stream[t]["ids"].max()) >= family.vocab or int(self.stream[t]["ids"].min()) < 0:
+                raise ValueError(f"{where.what}: {t!r} has token ids outside the vocabulary (0..{family.vocab - 1})")
+        self.head = ({t: {k: v.to(device=where.device, dtype=torch.float32) for k, v in heads[t].items()}
+                      for t in self.tasks} if heads else {})
+
+    def read(self, folder, name):
+        return folder.read(name).to(device=self.at.device, dtype=self.at.dtype)
+
+    def add(self, name, gradient):
         """Adds Σ Δ·g of tensor ``name`` to its partitions; ``gradient``: task → ∂L/∂(that tensor)."""
         check_finite_gradient({f"{name} ({t})": g for t, g in gradient.items()})
-        b = base.read(name).to(device=device, dtype=torch.float32)
+        b = self.base.read(name).to(device=self.at.device, dtype=torch.float32)
         for t, g in gradient.items():
-            product = (folders[t].read(name).to(device=device, dtype=torch.float32) - b) * g.float()
+            product = (self.folders[t].read(name).to(device=self.at.device, dtype=torch.float32) - b) * g.float()
             rows = product.reshape(product.shape[0], -1).sum(1) if product.dim() else product.reshape(1)
             rows = rows.double().cpu()
-            for level, position, row in where.get(name, ()):
-                sums[t][level][position] += rows.sum() if row is None else rows[row]
+            for level, position, row in self.where.get(name, ()):
+                self.sums[t][level][position] += rows.sum() if row is None else rows[row]
 
-    def token_rows(folder, t):  # the token embedding's rows of task t's prompts (not the whole vocabulary)
-        ids = stream[t]["ids"].cpu()
-        return folder.read_rows(family.embed, ids.reshape(-1)).view(*ids.shape, -1)
+    def token_rows(self, folder, t):
+        """The token embedding's rows of task t's prompts (not the whole vocabulary)."""
+        ids = self.stream[t]["ids"].cpu()
+        return folder.read_rows(self.family.embed, ids.reshape(-1)).view(*ids.shape, -1)
 
-    def block_params(layer, grad=False):
-        prefix = family.block_prefix(layer)
-        return {n[len(prefix):]: read(base, n).requires_grad_(grad) for n in shapes if n.startswith(prefix)}
+    def block_params(self, layer, grad=False):
+        prefix = self.family.block_prefix(layer)
+        return {n[len(prefix):]: self.read(self.base, n).requires_grad_(grad) for n in self.shapes if n.startswith(prefix)}
 
-    bar = tqdm(total=2 * family.layers + 2, desc="lean gradient importance", disable=not progress)
+    def forward(self):
+        """1. forward, keeping only the hidden states between blocks."""
+        f, device, dtype = self.family, self.at.device, self.at.dtype
+        self.stem = {n: self.read(self.base, n) for n in f.stem}
+        with torch.no_grad():
+            self.hidden = {t: [f.embedded(self.stem, self.token_rows(self.base, t).to(device=device, dtype=dtype),
+                                          self.stream[t])] for t in self.tasks}
+            self.bar.update()
+            for layer in range(f.layers):
+                params = self.block_params(layer)
+                for t in self.tasks:
+                    self.hidden[t].append(_output(torch.func.functional_call(
+                        f.block(layer), params, (self.hidden[t][-1],), self.stream[t]["context"])))
+                del params
+                self.bar.update()
 
-    # 1. forward, keeping only the hidden states between blocks
-    stem = {n: read(base, n) for n in family.stem}
-    with torch.no_grad():
-        hidden = {t: [family.embedded(stem, token_rows(base, t).to(device=device, dtype=dtype), stream[t])]
-                  for t in tasks}
-        bar.update()
-        for layer in range(family.layers):
-            params = block_params(layer)
-            for t in tasks:
-                hidden[t].append(_output(torch.func.functional_call(family.block(layer), params, (hidden[t][-1],),
-                                                                    stream[t]["context"])))
-            del params
-            bar.update()
+    def top(self):
+        """2. the loss and its gradient at the top."""
+        top = {n: self.read(self.base, n).requires_grad_(True) for n in self.family.top}
+        self.grad_out, self.loss_at_base, top_grads = {}, {}, {n: {} for n in top}
+        for t in self.tasks:
+            last = self.hidden[t][-1].detach().requires_grad_(True)
+            loss = self.family.loss(top, last, self.stream[t], self.head.get(t))
+            *grads, self.grad_out[t] = torch.autograd.grad(loss, (*top.values(), last))
+            for n, g in zip(top, grads):
+                top_grads[n][t] = g
+            self.loss_at_base[t] = float(loss.detach())
+        for n in top:
+            self.add(n, top_grads[n])  # a tied head adds its part to the embedding's sums
+        self.bar.update()
 
-    # 2. the loss and its gradient at the top
-    top = {n: read(base, n).requires_grad_(True) for n in family.top}
-    grad_out, loss_at_base, top_grads = {}, {}, {n: {} for n in top}
-    for t in tasks:
-        last = hidden[t][-1].detach().requires_grad_(True)
-        loss = family.loss(top, last, stream[t], head.get(t))
-        *grads, grad_out[t] = torch.autograd.grad(loss, (*top.values(), last))
-        for n, g in zip(top, grads):
-            top_grads[n][t] = g
-        loss_at_base[t] = float(loss.detach())
-    for n in top:
-        add(n, top_grads[n])  # a tied head adds its part to the embedding's sums
-    del top, top_grads
-    bar.update()
+    def backward(self):
+        """3. backward, one block at a time: recompute, push the gradient through, sum Δ·g, drop."""
+        f = self.family
+        for layer in reversed(range(f.layers)):
+            params = self.block_params(layer, grad=True)
+            grads = {}
+            for t in self.tasks:
+                inputs_ = self.hidden[t][layer].detach().requires_grad_(True)
+                out = _output(torch.func.functional_call(f.block(layer), params, (inputs_,), self.stream[t]["context"]))
+                *param_grads, self.grad_out[t] = torch.autograd.grad(out, (*params.values(), inputs_), self.grad_out[t])
+                grads[t] = dict(zip(params, param_grads))
+                self.hidden[t][layer + 1] = None
+            for local in params:
+                self.add(f.block_prefix(layer) + local, {t: grads[t][local] for t in self.tasks})
+            del params, grads
+            self.bar.update()
 
-    # 3. backward, one block at a time: recompute, push the gradient through, sum Δ·g, drop
-    for layer in reversed(range(family.layers)):
-        params = block_params(layer, grad=True)
-        grads = {}
-        for t in tasks:
-            inputs_ = hidden[t][layer].detach().requires_grad_(True)
-            out = _output(torch.func.functional_call(family.block(layer), params, (inputs_,), stream[t]["context"]))
-            *param_grads, grad_out[t] = torch.autograd.grad(out, (*params.values(), inputs_), grad_out[t])
-            grads[t] = dict(zip(params, param_grads))
-            hidden[t][layer + 1] = None
-        for local in params:
-            add(family.block_prefix(layer) + local, {t: grads[t][local] for t in tasks})
-        del params, grads
-        bar.update()
+    def embeddings(self):
+        """4. the small embedding tensors by recomputing the layer, the token embedding by its rows."""
+        f, device, dtype = self.family, self.at.device, self.at.dtype
+        stem = {n: p.requires_grad_(True) for n, p in self.stem.items()}
+        stem_grads = {n: {} for n in stem}
+        for t in self.tasks:
+            b_rows = self.token_rows(self.base, t)
+            rows = b_rows.to(device=device, dtype=dtype, copy=True).requires_grad_(True)
+            *grads, g_rows = torch.autograd.grad(f.embedded(stem, rows, self.stream[t]), (*stem.values(), rows),
+                                                 self.grad_out[t])
+            for n, g in zip(stem, grads):
+                stem_grads[n][t] = g
+            delta_rows = (self.token_rows(self.folders[t], t).float() - b_rows.float()).to(device)
+            value = float((delta_rows * g_rows.float()).sum())
+            for level, position, row in self.where.get(f.embed, ()):  # in no hidden-state group: its total suffices
+                self.sums[t][level][position] += value
+        for n in stem:
+            self.add(n, stem_grads[n])
+        self.bar.update()
 
-    # 4. the embeddings: the small tensors by recomputing the layer, the token embedding by its rows
-    stem = {n: p.requires_grad_(True) for n, p in stem.items()}
-    stem_grads = {n: {} for n in stem}
-    for t in tasks:
-        b_rows = token_rows(base, t)
-        rows = b_rows.to(device=device, dtype=dtype, copy=True).requires_grad_(True)
-        *grads, g_rows = torch.autograd.grad(family.embedded(stem, rows, stream[t]), (*stem.values(), rows), grad_out[t])
-        for n, g in zip(stem, grads):
-            stem_grads[n][t] = g
-        delta_rows = (token_rows(folders[t], t).float() - b_rows.float()).to(device)
-        value = float((delta_rows * g_rows.float()).sum())
-        for level, position, row in where.get(family.embed, ()):  # in no hidden-state group: its total suffices
-            sums[t][level][position] += value
-    for n in stem:
-        add(n, stem_grads[n])
-    bar.update()
-    bar.close()
-    return {t: {level: apl.Importance(t, level, keys[level], sums[t][level] if signed else -sums[t][level].abs(),
-                                      loss_at_base[t], float("nan"), units="loss") for level in levels} for t in tasks}
+    def run(self) -> dict:
+        self.bar = tqdm(total=2 * self.family.layers + 2, desc="lean gradient importance", disable=not self.at.progress)
+        self.forward()
+        self.top()
+        self.backward()
+        self.embeddings()
+        self.bar.close()
+        sums, keys = self.sums, self.keys
+        return {t: {lv: apl.Importance(t, lv, keys[lv], sums[t][lv] if self.at.signed else -sums[t][lv].abs(),
+                                       self.loss_at_base[t], float("nan"), units="loss") for lv in self.levels}
+                for t in self.tasks}
 
 
 def _levels(levels):
@@ -314,8 +346,8 @@ def lean_gradient_importances(base_folder: str | os.PathLike, experts: Mapping[s
         family = _CausalLM(base_folder, device, shapes)
         if max(int(a.max()) for _, a in prompts.values()) >= family.vocab:
             raise ValueError(f"lean_gradient_importances: answers outside the vocabulary (0..{family.vocab - 1})")
-        return _sweep(family, base, folders, shapes, prompts, None, levels, device, dtype, signed, progress,
-                      "lean_gradient_importances")
+        where = _Where(device, dtype, signed, progress, "lean_gradient_importances")
+        return _Sweep(family, base, folders, shapes, prompts, None, levels, where).run()
     finally:
         for f in (base, *folders.values()):
             f.close()
@@ -346,8 +378,8 @@ def lean_encoder_importances(base_folder: str | os.PathLike, experts: Mapping[st
     base, folders, shapes = _open_folders(base_folder, experts, "lean_encoder_importances")
     try:
         family = _Encoder(base_folder, device, shapes, max_length)
-        return _sweep(family, base, folders, shapes, examples, heads, levels, device, torch.float32, signed,
-                      progress, "lean_encoder_importances")
+        where = _Where(device, torch.float32, signed, progress, "lean_encoder_importances")
+        return _Sweep(family, base, folders, shapes, examples, heads, levels, where).run()
     finally:
         for f in (base, *folders.values()):
             f.close()
