@@ -375,6 +375,15 @@ def _plan_options(options: Mapping) -> tuple[dict, dict]:
     return own, {k: options[k] for k in MERGE_OPTIONS if k in options}
 
 
+def _sum_above(a: torch.Tensor, threshold: float) -> float:
+    """Σ of the float32 entries of ``a`` above the float64 ``threshold``, summed in float64: x > t holds
+    for a float32 x exactly when x > t rounded down to float32, so no float64 copy of ``a`` is made."""
+    t = torch.tensor(threshold, dtype=torch.float32)
+    if float(t) > threshold:
+        t = torch.nextafter(t, torch.tensor(float("-inf")))
+    return float(torch.where(a > t, a, 0.0).sum(dtype=torch.float64))
+
+
 def streamed_significances(source, n_layer: float = N_SIGNIFICANT, n_linear: float = N_SIGNIFICANT) -> list[tuple]:
     """Per expert of a :class:`~merging_helpers.tensor_source.TensorSource`: ``(sig per layer, sig per
     linear map)`` in :func:`_structure`'s order, as :func:`significance` computes them on the whole
@@ -386,7 +395,7 @@ def streamed_significances(source, n_layer: float = N_SIGNIFICANT, n_linear: flo
     experts = range(len(source.expert_names))
     abs_sum = {}
     for name, base, ex in source.triples(list(layer_of)):  # pass 1: Σ|δ| of every tensor
-        abs_sum[name] = [float((e.float() - base.float()).abs().double().sum()) for e in ex]
+        abs_sum[name] = [float((e.float() - base.float()).abs_().sum(dtype=torch.float64)) for e in ex]
 
     def means(blocks):
         return {k: [sum(abs_sum[n][t] for n in names) / max(1, sum(math.prod(source.shapes[n]) for n in names))
@@ -397,11 +406,11 @@ def streamed_significances(source, n_layer: float = N_SIGNIFICANT, n_linear: flo
     sig_k = {k: [0.0 for _ in experts] for k in linears}
     for name, base, ex in source.triples(list(layer_of)):  # pass 2: Σ|δ| over each block's outliers
         for t, e in enumerate(ex):
-            a = (e.float() - base.float()).abs().double()
-            sig_l[layer_of[name]][t] += float(a[a > n_layer * layer_mean[layer_of[name]][t]].sum())
+            a = (e.float() - base.float()).abs_()
+            sig_l[layer_of[name]][t] += _sum_above(a, n_layer * layer_mean[layer_of[name]][t])
             if name in linear_of:
                 k = linear_of[name]
-                sig_k[k][t] += float(a[a > n_linear * linear_mean[k][t]].sum())
+                sig_k[k][t] += _sum_above(a, n_linear * linear_mean[k][t])
     return [([sig_l[l][t] for l in layers], [sig_k[k][t] for k in linears]) for t in experts]
 
 

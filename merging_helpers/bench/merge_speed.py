@@ -255,19 +255,42 @@ def _measure_main(args) -> int:
     return rc
 
 
+def planned_options(method: str, base: str, n_experts: int, density: float) -> dict:
+    """The options of a planned method at the same mean drop rate as DARE-TIES's (1 − density): RMS-adaptive
+    with chapter 7's λ = 0.1/σ; DP with α = 1 − density; APL with layer importances drawn at random (their
+    cost is the tracing's, timed in chapter 4; the merge's cost does not depend on their values)."""
+    if method == "rms_adaptive":
+        return dict(p_default=1.0 - density, drop_scale=0.1, scale="std", seed=0)
+    if method == "dp":
+        return dict(alpha=1.0 - density)
+    if method == "apl":
+        import torch
+
+        from merging_helpers.apl import Importance
+        layers = json.loads((Path(base) / "config.json").read_text())["num_hidden_layers"]
+        keys = [f"layer.{i}" for i in range(layers)]
+        g = torch.Generator().manual_seed(0)
+        importances = [Importance(f"expert {t}", "layer", keys, -torch.rand(layers, generator=g, dtype=torch.float64),
+                                  0.5, 0.5) for t in range(n_experts)]
+        p = 1.0 - density
+        return dict(importances=importances, drop_rate=p, eps=min(p, 1 - p) / 2, normalise=True, seed=0)
+    raise ValueError(f"{method!r} is not a planned method")
+
+
 def _ours_main(args) -> int:
     """Run merge_folders (in the measured subprocess)."""
     from merging_helpers.fast.streaming import merge_folders
+    from merging_helpers.methods import PLANNED
 
-    kw = dict(density=args.density, weighted_election=True)
-    if args.method == "rms_adaptive":  # chapter 7: p_default = the same mean drop rate as DARE-TIES's
-        kw = dict(p_default=1.0 - args.density, drop_scale=0.1, scale="std")
+    kw = dict(density=args.density, weighted_election=True, seed=0)
+    if args.method in PLANNED:
+        kw = planned_options(args.method, args.base, len(args.experts), args.density)
     if args.method.startswith("dare") and args.dare_rescale != "auto":
         kw["rescale"] = args.dare_rescale  # "l1" = mergekit's default (not fused: merge_tensor per tensor)
     if args.workers:
         kw["workers"] = args.workers
     merge_folders(args.base, args.experts, args.out, args.method, device=args.device, max_shard_size="1GB",
-                  progress=args.progress, overwrite=True, seed=0, kernel=args.kernel, direct_io=args.direct,
+                  progress=args.progress, overwrite=True, kernel=args.kernel, direct_io=args.direct,
                   fsync=args.fsync, **kw)
     return 0
 
@@ -310,36 +333,32 @@ def compare_outputs(ours: Path, theirs: Path, base: Path, names: list[str], dtyp
 # --------------------------------------------------------------------------- main
 
 
-def main(argv=None) -> int:
-    if argv is None:
-        argv = sys.argv[1:]
-    if argv and argv[0] == "_measure":  # _measure --result FILE -- cmd ...
-        sep = argv.index("--")
-        a = argparse.Namespace(result=argv[argv.index("--result") + 1], cmd=argv[sep + 1:])
-        return _measure_main(a)
-    if argv and argv[0] == "_ours":
-        p = argparse.ArgumentParser()
-        p.add_argument("_ours")
-        p.add_argument("--base", required=True)
-        p.add_argument("--experts", nargs="+", required=True)
-        p.add_argument("--out", required=True)
-        p.add_argument("--method", required=True)
-        p.add_argument("--density", type=float, required=True)
-        p.add_argument("--device", default="cpu")
-        p.add_argument("--progress", action="store_true")
-        p.add_argument("--dare-rescale", default="auto")
-        p.add_argument("--workers", type=int, default=0)
-        p.add_argument("--kernel", default="auto")
-        p.add_argument("--direct", action="store_true")
-        p.add_argument("--fsync", action="store_true")
-        return _ours_main(p.parse_args(argv))
+def _ours_args(argv):
+    p = argparse.ArgumentParser()
+    p.add_argument("_ours")
+    p.add_argument("--base", required=True)
+    p.add_argument("--experts", nargs="+", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--method", required=True)
+    p.add_argument("--density", type=float, required=True)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--progress", action="store_true")
+    p.add_argument("--dare-rescale", default="auto")
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--kernel", default="auto")
+    p.add_argument("--direct", action="store_true")
+    p.add_argument("--fsync", action="store_true")
+    return p.parse_args(argv)
 
+
+def _args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=list(SHAPES), default="tinyllama")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     p.add_argument("--experts", type=int, default=3)
     p.add_argument("--density", type=float, default=0.3)
-    p.add_argument("--methods", default="ties,dare_ties")
+    p.add_argument("--methods", default="ties,dare_ties",
+                   help="comma list of any registry method (the planned ones, apl, dp, rms_adaptive, included)")
     p.add_argument("--tools", default="ours,mergekit",
                    help="comma list of ours, ours-direct (our merge, output with O_DIRECT), mergekit")
     p.add_argument("--device", default="cpu", help="device of our merge (cpu, cuda); mergekit gets --cuda too")
@@ -358,8 +377,148 @@ def main(argv=None) -> int:
     p.add_argument("--build-device", default="cpu", help="where to draw the synthetic family (cuda: faster)")
     p.add_argument("--workdir", type=Path, default=Path("bench_out"))
     p.add_argument("--keep-outputs", action="store_true")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
 
+
+def _describe_paths(args, tools) -> tuple[str, str]:
+    """(our merge path, how the outputs are written), for the report; builds the compiled kernel now
+    (once per machine), not inside a timed run."""
+    from merging_helpers.fast import compiled
+
+    kernel = "the reference engine" if args.kernel == "reference" else (
+        "compiled kernel" if compiled.load() else f"the reference engine (no compiled kernel: {compiled.ERROR})")
+    if args.kernel == "c" and compiled.load() is None:
+        raise SystemExit(f"--kernel c: {compiled.ERROR}")
+    writes = ("direct" if args.direct else "buffered") + (" + fsync" if args.fsync else ", not flushed")
+    if "ours-direct" in tools:
+        writes += " (ours-direct: O_DIRECT" + (" + fsync)" if args.fsync else ", not flushed)")
+    path = (f"the reference engine on {args.device}" if args.device.startswith("cuda")
+            else f"fused CPU path with {kernel}")
+    return path, writes
+
+
+def _command(tool, method, args, base, experts, out, outdir) -> list[str]:
+    """The command line of one timed merge."""
+    if tool in ("ours", "ours-direct"):  # ours-direct: the same merge, output written with O_DIRECT
+        return module_command("merging_helpers.bench.merge_speed")[0] + [
+            "_ours", "--base", str(base), "--experts", *map(str, experts), "--out", str(out), "--method", method,
+            "--density", str(args.density), "--device", args.device, "--dare-rescale", args.dare_rescale,
+            "--workers", str(args.workers), "--kernel", args.kernel] + [
+            "--direct"] * (args.direct or tool == "ours-direct") + ["--fsync"] * args.fsync
+    if tool == "mergekit":
+        cfg = outdir / f"mergekit-{method}.yml"
+        cfg.write_text(mergekit_config(method, base, experts, args.density, args.dtype))
+        exe = shutil.which("mergekit-yaml") or str(Path(sys.executable).parent / "mergekit-yaml")
+        return [exe, str(cfg), str(out), "--random-seed", "0", "--out-shard-size", "1B", "--no-copy-tokenizer",
+                "--no-write-model-card", "--quiet"] + ["--cuda"] * args.device.startswith("cuda")
+    raise SystemExit(f"unknown tool {tool!r}")
+
+
+def _timed_runs(args, methods, tools, base, experts, outdir, input_bytes) -> list[dict]:
+    """Every (method, tool) merge, each in a measured child process, the page cache as ``--cache`` says."""
+    from merging_helpers.methods import get_method
+
+    results = []
+    for method in methods:
+        for tool in tools:
+            out = outdir / f"{tool}-{method}"
+            if out.exists():
+                shutil.rmtree(out)
+            if args.cache == "cold":
+                drop_page_cache()
+            else:  # the previous run's output is flushed first, so that no run pays for another's writes
+                os.sync()
+                read_speed([f for d in [base, *experts] for f in sorted(d.glob("*.safetensors"))])
+            if tool == "mergekit" and get_method(method).mergekit is None:
+                print(f"mergekit has no {method} method: skipped", flush=True)
+                continue
+            cmd = _command(tool, method, args, base, experts, out, outdir)
+            print(f"running {tool} {method} ...", flush=True)
+            load0 = os.getloadavg()[0]
+            r = measure(cmd, outdir / f"{tool}-{method}.log")
+            r.update(tool=tool, method=method, input_gbps=input_bytes / r["wall_s"] / 1e9,
+                     peak_rss_gb=max(r["maxrss_bytes"], r["peak_tree_rss_bytes"]) / 1e9,
+                     cpu_s=r["user_s"] + r["sys_s"], load_before=load0, load_after=os.getloadavg()[0])
+            results.append(r)
+            print(f"  {r['wall_s']:.1f} s, {r['input_gbps']:.3f} GB/s input, peak RSS {r['peak_rss_gb']:.2f} GB "
+                  f"(user {r['user_s']:.0f} s, sys {r['sys_s']:.0f} s; load average {load0:.1f} -> "
+                  f"{r['load_after']:.1f})", flush=True)
+    return results
+
+
+def _table(args, results, header: list[str]) -> str:
+    """The results as a text table: our times beside mergekit's, and each planned method beside DARE-TIES."""
+    ref = {r["method"]: r["wall_s"] for r in results if r["tool"] == "mergekit"}
+    ref_cpu = {r["method"]: r["cpu_s"] for r in results if r["tool"] == "mergekit"}
+    lines = header + ["", f"{'tool':12s} {'method':16s} {'wall s':>8s} {'input GB/s':>11s} {'peak RSS GB':>12s} "
+                          f"{'speedup':>8s} {'CPU s':>8s} {'CPU speedup':>12s} {'load avg':>10s}"]
+    for r in results:
+        sp, sc = ref.get(r["method"]), ref_cpu.get(r["method"])
+        speed = f"{sp / r['wall_s']:.1f}x" if sp else "-"
+        cspeed = f"{sc / r['cpu_s']:.1f}x" if sc else "-"
+        lines.append(f"{r['tool']:12s} {r['method']:16s} {r['wall_s']:8.1f} {r['input_gbps']:11.3f} "
+                     f"{r['peak_rss_gb']:12.2f} {speed:>8s} {r['cpu_s']:8.1f} {cspeed:>12s} "
+                     f"{r['load_before']:4.1f}->{r['load_after']:<4.1f}")
+    lines.append("(speedup = mergekit's wall time / ours, same files, same run; CPU s = user + sys of the "
+                 f"merge process; load avg = 1-min load of the machine before -> after, {os.cpu_count()} CPUs)")
+    ours = {r["method"]: r for r in results if r["tool"] == "ours"}
+    for planned in ("rms_adaptive", "dp", "apl"):  # a plan reads the model first: its cost beside DARE-TIES's
+        if {"dare_ties", planned} <= set(ours):
+            a, d = ours[planned], ours["dare_ties"]
+            lines.append(f"{planned} / dare_ties (ours): wall {a['wall_s'] / d['wall_s']:.2f}x, "
+                         f"CPU {a['cpu_s'] / d['cpu_s']:.2f}x")
+    return "\n".join(lines)
+
+
+WHY_TIES_DIFFERS = """
+    Why our TIES and mergekit's differ (both elect the sign on the weighted sum, weights 1,
+    and divide by the sum of the agreeing weights, so the rule is the same):
+    1. ties at the trim threshold: a bf16 checkpoint has only ~10^4 distinct |Δ| values per
+       tensor, so 0.3-2 % of the entries equal the k-th largest |Δ|. mergekit keeps
+       int(density*n) entries in argsort order (arbitrary among ties), we keep
+       round(density*n) with ties broken by flat index. Where one tool keeps an entry the
+       other drops, the mean at that position changes by up to a whole delta: this is the
+       max|diff| (~1e-2). Merging the same files with mergekit in float32 leaves only
+       these (0.3-1.3 % of the entries differ, measured on --shape tiny).
+    2. rounding: mergekit computes in bf16 (the delta, the sums and the mean are each
+       rounded), we in float32 with one rounding at the end: 1 ulp, sometimes a few, on
+       a few % of the entries ('differ' minus the tie part; '>1ulp' counts both).
+    DARE-TIES: different generators draw different masks, and the rescale differs (ours
+    1/(1-p), mergekit L1 matching), so only the statistics (mean |merged delta|, fraction
+    changed) are comparable, not the entries."""
+
+
+def _agreement(args, methods, base, outdir, report) -> None:
+    """Our outputs beside mergekit's, tensor by tensor, for every method both ran (into ``report``)."""
+    import torch
+
+    names = ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
+             f"model.layers.{SHAPES[args.shape][1] // 2}.mlp.down_proj.weight",
+             "model.layers.0.input_layernorm.weight", "lm_head.weight"]
+    for method in [m for m in methods if (outdir / f"mergekit-{m}").exists()]:
+        rows = compare_outputs(outdir / f"ours-{method}", outdir / f"mergekit-{method}", base, names,
+                               getattr(torch, args.dtype))
+        report[f"agreement_{method}"] = rows
+        print(f"\n{method}: ours vs mergekit (float32 values of the {args.dtype} outputs)")
+        print(f"{'tensor':42s} {'max|diff|':>9s} {'mean|diff|':>10s} {'differ':>7s} {'>1ulp':>6s} "
+              f"{'mean|Δ| ours':>12s} {'mergekit':>9s} {'changed ours':>12s} {'mergekit':>9s}")
+        for r in rows:
+            print(f"{r['tensor']:42s} {r['max_abs_diff']:9.2e} {r['mean_abs_diff']:10.2e} "
+                  f"{r['frac_differ']:7.2%} {r['frac_differ_gt_1ulp']:6.2%} "
+                  f"{r['mean_abs_delta_ours']:12.2e} {r['mean_abs_delta_mergekit']:9.2e} "
+                  f"{r['frac_changed_ours']:12.2%} {r['frac_changed_mergekit']:9.2%}")
+    print(textwrap.dedent(WHY_TIES_DIFFERS).rstrip())
+
+
+def main(argv=None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv and argv[0] == "_measure":  # _measure --result FILE -- cmd ...
+        sep = argv.index("--")
+        return _measure_main(argparse.Namespace(result=argv[argv.index("--result") + 1], cmd=argv[sep + 1:]))
+    if argv and argv[0] == "_ours":
+        return _ours_main(_ours_args(argv))
+    args = _args(argv)
     import torch
 
     workdir = args.workdir.resolve()
@@ -372,8 +531,6 @@ def main(argv=None) -> int:
     tools = [t for t in args.tools.split(",") if t]
     print(f"family: {base.parent.name}, {model_bytes / 1e9:.2f} GB per model, input {input_bytes / 1e9:.2f} GB "
           f"per merge; disk free {free / 1e9:.0f} GB; {os.cpu_count()} CPUs; torch {torch.__version__}", flush=True)
-
-    # ---- the machine
     dropped = drop_page_cache()
     cold = read_speed(sorted(base.glob("*.safetensors")))
     mem = memcpy_speed()
@@ -381,127 +538,20 @@ def main(argv=None) -> int:
           f"memcpy {mem:.1f} GB/s", flush=True)
     if args.cache == "cold" and not dropped:
         print("warning: cannot drop the page cache (not root): runs are warm", flush=True)
-    # ours: build the compiled kernel now (once per machine, ~1 s), not inside a timed run
-    from merging_helpers.fast import compiled
-
-    kernel = "the reference engine" if args.kernel == "reference" else (
-        "compiled kernel" if compiled.load() else f"the reference engine (no compiled kernel: {compiled.ERROR})")
-    if args.kernel == "c" and compiled.load() is None:
-        raise SystemExit(f"--kernel c: {compiled.ERROR}")
-    writes = ("direct" if args.direct else "buffered") + (" + fsync" if args.fsync else ", not flushed")
-    if "ours-direct" in tools:
-        writes += " (ours-direct: O_DIRECT" + (" + fsync)" if args.fsync else ", not flushed)")
-    path = (f"the reference engine on {args.device}" if args.device.startswith("cuda")
-            else f"fused CPU path with {kernel}")
+    path, writes = _describe_paths(args, tools)
     print(f"ours: {path}; writes {writes} (mergekit: buffered, not flushed)", flush=True)
-
     outdir = workdir / "out"
     outdir.mkdir(exist_ok=True)
-    results = []
-    for method in methods:
-        for tool in tools:
-            out = outdir / f"{tool}-{method}"
-            if out.exists():
-                shutil.rmtree(out)
-            if args.cache == "cold":
-                drop_page_cache()
-            else:  # the previous run's output is flushed first, so that no run pays for another's writes
-                os.sync()
-                read_speed([f for d in [base, *experts] for f in sorted(d.glob("*.safetensors"))])
-            if tool == "mergekit" and method == "rms_adaptive":
-                print("mergekit has no rms_adaptive method: skipped", flush=True)
-                continue
-            if tool in ("ours", "ours-direct"):  # ours-direct: the same merge, output written with O_DIRECT
-                cmd = module_command("merging_helpers.bench.merge_speed")[0] + ["_ours", "--base", str(base),
-                       "--experts", *map(str, experts), "--out", str(out), "--method", method,
-                       "--density", str(args.density), "--device", args.device,
-                       "--dare-rescale", args.dare_rescale, "--workers", str(args.workers),
-                       "--kernel", args.kernel] + ["--direct"] * (args.direct or tool == "ours-direct") + [
-                           "--fsync"] * args.fsync
-            elif tool == "mergekit":
-                cfg = outdir / f"mergekit-{method}.yml"
-                cfg.write_text(mergekit_config(method, base, experts, args.density, args.dtype))
-                exe = shutil.which("mergekit-yaml") or str(Path(sys.executable).parent / "mergekit-yaml")
-                cmd = [exe, str(cfg), str(out), "--random-seed", "0", "--out-shard-size", "1B",
-                       "--no-copy-tokenizer", "--no-write-model-card", "--quiet"]
-                if args.device.startswith("cuda"):
-                    cmd.append("--cuda")
-            else:
-                raise SystemExit(f"unknown tool {tool!r}")
-            print(f"running {tool} {method} ...", flush=True)
-            load0 = os.getloadavg()[0]
-            r = measure(cmd, outdir / f"{tool}-{method}.log")
-            r.update(tool=tool, method=method, input_gbps=input_bytes / r["wall_s"] / 1e9,
-                     peak_rss_gb=max(r["maxrss_bytes"], r["peak_tree_rss_bytes"]) / 1e9,
-                     cpu_s=r["user_s"] + r["sys_s"], load_before=load0, load_after=os.getloadavg()[0])
-            results.append(r)
-            print(f"  {r['wall_s']:.1f} s, {r['input_gbps']:.3f} GB/s input, peak RSS {r['peak_rss_gb']:.2f} GB "
-                  f"(user {r['user_s']:.0f} s, sys {r['sys_s']:.0f} s; load average {load0:.1f} -> "
-                  f"{r['load_after']:.1f})", flush=True)
-
-    # ---- table
-    ref = {r["method"]: r["wall_s"] for r in results if r["tool"] == "mergekit"}
-    lines = [
+    results = _timed_runs(args, methods, tools, base, experts, outdir, input_bytes)
+    table = _table(args, results, [
         f"\nshape {args.shape} ({model_bytes / 1e9:.2f} GB/model, {args.dtype}), T={len(experts)}, "
         f"density {args.density}, device {args.device}, cache {args.cache}, {os.cpu_count()} CPUs",
         f"cold read {cold:.2f} GB/s, memcpy {mem:.1f} GB/s, input per merge {input_bytes / 1e9:.2f} GB",
-        f"ours: {path}; writes {writes}; mergekit: buffered, not flushed",
-        "",
-        f"{'tool':12s} {'method':12s} {'wall s':>8s} {'input GB/s':>11s} {'peak RSS GB':>12s} {'speedup':>8s} "
-        f"{'CPU s':>8s} {'CPU speedup':>12s} {'load avg':>10s}",
-    ]
-    ref_cpu = {r["method"]: r["cpu_s"] for r in results if r["tool"] == "mergekit"}
-    for r in results:
-        sp, sc = ref.get(r["method"]), ref_cpu.get(r["method"])
-        speed = f"{sp / r['wall_s']:.1f}x" if sp else "-"
-        cspeed = f"{sc / r['cpu_s']:.1f}x" if sc else "-"
-        lines.append(f"{r['tool']:12s} {r['method']:12s} {r['wall_s']:8.1f} {r['input_gbps']:11.3f} "
-                     f"{r['peak_rss_gb']:12.2f} {speed:>8s} {r['cpu_s']:8.1f} {cspeed:>12s} "
-                     f"{r['load_before']:4.1f}->{r['load_after']:<4.1f}")
-    lines.append("(speedup = mergekit's wall time / ours, same files, same run; CPU s = user + sys of the "
-                 f"merge process; load avg = 1-min load of the machine before -> after, {os.cpu_count()} CPUs)")
-    ours = {r["method"]: r for r in results if r["tool"] == "ours"}
-    if {"dare_ties", "rms_adaptive"} <= set(ours):  # chapter 7's goal: adaptive ≤ 1.3 × DARE-TIES
-        a, d = ours["rms_adaptive"], ours["dare_ties"]
-        lines.append(f"rms_adaptive / dare_ties (ours): wall {a['wall_s'] / d['wall_s']:.2f}x, "
-                     f"CPU {a['cpu_s'] / d['cpu_s']:.2f}x (the statistics pass reads every block matrix once more)")
-    table = "\n".join(lines)
+        f"ours: {path}; writes {writes}; mergekit: buffered, not flushed"])
     print(table, flush=True)
-
-    # ---- agreement of our TIES with mergekit's
     report = {"results": results, "cold_read_gbps": cold, "memcpy_gbps": mem, "table": table}
     if {"ours", "mergekit"} <= set(tools):
-        names = ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
-                 f"model.layers.{SHAPES[args.shape][1] // 2}.mlp.down_proj.weight",
-                 "model.layers.0.input_layernorm.weight", "lm_head.weight"]
-        for method in [m for m in methods if (outdir / f"mergekit-{m}").exists()]:  # mergekit has no rms_adaptive
-            rows = compare_outputs(outdir / f"ours-{method}", outdir / f"mergekit-{method}", base, names,
-                                   getattr(torch, args.dtype))
-            report[f"agreement_{method}"] = rows
-            print(f"\n{method}: ours vs mergekit (float32 values of the {args.dtype} outputs)")
-            print(f"{'tensor':42s} {'max|diff|':>9s} {'mean|diff|':>10s} {'differ':>7s} {'>1ulp':>6s} "
-                  f"{'mean|Δ| ours':>12s} {'mergekit':>9s} {'changed ours':>12s} {'mergekit':>9s}")
-            for r in rows:
-                print(f"{r['tensor']:42s} {r['max_abs_diff']:9.2e} {r['mean_abs_diff']:10.2e} "
-                      f"{r['frac_differ']:7.2%} {r['frac_differ_gt_1ulp']:6.2%} "
-                      f"{r['mean_abs_delta_ours']:12.2e} {r['mean_abs_delta_mergekit']:9.2e} "
-                      f"{r['frac_changed_ours']:12.2%} {r['frac_changed_mergekit']:9.2%}")
-        print(textwrap.dedent("""
-            Why our TIES and mergekit's differ (both elect the sign on the weighted sum, weights 1,
-            and divide by the sum of the agreeing weights, so the rule is the same):
-            1. ties at the trim threshold: a bf16 checkpoint has only ~10^4 distinct |Δ| values per
-               tensor, so 0.3-2 % of the entries equal the k-th largest |Δ|. mergekit keeps
-               int(density*n) entries in argsort order (arbitrary among ties), we keep
-               round(density*n) with ties broken by flat index. Where one tool keeps an entry the
-               other drops, the mean at that position changes by up to a whole delta: this is the
-               max|diff| (~1e-2). Merging the same files with mergekit in float32 leaves only
-               these (0.3-1.3 % of the entries differ, measured on --shape tiny).
-            2. rounding: mergekit computes in bf16 (the delta, the sums and the mean are each
-               rounded), we in float32 with one rounding at the end: 1 ulp, sometimes a few, on
-               a few % of the entries ('differ' minus the tie part; '>1ulp' counts both).
-            DARE-TIES: different generators draw different masks, and the rescale differs (ours
-            1/(1-p), mergekit L1 matching), so only the statistics (mean |merged delta|, fraction
-            changed) are comparable, not the entries.""").rstrip())
+        _agreement(args, methods, base, outdir, report)
     (workdir / f"results-{args.shape}.json").write_text(json.dumps(report, indent=2) + "\n")
     if not args.keep_outputs:
         shutil.rmtree(outdir, ignore_errors=True)
