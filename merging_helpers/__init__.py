@@ -48,8 +48,30 @@ modules on disk and ``_toc.yml``:
   HF folders, the fused path and its compiled kernel; it imports the reference, never the other way round
 * ``grading``    – the course assignments: checks that tell a student what was expected (not a traceback)
 
-``streaming`` and ``checkpoints`` at the top level are deprecated aliases of
-``fast.streaming`` and ``fast.checkpoints``, kept for code written against the first edition.
+The modules fall into four wings (:data:`WINGS`; a test checks that every module is in one
+and that imports only go down the list: the engine imports nothing of the rest, the seed
+methods import the engine, the fast tier imports both, the book's infrastructure anything):
+
+* **engine** – what merges: rates and partitions, drop → rescale → combine, the method
+  registry and its config, the reference executor and the tensor sources its plans read;
+* **methods** – the seed methods (APL and its gradient, DPPA, AdaMerging, LoRA deltas,
+  RMS-adaptive), each a module of its own whose planned merge is a registry entry;
+* **fast** – merging at scale: streaming folders, checkpoints, the compiled kernel, mergekit YAML;
+* **book** – what runs the chapters: the zoo and its tasks, evaluation, records, comparisons,
+  explorers, measurements and grading.
+
+The wings stay flat modules rather than folders: every chapter imports them by these names
+(``from merging_helpers import apl``), and the test above keeps the wings apart.
+The 0.2 aliases ``merging_helpers.streaming`` / ``checkpoints`` are gone (CHANGELOG.md).
 """
 
-__version__ = "0.2.1"
+__version__ = "0.3.0"
+
+WINGS = {
+    "engine": ("partitions", "rng", "selection", "drop", "rescale", "consensus", "methods", "config", "options",
+               "recipes", "tensor_source", "deltas", "metrics", "optional"),
+    "methods": ("apl", "taylor", "dppa", "adamerging", "lora", "rms_adaptive"),
+    "fast": ("fast", "mergekit_yaml"),
+    "book": ("notebook", "results", "verdicts", "reader_edition", "compare", "sweeps", "ablations", "explorer",
+             "apl_explorer", "rms_explorer", "grading", "zoo", "tasks", "evaluation", "paired", "bench"),
+}

@@ -7,20 +7,12 @@ the same keyword arguments, which they turn into one with :meth:`MergeConfig.bui
 Every check (types, ranges, per-expert lists, per-partition keys that match no tensor,
 missing rates, per-row vectors of the wrong length) happens there and in
 :meth:`MergeConfig.check_tensors`, before a single tensor is merged.
-
-Renamed options (old names still work, with a ``DeprecationWarning``):
-
-* ``election_weights="peft"`` / ``"mergekit"`` → ``weighted_election=False`` / ``True``
-  (elect the sign on the unweighted or on the weighted deltas);
-* ``merge_mode="mean"`` / ``"weighted_mean"`` / ``"sum"`` → ``divide_by="count"`` /
-  ``"weight_sum"`` / ``"nothing"`` (what the disjoint merge divides by).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 import numbers
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -33,10 +25,6 @@ from .partitions import (LEVELS, Floored, PerColumn, PerRow, check_rate_fits, co
 from .rescale import RESCALES
 
 FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max: the merge runs in float32
-RENAMED = {
-    "election_weights": ("weighted_election", {"peft": False, "mergekit": True}),
-    "merge_mode": ("divide_by", {"mean": "count", "weighted_mean": "weight_sum", "sum": "nothing", None: None}),
-}
 SCOPES = ("tensor", "model")
 ROUNDINGS = ("round", "floor")
 OUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -90,17 +78,8 @@ class MergeConfig:
 
     @classmethod
     def build(cls, method, n_experts: int, **options) -> "MergeConfig":
-        """Validate ``options`` for a merge of ``n_experts`` experts and return the config.
-        Renamed options are translated (with a DeprecationWarning); unknown ones are refused."""
-        for old, (new, values) in RENAMED.items():
-            if old in options:
-                value = options.pop(old)
-                if new in options:
-                    raise ValueError(f"give {new!r} or its old name {old!r}, not both")
-                if value not in values:
-                    raise ValueError(f"{old} must be one of {tuple(values)}, got {value!r}")
-                warnings.warn(f"{old}={value!r} is now {new}={values[value]!r}", DeprecationWarning, stacklevel=3)
-                options[new] = values[value]
+        """Validate ``options`` for a merge of ``n_experts`` experts and return the config;
+        unknown options are refused."""
         allowed = {f.name for f in dataclasses.fields(cls)} - {"method", "n_experts"}
         unknown = sorted(set(options) - allowed)
         if unknown:

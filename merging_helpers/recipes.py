@@ -25,8 +25,6 @@ from .rescale import rescale as apply_rescale
 from .rng import EntryRandoms
 from .tensor_source import StateDictSource
 
-MERGE_METHODS = METHODS  # the method records, by name
-
 
 # ---- the three steps -----------------------------------------------------------------
 
@@ -189,8 +187,6 @@ def model_thresholds(expert_deltas, config):
 def _recipe(method_name):
     def recipe(deltas, *, densities=None, weights=None, name="", offset=0, **options):
         deltas = list(deltas)
-        if "mode" in options:  # the old name of merge_mode
-            options["merge_mode"] = options.pop("mode")
         rates = {} if densities is None else {"density": list(densities)}
         config = MergeConfig.build(method_name, len(deltas), weights=weights, **rates, **options)
         return merge_deltas(name, deltas, config, offset)
@@ -205,5 +201,4 @@ task_arithmetic, magnitude, dare_linear = (_recipe(n) for n in ("task_arithmetic
 ties, dare_ties, della = (_recipe(n) for n in ("ties", "dare_ties", "della"))
 
 __all__ = ["drop_and_rescale", "combine", "merge_deltas", "merge_tensor", "merge_state_dicts", "model_thresholds",
-           "MERGE_METHODS",
            "task_arithmetic", "magnitude", "dare_linear", "ties", "dare_ties", "della"]

@@ -108,15 +108,12 @@ def test_della_on_an_empty_tensor():
     assert out["empty"].shape == (0, 4)
 
 
-def test_renamed_options_warn_and_give_the_same_merge():
+def test_the_names_retired_in_0_3_are_refused_with_the_options_listed():
     base = bert_like()
     experts = [expert_of(base, 1), expert_of(base, 2)]
-    new = merge_state_dicts(base, experts, "ties", density=0.4, weights=[1.0, 2.0], weighted_election=True,
-                            divide_by="nothing", progress=False)
-    with pytest.warns(DeprecationWarning, match="election_weights='mergekit' is now weighted_election=True"):
-        old = merge_state_dicts(base, experts, "ties", density=0.4, weights=[1.0, 2.0], election_weights="mergekit",
-                                merge_mode="sum", progress=False)
-    assert all(torch.equal(new[k], old[k]) for k in new)
+    for old in (dict(election_weights="mergekit"), dict(merge_mode="sum")):
+        with pytest.raises(TypeError, match=r"unknown merge option.*weighted_election"):
+            merge_state_dicts(base, experts, "ties", density=0.4, progress=False, **old)
 
 
 def test_config_is_reusable_and_checked_against_the_experts():

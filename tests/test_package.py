@@ -16,10 +16,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import merging_helpers
 
 ROOT = Path(merging_helpers.__file__).resolve().parent
-ALIASES = {"streaming", "checkpoints"}  # first-edition module names, now deprecated aliases of merging_helpers.fast.*
 LINE = re.compile(r"^\* ``(\w+)``\s+– (?:chapter (\d)( \(planned)?|(the course assignments))")
 ASSIGNMENTS = 99  # modules of the course assignments' page come after every chapter
 
@@ -37,7 +38,7 @@ def _toc_chapters():
 def test_docstring_lists_the_modules_on_disk_in_chapter_order():
     listed = _docstring_modules()
     names = [m for m, _, _ in listed]
-    on_disk = sorted(p.stem for p in ROOT.glob("*.py") if p.stem != "__init__" and p.stem not in ALIASES) + ["fast", "bench"]
+    on_disk = sorted(p.stem for p in ROOT.glob("*.py") if p.stem != "__init__") + ["fast", "bench"]
     assert sorted(names) == sorted(on_disk), set(names) ^ set(on_disk)
     chapters = [c for _, c, _ in listed]
     assert chapters == sorted(chapters), "modules are not in chapter order"
@@ -63,7 +64,7 @@ def test_every_public_function_and_class_names_a_chapter():
     assignments = {m for m, chapter, _ in _docstring_modules() if chapter == ASSIGNMENTS}  # their module says so
     for info in pkgutil.walk_packages(merging_helpers.__path__, "merging_helpers."):
         short = info.name.rsplit(".", 1)[-1]
-        if (short in ALIASES or short in assignments) and info.name.count(".") == 1:
+        if short in assignments and info.name.count(".") == 1:
             continue
         if info.name.startswith("merging_helpers.bench."):  # measurement scripts: the module names its chapter
             assert re.search(r"[Cc]hapters? \d", importlib.import_module(info.name).__doc__ or ""), info.name
@@ -90,7 +91,7 @@ def _imports(path: Path):
 
 
 def test_reference_modules_never_import_the_fast_tier():
-    for path in sorted(p for p in ROOT.glob("*.py") if p.stem not in ALIASES):
+    for path in sorted(ROOT.glob("*.py")):
         for module, names in _imports(path):
             assert not (module in (".fast", "merging_helpers.fast") or module.startswith((".fast.", "merging_helpers.fast."))
                         or (module == "." and "fast" in names)), f"{path.name} imports the fast tier"
@@ -102,26 +103,17 @@ def test_reference_modules_never_import_the_fast_tier():
     assert out.strip() == "[]", out
 
 
-def test_first_edition_module_names_still_work_with_a_warning():
-    import warnings
-    code = ("import warnings; warnings.simplefilter('error', DeprecationWarning)\n"
-            "try:\n    import merging_helpers.streaming\nexcept DeprecationWarning as w:\n    print(w)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert "moved to merging_helpers.fast.streaming" in out
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        from merging_helpers.checkpoints import CheckpointFolder
-        from merging_helpers.fast import checkpoints
-        from merging_helpers.streaming import merge_folders
-        from merging_helpers.fast import streaming
-    assert merge_folders is streaming.merge_folders and CheckpointFolder is checkpoints.CheckpointFolder
+def test_the_aliases_retired_in_0_3_are_gone():
+    for old in ("merging_helpers.streaming", "merging_helpers.checkpoints"):
+        with pytest.raises(ModuleNotFoundError):
+            importlib.import_module(old)
 
 
-# the wings: what merges (the engine, the seed methods, the fast tier) and what runs the book
-METHODS = {"partitions", "rng", "selection", "drop", "rescale", "consensus", "methods", "config", "recipes",
-           "tensor_source", "options", "deltas", "metrics", "apl", "taylor", "dppa", "adamerging", "lora", "rms_adaptive", "fast"}
-BOOK = {"notebook", "results", "verdicts", "reader_edition", "compare", "sweeps", "ablations", "explorer",
-        "apl_explorer", "rms_explorer", "grading", "zoo", "tasks", "evaluation", "paired", "bench"}
+# the wings, from the package (merging_helpers.WINGS); each may import only the wings before it
+WINGS = merging_helpers.WINGS
+ORDER = list(WINGS)
+METHODS = set(WINGS["engine"]) | set(WINGS["methods"]) | set(WINGS["fast"])  # what merges
+BOOK = set(WINGS["book"])
 
 
 def import_graph(root: Path = ROOT) -> dict[str, set[str]]:
@@ -168,18 +160,17 @@ def _cycle(graph):
 
 def _wing(module: str) -> str:
     top = module.split(".")[0]
-    return "method" if top in METHODS else "book" if top in BOOK else "other"
+    return next((w for w, members in WINGS.items() if top in members), "other")
 
 
-def test_the_imports_have_no_cycle_and_methods_never_import_the_book():
+def test_the_imports_have_no_cycle_and_go_only_down_the_wings():
     graph = import_graph()
     assert _cycle(graph) is None, f"import cycle: {' -> '.join(_cycle(graph))}"
-    crossing = sorted(f"{m} -> {d}" for m, deps in graph.items() for d in deps
-                      if _wing(m) == "method" and _wing(d) == "book")
-    assert not crossing, f"method modules import the book's infrastructure: {crossing}"
-    unplaced = sorted(m for m in graph if "." not in m and m and _wing(m) == "other"
-                      and m not in ALIASES | {"optional", "mergekit_yaml", "__init__"})
-    assert not unplaced, f"modules in no wing (add them to METHODS or BOOK): {unplaced}"
+    upward = sorted(f"{m} ({_wing(m)}) -> {d} ({_wing(d)})" for m, deps in graph.items() for d in deps
+                    if "other" not in (_wing(m), _wing(d)) and ORDER.index(_wing(d)) > ORDER.index(_wing(m)))
+    assert not upward, f"imports against the wings' order {ORDER}: {upward}"
+    unplaced = sorted(m for m in graph if "." not in m and m and _wing(m) == "other" and m != "__init__")
+    assert not unplaced, f"modules in no wing (add them to merging_helpers.WINGS): {unplaced}"
 
 
 def test_the_structure_check_finds_a_cycle_and_a_crossing(tmp_path):
@@ -193,4 +184,4 @@ def test_the_structure_check_finds_a_cycle_and_a_crossing(tmp_path):
     graph = import_graph(package)
     assert _cycle(graph) in (["notebook", "results", "notebook"], ["results", "notebook", "results"])
     assert [f"{m} -> {d}" for m, deps in graph.items() for d in deps
-            if _wing(m) == "method" and _wing(d) == "book"] == ["apl -> evaluation"]
+            if ORDER.index(_wing(d)) > ORDER.index(_wing(m))] == ["apl -> evaluation"]

@@ -301,9 +301,6 @@ def _warn_if_not_the_base(base: CheckpointFolder, experts, expert_names, names, 
 
 def _kernel_for(kernel: str, config, device):
     """The compiled library when the fused path applies (``kernel`` "auto" or "c"), else None."""
-    if kernel == "torch":  # the first edition's name: its torch copy of the math is gone
-        warnings.warn("kernel='torch' is now kernel='reference'", DeprecationWarning, stacklevel=3)
-        kernel = "reference"
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     if kernel == "reference" or not fused_supported(config, device):
@@ -391,9 +388,10 @@ def merge_folders(base_dir: str | os.PathLike, expert_dirs: Sequence[str | os.Pa
         out_dir: output folder; must not be, contain or lie inside an input folder.
         method, options: the merge, as for :func:`merging_helpers.recipes.merge_state_dicts`
             (``density``, ``drop_rate``, ``weights``, ``lam``, ``seed``, ``rescale``, ...), or a
-            ready ``config`` (:class:`~merging_helpers.config.MergeConfig`). A method with a plan
-            (:data:`merging_helpers.methods.PLANS`: ``"rms_adaptive"``, chapter 7, with its own
-            options) reads every block matrix once first, for the statistics its config needs.
+            ready ``config`` (:class:`~merging_helpers.config.MergeConfig`). A planned method
+            (:data:`merging_helpers.methods.PLANNED`: ``"apl"``, ``"dp"``, ``"rms_adaptive"``, each with
+            its own options) runs its plan over the folders first (:class:`FolderSource`), for the
+            statistics its config needs.
         run: how it runs (:class:`RunOptions`); its fields may also be passed by name
             (``device="cuda"``, ``progress=False``, ...).
 
