@@ -326,3 +326,37 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# ----------------------------------------------------------------------------- models as state dicts
+
+def read_state_dict(folder) -> dict[str, torch.Tensor]:
+    """The tensors of a tier folder as saved (the tied LM head is the embedding, stored once) (chapter 8)."""
+    from safetensors.torch import load_file
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no .safetensors file (is this a tier folder?)")
+    return {k: v for f in files for k, v in load_file(str(f)).items()}
+
+
+class Scorer:
+    """One model skeleton of the tier, loaded with any state dict (the base, an expert, a merge) and
+    scored on the tier's tasks (chapter 8)."""
+
+    def __init__(self, tier: "LLMTier", batch_size: int = 32):
+        self.tier, self.batch_size = tier, batch_size
+        self.model, self.tokenizer = load_folder(tier.base_dir)
+
+    def load(self, state_dict) -> None:
+        missing, unexpected = self.model.load_state_dict(state_dict, strict=False)
+        if unexpected or any(k != "lm_head.weight" for k in missing):
+            raise ValueError(f"state dict does not fit the tier's model: missing {missing[:3]}, unexpected "
+                             f"{unexpected[:3]}")
+        self.model.tie_weights()
+
+    def scores(self, state_dict, split: str = "validation", tasks=None, limit: int | None = None) -> dict:
+        """task → :class:`Scores` of ``state_dict`` on the first ``limit`` examples of ``split``."""
+        self.load(state_dict)
+        tasks = list(tasks or self.tier.config.tasks)
+        return {t: score(self.model, self.tokenizer, self.tier.tasks[t], self.tier.tasks[t].splits[split][:limit],
+                         self.batch_size, self.tier.config.max_text_tokens) for t in tasks}
