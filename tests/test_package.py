@@ -185,3 +185,27 @@ def test_the_structure_check_finds_a_cycle_and_a_crossing(tmp_path):
     assert _cycle(graph) in (["notebook", "results", "notebook"], ["results", "notebook", "results"])
     assert [f"{m} -> {d}" for m, deps in graph.items() for d in deps
             if ORDER.index(_wing(d)) > ORDER.index(_wing(m))] == ["apl -> evaluation"]
+
+
+# modules whose tests live in another module's file (the file named, and why)
+TESTED_ELSEWHERE = {
+    "fast.reader": "test_checkpoints.py",        # fast.checkpoints' three parts are tested through it
+    "fast.writer": "test_checkpoints.py",
+    "fast.output_path": "test_checkpoints.py",
+    "fast.compiled": "test_fused.py",            # the kernel is tested bit for bit against the reference there
+    "bench.apl_gradient_lean": "test_chapters_alone.py",  # measurement scripts: chapters 5 and 9 run them
+}
+
+
+def test_every_module_has_a_test_file_named_after_it():
+    """Tests mirror modules: tests/test_<module>.py for every module, or the file named in TESTED_ELSEWHERE."""
+    tests = ROOT.parent / "tests"
+    missing = []
+    for path in sorted(ROOT.rglob("*.py")):
+        module = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        if path.stem == "__init__":
+            continue
+        expected = TESTED_ELSEWHERE.get(module, f"test_{path.stem}.py")
+        if not (tests / expected).exists():
+            missing.append(f"{module} (expected tests/{expected})")
+    assert not missing, missing
