@@ -384,18 +384,33 @@ def _sum_above(a: torch.Tensor, threshold: float) -> float:
     return float(torch.where(a > t, a, 0.0).sum(dtype=torch.float64))
 
 
+SIG_CHUNK = 1 << 18  # entries of |δ| computed at a time by the streamed significances (reused buffers)
+
+
+def _abs_delta_blocks(base: torch.Tensor, experts, buffers):
+    """``(expert index, |δ| of one block)`` over a tensor, ``SIG_CHUNK`` entries at a time, in two
+    reused float32 buffers: no tensor-sized temporaries (each would cost page faults at 1B parameters)."""
+    b = base.reshape(-1)
+    for s in range(0, b.numel(), SIG_CHUNK):
+        m = min(SIG_CHUNK, b.numel() - s)
+        base_block = buffers[0][:m].copy_(b[s:s + m])
+        for t, e in enumerate(experts):
+            yield t, buffers[1][:m].copy_(e.reshape(-1)[s:s + m]).sub_(base_block).abs_()
+
+
 def streamed_significances(source, n_layer: float = N_SIGNIFICANT, n_linear: float = N_SIGNIFICANT) -> list[tuple]:
     """Per expert of a :class:`~merging_helpers.tensor_source.TensorSource`: ``(sig per layer, sig per
     linear map)`` in :func:`_structure`'s order, as :func:`significance` computes them on the whole
-    blocks, in two passes that hold one tensor at a time (the means first, then the outliers' sums;
-    chapter 6)."""
+    blocks, in two passes over the blocks' tensors (the means first, then the outliers' sums; chapter 6)."""
     layers, linears = _structure(source.shapes)
     layer_of = {n: l for l, names in layers.items() for n in names}
     linear_of = {n: k for k, names in linears.items() for n in names}
     experts = range(len(source.expert_names))
-    abs_sum = {}
+    buffers = (torch.empty(SIG_CHUNK), torch.empty(SIG_CHUNK))
+    abs_sum = {n: [0.0 for _ in experts] for n in layer_of}
     for name, base, ex in source.triples(list(layer_of)):  # pass 1: Σ|δ| of every tensor
-        abs_sum[name] = [float((e.float() - base.float()).abs_().sum(dtype=torch.float64)) for e in ex]
+        for t, block in _abs_delta_blocks(base, ex, buffers):
+            abs_sum[name][t] += float(block.sum(dtype=torch.float64))
 
     def means(blocks):
         return {k: [sum(abs_sum[n][t] for n in names) / max(1, sum(math.prod(source.shapes[n]) for n in names))
@@ -405,12 +420,11 @@ def streamed_significances(source, n_layer: float = N_SIGNIFICANT, n_linear: flo
     sig_l = {l: [0.0 for _ in experts] for l in layers}
     sig_k = {k: [0.0 for _ in experts] for k in linears}
     for name, base, ex in source.triples(list(layer_of)):  # pass 2: Σ|δ| over each block's outliers
-        for t, e in enumerate(ex):
-            a = (e.float() - base.float()).abs_()
-            sig_l[layer_of[name]][t] += _sum_above(a, n_layer * layer_mean[layer_of[name]][t])
-            if name in linear_of:
-                k = linear_of[name]
-                sig_k[k][t] += _sum_above(a, n_linear * linear_mean[k][t])
+        layer, k = layer_of[name], linear_of.get(name)
+        for t, block in _abs_delta_blocks(base, ex, buffers):
+            sig_l[layer][t] += _sum_above(block, n_layer * layer_mean[layer][t])
+            if k is not None:
+                sig_k[k][t] += _sum_above(block, n_linear * linear_mean[k][t])
     return [([sig_l[l][t] for l in layers], [sig_k[k][t] for k in linears]) for t in experts]
 
 

@@ -222,8 +222,10 @@ def _experts_on_a_bert(n_experts=2):
     return base, experts
 
 
-def test_streamed_significances_equal_the_whole_blocks():
+@pytest.mark.parametrize("chunk", [1 << 18, 100])  # one block per tensor, and many
+def test_streamed_significances_equal_the_whole_blocks(chunk, monkeypatch):
     from merging_helpers.tensor_source import StateDictSource
+    monkeypatch.setattr(dppa, "SIG_CHUNK", chunk)
     base, experts = _experts_on_a_bert()
     source = StateDictSource(base, experts, ["a", "b"])
     layers, linears = dppa._structure(source.shapes)
