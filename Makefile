@@ -24,9 +24,10 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $(STAMP)
 
 # Every tier of the model zoo the chapters and tests load, built here with progress bars on the
-# terminal (about 25 min cold on 2 CPU cores; seconds when cached), never inside a chapter's cell.
+# terminal (about 25 min cold on 2 CPU cores, two tiers at a time; seconds when cached), never inside a
+# chapter's cell.
 zoo: $(STAMP)
-	$(BIN)/python -m merging_helpers.zoo --tier all
+	$(BIN)/python -m merging_helpers.zoo --tier all --jobs 2
 
 book: zoo
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/jupyter-book build . --warningiserror --keep-going

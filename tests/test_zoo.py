@@ -198,3 +198,12 @@ def test_a_full_or_read_only_cache_names_the_folder_and_the_variable(tmp_path, c
         zoo.build_atomically(target, fill)
     assert caught.value.errno == code and code in (errno.ENOSPC, errno.EROFS)
     assert not target.exists() and list(target.parent.iterdir()) == []  # no half-built folder is left
+
+
+def test_the_tiers_are_shared_out_longest_first_between_lanes():
+    from merging_helpers.zoo import TIERS, lanes
+    two = lanes(list(TIERS), 2)
+    assert sorted(t for lane in two for t in lane) == sorted(TIERS) and len(two) == 2
+    assert two == [["heavy", "grading"], ["light", "lora"]]  # 11.3 and 11.5 minutes
+    assert lanes(["light"], 2) == [["light"]] and lanes(list(TIERS), 1) == [sorted(TIERS, key=lambda t: -{
+        "light": 8.5, "heavy": 10.2, "lora": 3.0, "grading": 1.1}[t])]
