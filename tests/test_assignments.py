@@ -125,6 +125,8 @@ def test_a_wrong_answer_loses_its_points(name, tmp_path):
 # alternative passes them all.
 from assignment_mutants import MUTANTS, RULE_MUTANTS  # noqa: E402
 
+pytestmark = pytest.mark.slow  # minutes in all: `pytest -m 'not slow'` leaves it out
+
 
 def _master_parts(name: str, text: str | None = None):
     """The master's program cells (setup, solutions, the cells between questions) and each question's

@@ -154,6 +154,7 @@ def test_correct_per_example_agrees_with_accuracy(scorer):
         assert float(vector.float().mean()) == pytest.approx(acc[task])
 
 
+@pytest.mark.slow
 def test_bf16_accuracy_agrees_with_float32(scorer):
     """Scoring accuracy with bfloat16 products must not move a merge's accuracy by more than a few
     examples; it is the default only on a CPU that multiplies bfloat16 natively (elsewhere it is slower)."""

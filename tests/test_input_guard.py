@@ -48,6 +48,7 @@ def _merge_while_truncated(tmp_path, mode):
                            str(Path(__file__).parent)], capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 @linux
 def test_a_file_truncated_during_a_merge_is_named_not_a_crash(tmp_path):
     run = _merge_while_truncated(tmp_path, "guarded")
@@ -56,6 +57,7 @@ def test_a_file_truncated_during_a_merge_is_named_not_a_crash(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 @linux
 def test_without_the_leases_the_same_merge_dies_of_sigbus(tmp_path):
     run = _merge_while_truncated(tmp_path, "bare")

@@ -237,6 +237,7 @@ def _agreement(theirs: dict, ours: dict, base: dict, kind: str) -> dict[str, flo
             "L1 ours / mergekit": size["ours"] / size["theirs"]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CROSS_CHECKS))
 def test_our_merge_of_an_imported_config_agrees_with_mergekits(case, llama_family, tmp_path):
     method, each, shared, kind = CROSS_CHECKS[case]
@@ -250,6 +251,7 @@ def test_our_merge_of_an_imported_config_agrees_with_mergekits(case, llama_famil
     print(f"\n{case} ({kind}): " + ", ".join(f"{k} {v:.3g}" for k, v in found.items()))
 
 
+@pytest.mark.slow
 def test_a_bf16_yaml_is_written_in_bf16_like_mergekits(llama_family, tmp_path):
     """dtype: bfloat16 on float32 models: both tools write bf16; mergekit computes in bf16, we in float32
     with one rounding at the end, so they agree to a few bf16 steps (before the import honoured dtype,
@@ -271,6 +273,7 @@ def test_a_bf16_yaml_is_written_in_bf16_like_mergekits(llama_family, tmp_path):
 @pytest.mark.parametrize("options", [dict(method="ties", density=0.5, lam=0.8),
                                      dict(method="task_arithmetic", weights=(0.7, 0.4)),
                                      dict(method="dare_ties", density=1.0, lam=0.9, rescale="l1")])
+@pytest.mark.slow
 def test_mergekit_runs_our_export_to_our_result(options, llama_family, tmp_path):
     base, experts = llama_family
     config = MergeConfig.build(options.pop("method"), 2, **options)

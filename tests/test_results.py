@@ -80,6 +80,7 @@ def test_a_chapter_name_must_be_a_file_stem(cache, bad):
         results.start(bad, "full")
 
 
+@pytest.mark.slow
 def test_a_missing_record_is_recomputed_by_running_the_chapter(cache, tmp_path, monkeypatch):
     monkeypatch.delenv("MERGING_BOOK_QUICK", raising=False)
     book = tmp_path / "book"

@@ -3,6 +3,8 @@ import pytest
 
 from merging_helpers import tasks
 
+pytestmark = pytest.mark.slow  # minutes in all: `pytest -m 'not slow'` leaves it out
+
 
 @pytest.fixture(scope="module")
 def all_tasks():

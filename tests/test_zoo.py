@@ -19,6 +19,7 @@ def tiny(tmp_path_factory):
     return zoo.load_zoo(tasks=["product"], config=TINY, cache_dir=root, device="cpu", progress=False)
 
 
+@pytest.mark.slow
 def test_same_seed_same_weights(tiny, tmp_path):
     again = zoo.load_zoo(tasks=["product"], config=TINY, cache_dir=tmp_path, device="cpu", progress=False)
     for name, tensor in tiny.experts["product"].items():
@@ -27,6 +28,7 @@ def test_same_seed_same_weights(tiny, tmp_path):
         zoo.sha256(again.expert_dir("product") / "model.safetensors")
 
 
+@pytest.mark.slow
 def test_other_seed_other_weights(tiny, tmp_path):
     other = zoo.load_zoo(tasks=["product"], config=zoo.TrainConfig(**{**TINY.__dict__, "seed": 1}),
                          cache_dir=tmp_path, device="cpu", progress=False)
@@ -50,6 +52,7 @@ def test_expert_folder_is_a_plain_hf_folder(tiny):
                        tiny.experts["product"]["embeddings.word_embeddings.weight"])
 
 
+@pytest.mark.slow
 def test_interrupted_build_is_rebuilt_not_used(tiny, tmp_path):
     zoo.load_zoo(tasks=["product"], config=TINY, cache_dir=tmp_path, device="cpu", progress=False)
     folder = tmp_path / tiny.root.name / "experts" / "product"
@@ -60,6 +63,7 @@ def test_interrupted_build_is_rebuilt_not_used(tiny, tmp_path):
         assert torch.equal(tensor, rebuilt.experts["product"][name]), name
 
 
+@pytest.mark.slow
 def test_damaged_file_is_reported_with_what_to_do(tiny, tmp_path):
     zoo.load_zoo(tasks=["product"], config=TINY, cache_dir=tmp_path, device="cpu", progress=False)
     path = tmp_path / tiny.root.name / "experts" / "product" / "model.safetensors"
@@ -135,6 +139,7 @@ def test_dataset_dict_holds_the_task_splits_and_is_cached(tiny):
         tiny.dataset_dict("sentiment")
 
 
+@pytest.mark.slow
 def test_held_out_task_gets_a_cached_frozen_base_probe_and_is_known_to_the_evaluator(tiny, monkeypatch):
     from merging_helpers.evaluation import Evaluator
 

@@ -10,6 +10,8 @@ import pytest
 from merging_helpers import zoo as zoo_lib
 from merging_helpers.evaluation import Evaluator, zoo_table
 
+pytestmark = pytest.mark.slow  # minutes in all: `pytest -m 'not slow'` leaves it out
+
 
 @pytest.fixture(scope="module")
 def table():
