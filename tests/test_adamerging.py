@@ -54,6 +54,7 @@ def test_constant_coefficients_are_task_arithmetic(scorer, deltas):
         torch.testing.assert_close(ours[n], reference[n], rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_learned_coefficients_lower_the_entropy_on_their_inputs(scorer, deltas):
     zoo = scorer.zoo
     inputs = {t: zoo.tasks[t].splits["test"][:48] for t in deltas}

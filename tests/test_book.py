@@ -191,6 +191,7 @@ def _one_cell_notebook(path, code, stored):
     return path
 
 
+@pytest.mark.slow
 def test_a_wrong_stored_output_fails_the_run(tmp_path):
     import subprocess
     import sys

@@ -90,6 +90,7 @@ def _imports(path: Path):
                 yield a.name, []
 
 
+@pytest.mark.slow
 def test_reference_modules_never_import_the_fast_tier():
     for path in sorted(ROOT.glob("*.py")):
         for module, names in _imports(path):
