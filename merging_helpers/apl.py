@@ -432,8 +432,8 @@ def drop_rates(importance: Importance, lam: float, eps: float, mapping: str = "t
     raise ValueError(f"mapping must be one of {MAPPINGS}, got {mapping!r}")
 
 
-MERGE_KNOBS = {"mapping": "tanh", "tau": 5.0, "normalise": False, "weights": None, "scale": 1.0, "rescale": True,
-               "seed": 0, "progress": False}  # apl.merge's knobs (by name) and their defaults
+# apl.merge's knobs (by name); their defaults are the plan's (PLAN_OPTIONS), the merge's, scale 1, no progress bar
+MERGE_KNOBS = ("mapping", "tau", "normalise", "weights", "scale", "rescale", "seed", "progress")
 
 
 def merge(base, experts: Mapping[str, Mapping[str, torch.Tensor]], importances: Mapping[str, Importance],
@@ -453,8 +453,8 @@ def merge(base, experts: Mapping[str, Mapping[str, torch.Tensor]], importances: 
     unknown = sorted(set(knobs) - set(MERGE_KNOBS))
     if unknown:
         raise TypeError(f"apl.merge: unknown option(s) {unknown}; the options are {list(MERGE_KNOBS)}")
-    k = {**MERGE_KNOBS, **knobs}
-    scale, progress = k.pop("scale"), k.pop("progress")
+    k = dict(knobs)
+    scale, progress = k.pop("scale", 1.0), k.pop("progress", False)
     return merge_state_dicts(base, dict(experts), "apl", importances=importances, drop_rate=lam, eps=eps,
                              lam=scale, progress=progress, **k)
 

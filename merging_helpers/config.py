@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .consensus import ELECTIONS
-from .methods import DIVISORS, Method, get_method, get_plan
+from .methods import COUNT_RULES, DIVISORS, Method, get_method, get_plan
 from .partitions import (LEVELS, Floored, PerColumn, PerRow, check_rate_fits, complement, levels_matching, rate_for,
                          unused_rate_keys, validate_rates)
 from .rescale import RESCALES
@@ -66,7 +66,8 @@ class MergeConfig:
     weighted_election: bool = False
     divide_by: str | None = None
     epsilon: float = 0.0
-    gamma: float | None = None      # breadcrumbs: the fraction of largest |Δ| dropped as outliers (None: 0.01)
+    gamma: float | None = None      # breadcrumbs: the fraction of largest |Δ| dropped as outliers
+                                    # (None: drop.BREADCRUMBS_GAMMA)
     rate_level: str = "layer_role"
     rate_default: float | None = None
     magnitude_scope: str = "tensor"
@@ -86,8 +87,9 @@ class MergeConfig:
             raise TypeError(f"unknown merge option(s) {unknown}; the options are {sorted(allowed)}")
         if not (isinstance(n_experts, int) and n_experts >= 1):
             raise ValueError(f"a merge needs at least one expert, got {n_experts!r}")
-        if get_method(method).plan:
-            raise ValueError(f"method {get_method(method).name!r} builds its config from the whole model (a plan): "
+        record = get_method(method)
+        if record.plan:
+            raise ValueError(f"method {record.name!r} builds its config from the whole model (a plan): "
                              "give its own options to merge_state_dicts or merge_folders, not a MergeConfig")
         weights = options.get("weights")
         if weights is not None:
@@ -95,7 +97,7 @@ class MergeConfig:
         for what in ("density", "drop_rate", "rescale_factor"):  # a copy: later edits of the caller's dicts
             if options.get(what) is not None:                     # cannot bypass the checks below
                 options[what] = _copied(options[what])
-        config = cls(get_method(method), n_experts, **options)
+        config = cls(record, n_experts, **options)
         config._validate()
         return config
 
@@ -174,9 +176,10 @@ class MergeConfig:
                              f"got {self.out_dtype!r}")
         if self.count_rounding not in ROUNDINGS:
             raise ValueError(f"count_rounding must be one of {ROUNDINGS}, got {self.count_rounding!r}")
-        if self.count_rounding == "floor" and (m.drop not in ("magnitude", "breadcrumbs") or self.magnitude_scope == "model"):
+        if self.count_rounding == "floor" and (m.drop not in COUNT_RULES or self.magnitude_scope == "model"):
             raise ValueError("count_rounding='floor' rounds the kept count of a per-tensor magnitude trim ('magnitude', "
-                             f"'ties'); method {m.name!r} with magnitude_scope={self.magnitude_scope!r} keeps no count")
+                             f"'ties', 'breadcrumbs', 'breadcrumbs_ties'); method {m.name!r} with "
+                             f"magnitude_scope={self.magnitude_scope!r} keeps no count")
         if self.thresholds is not None:
             t = self.thresholds
             if not isinstance(t, (list, tuple)) or len(t) != self.n_experts or not all(

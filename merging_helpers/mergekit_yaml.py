@@ -37,13 +37,16 @@ import math
 from collections.abc import Sequence
 
 from .config import OUT_DTYPES, MergeConfig
-from .methods import get_method, registry
+from .drop import BREADCRUMBS_GAMMA
+from .methods import COUNT_RULES, get_method, registry
 
 SHARED_METHODS = tuple(m.name for m in registry().values() if m.mergekit)  # the records that name a mergekit method
 # mergekit's defaults (0.1.5, merge_methods/registry.py): normalize, rescale
 DEFAULTS = {"task_arithmetic": (False, False), "dare_linear": (False, True), "ties": (True, False),
-            "dare_ties": (False, True), "della": (True, True), "magnitude": (False, False),
-            "breadcrumbs": (False, False), "breadcrumbs_ties": (False, False)}
+            "dare_ties": (False, True), "della": (True, True), "breadcrumbs": (False, False),
+            "breadcrumbs_ties": (False, False)}
+# the per-model knobs of one drop rule: name → (mergekit's default, the methods that take it)
+KNOBS = {"epsilon": (0.15, ("della",)), "gamma": (BREADCRUMBS_GAMMA, ("breadcrumbs", "breadcrumbs_ties"))}
 MODEL_KEYS = {"weight", "density", "epsilon", "gamma"}
 SHARED_KEYS = {"normalize", "rescale", "lambda", "int8_mask"}
 
@@ -190,13 +193,13 @@ def to_mergekit(config: MergeConfig, base_model: str, models: Sequence[str], dty
         if m.name == "della":
             params["epsilon"] = float(config.epsilon)
         if m.drop == "breadcrumbs":
-            params["gamma"] = 0.01 if config.gamma is None else float(config.gamma)
+            params["gamma"] = BREADCRUMBS_GAMMA if config.gamma is None else float(config.gamma)
         entries.append({"model": str(path), "parameters": params})
     doc = {"merge_method": m.mergekit, "base_model": str(base_model), "models": entries,
            "parameters": {"normalize": normalize, "rescale": rescale == "l1", "lambda": float(config.lam)},
            "dtype": dtype, **({"out_dtype": config.out_dtype} if config.out_dtype else {})}
     header = f"# written by merging_helpers.mergekit_yaml (seed {config.seed}: mergekit's masks use its own RNG)\n"
-    if m.drop in ("magnitude", "breadcrumbs") and config.count_rounding == "round":
+    if m.drop in COUNT_RULES and config.count_rounding == "round":
         header += ("# mergekit keeps int(density·n) entries of each tensor, this config round(density·n): the merges are\n"
                    "# equal where density·n is whole (count_rounding='floor' keeps mergekit's count)\n")
     return header + yaml.safe_dump(doc, sort_keys=False)
@@ -248,8 +251,7 @@ def from_mergekit(text: str) -> tuple[MergeConfig, str, list[str], str | None]:
     if unknown:
         raise NotRepresentable(f"parameters {unknown} are not understood; known: {sorted(SHARED_KEYS | MODEL_KEYS)}")
     per_model = [_model_parameters(e, shared) for e in models]
-    knobs = {"epsilon": ("della",), "gamma": ("breadcrumbs", "breadcrumbs_ties")}
-    stray = sorted({k for p in per_model for k in p if k in knobs and method not in knobs[k]})
+    stray = sorted({k for p in per_model for k in p if k in KNOBS and method not in KNOBS[k][1]})
     if stray:
         raise NotRepresentable(f"parameters {stray} do not apply to {method} (epsilon: della; gamma: breadcrumbs)")
     default_normalize, default_rescale = DEFAULTS[method]
@@ -269,10 +271,10 @@ def from_mergekit(text: str) -> tuple[MergeConfig, str, list[str], str | None]:
         options["density"] = densities[0] if len(set(densities)) == 1 else densities
         # no rescale: "auto" where the drop rule brings none (TIES), else None
         options["rescale"] = "l1" if rescale else ("auto" if get_method(method).rescale is None else None)
-    if get_method(method).drop in ("magnitude", "breadcrumbs"):
+    if get_method(method).drop in COUNT_RULES:
         options["count_rounding"] = "floor"   # mergekit's trim keeps int(d·n) entries of each tensor
     options["out_dtype"] = _out_dtype(doc)
-    for key, default, methods in (("epsilon", 0.15, ("della",)), ("gamma", 0.01, ("breadcrumbs", "breadcrumbs_ties"))):
+    for key, (default, methods) in KNOBS.items():
         if method in methods:  # mergekit's per-model knob: one value for every model here
             values = {_number(p.get(key, default), f"model {e['model']!r}: {key}") for p, e in zip(per_model, models)}
             if len(values) != 1:

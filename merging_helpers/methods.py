@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from .consensus import DIVISORS
 
 DROP_RULES = (None, "magnitude", "random", "magprune", "breadcrumbs")
+COUNT_RULES = ("magnitude", "breadcrumbs")  # drop rules that keep a count of the largest |Δ| (count_rounding)
 COMBINE_RULES = ("sum", "elect")
 # the rescale each drop rule brings ("inverse": 1/(1 − p); "keep_prob": 1/p_i)
 RULE_RESCALE = {None: None, "magnitude": None, "random": "inverse", "magprune": "keep_prob", "breadcrumbs": None}
@@ -126,9 +127,10 @@ def get_method(name) -> Method:
     """The record of method ``name`` (a ``Method`` passes through); a clear error otherwise (chapters 2–3)."""
     if isinstance(name, Method):
         return name
+    known = registry()
     if not isinstance(name, str):
-        raise TypeError(f"method must be a method's name, one of {sorted(registry())}, got a {type(name).__name__}: "
+        raise TypeError(f"method must be a method's name, one of {sorted(known)}, got a {type(name).__name__}: "
                         f"{name!r}")
-    if name not in registry():
-        raise ValueError(f"method must be one of {sorted(registry())}, got {name!r}")
-    return registry()[name]
+    if name not in known:
+        raise ValueError(f"method must be one of {sorted(known)}, got {name!r}")
+    return known[name]

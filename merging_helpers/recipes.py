@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from .config import MergeConfig, as_config, start_config
 from .consensus import disjoint_merge, elect_sign, weighted_sum
 from .deltas import check_compatible, check_like_base, nonfinite_delta_message, work_dtype
-from .drop import (breadcrumbs_keep_mask, global_magnitude_threshold, magnitude_keep_mask, magprune_keep,
+from .drop import (BREADCRUMBS_GAMMA, breadcrumbs_keep_mask, global_magnitude_threshold, magnitude_keep_mask, magprune_keep,
                    random_keep_mask, threshold_keep_mask)
 from .methods import METHODS, RULE_RESCALE
 from .partitions import PerColumn, PerRow, complement
@@ -45,7 +45,7 @@ def drop_and_rescale(deltas, rule, densities, *, name="", seed=0, offset=0, thre
     if unknown:
         raise TypeError(f"drop_and_rescale: unknown option(s) {unknown}; a rule's knob is epsilon or gamma")
     epsilon, gamma = rule_knob.get("epsilon", 0.0), rule_knob.get("gamma")
-    gamma = 0.01 if gamma is None else gamma
+    gamma = BREADCRUMBS_GAMMA if gamma is None else gamma
     how = RULE_RESCALE[rule] if rescale == "auto" else rescale
     smallest = smallest_drop_rate(densities, name) if how == "smallest" else None
     out = []

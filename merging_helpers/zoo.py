@@ -385,10 +385,7 @@ class Zoo:
         the task (:meth:`task`). Returns (task, head)."""
         (name,) = check_task_names([task], HELD_OUT_TASKS)
         folder = self.root / "held_out" / name  # the same two builds as an expert's task and probe
-        if not is_complete(folder / "task"):
-            _build_task(folder / "task", name, self.config.seed)
-        verify_manifest(folder / "task")
-        task_obj = Task.from_json(json.loads((folder / "task" / "task.json").read_text()))
+        task_obj = cached_task(folder / "task", name, self.config.seed)
         if not is_complete(folder / "probe"):
             _build_frozen_head(folder / "probe", task_obj, self.config, load_tokenizer(), default_device(device))
         self.held_out_tasks[name] = task_obj
@@ -434,6 +431,15 @@ def _build_task(target: Path, name: str, seed: int):
     def fill(tmp):
         (tmp / "task.json").write_text(json.dumps(make_task(name, seed).to_json()))
     return build_atomically(target, fill)
+
+
+def cached_task(folder: Path, name: str, seed: int) -> Task:
+    """Task ``name`` from its cache ``folder``, built there first if it is not complete, its
+    checksums verified (chapter 0; the language-model tier caches its tasks the same way)."""
+    if not is_complete(folder):
+        _build_task(folder, name, seed)
+    verify_manifest(folder)
+    return Task.from_json(json.loads((folder / "task.json").read_text()))
 
 
 def _build_expert(target: Path, task: Task, config: TrainConfig, tokenizer, device, progress):
@@ -496,10 +502,7 @@ def load_zoo(tasks=None, config: TrainConfig | None = None, cache_dir=None,
     for what, path, build in tqdm(todo, desc="zoo: data", disable=not progress or not todo):
         build(path)
 
-    task_objs = {}
-    for n in names:
-        verify_manifest(root / "tasks" / n)
-        task_objs[n] = Task.from_json(json.loads((root / "tasks" / n / "task.json").read_text()))
+    task_objs = {n: cached_task(root / "tasks" / n, n, config.seed) for n in names}
 
     missing = [n for n in names if not is_complete(root / "experts" / n) or not is_complete(root / "frozen_heads" / n)]
     for n in tqdm(missing, desc="zoo: experts", disable=not progress or not missing):
