@@ -506,6 +506,20 @@ def test_rms_adaptive_bad_options_fail_before_reading(families, tmp_path, kw, er
         merge_folders(base_dir, expert_dirs, tmp_path / "out", "rms_adaptive", progress=False, **kw)
 
 
+@pytest.mark.parametrize("method, kw, error, match", [
+    ("dp", dict(), TypeError, "dp needs alpha"),
+    ("dp", dict(alpha=0.5, eq2_mean="block"), ValueError, "eq2_mean must be one of"),
+    ("apl", dict(drop_rate=0.5, eps=0.1), TypeError, r"apl needs \['importances'\]"),
+    ("apl", dict(importances=[None, None], drop_rate=0.9, eps=0.2), ValueError, r"drop rates λ ± ε must lie in"),
+])
+def test_planned_methods_bad_options_fail_before_reading(families, tmp_path, method, kw, error, match, monkeypatch):
+    base_dir, expert_dirs = families["llama-fp32-single"]
+    monkeypatch.setattr(streaming.FolderSource, "triples", lambda *a, **k: pytest.fail("read before checking"))
+    with pytest.raises(error, match=match):
+        merge_folders(base_dir, expert_dirs, tmp_path / "out", method, progress=False, **kw)
+    assert not (tmp_path / "out").exists()
+
+
 def test_device_meta_is_refused_before_any_work(families, tmp_path):
     base_dir, expert_dirs = families["llama-fp32-single"]
     with pytest.raises(ValueError, match=r"device='meta' holds no data"):
