@@ -83,10 +83,13 @@ $(MERGEKIT_VENV)/.installed: requirements.txt
 	$(MERGEKIT_VENV)/bin/python -m pip install --quiet -c requirements.txt mergekit==0.1.5
 	touch $@
 
-# The unit tests, then every chapter alone from the reader's install (tests/test_chapters_alone.py),
+# The unit tests, and every chapter alone from the reader's install (tests/test_chapters_alone.py),
 # in the quick mode (MERGING_BOOK_QUICK=1: fewer seeds and smaller grids, the same code paths);
-# `make book` runs them in full. The zoo is built first (`zoo`), so no cell trains a tier.
-test: zoo reader mergekit
+# `make book` runs them in full. The zoo is built first (`zoo`), so no cell trains a tier, while the
+# reader's and mergekit's venvs install beside it (-j3); the chapters then run two at a time in the
+# background, beside the unit tests (tests/conftest.py).
+test:
+	$(MAKE) --no-print-directory -j3 zoo reader mergekit
 	PATH=$(abspath $(BIN)):$$PATH MERGING_BOOK_QUICK=1 MERGING_BOOK_READER_PYTHON=$(abspath $(READER))/bin/python \
 	  MERGING_BOOK_GRADER_PYTHON=$(abspath $(READER))/bin/python \
 	  MERGING_BOOK_MERGEKIT=$(abspath $(MERGEKIT_VENV))/bin/mergekit-yaml $(BIN)/python -m pytest tests -p no:cacheprovider -q

@@ -1,17 +1,18 @@
 #!/usr/bin/env python
 """The compute table of the README and the book's introduction: how long each chapter takes.
 
-Times are measured, never typed: ``record`` reads the durations pytest printed for
-``tests/test_chapters_alone.py`` (``make test`` with ``PYTEST_ADDOPTS=--durations=0``, each
-chapter run alone from the reader's install) and stores them under a column name in
-``benchmarks/compute_times.json``; ``render`` writes the table between the
+Times are measured, never typed: ``record --records DIR`` reads each chapter's own run time from
+the records a run wrote (``<cache>/results``; ``seconds``, measured by the chapter's last cell):
+the quick records of ``make test`` (each chapter run alone from the reader's install), the full
+ones of ``make book``. ``record LOG`` reads the durations pytest printed for
+``tests/test_chapters_alone.py`` (``--durations=0``) instead; those are each chapter's time only
+when the chapters run one at a time in the foreground (``make test`` now runs them two at a time
+in the background, where a test's duration is its wait). Both store the times under a column name
+in ``benchmarks/compute_times.json``; ``render`` writes the table between the
 ``<!-- compute-table -->`` markers of README.md and book/intro.md. A column nobody measured
-reads "unmeasured". The full columns come from ``make book``, which runs the chapters through
-jupyter-book, not pytest: ``record --records DIR`` reads each chapter's own run time from the
-full records that build wrote (``<cache>/results``; ``seconds``, measured by the chapter's
-last cell).
+reads "unmeasured".
 
-    python benchmarks/compute_table.py record LOG --column "quick, cold" --note "2 CPU cores, ..."
+    python benchmarks/compute_table.py record --records ~/.cache/merging_book/results --column "quick, cold" --note ...
     python benchmarks/compute_table.py record --records ~/.cache/merging_book/results --column "full, cold" --note ...
     python benchmarks/compute_table.py render
 """

@@ -7,6 +7,43 @@ import torch
 
 from merging_helpers.fast.checkpoints import save_state_dict
 
+CHAPTER_TEST = "test_the_chapter_runs_alone_from_the_installed_package"
+CHAPTER_LANES = pytest.StashKey[object]()  # test_chapters_alone.Lanes, once started
+
+
+def _waits_for_the_chapters(item) -> bool:
+    return getattr(item, "originalname", "") == CHAPTER_TEST or "chapters_finished" in getattr(item, "fixturenames", ())
+
+
+def pytest_collection_modifyitems(items):
+    """The tests that wait for the chapters go last, so that every other test runs while they do."""
+    items[:] = [item for item in items if not _waits_for_the_chapters(item)] + list(filter(_waits_for_the_chapters, items))
+
+
+def pytest_collection_finish(session):
+    """The chapters (tests/test_chapters_alone.py) start in the background as soon as the tests are
+    collected, so that they run beside the unit tests instead of after them (``make test``)."""
+    items = [item for item in session.items if getattr(item, "originalname", "") == CHAPTER_TEST]
+    if items and not session.config.option.collectonly:
+        chapters = [item.callspec.params["chapter"] for item in items]
+        factory = session.config._tmp_path_factory  # pytest's own tmp_path_factory, before any fixture
+        session.config.stash[CHAPTER_LANES] = items[0].module.start_chapters(chapters, factory)
+
+
+def pytest_sessionfinish(session):
+    """A session that ends early (``-x``, Ctrl-C) ends the chapters it started."""
+    lanes = session.config.stash.get(CHAPTER_LANES, None)
+    if lanes is not None:
+        lanes.stop()
+
+
+@pytest.fixture(scope="session")
+def chapters_finished(request):
+    """Waits for the chapters started in the background, if any (a test that reads their records)."""
+    lanes = request.config.stash.get(CHAPTER_LANES, None)
+    if lanes is not None:
+        lanes.finish()
+
 
 def bert_like(n_layers=2, hidden=16, seed=0, dtype=torch.float32):
     """A BERT-named state dict (embeddings, q, o, FFN up/down, LayerNorms, an integer buffer)."""

@@ -12,17 +12,21 @@ The chapters run ``MERGING_BOOK_CHAPTER_LANES`` at a time (default 2, one per co
 machine), each process on one thread: two one-thread processes get more done than one two-thread
 process on this machine, whose OpenMP threads spin-wait for each other. A chapter waits for those
 it needs (:data:`WAITS_FOR`): chapter 8 reads the records of every chapter before it, chapter 9
-times merges in the folder chapter 7 uses.
+times merges in the folder chapter 7 uses; a lane meanwhile takes the next chapter that waits for
+nothing. The lanes start in the background as soon as the tests are collected (``conftest.py``),
+so the chapters run beside the unit tests, which then use one thread too: what one leaves of the
+two cores, the others take.
 """
 import os
 import shutil
 import subprocess
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+
+from conftest import CHAPTER_LANES, CHAPTER_TEST
 
 BOOK = Path(__file__).resolve().parent.parent / "book"
 CHAPTERS = sorted(BOOK.glob("*.ipynb"))
@@ -42,13 +46,14 @@ LANES = max(1, int(os.environ.get("MERGING_BOOK_CHAPTER_LANES", "2")))
 WAITS_FOR = {"08_side_by_side": {c.stem for c in CHAPTERS if c.stem < "08_side_by_side"},
              "09_merging_at_scale": {"07_rms_adaptive"}}
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(READER_PYTHON is None,
-                                 reason="the chapters run from a reader's install: `make test` builds it (make reader)")]
+needs_reader = pytest.mark.skipif(READER_PYTHON is None,
+                                  reason="the chapters run from a reader's install: `make test` builds it (make reader)")
 
 
-def run_alone(chapter: Path, folder: Path, threads: int | None) -> tuple[subprocess.CompletedProcess, float]:
-    """``chapter`` copied alone into ``folder`` and run there by nbval from the reader's venv."""
+def run_alone(chapter: Path, folder: Path, threads: int | None,
+              started=lambda process: None) -> tuple[subprocess.CompletedProcess, float]:
+    """``chapter`` copied alone into ``folder`` and run there by nbval from the reader's venv
+    (``started`` is handed the process as soon as it runs)."""
     shutil.copy(chapter, folder / chapter.name)
     (folder / "conftest.py").write_text(NBVAL_CONFTEST)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
@@ -57,44 +62,132 @@ def run_alone(chapter: Path, folder: Path, threads: int | None) -> tuple[subproc
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     start = time.perf_counter()
-    run = subprocess.run([READER_PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval-lax",
-                          f"--nbval-cell-timeout={CELL_TIMEOUT_S}", chapter.name],
-                         cwd=folder, env=env, capture_output=True, text=True)
-    return run, time.perf_counter() - start
+    command = [READER_PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval-lax",
+               f"--nbval-cell-timeout={CELL_TIMEOUT_S}", chapter.name]
+    with subprocess.Popen(command, cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True) as process:
+        started(process)
+        out, err = process.communicate()
+    return subprocess.CompletedProcess(command, process.returncode, out, err), time.perf_counter() - start
+
+
+class Lanes:
+    """``chapters`` run ``LANES`` at a time in background threads: each lane takes the first chapter,
+    in the book's order, whose :data:`WAITS_FOR` among them have finished; :meth:`result` waits for one."""
+
+    def __init__(self, chapters, folder_for):
+        self.pending, self.folder_for = list(chapters), folder_for
+        self.unfinished = {c.stem for c in self.pending}
+        self.runs: dict = {}
+        self.processes: set = set()  # the chapters' processes running now
+        self.changed = threading.Condition()
+        for _ in range(min(LANES, len(self.pending))):
+            threading.Thread(target=self._lane, daemon=True).start()
+
+    def _take(self):
+        with self.changed:
+            while self.pending:
+                ready = [c for c in self.pending if not WAITS_FOR.get(c.stem, set()) & self.unfinished]
+                if ready:
+                    self.pending.remove(ready[0])
+                    return ready[0]
+                self.changed.wait()
+            return None
+
+    def _lane(self):
+        while (chapter := self._take()) is not None:
+            try:
+                run = run_alone(chapter, self.folder_for(chapter.stem), 1 if LANES > 1 else None, self.processes.add)
+            except Exception as error:  # noqa: BLE001 - the chapter's test reports it
+                run = error
+            with self.changed:
+                self.runs[chapter.stem] = run
+                self.unfinished.discard(chapter.stem)
+                self.changed.notify_all()
+
+    def result(self, stem: str):
+        with self.changed:
+            self.changed.wait_for(lambda: stem in self.runs)
+            run = self.runs[stem]
+        if isinstance(run, Exception):
+            raise run
+        return run
+
+    def finish(self) -> None:
+        with self.changed:
+            self.changed.wait_for(lambda: not self.unfinished)
+
+    def stop(self) -> None:
+        """No chapter starts any more, and those running are ended (a session that stops early)."""
+        with self.changed:
+            self.pending.clear()
+        for process in list(self.processes):
+            if process.poll() is None:
+                process.terminate()
+
+
+def start_chapters(chapters, tmp_path_factory) -> Lanes | None:
+    """The chapters' lanes started (``conftest.py`` calls this once the tests are collected), with
+    this process held to one thread so it shares the cores with them; None without a reader's venv."""
+    if READER_PYTHON is None or not chapters:
+        return None
+    import torch
+    torch.set_num_threads(1)
+    os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # and the processes the tests start
+    return Lanes(chapters, tmp_path_factory.mktemp)
 
 
 @pytest.fixture(scope="session")
-def chapter_runs(request, tmp_path_factory) -> dict:
-    """The selected chapters' runs, ``LANES`` at a time, each after the chapters it waits for."""
-    selected = [item.callspec.params["chapter"] for item in request.session.items
-                if getattr(item, "originalname", "") == "test_the_chapter_runs_alone_from_the_installed_package"]
-    stems = {c.stem for c in selected}
-    finished = {c.stem: threading.Event() for c in selected}
-    runs = {}
-
-    def one(chapter):
-        for other in WAITS_FOR.get(chapter.stem, set()) & stems:
-            finished[other].wait()
-        try:
-            runs[chapter.stem] = run_alone(chapter, tmp_path_factory.mktemp(chapter.stem), 1 if LANES > 1 else None)
-        finally:
-            finished[chapter.stem].set()
-
-    with ThreadPoolExecutor(LANES) as pool:  # in the book's order: a chapter waits only for earlier ones
-        list(pool.map(one, selected))
-    return runs
+def chapter_runs(request, tmp_path_factory) -> Lanes:
+    """The chapters' lanes: those ``conftest.py`` started at collection, else started here."""
+    started = request.config.stash.get(CHAPTER_LANES, None)
+    if started is None:
+        selected = [item.callspec.params["chapter"] for item in request.session.items
+                    if getattr(item, "originalname", "") == CHAPTER_TEST]
+        started = start_chapters(selected, tmp_path_factory)
+        request.config.stash[CHAPTER_LANES] = started
+    return started
 
 
+@pytest.mark.slow
+@needs_reader
 @pytest.mark.parametrize("chapter", CHAPTERS, ids=[c.stem for c in CHAPTERS])
 def test_the_chapter_runs_alone_from_the_installed_package(chapter, chapter_runs):
-    run, seconds = chapter_runs[chapter.stem]
+    run, seconds = chapter_runs.result(chapter.stem)
     print(f"{chapter.stem}: {seconds / 60:.1f} min ({LANES} lane(s))")
     assert run.returncode == 0, f"{chapter.name} failed when run alone:\n{run.stdout[-6000:]}\n{run.stderr[-2000:]}"
 
 
+@pytest.mark.slow
 def test_the_reader_install_is_not_the_repository():
     if READER_PYTHON is None:
         pytest.skip("no reader venv")
     where = subprocess.run([READER_PYTHON, "-c", "import merging_helpers; print(merging_helpers.__file__)"],
                            cwd="/", capture_output=True, text=True, check=True).stdout.strip()
     assert "site-packages" in where and not where.startswith(str(BOOK.parent / "merging_helpers")), where
+
+
+def test_the_lanes_run_each_chapter_once_after_those_it_waits_for_and_stay_busy(monkeypatch, tmp_path):
+    """Two lanes: chapter 08 waits for every chapter before it, 09 for 07 only. While a long 00 runs,
+    the other lane does not sit waiting for 08: it runs 07, then 09; 08 starts once 00 and 07 end."""
+    import test_chapters_alone as module
+    log, lock = [], threading.Lock()
+
+    def fake_run(chapter, folder, threads, started):
+        with lock:
+            log.append(("start", chapter.stem))
+        time.sleep(0.5 if chapter.stem == "00_model_zoo" else 0.01)
+        with lock:
+            log.append(("end", chapter.stem))
+        return subprocess.CompletedProcess([], 0, "", ""), 0.0
+
+    monkeypatch.setattr(module, "run_alone", fake_run)
+    monkeypatch.setattr(module, "LANES", 2)
+    chapters = [c for c in CHAPTERS if c.stem[:2] in ("00", "07", "08", "09")]
+    lanes = module.Lanes(chapters, lambda stem: tmp_path)
+    assert all(lanes.result(c.stem)[0].returncode == 0 for c in chapters)
+    lanes.finish()
+    at = {entry: i for i, entry in enumerate(log)}
+    assert sorted(stem for what, stem in log if what == "start") == [c.stem for c in chapters]  # each once
+    assert at["start", "09_merging_at_scale"] < at["end", "00_model_zoo"]
+    assert at["start", "08_side_by_side"] > max(at["end", "00_model_zoo"], at["end", "07_rms_adaptive"])

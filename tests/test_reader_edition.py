@@ -57,9 +57,10 @@ def test_every_chapter_renders_to_markdown_jupyter_reads(chapter):
     assert notebook["cells"][0]["id"] == "reader-edition-note"
 
 
-def test_the_edition_from_the_chapters_records(tmp_path):
-    """Every role of every chapter has a value in its record (make test's chapters write the quick
-    ones before this file runs): the edition is complete, and it keeps the code cells as they are."""
+def test_the_edition_from_the_chapters_records(tmp_path, chapters_finished):
+    """Every role of every chapter has a value in its record (make test's chapters, running in the
+    background, write the quick ones; this waits for them): the edition is complete, and it keeps
+    the code cells as they are."""
     if not all(results.record_path(c.stem, "quick").exists() for c in CHAPTERS):
         pytest.skip("the chapters' quick records are not written yet (make test runs the chapters first)")
     written = re_ed.write_edition(ROOT / "book", tmp_path, "quick")
