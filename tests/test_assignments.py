@@ -144,19 +144,21 @@ def _master_parts(name: str, text: str | None = None):
     return program, tests
 
 
-_SOLVED: dict[tuple[str, str | None], tuple[dict, dict]] = {}
+_SOLVED: dict[tuple, dict] = {}
 
 
 def _solved(name: str, text: str | None = None):
     """The master (``text``: as written for an offering or a rule, else the committed one) run as a
-    solved notebook: its variables, and each question's test cells."""
-    if (name, text) not in _SOLVED:
-        program, tests = _master_parts(name, text)
+    solved notebook: its variables, and each question's test cells. The variables are computed once
+    per program: an offering that draws other hidden tests only runs the same cells again."""
+    program, tests = _master_parts(name, text)
+    key = (name, tuple(program))
+    if key not in _SOLVED:
         env = {"__name__": "__main__"}
         for source in program:
             exec(compile(source, f"<{name}>", "exec"), env)
-        _SOLVED[name, text] = env, tests
-    return _SOLVED[name, text]
+        _SOLVED[key] = env
+    return _SOLVED[key], tests
 
 
 def _failures(name: str, question: str, answer: str, first: bool = False, text: str | None = None) -> list[BaseException]:
