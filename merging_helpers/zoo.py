@@ -286,10 +286,11 @@ def fine_tune(task: Task, config: TrainConfig, tokenizer, device="cpu", progress
 
 
 def with_lora(encoder: nn.Module, config: TrainConfig) -> nn.Module:
-    """The encoder with peft LoRA adapters on ``config.lora_targets``; only they train (chapter 7)."""
+    """The encoder (or any model: the language-model tier's too) with peft LoRA adapters on
+    ``config.lora_targets``, of ``config.lora_rank`` and ``lora_alpha``; only they train (chapter 7)."""
     import warnings
 
-    peft = require("peft", "the LoRA tier (load_zoo(tier=\"lora\"))")
+    peft = require("peft", "a LoRA tier (load_zoo(tier=\"lora\"), the language model's \"lora\" tier)")
     LoraConfig, get_peft_model = peft.LoraConfig, peft.get_peft_model
     with warnings.catch_warnings():  # peft calls a transformers method that warns of its own renaming
         warnings.simplefilter("ignore", FutureWarning)
@@ -521,8 +522,9 @@ def load_zoo(tasks=None, config: TrainConfig | None = None, cache_dir=None,
     )
 
 
-# minutes each tier took to build on 2 CPU cores (README), to share the tiers out between lanes
-TIER_MINUTES = {"light": 8.5, "heavy": 10.2, "lora": 3.0, "grading": 1.1}
+# minutes each tier took to build cold in a one-thread lane beside another (2 CPU cores, `make zoo`,
+# 2026-12-04), to share the tiers out between lanes: heavy alone, the three others in the other lane
+TIER_MINUTES = {"light": 7.0, "heavy": 11.4, "lora": 2.9, "grading": 1.2, "llm": 15.0}
 
 
 def lanes(tiers, jobs: int) -> list[list[str]]:
@@ -555,7 +557,8 @@ def main(argv=None):
 
     ``--tier all`` builds every tier, with progress bars and each tier's time, so that ``make test``
     and ``make book`` build what the chapters load before any chapter runs; ``--jobs 2`` builds
-    them in two one-thread processes at once (``make zoo`` does)."""
+    them in two one-thread processes at once (``make zoo`` does). ``--tier llm`` (``llm-lora``, ``llm-quick``)
+    builds the language-model tier (chapter 8) by its own command, ``python -m merging_helpers.llm``."""
     import argparse
     parser = argparse.ArgumentParser(description="Build (or rebuild) the book's model zoo cache.")
     parser.add_argument("--rebuild", action="store_true", help="delete the cached zoo and build it again")
@@ -565,9 +568,9 @@ def main(argv=None):
     parser.add_argument("--jobs", type=int, default=1, help="tiers built at once, each in a one-thread process")
     args = parser.parse_args(argv)
     tiers = list(TIERS) if args.tier == "all" else args.tier.split(",")
-    unknown = [t for t in tiers if t not in TIERS]
+    unknown = [t for t in tiers if t not in TIERS and t not in OWN_COMMAND]
     if unknown:
-        parser.error(f"unknown tier(s) {unknown}: choose from {list(TIERS)} or all")
+        parser.error(f"unknown tier(s) {unknown}: choose from {[*TIERS, *OWN_COMMAND]} or all")
     if args.jobs > 1 and len(tiers) > 1:
         start = time.perf_counter()
         _build_in_lanes(tiers, args.jobs, args)
@@ -575,8 +578,28 @@ def main(argv=None):
         return
     for tier in tiers:
         start = time.perf_counter()
+        if tier in OWN_COMMAND:
+            _build_by_its_command(tier, args)
+            continue
         zoo = load_zoo(cache_dir=args.cache_dir, rebuild=args.rebuild, tier=tier)
         print(f"zoo tier {tier!r} ready in {zoo.root} ({time.perf_counter() - start:.0f} s)", flush=True)
+
+
+# tiers with a command of their own, run as a process (the zoo does not import them): the language
+# model's, full, LoRA and quick (merging_helpers.llm; not part of ``--tier all`` until a chapter reads it)
+OWN_COMMAND = {"llm": ["merging_helpers.llm", "--tier", "full"],
+               "llm-lora": ["merging_helpers.llm", "--tier", "lora"],
+               "llm-quick": ["merging_helpers.llm", "--tier", "quick"]}
+
+
+def _build_by_its_command(tier: str, args) -> None:
+    import subprocess
+    import sys
+    if args.rebuild:
+        raise SystemExit(f"zoo: --rebuild does not apply to the {tier!r} tier: delete its folder in the cache instead")
+    cmd = [sys.executable, "-m", *OWN_COMMAND[tier]] + (["--cache-dir", args.cache_dir] if args.cache_dir else [])
+    if subprocess.run(cmd).returncode != 0:
+        raise SystemExit(f"zoo: building the {tier!r} tier failed (its output is above)")
 
 
 if __name__ == "__main__":

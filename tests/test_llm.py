@@ -152,6 +152,34 @@ def test_fine_tuning_learns_the_answer_token_and_moves_every_block(tokenizer):
     assert llm.score(model, tokenizer, task, task.splits["train"][:32]).accuracy > 0.7
 
 
+def test_a_lora_expert_moves_only_its_target_maps_by_the_adapters_delta(tokenizer, tmp_path):
+    """The LoRA tier's recipe on a tiny Llama: only the query and value maps move, each by exactly
+    the adapter's (α/r)·BA as the book reads it (merging_helpers.lora), peft's merge being the reference."""
+    from merging_helpers import lora
+    from merging_helpers.zoo import with_lora
+    model, task = tiny_llama(), toy_task()
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    recipe = llm.LLM_TIERS["lora"]
+    config = llm.LLMConfig(steps=6, batch_size=4, lr=1e-2, autocast=False, lora_rank=recipe.lora_rank,
+                           lora_alpha=recipe.lora_alpha, lora_targets=recipe.lora_targets)
+    peft_model = with_lora(model, config)
+    losses = llm.fine_tune(peft_model, tokenizer, task, config, progress=False)
+    assert len(losses) == 6 and all(np.isfinite(losses))
+    peft_model.save_pretrained(str(tmp_path / "adapter"))
+    merged = peft_model.merge_and_unload().state_dict()
+    moved = sorted(k for k in base if not torch.equal(base[k], merged[k]))
+    assert moved == sorted(f"model.layers.{i}.self_attn.{m}.weight" for i in range(2) for m in ("q_proj", "v_proj"))
+    adapter = lora.read_adapter(tmp_path / "adapter")
+    assert adapter.rank == 8 and adapter.targets == ("q_proj", "v_proj") and sorted(adapter.factors) == moved
+    for name in moved:
+        torch.testing.assert_close(lora.lora_delta(adapter, name), merged[name] - base[name], atol=1e-6, rtol=1e-4)
+
+
+def test_the_full_tiers_cache_name_stays_when_the_recipe_grows_lora_fields():
+    assert llm.LLM_TIERS["full"].fingerprint() == "516f5f5e7c"  # the folder the tier was built into
+    assert len({c.fingerprint() for c in llm.LLM_TIERS.values()}) == len(llm.LLM_TIERS)
+
+
 def test_an_expert_whose_config_is_not_the_bases_is_refused_before_merging(tmp_path):
     for name, changes in (("base", {}), ("same", {}), ("other", {"vocab_size": 32000, "tie_word_embeddings": False})):
         (tmp_path / name).mkdir()

@@ -22,7 +22,7 @@ def test_an_installed_package_is_returned():
 def test_the_lora_tier_says_which_extra_brings_peft(monkeypatch):
     from merging_helpers import zoo
     monkeypatch.setitem(sys.modules, "peft", None)
-    with pytest.raises(ImportError, match=r"the LoRA tier .* needs the package 'peft'.*merging_helpers\[colab\]"):
+    with pytest.raises(ImportError, match=r"a LoRA tier .* needs the package 'peft'.*merging_helpers\[colab\]"):
         zoo.with_lora(None, zoo.LORA)
 
 
