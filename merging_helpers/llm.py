@@ -235,6 +235,18 @@ def score(model, tokenizer, task: Task, examples, batch_size: int = 32, max_text
     return Scores(sum(right) / len(right), sum(p_true) / len(p_true), right)
 
 
+@torch.no_grad()
+def generate(model, tokenizer, task: Task, texts, max_new_tokens: int = 8, max_text_tokens: int = 32) -> list[str]:
+    """What ``model`` answers to each text as ``task``'s chat prompt: greedy decoding, all prompts in
+    one left-padded batch, up to ``max_new_tokens`` tokens or the end of its turn (chapter 8)."""
+    batch = left_padded(prompt_ids(tokenizer, task, texts, max_text_tokens), tokenizer.pad_token_id)
+    batch.pop("position_ids")  # generate() derives them from the mask, step by step
+    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
+                         top_k=None, pad_token_id=tokenizer.pad_token_id)
+    width = batch["input_ids"].shape[1]
+    return [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
+
+
 # ----------------------------------------------------------------------------- fine-tuning
 
 def fine_tune(model, tokenizer, task: Task, config: LLMConfig, progress: bool = True) -> list[float]:

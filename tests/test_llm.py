@@ -180,6 +180,51 @@ def test_the_full_tiers_cache_name_stays_when_the_recipe_grows_lora_fields():
     assert len({c.fingerprint() for c in llm.LLM_TIERS.values()}) == len(llm.LLM_TIERS)
 
 
+def test_generation_in_a_padded_batch_is_each_prompts_own_greedy_continuation(tokenizer):
+    """generate() on two prompts of different lengths (one left-padded) gives, for each, the tokens a
+    plain greedy loop over the model's own forward pass picks for that prompt alone."""
+    model, task = tiny_llama(seed=3), toy_task()
+    texts = ["Is 3 > 2?", "Is minus seventeen greater than twelve, yes or no?"]
+    prompts = llm.prompt_ids(tokenizer, task, texts)
+    assert len(prompts[0]) != len(prompts[1])
+    got = llm.generate(model, tokenizer, task, texts, max_new_tokens=5)
+    for prompt, text in zip(prompts, got):
+        ids = torch.tensor([prompt])
+        for _ in range(5):
+            ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        assert text == tokenizer.decode(ids[0, len(prompt):], skip_special_tokens=True).strip()
+
+
+def test_tier_folders_merge_streamed_as_in_memory_and_load_back_tied(tmp_path):
+    """A base and two experts saved as the tier saves them (tied embeddings: no lm_head in the files),
+    merged from their folders (TIES, DARE-TIES, DP): the merged folder equals the in-memory merge of
+    the same tensors, and it loads with from_pretrained, its LM head still the embedding."""
+    from transformers import AutoModelForCausalLM
+
+    from merging_helpers.fast.streaming import merge_folders
+    from merging_helpers.recipes import merge_state_dicts
+    folders = []
+    for seed in range(3):
+        model = tiny_llama(seed=0)
+        if seed:   # an expert: the base moved by a seeded delta on every tensor
+            g = torch.Generator().manual_seed(seed)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(0.01 * torch.randn(p.shape, generator=g))
+        model.save_pretrained(str(tmp_path / f"m{seed}"), safe_serialization=True)
+        folders.append(tmp_path / f"m{seed}")
+    states = [llm.read_state_dict(f) for f in folders]
+    assert "lm_head.weight" not in states[0]
+    for method, options in (("ties", {"density": 0.3}), ("dare_ties", {"density": 0.3, "seed": 1}), ("dp", {"alpha": 0.7})):
+        out = merge_folders(folders[0], folders[1:], tmp_path / f"out-{method}", method, progress=False, **options)
+        expected = merge_state_dicts(states[0], states[1:], method, **options)
+        got = llm.read_state_dict(out)
+        assert set(got) == set(expected) and all(torch.equal(got[k], expected[k]) for k in got), method
+        merged = AutoModelForCausalLM.from_pretrained(str(out))
+        assert merged.lm_head.weight.data_ptr() == merged.model.embed_tokens.weight.data_ptr()
+        assert torch.equal(merged.model.embed_tokens.weight, got["model.embed_tokens.weight"])
+
+
 def test_an_expert_whose_config_is_not_the_bases_is_refused_before_merging(tmp_path):
     for name, changes in (("base", {}), ("same", {}), ("other", {"vocab_size": 32000, "tie_word_embeddings": False})):
         (tmp_path / name).mkdir()
