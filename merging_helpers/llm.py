@@ -379,5 +379,42 @@ class Scorer:
                          self.batch_size, self.tier.config.max_text_tokens) for t in tasks}
 
 
+# ----------------------------------------------------------------------------- the tier's bars
+
+@dataclass(frozen=True)
+class BarOptions:
+    """How :func:`tier_bars` measures: Task Arithmetic's ``lambdas``, chosen on the first
+    ``validation`` examples of each task, scored on the first ``test`` ones (chapter 8)."""
+
+    lambdas: tuple = (0.3, 0.5, 0.7, 1.0)
+    validation: int = 200
+    test: int = 300
+
+
+def tier_bars(tier: LLMTier, options: BarOptions = BarOptions()) -> dict:
+    """The tier's accuracy table (base, each expert on its own task, Task Arithmetic of all experts
+    with λ chosen on validation) and its two bars: every expert ≥ 5 points over the base on its
+    task, and Task Arithmetic ≥ 3 points of mean accuracy under the experts (chapter 8)."""
+    from .recipes import merge_state_dicts
+    scorer, tasks = Scorer(tier), list(tier.config.tasks)
+    base = read_state_dict(tier.base_dir)
+    experts = [read_state_dict(tier.expert_dirs[t]) for t in tasks]
+
+    def mean_accuracy(state, split, limit):
+        return {t: 100 * s.accuracy for t, s in scorer.scores(state, split, tasks, limit).items()}
+
+    merged = {lam: merge_state_dicts(base, experts, "task_arithmetic", lam=lam) for lam in options.lambdas}
+    on_validation = {lam: sum(mean_accuracy(m, "validation", options.validation).values()) for lam, m in merged.items()}
+    lam = max(on_validation, key=on_validation.get)
+    rows = {"base": mean_accuracy(base, "test", options.test),
+            "expert": {t: 100 * scorer.scores(e, "test", [t], options.test)[t].accuracy for t, e in zip(tasks, experts)},
+            f"task arithmetic (λ = {lam})": mean_accuracy(merged[lam], "test", options.test)}
+    mean = {name: sum(row.values()) / len(row) for name, row in rows.items()}
+    gains = {t: rows["expert"][t] - rows["base"][t] for t in tasks}
+    return {"rows": rows, "mean": mean, "lambda": lam, "validation": on_validation, "gains": gains,
+            "experts_bar": min(gains.values()) >= 5,
+            "interference_bar": mean["expert"] - mean[f"task arithmetic (λ = {lam})"] >= 3}
+
+
 if __name__ == "__main__":
     main()

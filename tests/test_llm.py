@@ -225,6 +225,38 @@ def test_tier_folders_merge_streamed_as_in_memory_and_load_back_tied(tmp_path):
         assert torch.equal(merged.model.embed_tokens.weight, got["model.embed_tokens.weight"])
 
 
+def test_the_tiers_bars_are_read_off_its_table_with_lambda_chosen_on_validation(tokenizer, tmp_path):
+    """tier_bars on a two-expert tiny tier: λ is the best on validation, the Task Arithmetic row is the
+    score of θ_b + λ(Δ_1 + Δ_2) written out by hand, and the bars follow from the table."""
+    sign = Task("sign", ["negative", "positive"], "toy signs")
+    sign.splits = {s: [(f"{a} + {b}", int(a + b > 0)) for a in range(-9, 9, 2) for b in range(-5, 6, 3)]
+                   for s in ("train", "validation", "test")}
+    tasks = {"compare": toy_task(), "sign": sign}
+    folders = {}
+    for name, seed in (("base", 0), ("compare", 1), ("sign", 2)):
+        model = tiny_llama(seed=0)
+        if seed:
+            g = torch.Generator().manual_seed(seed)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(0.05 * torch.randn(p.shape, generator=g))
+        folders[name] = tmp_path / name
+        model.save_pretrained(str(folders[name]))
+        tokenizer.save_pretrained(str(folders[name]))
+    config = llm.LLMConfig(tasks=("compare", "sign"))
+    tier = llm.LLMTier(tmp_path, config, tasks, folders["base"], {t: folders[t] for t in tasks}, {})
+    bars = llm.tier_bars(tier, llm.BarOptions(lambdas=(0.5, 1.0), validation=12, test=16))
+    lam = bars["lambda"]
+    assert lam == max(bars["validation"], key=bars["validation"].get)
+    base, experts = llm.read_state_dict(folders["base"]), [llm.read_state_dict(folders[t]) for t in tasks]
+    by_hand = {k: base[k] + lam * sum(e[k] - base[k] for e in experts) for k in base}
+    scores = llm.Scorer(tier).scores(by_hand, "test", list(tasks), 16)
+    ta = bars["rows"][f"task arithmetic (λ = {lam})"]
+    assert all(abs(ta[t] - 100 * scores[t].accuracy) < 1e-9 for t in tasks)
+    assert bars["gains"] == {t: bars["rows"]["expert"][t] - bars["rows"]["base"][t] for t in tasks}
+    assert bars["experts_bar"] == (min(bars["gains"].values()) >= 5)
+
+
 def test_an_expert_whose_config_is_not_the_bases_is_refused_before_merging(tmp_path):
     for name, changes in (("base", {}), ("same", {}), ("other", {"vocab_size": 32000, "tie_word_embeddings": False})):
         (tmp_path / name).mkdir()
