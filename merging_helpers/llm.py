@@ -247,6 +247,19 @@ def generate(model, tokenizer, task: Task, texts, max_new_tokens: int = 8, max_t
     return [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
 
 
+def exact_match(model, tokenizer, task: Task, examples, max_new_tokens: int = 4, batch_size: int = 32) -> float:
+    """The share of ``examples`` whose free greedy answer, its first word lower-cased and stripped of
+    punctuation, is the true label's verbaliser: the generative reading of :func:`score`'s accuracy,
+    which compares only the verbalisers' first-token logits (chapter 8)."""
+    right = 0
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        answers = generate(model, tokenizer, task, [t for t, _ in chunk], max_new_tokens)
+        words = [(a.split() or [""])[0].strip(".,;:!?\"'").lower() for a in answers]
+        right += sum(w == task.labels[y].lower() for w, (_, y) in zip(words, chunk))
+    return right / len(examples)
+
+
 # ----------------------------------------------------------------------------- fine-tuning
 
 def fine_tune(model, tokenizer, task: Task, config: LLMConfig, progress: bool = True) -> list[float]:

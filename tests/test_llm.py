@@ -195,6 +195,20 @@ def test_generation_in_a_padded_batch_is_each_prompts_own_greedy_continuation(to
         assert text == tokenizer.decode(ids[0, len(prompt):], skip_special_tokens=True).strip()
 
 
+def test_exact_match_reads_the_first_word_of_each_greedy_answer(tokenizer, monkeypatch):
+    """exact_match counts an answer right when its first word, without case or punctuation, is the
+    true verbaliser, the same in batches of any size (generate() stubbed with fixed answers)."""
+    task = toy_task()
+    examples = task.splits["test"][:5]
+    said = iter([["True.", "false", "  FALSE!", "maybe true", ""], ["true"]])
+    monkeypatch.setattr(llm, "generate", lambda *a, **k: next(said))
+    truth = [task.labels[y] for _, y in examples]
+    expected = sum(w == t for w, t in zip(["true", "false", "false", "maybe", ""], truth))
+    assert llm.exact_match(None, tokenizer, task, examples, batch_size=5) == expected / 5
+    said = iter([["True.", "false", "  FALSE!"], ["maybe true", ""]])
+    assert llm.exact_match(None, tokenizer, task, examples, batch_size=3) == expected / 5
+
+
 def test_tier_folders_merge_streamed_as_in_memory_and_load_back_tied(tmp_path):
     """A base and two experts saved as the tier saves them (tied embeddings: no lm_head in the files),
     merged from their folders (TIES, DARE-TIES, DP): the merged folder equals the in-memory merge of
