@@ -24,7 +24,7 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $(STAMP)
 
 # Every tier of the model zoo the chapters and tests load, built here with progress bars on the
-# terminal (about 25 min cold on 2 CPU cores, two tiers at a time; seconds when cached), never inside a
+# terminal (about 13 min cold on 2 CPU cores, two tiers at a time; seconds when cached), never inside a
 # chapter's cell.
 zoo: $(STAMP)
 	$(BIN)/python -m merging_helpers.zoo --tier all --jobs 2

@@ -24,13 +24,14 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
-def tiny_llama(seed=0):
-    """A 2-block Llama with SmolLM2's vocabulary and tied embeddings, random weights."""
+def tiny_llama(seed=0, initializer_range=0.02):
+    """A 2-block Llama with SmolLM2's vocabulary and tied embeddings, random weights (of std
+    ``initializer_range``: a larger one makes what a token attends to change what comes next)."""
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                         max_position_embeddings=256, pad_token_id=2)
+                         max_position_embeddings=256, pad_token_id=2, initializer_range=initializer_range)
     return LlamaForCausalLM(config).eval()
 
 
@@ -183,14 +184,15 @@ def test_the_full_tiers_cache_name_stays_when_the_recipe_grows_lora_fields():
 def test_generation_in_a_padded_batch_is_each_prompts_own_greedy_continuation(tokenizer):
     """generate() on two prompts of different lengths (one left-padded) gives, for each, the tokens a
     plain greedy loop over the model's own forward pass picks for that prompt alone."""
-    model, task = tiny_llama(seed=3), toy_task()
-    texts = ["Is 3 > 2?", "Is minus seventeen greater than twelve, yes or no?"]
+    model, task = tiny_llama(seed=3, initializer_range=0.5), toy_task()
+    texts = ["Is 3 > 2?", "Is minus seventeen greater than twelve, yes or no? Think of the number line first.",
+             "2 > 9", "Is -4 > -40, or is it the other way round?"]
     prompts = llm.prompt_ids(tokenizer, task, texts)
-    assert len(prompts[0]) != len(prompts[1])
-    got = llm.generate(model, tokenizer, task, texts, max_new_tokens=5)
+    assert len({len(p) for p in prompts}) == len(prompts)   # three of them padded, by different amounts
+    got = llm.generate(model, tokenizer, task, texts, max_new_tokens=10)
     for prompt, text in zip(prompts, got):
         ids = torch.tensor([prompt])
-        for _ in range(5):
+        for _ in range(10):
             ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
         assert text == tokenizer.decode(ids[0, len(prompt):], skip_special_tokens=True).strip()
 
