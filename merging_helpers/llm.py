@@ -420,14 +420,14 @@ def tier_bars(tier: LLMTier, options: BarOptions = BarOptions()) -> dict:
     merged = {lam: merge_state_dicts(base, experts, "task_arithmetic", lam=lam) for lam in options.lambdas}
     on_validation = {lam: sum(mean_accuracy(m, "validation", options.validation).values()) for lam, m in merged.items()}
     lam = max(on_validation, key=on_validation.get)
+    ta = f"task arithmetic (λ = {lam})"
     rows = {"base": mean_accuracy(base, "test", options.test),
             "expert": {t: 100 * scorer.scores(e, "test", [t], options.test)[t].accuracy for t, e in zip(tasks, experts)},
-            f"task arithmetic (λ = {lam})": mean_accuracy(merged[lam], "test", options.test)}
+            ta: mean_accuracy(merged[lam], "test", options.test)}
     mean = {name: sum(row.values()) / len(row) for name, row in rows.items()}
     gains = {t: rows["expert"][t] - rows["base"][t] for t in tasks}
     return {"rows": rows, "mean": mean, "lambda": lam, "validation": on_validation, "gains": gains,
-            "experts_bar": min(gains.values()) >= 5,
-            "interference_bar": mean["expert"] - mean[f"task arithmetic (λ = {lam})"] >= 3}
+            "experts_bar": min(gains.values()) >= 5, "interference_bar": mean["expert"] - mean[ta] >= 3}
 
 
 if __name__ == "__main__":

@@ -524,7 +524,7 @@ def load_zoo(tasks=None, config: TrainConfig | None = None, cache_dir=None,
 
 # minutes each tier took to build cold in a one-thread lane beside another (2 CPU cores, `make zoo`,
 # 2026-12-04), to share the tiers out between lanes: heavy alone, the three others in the other lane
-TIER_MINUTES = {"light": 7.0, "heavy": 11.4, "lora": 2.9, "grading": 1.2, "llm": 15.0}
+TIER_MINUTES = {"light": 7.0, "heavy": 11.4, "lora": 2.9, "grading": 1.2, "llm": 9.0, "llm-lora": 5.3, "llm-quick": 1.6}
 
 
 def lanes(tiers, jobs: int) -> list[list[str]]:
