@@ -22,6 +22,7 @@ and dequantised to float32: ``LlamaForCausalLM``, 30 blocks, hidden size 576, ti
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
 import json
@@ -221,18 +222,50 @@ class Scores:
     right: list = field(default_factory=list, repr=False)
 
 
+def shared_prefix(prompts: list[list[int]]) -> int:
+    """How many leading tokens every prompt shares (the chat template and the task's instruction),
+    leaving each prompt at least one token of its own (chapter 8b)."""
+    shortest = min(len(p) for p in prompts)
+    n = 0
+    while n < shortest - 1 and all(p[n] == prompts[0][n] for p in prompts):
+        n += 1
+    return n
+
+
+def prompt_logits(model, prompts: list[list[int]], pad_id: int, batch_size: int = 32, reuse_prefix: bool = True):
+    """``(indices, logits)`` batches of the vocabulary logits at each prompt's last position, the
+    prompts taken shortest first (less padding). ``reuse_prefix``: the tokens all prompts share
+    run once, and every batch continues from their keys and values (the same logits as running
+    each prompt whole, to float rounding; on the tier's tasks they are half of every prompt) (chapter 8b)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    n = shared_prefix(prompts) if reuse_prefix else 0
+    prefix = inner.model(input_ids=torch.tensor([prompts[0][:n]]), use_cache=True).past_key_values if n else None
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        batch = left_padded([prompts[i][n:] for i in rows], pad_id)
+        if prefix is not None:
+            past = copy.deepcopy(prefix)
+            past.batch_repeat_interleave(len(rows))
+            batch = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"] + n, "past_key_values": past,
+                     "attention_mask": torch.cat([torch.ones(len(rows), n, dtype=torch.long), batch["attention_mask"]], 1)}
+        hidden = inner.model(**batch).last_hidden_state[:, -1]
+        yield rows, inner.lm_head(hidden).float()
+
+
 @torch.no_grad()
 def score(model, tokenizer, task: Task, examples, batch_size: int = 32, max_text_tokens: int = 32) -> Scores:
     """Score ``model`` on ``examples`` (text, label) of ``task`` (a chapter's table, chapter 8)."""
     examples = list(examples)
     answers = torch.tensor(answer_tokens(tokenizer, task))
+    labels = torch.tensor([y for _, y in examples])
     prompts = prompt_ids(tokenizer, task, [t for t, _ in examples], max_text_tokens)
-    right, p_true = [], []
-    for start in range(0, len(examples), batch_size):
-        labels = torch.tensor([y for _, y in examples[start:start + batch_size]])
-        logits = last_logits(model, left_padded(prompts[start:start + batch_size], tokenizer.pad_token_id))
-        p_true += logits.softmax(-1)[torch.arange(len(labels)), answers[labels]].tolist()
-        right += (logits[:, answers].argmax(-1) == labels).tolist()
+    right, p_true = [False] * len(examples), [0.0] * len(examples)
+    for rows, logits in prompt_logits(model, prompts, tokenizer.pad_token_id, batch_size):
+        y = labels[rows]
+        for i, p, r in zip(rows, logits.softmax(-1)[torch.arange(len(rows)), answers[y]].tolist(),
+                           (logits[:, answers].argmax(-1) == y).tolist()):
+            p_true[i], right[i] = p, r
     return Scores(sum(right) / len(right), sum(p_true) / len(p_true), right)
 
 

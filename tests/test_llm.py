@@ -126,6 +126,20 @@ def test_one_position_through_the_head_equals_the_models_own_forward_pass():
             torch.testing.assert_close(got[i], alone, rtol=1e-4, atol=1e-5)
 
 
+def test_the_shared_prefix_runs_once_and_every_prompt_gets_its_own_last_logits():
+    """Prompts sharing a 3-token prefix, of three lengths, in batches of two taken shortest first:
+    each prompt's logits equal its own unpadded forward pass. The tiny Llama's larger init makes
+    the prefix's keys matter (wrong positions or a mask that hides the prefix fail this)."""
+    model = tiny_llama(initializer_range=0.5)
+    prompts = [[5, 9, 11, 300, 301, 302], [5, 9, 11, 7], [5, 9, 11, 40, 41], [5, 9, 11, 8, 8, 8, 8]]
+    assert llm.shared_prefix(prompts) == 3 and llm.shared_prefix([[1, 2], [1, 2]]) == 1
+    with torch.no_grad():
+        got = {i: row for rows, logits in llm.prompt_logits(model, prompts, 2, batch_size=2) for i, row in zip(rows, logits)}
+        assert sorted(got) == [0, 1, 2, 3]
+        for i, p in enumerate(prompts):
+            torch.testing.assert_close(got[i], model(torch.tensor([p])).logits[0, -1], rtol=1e-4, atol=1e-4)
+
+
 def test_score_is_accuracy_over_the_verbalisers_and_the_true_tokens_probability(tokenizer):
     model, task = tiny_llama(), toy_task()
     examples = task.splits["validation"]
