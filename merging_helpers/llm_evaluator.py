@@ -1,0 +1,191 @@
+"""Introduced in chapter 8b (the section after chapter 8): the language-model tier scored through chapter 8's protocol.
+
+Chapter 8's comparison (:mod:`merging_helpers.compare`: one λ grid tuned on validation, seeds,
+paired intervals) and APL's importances (:func:`merging_helpers.apl.trace`, chapter 4, and
+:func:`merging_helpers.taylor.gradient_importances`, chapter 5) read an evaluator of the
+encoder zoo: accuracy and right/wrong per example on a split; for APL, the true label's
+probability P_t on a few-shot set, the few-shot loss and its gradient. :class:`LLMEvaluator`
+answers the same questions for the causal language model of :mod:`merging_helpers.llm`, so
+every method of the book runs on it through the same code, none of it written again:
+
+* accuracy over the task's verbalisers and P_t: :func:`merging_helpers.llm.score` (the true
+  verbaliser's first token at the assistant's first position);
+* the loss: cross-entropy of that token over the whole vocabulary (the experts' training loss);
+* a state dict is *loaded* into one model skeleton (0.4 s for 135M parameters) rather than
+  passed through a functional call: the tier's models are scored one at a time.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from .metrics import check_finite_gradient
+from .llm import LLMTier, Scorer, answer_tokens, exact_match, generate, last_logits, left_padded, prompt_ids, score
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How many examples of each split are scored (the first ones; the tier's splits are
+    shuffled when built), and the few-shot set APL traces on (``shots`` per label, from train) (chapter 8b)."""
+
+    validation: int = 64
+    test: int = 200
+    shots: int = 4
+
+
+@dataclass
+class TierTasks:
+    """What :func:`merging_helpers.compare.run_comparison` reads of a zoo: where it lives and its
+    tasks, with the splits cut to the evaluator's sizes (chapter 8b)."""
+
+    root: Path
+    tasks: dict
+
+    def task(self, name: str):
+        return self.tasks[name]
+
+
+def cut(task, sizes: Sizes):
+    """``task`` with its validation and test splits cut to ``sizes`` (train kept whole) (chapter 8b)."""
+    splits = dict(task.splits)
+    for split in ("validation", "test"):
+        n = getattr(sizes, split)
+        if n < 1 or n > len(task.splits[split]):
+            raise ValueError(f"Sizes.{split} = {n}: task {task.name!r} has {len(task.splits[split])} {split} examples")
+        splits[split] = task.splits[split][:n]
+    return replace(task, splits=splits)
+
+
+def few_shot(task, shots: int) -> list:
+    """The first ``shots`` train examples of each label, labels interleaved (APL's D_t) (chapter 8b)."""
+    by_label = [[e for e in task.splits["train"] if e[1] == y][:shots] for y in range(task.num_labels)]
+    short = [task.labels[y] for y, group in enumerate(by_label) if len(group) < shots]
+    if shots < 1 or short:
+        raise ValueError(f"few_shot: {shots} shots per label asked; task {task.name!r} has fewer for {short}")
+    return [group[i] for i in range(shots) for group in by_label]
+
+
+class LLMEvaluator:
+    """Scores state dicts of the tier's model on its tasks, as chapter 8's evaluator does the
+    encoder's (chapter 8b). ``tasks``: the tasks scored (default: the experts' and the held-out one)."""
+
+    def __init__(self, tier: LLMTier, sizes: Sizes = Sizes(), tasks: Sequence[str] | None = None,
+                 batch_size: int = 32):
+        self.tier, self.sizes = tier, sizes
+        self.scorer = Scorer(tier, batch_size)
+        names = list(tasks or (*tier.config.tasks, tier.config.held_out))
+        self.zoo = TierTasks(tier.root, {n: cut(tier.tasks[n], sizes) for n in names})
+        self._loaded = None
+
+    # ---- chapter 8's side: a split's accuracy, right / wrong per example
+
+    def _load(self, state_dict) -> None:
+        if self._loaded is not state_dict:
+            self.scorer.load(state_dict)
+            self._loaded = state_dict
+
+    def scores(self, state_dict, split: str = "test", tasks=None) -> dict:
+        """task → :class:`merging_helpers.llm.Scores` of ``state_dict`` on ``split`` (default: the experts' tasks)."""
+        self._load(state_dict)
+        names = list(tasks or self.tier.config.tasks)
+        unknown = [t for t in names if t not in self.zoo.tasks]
+        if unknown:
+            raise KeyError(f"tasks {unknown} are not scored by this evaluator (it has {sorted(self.zoo.tasks)})")
+        return {t: score(self.scorer.model, self.scorer.tokenizer, self.zoo.tasks[t], self.zoo.tasks[t].splits[split],
+                         self.scorer.batch_size, self.tier.config.max_text_tokens) for t in names}
+
+    def accuracy(self, state_dict, split: str = "test", tasks=None) -> dict[str, float]:
+        return {t: s.accuracy for t, s in self.scores(state_dict, split, tasks).items()}
+
+    def correct(self, state_dict, split: str = "test", tasks=None) -> dict[str, torch.Tensor]:
+        return {t: torch.tensor(s.right) for t, s in self.scores(state_dict, split, tasks).items()}
+
+    def generate(self, state_dict, task: str, texts, max_new_tokens: int = 6) -> list[str]:
+        """The greedy answers of the model ``state_dict`` to ``texts`` as ``task``'s prompts (chapter 8b)."""
+        self._load(state_dict)
+        return generate(self.scorer.model, self.scorer.tokenizer, self.zoo.tasks[task], list(texts), max_new_tokens,
+                        self.tier.config.max_text_tokens)
+
+    def exact_match(self, state_dict, task: str, split: str = "test", limit: int | None = None) -> float:
+        """The share of the first ``limit`` examples of ``split`` whose free greedy answer starts with
+        the true label's name (chapter 8b)."""
+        self._load(state_dict)
+        return exact_match(self.scorer.model, self.scorer.tokenizer, self.zoo.tasks[task],
+                           self.zoo.tasks[task].splits[split][:limit])
+
+    # ---- APL's side (chapters 4-5): a few-shot set's P_t, logits, loss and gradient
+
+    @staticmethod
+    def _no_head(head) -> None:
+        if head is not None:
+            raise ValueError("the language model reads every task through its instruction: it has no heads to pass")
+
+    def params(self, state_dict):
+        return state_dict
+
+    def few_shot_batches(self, examples):
+        examples = list(examples)
+        if not examples:
+            raise ValueError("the few-shot set is empty: give at least one (text, label) example")
+        return [examples]
+
+    def true_label_probability(self, params, task: str, examples, head=None) -> float:
+        self._no_head(head)
+        self._load(params)
+        return score(self.scorer.model, self.scorer.tokenizer, self.zoo.tasks[task], list(examples),
+                     self.scorer.batch_size, self.tier.config.max_text_tokens).p_true
+
+    def true_label_probabilities(self, params, variants: Sequence[Mapping], task: str, examples, head=None,
+                                 chunk=None) -> torch.Tensor:
+        """P_t of each variant of ``params`` (``variants[k]`` replaces some tensors), one at a time."""
+        out = []
+        for variant in variants:
+            self._loaded = None
+            out.append(self.true_label_probability({**params, **variant}, task, examples, head))
+        self._loaded = None
+        return torch.tensor(out, dtype=torch.float64)
+
+    @torch.no_grad()
+    def logits(self, task: str, head, batches, params=None):
+        """Logits over the task's verbalisers (first tokens) and the labels of ``batches``."""
+        self._no_head(head)
+        if params is not None:
+            self._load(params)
+        t = self.zoo.tasks[task]
+        answers = answer_tokens(self.scorer.tokenizer, t)
+        rows, labels = [], []
+        for examples in batches:
+            logits = self._answer_logits(t, examples)
+            rows.append(logits[:, answers])
+            labels.append(torch.tensor([y for _, y in examples]))
+        return torch.cat(rows), torch.cat(labels)
+
+    def _answer_logits(self, task, examples) -> torch.Tensor:
+        prompts = prompt_ids(self.scorer.tokenizer, task, [x for x, _ in examples], self.tier.config.max_text_tokens)
+        return last_logits(self.scorer.model, left_padded(prompts, self.scorer.tokenizer.pad_token_id))
+
+    def loss(self, params, task: str, examples, head=None) -> torch.Tensor:
+        """Mean cross-entropy of the true verbaliser's first token over the vocabulary (the experts' training loss)."""
+        self._no_head(head)
+        self._load(params)
+        t = self.zoo.tasks[task]
+        answers = torch.tensor(answer_tokens(self.scorer.tokenizer, t))
+        labels = answers[torch.tensor([y for _, y in examples])]
+        return torch.nn.functional.cross_entropy(self._answer_logits(t, list(examples)), labels)
+
+    def loss_gradient(self, state_dict, task: str, examples, head=None) -> dict[str, torch.Tensor]:
+        """∇ of :meth:`loss` at ``state_dict``, by the state dict's names (the tied LM head's
+        gradient is the embedding's: one tensor, stored once) (chapter 8b)."""
+        self._loaded = None
+        model = self.scorer.model
+        model.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            self.loss(state_dict, task, examples, head).backward()
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if n in state_dict}
+        model.zero_grad(set_to_none=True)
+        self._loaded = None
+        check_finite_gradient(grads, "the gradient of the few-shot loss")
+        return grads
