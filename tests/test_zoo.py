@@ -233,3 +233,13 @@ def test_the_language_model_tier_is_built_by_its_own_command(tmp_path, monkeypat
     with pytest.raises(SystemExit) as done:
         llm.main(["--help"])
     assert done.value.code == 0 and "--cache-dir" in capsys.readouterr().out
+
+
+def test_all_builds_what_the_quick_chapters_load_and_book_what_the_full_ones_load(monkeypatch):
+    """make test's ``--tier all`` adds the quick language-model tier (chapter 8b in the quick mode),
+    make book's ``--tier book`` the full one, each beside every encoder tier."""
+    asked = []
+    monkeypatch.setattr(zoo, "_build_in_lanes", lambda tiers, jobs, args: asked.append(tiers))
+    zoo.main(["--tier", "all", "--jobs", "2"])
+    zoo.main(["--tier", "book", "--jobs", "2"])
+    assert asked == [[*zoo.TIERS, "llm-quick"], [*zoo.TIERS, "llm"]]
