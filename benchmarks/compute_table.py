@@ -14,6 +14,7 @@ reads "unmeasured".
 
     python benchmarks/compute_table.py record --records ~/.cache/merging_book/results --column "quick, cold" --note ...
     python benchmarks/compute_table.py record --records ~/.cache/merging_book/results --column "full, cold" --note ...
+    python benchmarks/compute_table.py record --records DIR --column "full, cold" --only 08b_language_model --note ...
     python benchmarks/compute_table.py render
 """
 from __future__ import annotations
@@ -51,7 +52,7 @@ def record_durations(folder: Path, mode: str = "full") -> dict[str, float]:
             for path in sorted(folder.glob(f"[0-9]*.{mode}.json"))}
 
 
-def record(source: Path, column: str, note: str, from_records: bool = False) -> dict:
+def record(source: Path, column: str, note: str, from_records: bool = False, only=None) -> dict:
     if column not in COLUMNS:
         raise SystemExit(f"--column must be one of {COLUMNS}, got {column!r}")
     if from_records:
@@ -63,6 +64,13 @@ def record(source: Path, column: str, note: str, from_records: bool = False) -> 
         if not found:
             raise SystemExit(f"{source}: no durations of tests/test_chapters_alone.py (run pytest with --durations=0)")
     data = json.loads(TIMES.read_text()) if TIMES.exists() else {"columns": {}}
+    if only:  # these chapters measured anew, the column's other times kept, the two notes side by side
+        missing = [c for c in only if c not in found]
+        if missing:
+            raise SystemExit(f"{source}: no times of {missing} for the column {column!r}")
+        old = data["columns"].get(column, {"seconds": {}, "note": ""})
+        found = {**old["seconds"], **{c: found[c] for c in only}}
+        note = f"{old['note']} {', '.join(only)}: {note}".strip()
     data["columns"][column] = {"seconds": found, "note": note}
     _write_atomically(TIMES, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
     return data
@@ -106,12 +114,15 @@ def main(argv=None) -> None:
     rec.add_argument("--records", type=Path, help="instead of a log: a folder of chapter records (make book's)")
     rec.add_argument("--column", required=True, choices=COLUMNS)
     rec.add_argument("--note", default="", help="the machine and conditions of the measurement")
+    rec.add_argument("--only", default="", help="a comma list of chapters: store just their times in the column "
+                                                "(the others' kept), with the note added after the column's")
     sub.add_parser("render", help="write the table into README.md and book/intro.md")
     args = parser.parse_args(argv)
     if args.command == "record":
         if (args.log is None) == (args.records is None):
             parser.error("record: give a pytest log or --records DIR, not both")
-        record(args.records or args.log, args.column, args.note, from_records=args.records is not None)
+        record(args.records or args.log, args.column, args.note, from_records=args.records is not None,
+               only=[c for c in args.only.split(",") if c])
     render()
 
 

@@ -3,6 +3,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 spec = importlib.util.spec_from_file_location("compute_table", ROOT / "benchmarks" / "compute_table.py")
 compute_table = importlib.util.module_from_spec(spec)
@@ -43,3 +45,15 @@ def test_full_columns_are_read_from_the_records_a_build_wrote(tmp_path):
     (tmp_path / "04_apl.quick.json").write_text(json.dumps({"chapter": "04_apl", "seconds": 1.0}))
     assert compute_table.record_durations(tmp_path) == {"04_apl": 301.5, "08_side_by_side": 900.0}
     assert compute_table.record_durations(tmp_path, "quick") == {"04_apl": 1.0}
+
+
+def test_only_stores_the_named_chapters_and_keeps_the_columns_other_times(tmp_path, monkeypatch):
+    monkeypatch.setattr(compute_table, "TIMES", tmp_path / "times.json")
+    compute_table.TIMES.write_text(json.dumps({"columns": {"full, cold": {"seconds": {"04_apl": 60.0, "08b_x": 1.0},
+                                                                           "note": "first run"}}}))
+    for chapter, seconds in {"04_apl": 999.0, "08b_x": 120.0}.items():
+        (tmp_path / f"{chapter}.full.json").write_text(json.dumps({"chapter": chapter, "seconds": seconds}))
+    data = compute_table.record(tmp_path, "full, cold", "alone", from_records=True, only=["08b_x"])
+    assert data["columns"]["full, cold"] == {"seconds": {"04_apl": 60.0, "08b_x": 120.0}, "note": "first run 08b_x: alone"}
+    with pytest.raises(SystemExit, match="no times of"):
+        compute_table.record(tmp_path, "full, cold", "n", from_records=True, only=["09_y"])
