@@ -1,4 +1,4 @@
-"""Introduced in chapter 8 (its language-model section, planned): a real causal language model tier.
+"""Introduced in chapter 8 (its language-model section, 8b "Merging a language model"): a real causal language model tier.
 
 The sources merge Llama-2-7B experts; the book's zoo (chapter 0) is a 22M-parameter encoder with
 classification heads. This tier is a real Llama-architecture chat model that installs offline:

@@ -131,6 +131,11 @@ ALLOWED = {
         'row of 8.2': LABEL, 'why: ** 7B': SOURCE, 'setting; a 7B': SOURCE, 'needs about 14': FACT,
         'but no 7B': FACT, 'fraction of 0.3': SETTING, 'one at 0.2': SETTING, 'only within ±0.5': SETTING,
     },
+    "08b_language_model": {
+        '**SmolLM2-135M-Instruct** ( 30': FACT, 'hidden size 576': FACT, 'as a 4': FACT, '(cut to 32': SETTING,
+        'replaces the 30': FACT, 'interval above 0': FACT, 'holds, below 0': FACT, 'not, across 0': FACT,
+        'inconclusive; "within ±1': SOURCE, 'come from 7B': SOURCE, 'experts are 135M': FACT,
+    },
     "09_merging_at_scale": {
         'from ( 1': LABEL, 'and ( 2': LABEL, 'merged a 22M': FACT,
         'papers merge 7B': SOURCE, '7B and 13B': SOURCE, '13B checkpoints, 14': SOURCE,
