@@ -50,13 +50,14 @@ needs_reader = pytest.mark.skipif(READER_PYTHON is None,
                                   reason="the chapters run from a reader's install: `make test` builds it (make reader)")
 
 
-def run_alone(chapter: Path, folder: Path, threads: int | None,
-              started=lambda process: None) -> tuple[subprocess.CompletedProcess, float]:
-    """``chapter`` copied alone into ``folder`` and run there by nbval from the reader's venv
-    (``started`` is handed the process as soon as it runs)."""
+def run_alone(chapter: Path, folder: Path, threads: int | None, started,
+              environ) -> tuple[subprocess.CompletedProcess, float]:
+    """``chapter`` copied alone into ``folder`` and run there by nbval from the reader's venv, in
+    ``environ`` (the session's environment as the lanes found it: a unit test running meanwhile may
+    point ``MERGING_BOOK_CACHE`` at an empty folder of its own); ``started`` is handed the process."""
     shutil.copy(chapter, folder / chapter.name)
     (folder / "conftest.py").write_text(NBVAL_CONFTEST)
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env = {k: v for k, v in environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env["PATH"] = os.pathsep.join([str(Path(READER_PYTHON).parent), env.get("PATH", "")])
     env.setdefault("MERGING_BOOK_QUICK", "1")
     if threads:
@@ -81,6 +82,7 @@ class Lanes:
         self.runs: dict = {}
         self.processes: set = set()  # the chapters' processes running now
         self.changed = threading.Condition()
+        self.environ = dict(os.environ)  # taken now, before any unit test changes it for a while
         for _ in range(min(LANES, len(self.pending))):
             threading.Thread(target=self._lane, daemon=True).start()
 
@@ -97,7 +99,8 @@ class Lanes:
     def _lane(self):
         while (chapter := self._take()) is not None:
             try:
-                run = run_alone(chapter, self.folder_for(chapter.stem), 1 if LANES > 1 else None, self.processes.add)
+                run = run_alone(chapter, self.folder_for(chapter.stem), 1 if LANES > 1 else None, self.processes.add,
+                                self.environ)
             except Exception as error:  # noqa: BLE001 - the chapter's test reports it
                 run = error
             with self.changed:
@@ -173,7 +176,7 @@ def test_the_lanes_run_each_chapter_once_after_those_it_waits_for_and_stay_busy(
     import test_chapters_alone as module
     log, lock = [], threading.Lock()
 
-    def fake_run(chapter, folder, threads, started):
+    def fake_run(chapter, folder, threads, started, environ):
         with lock:
             log.append(("start", chapter.stem))
         time.sleep(0.5 if chapter.stem == "00_model_zoo" else 0.01)
@@ -191,3 +194,25 @@ def test_the_lanes_run_each_chapter_once_after_those_it_waits_for_and_stay_busy(
     assert sorted(stem for what, stem in log if what == "start") == [c.stem for c in chapters]  # each once
     assert at["start", "09_merging_at_scale"] < at["end", "00_model_zoo"]
     assert at["start", "08_side_by_side"] > max(at["end", "00_model_zoo"], at["end", "07_rms_adaptive"])
+
+
+def test_the_chapters_run_in_the_environment_the_lanes_started_in(monkeypatch, tmp_path):
+    """A unit test that points MERGING_BOOK_CACHE at a folder of its own while a lane starts a chapter
+    must not move the chapter there (in one cold make test, chapter 8b built its tier inside a cell
+    and wrote its record into such a folder)."""
+    import test_chapters_alone as module
+    seen, go = [], threading.Event()
+
+    def fake_run(chapter, folder, threads, started, environ):
+        go.wait(5)
+        seen.append(environ.get("MERGING_BOOK_CACHE"))
+        return subprocess.CompletedProcess([], 0, "", ""), 0.0
+
+    monkeypatch.setattr(module, "run_alone", fake_run)
+    monkeypatch.setattr(module, "LANES", 1)  # the second chapter starts after the first, below
+    monkeypatch.setenv("MERGING_BOOK_CACHE", "/the/session/cache")
+    lanes = module.Lanes(CHAPTERS[:2], lambda stem: tmp_path)
+    monkeypatch.setenv("MERGING_BOOK_CACHE", str(tmp_path / "a-unit-tests-own"))
+    go.set()
+    lanes.finish()
+    assert seen == ["/the/session/cache"] * 2
