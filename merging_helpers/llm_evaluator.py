@@ -12,7 +12,8 @@ every method of the book runs on it through the same code, none of it written ag
   verbaliser's first token at the assistant's first position);
 * the loss: cross-entropy of that token over the whole vocabulary (the experts' training loss);
 * a state dict is *loaded* into one model skeleton (0.4 s for 135M parameters) rather than
-  passed through a functional call: the tier's models are scored one at a time.
+  passed through a functional call: the tier's models are scored one at a time, on the GPU when
+  there is one (the state dicts stay on the CPU; what comes back is on the CPU too).
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ from pathlib import Path
 import torch
 
 from .metrics import check_finite_gradient
-from .llm import LLMTier, Scorer, answer_tokens, exact_match, generate, last_logits, left_padded, prompt_ids, score
+from .llm import (LLMTier, Scorer, answer_tokens, exact_match, generate, last_logits, left_padded, prompt_ids,
+                  prompt_logits, score)
 
 
 @dataclass(frozen=True)
@@ -59,43 +61,26 @@ def cut(task, sizes: Sizes):
     return replace(task, splits=splits)
 
 
-def few_shot(task, shots: int) -> list:
-    """The first ``shots`` train examples of each label, labels interleaved (APL's D_t) (chapter 8b)."""
-    by_label = [[e for e in task.splits["train"] if e[1] == y][:shots] for y in range(task.num_labels)]
-    short = [task.labels[y] for y, group in enumerate(by_label) if len(group) < shots]
-    if shots < 1 or short:
-        raise ValueError(f"few_shot: {shots} shots per label asked; task {task.name!r} has fewer for {short}")
-    return [group[i] for i in range(shots) for group in by_label]
-
-
 class LLMEvaluator:
     """Scores state dicts of the tier's model on its tasks, as chapter 8's evaluator does the
-    encoder's (chapter 8b). ``tasks``: the tasks scored (default: the experts' and the held-out one)."""
+    encoder's (chapter 8b). ``tasks``: the tasks scored (default: the experts' and the held-out one);
+    ``device``: where the model runs (default: the GPU when there is one)."""
 
     def __init__(self, tier: LLMTier, sizes: Sizes = Sizes(), tasks: Sequence[str] | None = None,
-                 batch_size: int = 32):
+                 batch_size: int = 32, device=None):
         self.tier, self.sizes = tier, sizes
-        self.scorer = Scorer(tier, batch_size)
         names = list(tasks or (*tier.config.tasks, tier.config.held_out))
         self.zoo = TierTasks(tier.root, {n: cut(tier.tasks[n], sizes) for n in names})
-        self._loaded = None
+        self.scorer = Scorer(tier, batch_size, device, self.zoo.tasks)
 
     # ---- chapter 8's side: a split's accuracy, right / wrong per example
 
     def _load(self, state_dict) -> None:
-        if self._loaded is not state_dict:
-            self.scorer.load(state_dict)
-            self._loaded = state_dict
+        self.scorer.load(state_dict)
 
     def scores(self, state_dict, split: str = "test", tasks=None) -> dict:
         """task → :class:`merging_helpers.llm.Scores` of ``state_dict`` on ``split`` (default: the experts' tasks)."""
-        self._load(state_dict)
-        names = list(tasks or self.tier.config.tasks)
-        unknown = [t for t in names if t not in self.zoo.tasks]
-        if unknown:
-            raise KeyError(f"tasks {unknown} are not scored by this evaluator (it has {sorted(self.zoo.tasks)})")
-        return {t: score(self.scorer.model, self.scorer.tokenizer, self.zoo.tasks[t], self.zoo.tasks[t].splits[split],
-                         self.scorer.batch_size, self.tier.config.max_text_tokens) for t in names}
+        return self.scorer.scores(state_dict, split, tasks)
 
     def accuracy(self, state_dict, split: str = "test", tasks=None) -> dict[str, float]:
         return {t: s.accuracy for t, s in self.scores(state_dict, split, tasks).items()}
@@ -141,51 +126,46 @@ class LLMEvaluator:
     def true_label_probabilities(self, params, variants: Sequence[Mapping], task: str, examples, head=None,
                                  chunk=None) -> torch.Tensor:
         """P_t of each variant of ``params`` (``variants[k]`` replaces some tensors), one at a time."""
-        out = []
-        for variant in variants:
-            self._loaded = None
-            out.append(self.true_label_probability({**params, **variant}, task, examples, head))
-        self._loaded = None
-        return torch.tensor(out, dtype=torch.float64)
+        return torch.tensor([self.true_label_probability({**params, **variant}, task, examples, head)
+                             for variant in variants], dtype=torch.float64)
 
     @torch.no_grad()
     def logits(self, task: str, head, batches, params=None):
-        """Logits over the task's verbalisers (first tokens) and the labels of ``batches``."""
+        """Logits over the task's verbalisers (first tokens) and the labels of ``batches``, in their order."""
         self._no_head(head)
         if params is not None:
             self._load(params)
-        t = self.zoo.tasks[task]
-        answers = answer_tokens(self.scorer.tokenizer, t)
-        rows, labels = [], []
-        for examples in batches:
-            logits = self._answer_logits(t, examples)
-            rows.append(logits[:, answers])
-            labels.append(torch.tensor([y for _, y in examples]))
-        return torch.cat(rows), torch.cat(labels)
+        examples = [e for batch in batches for e in batch]
+        answers = answer_tokens(self.scorer.tokenizer, self.zoo.tasks[task])
+        out = torch.empty(len(examples), len(answers))
+        for rows, logits in prompt_logits(self.scorer.model, self._prompts(task, examples),
+                                          self.scorer.tokenizer.pad_token_id, self.scorer.batch_size):
+            out[rows] = logits[:, answers]
+        return out, torch.tensor([y for _, y in examples])
 
-    def _answer_logits(self, task, examples) -> torch.Tensor:
-        prompts = prompt_ids(self.scorer.tokenizer, task, [x for x, _ in examples], self.tier.config.max_text_tokens)
-        return last_logits(self.scorer.model, left_padded(prompts, self.scorer.tokenizer.pad_token_id))
+    def _prompts(self, task: str, examples) -> list[list[int]]:
+        return prompt_ids(self.scorer.tokenizer, self.zoo.tasks[task], [x for x, _ in examples],
+                          self.tier.config.max_text_tokens)
 
     def loss(self, params, task: str, examples, head=None) -> torch.Tensor:
         """Mean cross-entropy of the true verbaliser's first token over the vocabulary (the experts' training loss)."""
         self._no_head(head)
         self._load(params)
-        t = self.zoo.tasks[task]
-        answers = torch.tensor(answer_tokens(self.scorer.tokenizer, t))
-        labels = answers[torch.tensor([y for _, y in examples])]
-        return torch.nn.functional.cross_entropy(self._answer_logits(t, list(examples)), labels)
+        examples = list(examples)
+        answers = torch.tensor(answer_tokens(self.scorer.tokenizer, self.zoo.tasks[task]))
+        batch = left_padded(self._prompts(task, examples), self.scorer.tokenizer.pad_token_id)
+        logits = last_logits(self.scorer.model, batch)
+        return torch.nn.functional.cross_entropy(logits, answers[torch.tensor([y for _, y in examples])].to(logits.device))
 
     def loss_gradient(self, state_dict, task: str, examples, head=None) -> dict[str, torch.Tensor]:
         """∇ of :meth:`loss` at ``state_dict``, by the state dict's names (the tied LM head's
-        gradient is the embedding's: one tensor, stored once) (chapter 8b)."""
-        self._loaded = None
+        gradient is the embedding's: one tensor, stored once), each where its tensor of ``state_dict`` is (chapter 8b)."""
         model = self.scorer.model
         model.zero_grad(set_to_none=True)
         with torch.enable_grad():
             self.loss(state_dict, task, examples, head).backward()
-        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if n in state_dict}
+        grads = {n: p.grad.detach().to(state_dict[n].device, copy=True) for n, p in model.named_parameters()
+                 if n in state_dict}
         model.zero_grad(set_to_none=True)
-        self._loaded = None
         check_finite_gradient(grads, "the gradient of the few-shot loss")
         return grads

@@ -135,6 +135,8 @@ ALLOWED = {
         '**SmolLM2-135M-Instruct** ( 30': FACT, 'hidden size 576': FACT, 'as a 4': FACT, '(cut to 32': SETTING,
         'replaces the 30': FACT, 'interval above 0': FACT, 'holds, below 0': FACT, 'not, across 0': FACT,
         'inconclusive; "within ±1': SOURCE, 'come from 7B': SOURCE, 'experts are 135M': FACT,
+        'Llama-2-7B experts: 48.21': SOURCE, 'for LM-Cocktail, 48.58': SOURCE, 'with DARE, 48.88': SOURCE,
+        'split (seed 0': SETTING,
     },
     "09_merging_at_scale": {
         'from ( 1': LABEL, 'and ( 2': LABEL, 'merged a 22M': FACT,

