@@ -64,16 +64,30 @@ def record(source: Path, column: str, note: str, from_records: bool = False, onl
         if not found:
             raise SystemExit(f"{source}: no durations of tests/test_chapters_alone.py (run pytest with --durations=0)")
     data = json.loads(TIMES.read_text()) if TIMES.exists() else {"columns": {}}
-    if only:  # these chapters measured anew, the column's other times kept, the two notes side by side
-        missing = [c for c in only if c not in found]
-        if missing:
-            raise SystemExit(f"{source}: no times of {missing} for the column {column!r}")
-        old = data["columns"].get(column, {"seconds": {}, "note": ""})
-        found = {**old["seconds"], **{c: found[c] for c in only}}
-        note = f"{old['note']} {', '.join(only)}: {note}".strip()
-    data["columns"][column] = {"seconds": found, "note": note}
+    if only:
+        data["columns"][column] = measured_apart(data["columns"].get(column), found, only, note, source, column)
+    else:
+        data["columns"][column] = {"seconds": found, "note": note, "apart": []}
     _write_atomically(TIMES, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
     return data
+
+
+def measured_apart(old: dict | None, found: dict, only, note: str, source: Path, column: str) -> dict:
+    """The column with the chapters ``only`` measured anew: their times and one note for them,
+    which replaces what an earlier measurement said of them; the other chapters' times kept."""
+    missing = [c for c in only if c not in found]
+    if missing:
+        raise SystemExit(f"{source}: no times of {missing} for the column {column!r}")
+    old = old or {"seconds": {}, "note": ""}
+    apart = [{"chapters": [c for c in a["chapters"] if c not in only], "note": a["note"]} for a in old.get("apart", [])]
+    apart = [a for a in apart if a["chapters"]] + [{"chapters": list(only), "note": note}]
+    return {"seconds": {**old["seconds"], **{c: found[c] for c in only}}, "note": old["note"], "apart": apart}
+
+
+def column_note(column: dict) -> str:
+    """The column's note: the run that filled it, then each group of chapters measured apart."""
+    parts = [column["note"]] if column["note"] else []
+    return "; ".join(parts + [f"{', '.join(a['chapters'])}: {a['note']}" for a in column.get("apart", [])])
 
 
 def _minutes(seconds: float | None) -> str:
@@ -90,7 +104,7 @@ def table(data: dict) -> str:
         lines.append(f"| {chapter} | " + " | ".join(cells) + " |")
     totals = [_minutes(sum(columns[c]["seconds"].values())) if c in columns else "unmeasured" for c in COLUMNS]
     lines.append("| **all chapters** | " + " | ".join(f"**{t}**" for t in totals) + " |")
-    notes = [f"*{c}*: {columns[c]['note']}" for c in COLUMNS if c in columns]
+    notes = [f"*{c}*: {column_note(columns[c])}" for c in COLUMNS if c in columns]
     return "\n".join(lines) + "\n\n" + "; ".join(notes) + "\n"
 
 

@@ -54,6 +54,14 @@ def test_only_stores_the_named_chapters_and_keeps_the_columns_other_times(tmp_pa
     for chapter, seconds in {"04_apl": 999.0, "08b_x": 120.0}.items():
         (tmp_path / f"{chapter}.full.json").write_text(json.dumps({"chapter": chapter, "seconds": seconds}))
     data = compute_table.record(tmp_path, "full, cold", "alone", from_records=True, only=["08b_x"])
-    assert data["columns"]["full, cold"] == {"seconds": {"04_apl": 60.0, "08b_x": 120.0}, "note": "first run 08b_x: alone"}
+    column = data["columns"]["full, cold"]
+    assert column["seconds"] == {"04_apl": 60.0, "08b_x": 120.0}
+    assert compute_table.column_note(column) == "first run; 08b_x: alone"
+    data = compute_table.record(tmp_path, "full, cold", "again", from_records=True, only=["08b_x", "04_apl"])
+    column = data["columns"]["full, cold"]
+    assert column["seconds"] == {"04_apl": 999.0, "08b_x": 120.0}
+    assert compute_table.column_note(column) == "first run; 08b_x, 04_apl: again"   # the earlier note of 08b_x is gone
+    data = compute_table.record(tmp_path, "full, cold", "third", from_records=True, only=["04_apl"])
+    assert compute_table.column_note(data["columns"]["full, cold"]) == "first run; 08b_x: again; 04_apl: third"
     with pytest.raises(SystemExit, match="no times of"):
         compute_table.record(tmp_path, "full, cold", "n", from_records=True, only=["09_y"])
