@@ -74,14 +74,18 @@ def record(source: Path, column: str, note: str, from_records: bool = False, onl
 
 def measured_apart(old: dict | None, found: dict, only, note: str, source: Path, column: str) -> dict:
     """The column with the chapters ``only`` measured anew: their times and one note for them,
-    which replaces what an earlier measurement said of them; the other chapters' times kept."""
+    which replaces what an earlier measurement said of them; the other chapters' times kept (the
+    column's own note goes once every chapter has been measured apart)."""
     missing = [c for c in only if c not in found]
     if missing:
         raise SystemExit(f"{source}: no times of {missing} for the column {column!r}")
     old = old or {"seconds": {}, "note": ""}
     apart = [{"chapters": [c for c in a["chapters"] if c not in only], "note": a["note"]} for a in old.get("apart", [])]
     apart = [a for a in apart if a["chapters"]] + [{"chapters": list(only), "note": note}]
-    return {"seconds": {**old["seconds"], **{c: found[c] for c in only}}, "note": old["note"], "apart": apart}
+    seconds = {**old["seconds"], **{c: found[c] for c in only}}
+    under_note = set(seconds) - {c for a in apart for c in a["chapters"]}
+    # the run that filled the column keeps its note while it still times a chapter of it
+    return {"seconds": seconds, "note": old["note"] if under_note else "", "apart": apart}
 
 
 def column_note(column: dict) -> str:
