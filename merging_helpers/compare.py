@@ -5,7 +5,8 @@ experts' deltas, a budget (the kept fraction of every delta, or None for dense m
 and a seed in; the merged delta at scale 1 out. :func:`tune_and_test` is the protocol
 the chapter applies to all of them alike:
 
-1. merge once per seed (random methods) or once (deterministic ones), timed;
+1. merge once per seed (random methods) or once (deterministic ones), timed (through the
+   compiled kernel where it applies: the engine's tensors, bit for bit, :mod:`merging_helpers.fast.in_memory`);
 2. score θ_b + λ·τ of the first seed's merge on the **validation** split for every λ of
    one shared grid — the only knob tuned, so no method wins by having more knobs (each
    method's own knobs are fixed at its chapter's choice, stated in :data:`CONTENDERS`;
@@ -41,7 +42,7 @@ from .ablations import next_lambda
 from .optional import require
 from .deltas import apply_delta
 from .methods import get_method
-from .recipes import merge_state_dicts
+from .fast.in_memory import merge_state_dicts
 
 LAMBDAS = (0.4, 0.7, 1.0, 1.3, 1.6)  # the one grid every method tunes on validation
 BUDGETS = (0.1, 0.2, 0.5)            # kept fraction of every expert's delta
@@ -103,7 +104,8 @@ class Contender:
     merge: Callable
     random: bool = False
     budgeted: bool = True            # False: a dense method, the same at every budget
-    prepare: Callable | None = None  # one-off work before merging (APL's importances), timed apart
+    prepare: Callable | None = None  # one-off work before merging (APL's importances), timed apart; it may
+    #                                  return its cost in seconds (work shared with other contenders)
     knobs: str = ""                  # its own knobs, fixed (not tuned)
     tuned: bool = True               # False: λ = 1, no validation scan (weight averaging fixes its own scale)
     state: dict = field(default_factory=dict, repr=False)
@@ -118,11 +120,48 @@ APL_IMPORTANCES = ("gradient", "causal")
 APL_WEIGHTINGS = ("TA", "MI-TA")
 
 
+class Importances:
+    """Each expert's APL importances, computed once and shared by every APL contender built on
+    them (chapters 8, 8b): the gradient at every level in ``gradient_levels`` from one backward
+    pass per expert (chapter 5), each traced level once (chapter 4). :meth:`of` also returns what
+    computing them took, so that a contender that reuses them reports the same preparation cost
+    as one that computes them."""
+
+    def __init__(self, scorer, base, experts: Mapping, few_shot: Mapping, gradient_levels=("layer",)):
+        self.scorer, self.base, self.experts, self.few_shot = scorer, base, experts, few_shot
+        self.gradient_levels = tuple(dict.fromkeys(gradient_levels))
+        self.found: dict = {}  # (importance, expert, level) → (Importance, seconds of its computation)
+
+    def _compute(self, importance: str, t: str, levels) -> None:
+        if importance == "gradient":  # every level from one backward pass: one cost for all of them
+            from .taylor import gradient_importances
+            start = time.perf_counter()
+            levels = tuple(dict.fromkeys((*self.gradient_levels, *levels)))
+            found = gradient_importances(self.scorer, self.base, self.experts[t], t, self.few_shot[t], levels)
+            seconds = time.perf_counter() - start
+            self.found |= {("gradient", t, lv): (imp, seconds) for lv, imp in found.items()}
+            return
+        for level in levels:
+            start = time.perf_counter()
+            traced = apl.trace(self.scorer, self.base, self.experts[t], t, self.few_shot[t], level)
+            self.found["causal", t, level] = (traced, time.perf_counter() - start)
+
+    def of(self, importance: str, t: str, levels) -> tuple[dict, float]:
+        """``({level: Importance}, seconds)`` of expert ``t`` (computed on first use)."""
+        missing = [level for level in levels if (importance, t, level) not in self.found]
+        if missing:
+            self._compute(importance, t, missing)
+        out = {level: self.found[importance, t, level][0] for level in levels}
+        costs = [self.found[importance, t, level][1] for level in levels]
+        return out, sum(costs) if importance == "causal" else max(costs)
+
+
 def apl_contender(scorer, base, experts: Mapping, few_shot: Mapping, importance: str = "gradient",
-                  weighting: str = "TA", level: str = "layer") -> Contender:
+                  weighting: str = "TA", level: str = "layer", shared: Importances | None = None) -> Contender:
     """APL as a contender of chapter 8: ``level`` importances by causal tracing (chapter 4) or by
     the gradient (chapter 5), on Task Arithmetic or MI-Task Arithmetic (Eq. 12's expert weights
-    from model-level importances, summing to T); ε = (1 − p)/2, τ = 5."""
+    from model-level importances, summing to T); ε = (1 − p)/2, τ = 5. ``shared``: importances
+    computed once for several contenders (:func:`apl_contenders`), else its own."""
     if importance not in APL_IMPORTANCES:
         raise ValueError(f"APL contender: importance must be one of {APL_IMPORTANCES}, got {importance!r}")
     if weighting not in APL_WEIGHTINGS:
@@ -137,35 +176,42 @@ def apl_contender(scorer, base, experts: Mapping, few_shot: Mapping, importance:
                           + (", scores / max |score| (loss units)" if normalise else ""))
     names = list(experts)
     levels = (level, "model") if weighting == "MI-TA" else (level,)
-
-    def importances_of(t):
-        if importance == "gradient":
-            from .taylor import gradient_importances
-            return gradient_importances(scorer, base, experts[t], t, few_shot[t], levels)
-        return {lv: apl.trace(scorer, base, experts[t], t, few_shot[t], lv) for lv in levels}
+    store = shared if shared is not None else Importances(scorer, base, experts, few_shot, levels)
 
     def prepare():
-        found = {t: importances_of(t) for t in names}
+        found, seconds = {}, 0.0
+        for t in names:
+            found[t], cost = store.of(importance, t, levels)
+            seconds += cost
         contender.state["importances"] = {t: found[t][level] for t in names}
         model = [float(found[t]["model"].values[0]) for t in names] if weighting == "MI-TA" else None
         if model is not None and normalise:
             largest = max(abs(x) for x in model) or 1.0
             model = [m / largest for m in model]
         contender.state["weights"] = apl.expert_weights(model, total=len(names)) if model is not None else None
+        return seconds  # what computing its importances took, shared or not
 
     def merge(deltas, budget, seed):
         p = 1.0 - budget
         named = dict(zip(names, deltas))
-        return apl.merge(_zero_like(deltas[0]), named, contender.state["importances"], p, (1.0 - p) / 2,
-                         weights=contender.state["weights"], normalise=normalise, seed=seed)
+        # apl.merge(zero, named, importances, p, (1 − p)/2, ...) with the fused kernel: the same tensors
+        return merge_state_dicts(_zero_like(deltas[0]), named, "apl", importances=contender.state["importances"],
+                                 drop_rate=p, eps=(1.0 - p) / 2, weights=contender.state["weights"],
+                                 normalise=normalise, seed=seed, lam=1.0, progress=False)
     contender.prepare, contender.merge = prepare, merge
     return contender
 
 
-def apl_contenders(scorer, base, experts: Mapping, few_shot: Mapping) -> list[Contender]:
-    """The three APL contenders of chapter 8: gradient on TA, causal on TA, gradient on MI-TA."""
-    return [apl_contender(scorer, base, experts, few_shot, i, w)
-            for i, w in (("gradient", "TA"), ("causal", "TA"), ("gradient", "MI-TA"))]
+APL_VARIANTS = (("gradient", "TA", "layer"), ("causal", "TA", "layer"), ("gradient", "MI-TA", "layer"))
+
+
+def apl_contenders(scorer, base, experts: Mapping, few_shot: Mapping, variants=APL_VARIANTS) -> list[Contender]:
+    """APL contenders, one per (importance, weighting, level) of ``variants``, on importances computed
+    once for all of them (:class:`Importances`); by default chapter 8's three: gradient on TA, causal
+    on TA, gradient on MI-TA, at the layer level."""
+    levels = [lv for i, w, level in variants if i == "gradient" for lv in ((level, "model") if w == "MI-TA" else (level,))]
+    shared = Importances(scorer, base, experts, few_shot, levels)
+    return [apl_contender(scorer, base, experts, few_shot, i, w, level, shared) for i, w, level in variants]
 
 
 CONTENDERS: dict[str, Contender] = {c.name: c for c in (
@@ -250,8 +296,8 @@ def tune_and_test(evaluator, base, deltas: Sequence[Mapping], contender: Contend
     prepare_seconds = 0.0
     if contender.prepare is not None and not contender.state:
         start = time.perf_counter()
-        contender.prepare()
-        prepare_seconds = time.perf_counter() - start
+        reported = contender.prepare()
+        prepare_seconds = time.perf_counter() - start if reported is None else reported
     merged, merge_seconds = [], 0.0
     for seed in seeds:
         start = time.perf_counter()

@@ -106,6 +106,7 @@ def check_compatible(base_sd: dict, experts, expert_names=None) -> None:
     names = list(expert_names) if expert_names is not None else [f"expert {i}" for i in range(len(experts))]
     if len(names) != len(experts):
         raise ValueError(f"check_compatible: {len(names)} expert_names for {len(experts)} experts")
+    base_norms = {}
     for who, expert in zip(names, experts):
         missing, extra = sorted(set(base_sd) - set(expert)), sorted(set(expert) - set(base_sd))
         if missing or extra:
@@ -118,9 +119,12 @@ def check_compatible(base_sd: dict, experts, expert_names=None) -> None:
                 continue
             work = work_dtype(base.dtype)
             delta = tensor.to(work) - base.to(work).to(tensor.device)
-            if not torch.isfinite(delta).all():
+            delta_norm = delta.norm()  # NaN or inf unless every entry is finite (or the sum overflows)
+            if not bool(torch.isfinite(delta_norm)) and not bool(torch.isfinite(delta).all()):
                 raise ValueError(nonfinite_delta_message(who, name, tensor, base, work))
-            far += far_from_base(base, delta)
+            if name not in base_norms:  # once per tensor, not once per expert
+                base_norms[name] = base.float().norm()
+            far += bool(base_norms[name] > 0 and delta_norm > 0.5 * base_norms[name])  # far_from_base
         n_floating = sum(_floating(t) for t in base_sd.values())
         if far > n_floating / 2:
             warnings.warn(

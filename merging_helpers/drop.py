@@ -109,7 +109,7 @@ def magprune_keep_prob(delta: torch.Tensor, density, epsilon: float) -> torch.Te
         p_i = (density − ε) + ε · 2 · rank_i / (n − 1),  rank 0 = smallest |Δ|,
 
     so keep probabilities run from density − ε to density + ε and average ``density``.
-    Ties in |Δ| are ranked by position (stable sort). This needs one sort per row.
+    Ties in |Δ| are ranked by position (stable sort). This needs one sort per row (none for ε = 0).
     A PerRow / PerColumn density sets the mean keep probability of each row / column.
     """
     _check_tensor(delta, "magprune_keep_prob")
@@ -132,8 +132,12 @@ def magprune_keep_prob(delta: torch.Tensor, density, epsilon: float) -> torch.Te
         if isinstance(density, (PerRow, PerColumn)):
             return broadcast_rate(density, delta.shape, delta.device).float().expand(delta.shape).clone()
         return torch.full(delta.shape, float(density), device=delta.device)
-    order = torch.argsort(rows, dim=1, stable=True)
-    ranks = torch.empty_like(rows).scatter_(1, order, torch.arange(n, dtype=rows.dtype, device=rows.device).expand_as(rows))
+    if epsilon == 0:  # no band: every rank gets the same probability, so no sort is needed (the same bits)
+        ranks = torch.zeros_like(rows)
+    else:
+        order = torch.argsort(rows, dim=1, stable=True)
+        ranks = torch.empty_like(rows).scatter_(1, order, torch.arange(n, dtype=rows.dtype,
+                                                                       device=rows.device).expand_as(rows))
     return (start + (epsilon * 2 * ranks / (n - 1)).reshape(delta.shape)).reshape(delta.shape)
 
 

@@ -22,11 +22,13 @@ and dequantised to float32: ``LlamaForCausalLM``, 30 blocks, hidden size 576, ti
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import importlib.util
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -443,6 +445,27 @@ class Scorer:
             raise ValueError(f"state dict does not fit the tier's model: missing {missing[:3]}, unexpected "
                              f"{unexpected[:3]}")
         self.model.tie_weights()
+        self._loaded = state_dict
+
+    @contextlib.contextmanager
+    def swapped(self, state_dict, replaced: Mapping[str, torch.Tensor]):
+        """The model holding ``state_dict`` with the tensors of ``replaced`` put in its place, for the
+        ``with`` block: only those tensors are copied in, and ``state_dict``'s copied back after (APL's
+        corrupted runs change one block of a 135M-parameter model: a whole load each would copy all of it)."""
+        self.load(state_dict)
+        held = self.model.state_dict()
+        unknown = [n for n in replaced if n not in held]
+        if unknown:
+            raise ValueError(f"the replaced tensors {unknown[:3]} are not the tier's model's")
+        self._loaded = None  # not state_dict while swapped, nor if the block raises
+        with torch.no_grad():
+            for n, t in replaced.items():
+                held[n].copy_(t)
+            try:
+                yield
+            finally:
+                for n in replaced:
+                    held[n].copy_(state_dict[n])
         self._loaded = state_dict
 
     def scores(self, state_dict, split: str = "validation", tasks=None, limit: int | None = None) -> dict:

@@ -125,9 +125,15 @@ class LLMEvaluator:
 
     def true_label_probabilities(self, params, variants: Sequence[Mapping], task: str, examples, head=None,
                                  chunk=None) -> torch.Tensor:
-        """P_t of each variant of ``params`` (``variants[k]`` replaces some tensors), one at a time."""
-        return torch.tensor([self.true_label_probability({**params, **variant}, task, examples, head)
-                             for variant in variants], dtype=torch.float64)
+        """P_t of each variant of ``params`` (``variants[k]`` replaces some tensors), one at a time, each
+        swapped into the loaded ``params`` (:meth:`merging_helpers.llm.Scorer.swapped`)."""
+        self._no_head(head)
+        out = []
+        for variant in variants:
+            with self.scorer.swapped(params, variant):
+                out.append(score(self.scorer.model, self.scorer.tokenizer, self.zoo.tasks[task], list(examples),
+                                 self.scorer.batch_size, self.tier.config.max_text_tokens).p_true)
+        return torch.tensor(out, dtype=torch.float64)
 
     @torch.no_grad()
     def logits(self, task: str, head, batches, params=None):

@@ -271,3 +271,48 @@ def test_a_cached_outcome_gives_the_same_interval_as_a_fresh_one(family, tmp_pat
     fresh = outcome_table(run_comparison(ev, base, deltas, contenders, **args))
     cached = outcome_table(run_comparison(ev, base, deltas, contenders, **args))
     assert fresh[["95% CI low", "95% CI high"]].equals(cached[["95% CI low", "95% CI high"]])
+
+
+def test_apl_contenders_share_one_gradient_per_expert_and_each_trace_once(family, monkeypatch):
+    from merging_helpers import apl, taylor
+    base, deltas = family
+    experts = {t: {n: base[n] + d[n] if n in d else base[n] for n in base} for t, d in zip(("x", "y"), deltas)}
+    shots = {t: [("text", 0)] * 5 for t in experts}
+    calls = []
+
+    def importance(t, level, units):
+        parts = apl.groups(experts[t], level)
+        values = -torch.arange(1.0, len(parts) + 1, dtype=torch.float64) * (2.0 if t == "y" else 1.0)
+        return apl.Importance(t, level, list(parts), values, 1.0, 1.0, units)
+
+    def fake_gradient(scorer, base, expert, t, examples, levels):
+        calls.append(("gradient", t, tuple(levels)))
+        return {level: importance(t, level, "loss") for level in levels}
+
+    def fake_trace(scorer, base, expert, t, examples, level):
+        calls.append(("causal", t, level))
+        return importance(t, level, "probability")
+
+    monkeypatch.setattr(taylor, "gradient_importances", fake_gradient)
+    monkeypatch.setattr(apl, "trace", fake_trace)
+    variants = (("causal", "TA", "layer"), ("gradient", "TA", "layer"), ("gradient", "TA", "hidden"),
+                ("gradient", "MI-TA", "layer"))
+    together = compare.apl_contenders(None, base, experts, shots, variants)
+    for contender in together:
+        assert contender.prepare() >= 0.0  # its cost, reported
+    assert sorted(calls) == [("causal", "x", "layer"), ("causal", "y", "layer"),
+                             ("gradient", "x", ("layer", "hidden", "model")), ("gradient", "y", ("layer", "hidden", "model"))]
+    calls.clear()
+    alone = [compare.apl_contender(None, base, experts, shots, *v) for v in variants]
+    for contender in alone:
+        contender.prepare()
+    assert len(calls) == 2 * len(variants)  # each computes its own, as before
+    for a, b in zip(together, alone):
+        assert a.state["importances"].keys() == b.state["importances"].keys()
+        for t in experts:
+            assert torch.equal(a.state["importances"][t].values, b.state["importances"][t].values)
+        assert (a.state["weights"] is None) == (b.state["weights"] is None)
+        if a.state["weights"] is not None:
+            assert torch.equal(torch.as_tensor(a.state["weights"]), torch.as_tensor(b.state["weights"]))
+        merged_a, merged_b = a.merge(deltas[:2], 0.3, 1), b.merge(deltas[:2], 0.3, 1)
+        assert all(torch.equal(merged_a[n], merged_b[n]) for n in merged_a)

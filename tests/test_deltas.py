@@ -69,6 +69,19 @@ def test_check_compatible_errors_name_the_problem():
         check_compatible(base, {"unrelated": {k: torch.randn_like(v) * 3 for k, v in base.items()}})
 
 
+def test_check_compatible_tells_a_large_finite_delta_from_an_infinite_one():
+    base = {"w": torch.zeros(4, 4)}
+    check_compatible(base, [{"w": torch.full((4, 4), 1e20)}])  # finite entries whose norm overflows float32: accepted
+    for bad in (float("inf"), float("-inf")):
+        expert = {"w": torch.zeros(4, 4)}
+        expert["w"][3, 0] = bad
+        with pytest.raises(ValueError, match="'w'.*inf"):
+            check_compatible(base, [expert])
+    big = {"w": torch.full((4, 4), -3e38)}  # finite inputs whose delta overflows
+    with pytest.raises(ValueError, match="'w'"):
+        check_compatible(big, [{"w": torch.full((4, 4), 3e38)}])
+
+
 def test_signed_quantiles_by_hand():
     d = {"a": torch.tensor([-3.0, -1.0, 0.0]), "b": torch.tensor([[2.0, 5.0]])}
     # sorted signed values: -3, -1, 0, 2, 5 → min, an interpolated 0.125 (position 0.5), median, max

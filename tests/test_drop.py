@@ -111,3 +111,17 @@ def test_breadcrumbs_is_one_registry_entry_through_both_front_doors(tmp_path):
         merge_state_dicts(base, experts, "ties", density=0.4, gamma=0.1, progress=False)
     with pytest.raises(ValueError, match=r"a number in \[0, 1\)"):
         merge_state_dicts(base, experts, "breadcrumbs", density=0.4, gamma=1.0, progress=False)
+
+
+def test_magprune_without_a_band_keeps_every_entry_at_its_density_bit_for_bit():
+    from merging_helpers.partitions import PerRow
+    g = torch.Generator().manual_seed(3)
+    delta = torch.randn(6, 50, generator=g)
+    prob = magprune_keep_prob(delta, 0.3, 0.0)
+    assert prob.dtype == torch.float32 and torch.equal(prob, torch.full((6, 50), 0.3))
+    rows = PerRow(torch.linspace(0.2, 0.7, 6))
+    want = (torch.linspace(0.2, 0.7, 6).double() - 0.0).float()[:, None].expand(6, 50)
+    assert torch.equal(magprune_keep_prob(delta, rows, 0.0), want)
+    # the band's general formula at ε = 0 (ranks multiplied by 0) gives the same bits
+    ranks = torch.argsort(torch.argsort(delta.abs(), dim=1, stable=True), dim=1).float()
+    assert torch.equal(prob, (0.3 - 0.0) + (0.0 * 2 * ranks / 49))

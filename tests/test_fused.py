@@ -7,7 +7,7 @@ import torch
 from conftest import heavy_tailed
 
 from merging_helpers.config import MergeConfig
-from merging_helpers.fast import compiled, streaming
+from merging_helpers.fast import compiled
 from merging_helpers.fast import fused as fused_mod
 from merging_helpers.fast.fused import FusedMerge, fused_supported
 from merging_helpers.fast.streaming import merge_folders
@@ -227,7 +227,7 @@ def test_compiled_kernel_build_errors_and_fallback(families, tmp_path, monkeypat
     with pytest.raises(RuntimeError, match=r"kernel='c'.*no C compiler found"):
         merge_folders(base_dir, expert_dirs, tmp_path / "c", "dare_ties", progress=False, kernel="c", **kw)
     with pytest.raises(ValueError, match="at most 16"):
-        streaming._kernel_for("c", MergeConfig.build("ties", 17, density=0.3), torch.device("cpu"))
+        fused_mod.kernel_for("c", MergeConfig.build("ties", 17, density=0.3), torch.device("cpu"))
     with pytest.raises(ValueError, match="kernel must be"):
         merge_folders(base_dir, expert_dirs, tmp_path / "o", "ties", density=0.3, kernel="cuda")
 

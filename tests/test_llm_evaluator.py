@@ -95,6 +95,31 @@ def test_tracing_a_layer_puts_its_weights_back_to_the_bases_and_reads_the_true_l
         evaluator.true_label_probability(expert, "sign", examples, head={"w": 1})
 
 
+def test_a_corrupted_run_swaps_only_its_tensors_in_and_puts_them_back(tier, evaluator):
+    """APL's corrupted runs (true_label_probabilities) give the bits of loading each corrupted model whole."""
+    base, expert = llm.read_state_dict(tier.base_dir), llm.read_state_dict(tier.expert_dirs["sign"])
+    examples = few_shot(tier.tasks["sign"], 3)
+    variants = [apl.corrupt(expert, base, group) for level in ("layer", "hidden")
+                for group in list(apl.groups(expert, level).values())[:3]]
+    swapped = evaluator.true_label_probabilities(expert, variants, "sign", examples)
+
+    def held():
+        return evaluator.scorer.model.state_dict()
+
+    assert all(torch.equal(held()[n].cpu(), t) for n, t in expert.items())  # the expert again, every tensor
+    whole = [evaluator.true_label_probability({**expert, **v}, "sign", examples) for v in variants]
+    assert swapped.tolist() == whole and len(set(whole)) > 1
+    name = next(iter(variants[0]))
+    with pytest.raises(RuntimeError, match="inside"):
+        with evaluator.scorer.swapped(expert, variants[0]):
+            assert torch.equal(held()[name].cpu(), variants[0][name])
+            raise RuntimeError("inside the block")
+    assert torch.equal(held()[name].cpu(), expert[name])  # put back after a failure too
+    with pytest.raises(ValueError, match="not the tier's model's"):
+        with evaluator.scorer.swapped(expert, {"model.nope.weight": torch.zeros(1)}):
+            pass
+
+
 def test_every_method_of_chapter_8_runs_on_the_tier_through_its_protocol(tier, evaluator):
     """Task Arithmetic's test accuracy at its chosen λ is θ_b + λ(Δ_1 + Δ_2) scored by hand;
     the APL contenders (causal at the layer level, gradient at the hidden-state level) merge and score."""

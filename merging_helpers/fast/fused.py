@@ -35,6 +35,7 @@ import torch
 from .. import rng
 from ..config import MergeConfig
 from ..deltas import nonfinite_delta_message
+from ..recipes import overflow_message
 from ..drop import keep_count
 from ..partitions import PerColumn, PerRow
 from ..selection import kth_largest_abs
@@ -44,6 +45,7 @@ EXACT_MAX = 1 << 20  # tensors up to this size find their top-k threshold on the
 _SAMPLE = 1 << 16
 _BRACKET_SIGMAS = 6.0  # half-width of the sample bracket in binomial standard deviations
 _SCAN_SLACK = 4096  # extra room for the kernel scan's candidates (a test makes it negative)
+KERNELS = ("auto", "c", "reference")  # the fused path where it applies, always (or an error), never
 
 
 def fused_supported(config: MergeConfig, device) -> bool:
@@ -270,3 +272,29 @@ class FusedMerge:
         if rc != 0:
             raise RuntimeError(f"fused kernel failed on {name!r}")
         return a.overflowed
+
+
+def kernel_for(kernel: str, config, device):
+    """The compiled library when the fused path applies (``kernel`` "auto" or "c"), else None
+    (appendix, chapter 8)."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if kernel == "reference" or not fused_supported(config, device):
+        if kernel == "c":
+            raise ValueError("kernel='c': the compiled kernel does not implement these options or this device "
+                             f"(method {config.method.name!r}, rescale {config.rescale!r}, device {device}, "
+                             f"{config.n_experts} experts; at most {compiled.MAXT})")
+        return None
+    lib = compiled.load()  # warns once, and returns None, where it cannot be built
+    if lib is None and kernel == "c":
+        raise RuntimeError(f"kernel='c': the compiled kernel is not available ({compiled.ERROR})")
+    return lib
+
+
+def raise_overflow(name, base, experts, count) -> None:
+    """The fused path found inf in a merged tensor: a delta that overflowed (finite inputs too far
+    apart), or a result beyond the dtype; the error names which, as the reference engine does (appendix, chapter 8)."""
+    for t, expert in enumerate(experts):
+        if not bool(torch.isfinite(expert.float() - base.float()).all()):
+            raise ValueError(nonfinite_delta_message(f"expert {t}", name, expert, base))
+    raise OverflowError(overflow_message(name, base.dtype, count))

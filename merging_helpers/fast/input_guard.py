@@ -13,7 +13,6 @@ owner that refuses them) nothing is held and the merge runs as before.
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 from pathlib import Path

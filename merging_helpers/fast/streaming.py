@@ -69,18 +69,15 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from ..config import start_config
-from ..deltas import far_from_base, nonfinite_delta_message
-from ..recipes import merge_tensor, model_thresholds, overflow_message
-from . import compiled
+from ..deltas import far_from_base
+from ..recipes import merge_tensor, model_thresholds
 from .output_path import check_output_path, recover_leftovers
 from .reader import CheckpointFolder, ShortFileError
 from .writer import ShardedSafetensorsWriter
-from .fused import FusedMerge, fused_supported
+from .fused import KERNELS, FusedMerge, fused_supported, kernel_for, raise_overflow
 from .input_guard import InputGuard
 
 __all__ = ["merge_folders", "RunOptions", "validate_folders", "fused_supported", "KERNELS"]
-
-KERNELS = ("auto", "c", "reference")
 
 
 # --------------------------------------------------------------------------- validation
@@ -299,31 +296,6 @@ def _warn_if_not_the_base(base: CheckpointFolder, experts, expert_names, names, 
                           "this expert's base?", stacklevel=3)
 
 
-def _kernel_for(kernel: str, config, device):
-    """The compiled library when the fused path applies (``kernel`` "auto" or "c"), else None."""
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    if kernel == "reference" or not fused_supported(config, device):
-        if kernel == "c":
-            raise ValueError("kernel='c': the compiled kernel does not implement these options or this device "
-                             f"(method {config.method.name!r}, rescale {config.rescale!r}, device {device}, "
-                             f"{config.n_experts} experts; at most {compiled.MAXT})")
-        return None
-    lib = compiled.load()  # warns once, and returns None, where it cannot be built
-    if lib is None and kernel == "c":
-        raise RuntimeError(f"kernel='c': the compiled kernel is not available ({compiled.ERROR})")
-    return lib
-
-
-def _raise_overflow(name, base, experts, count) -> None:
-    """The fused path found inf in a merged tensor: a delta that overflowed (finite inputs too far
-    apart), or a result beyond the dtype; the error names which, as the reference engine does."""
-    for t, expert in enumerate(experts):
-        if not bool(torch.isfinite(expert.float() - base.float()).all()):
-            raise ValueError(nonfinite_delta_message(f"expert {t}", name, expert, base))
-    raise OverflowError(overflow_message(name, base.dtype, count))
-
-
 def _check_run_options(prefetch_bytes, workers, **flags) -> None:
     """merge_folders' switches are booleans (``overwrite="no"`` would be true), its sizes whole numbers."""
     for name, value in flags.items():
@@ -435,7 +407,7 @@ def merge_folders(base_dir: str | os.PathLike, expert_dirs: Sequence[str | os.Pa
 
 def _kernel_if_fused(run: RunOptions, config):
     """The compiled library where the fused path may run this config, else None."""
-    return _kernel_for(run.kernel, config, run.device) if run.fused and run.merge_fn is None else None
+    return kernel_for(run.kernel, config, run.device) if run.fused and run.merge_fn is None else None
 
 
 def _chunkable(config) -> bool:
@@ -524,7 +496,7 @@ class _Executor:
             out = self.pool.get(b.numel() * b.element_size()).view(dtype).view(b.shape)
             overflowed = self.fused(name, b, ex, out)
             if overflowed:  # refused, with the reference engine's words for the cause
-                _raise_overflow(name, b, ex, int(overflowed))
+                raise_overflow(name, b, ex, int(overflowed))
             return out
         if self.chunkable and b.dim() >= 1 and b.numel() > self.run.chunk_elems:
             out = self.pool.get(b.numel() * dtype.itemsize).view(dtype).view(b.shape)
