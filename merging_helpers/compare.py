@@ -156,6 +156,11 @@ class Importances:
         return out, sum(costs) if importance == "causal" else max(costs)
 
 
+def _apl_levels(weighting: str, level: str) -> tuple[str, ...]:
+    """The importance levels an APL contender reads: its own, and the model's for MI-TA's weights."""
+    return (level, "model") if weighting == "MI-TA" else (level,)
+
+
 def apl_contender(scorer, base, experts: Mapping, few_shot: Mapping, importance: str = "gradient",
                   weighting: str = "TA", level: str = "layer", shared: Importances | None = None) -> Contender:
     """APL as a contender of chapter 8: ``level`` importances by causal tracing (chapter 4) or by
@@ -175,7 +180,7 @@ def apl_contender(scorer, base, experts: Mapping, few_shot: Mapping, importance:
                           knobs=f"{level} level, ε = (1 − p)/2, τ = 5, {per_label} shots per label"
                           + (", scores / max |score| (loss units)" if normalise else ""))
     names = list(experts)
-    levels = (level, "model") if weighting == "MI-TA" else (level,)
+    levels = _apl_levels(weighting, level)
     store = shared if shared is not None else Importances(scorer, base, experts, few_shot, levels)
 
     def prepare():
@@ -209,7 +214,7 @@ def apl_contenders(scorer, base, experts: Mapping, few_shot: Mapping, variants=A
     """APL contenders, one per (importance, weighting, level) of ``variants``, on importances computed
     once for all of them (:class:`Importances`); by default chapter 8's three: gradient on TA, causal
     on TA, gradient on MI-TA, at the layer level."""
-    levels = [lv for i, w, level in variants if i == "gradient" for lv in ((level, "model") if w == "MI-TA" else (level,))]
+    levels = [lv for i, w, level in variants if i == "gradient" for lv in _apl_levels(w, level)]
     shared = Importances(scorer, base, experts, few_shot, levels)
     return [apl_contender(scorer, base, experts, few_shot, i, w, level, shared) for i, w, level in variants]
 

@@ -52,8 +52,12 @@ def check_like_base(who: str, name: str, tensor, base) -> None:
 def far_from_base(base: torch.Tensor, delta: torch.Tensor) -> bool:
     """‖Δ‖ > 0.5 ‖θ_b‖ on one tensor (chapter 1: real deltas are about 1 % of the
     base's norm); on most tensors, a sign that ``base`` is not the expert's base."""
-    base_norm = base.float().norm()
-    return bool(base_norm > 0 and delta.float().norm() > 0.5 * base_norm)
+    return _far(base.float().norm(), delta.float().norm())
+
+
+def _far(base_norm: torch.Tensor, delta_norm: torch.Tensor) -> bool:
+    """:func:`far_from_base` from the two norms."""
+    return bool(base_norm > 0 and delta_norm > 0.5 * base_norm)
 
 
 def _check_state_dict(who: str, sd) -> None:
@@ -124,7 +128,7 @@ def check_compatible(base_sd: dict, experts, expert_names=None) -> None:
                 raise ValueError(nonfinite_delta_message(who, name, tensor, base, work))
             if name not in base_norms:  # once per tensor, not once per expert
                 base_norms[name] = base.float().norm()
-            far += bool(base_norms[name] > 0 and delta_norm > 0.5 * base_norms[name])  # far_from_base
+            far += _far(base_norms[name], delta_norm)
         n_floating = sum(_floating(t) for t in base_sd.values())
         if far > n_floating / 2:
             warnings.warn(

@@ -120,6 +120,10 @@ class LLMEvaluator:
     def true_label_probability(self, params, task: str, examples, head=None) -> float:
         self._no_head(head)
         self._load(params)
+        return self._p_true(task, examples)
+
+    def _p_true(self, task: str, examples) -> float:
+        """P_t of the model as it is loaded now."""
         return score(self.scorer.model, self.scorer.tokenizer, self.zoo.tasks[task], list(examples),
                      self.scorer.batch_size, self.tier.config.max_text_tokens).p_true
 
@@ -131,8 +135,7 @@ class LLMEvaluator:
         out = []
         for variant in variants:
             with self.scorer.swapped(params, variant):
-                out.append(score(self.scorer.model, self.scorer.tokenizer, self.zoo.tasks[task], list(examples),
-                                 self.scorer.batch_size, self.tier.config.max_text_tokens).p_true)
+                out.append(self._p_true(task, examples))
         return torch.tensor(out, dtype=torch.float64)
 
     @torch.no_grad()

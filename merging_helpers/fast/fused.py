@@ -100,9 +100,18 @@ class FusedMerge:
             self.pool.shutdown()
 
     def takes(self, name: str, dtype: torch.dtype) -> bool:
-        """True if tensor ``name`` of ``dtype`` goes through the kernel (float rates, a kernel dtype)."""
-        return (str(dtype).removeprefix("torch.") in compiled.DTYPES
+        """True if tensor ``name`` of ``dtype`` goes through the kernel (float rates, a kernel dtype,
+        written back in that dtype)."""
+        return (str(dtype).removeprefix("torch.") in compiled.DTYPES and self.config.output_dtype(dtype) == dtype
                 and not any(isinstance(d, (PerRow, PerColumn)) for d in self.config.densities(name)))
+
+    def merge_into(self, name: str, b: torch.Tensor, es: Sequence[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+        """Merge into ``out`` and return it; a merged entry that overflowed is refused with the reference
+        engine's words for its cause (:func:`raise_overflow`) (appendix, chapter 8)."""
+        overflowed = self(name, b, es, out)
+        if overflowed:
+            raise_overflow(name, b, es, int(overflowed))
+        return out
 
     def _map(self, fn, items):
         items = list(items)

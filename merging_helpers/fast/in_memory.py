@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..recipes import merge_validated_tensor, plan_state_dict_merge
-from .fused import FusedMerge, kernel_for, raise_overflow
+from .fused import FusedMerge, kernel_for
 
 
 def merge_state_dicts(base_sd, expert_sds, method=None, *, config=None, progress=True, expert_names=None,
@@ -32,8 +32,8 @@ def merge_state_dicts(base_sd, expert_sds, method=None, *, config=None, progress
                 merged[name] = base.clone()
                 continue
             experts = [sd[name] for sd in expert_sds]
-            if fused is not None and _fusable(fused, config, name, base, experts):
-                merged[name] = _fused_one(fused, name, base, experts)
+            if fused is not None and _fusable(fused, name, base, experts):
+                merged[name] = fused.merge_into(name, base, experts, torch.empty_like(base))
             else:  # check_compatible has checked every delta for NaN / inf already
                 merged[name] = merge_validated_tensor(name, base, experts, config, check_finite=False)
     finally:
@@ -42,15 +42,6 @@ def merge_state_dicts(base_sd, expert_sds, method=None, *, config=None, progress
     return merged
 
 
-def _fusable(fused: FusedMerge, config, name: str, base: torch.Tensor, experts) -> bool:
+def _fusable(fused: FusedMerge, name: str, base: torch.Tensor, experts) -> bool:
     """The kernel takes this tensor: on the CPU, contiguous, its dtype kept, a float rate."""
-    return (config.output_dtype(base.dtype) == base.dtype and fused.takes(name, base.dtype)
-            and all(t.device.type == "cpu" and t.is_contiguous() for t in (base, *experts)))
-
-
-def _fused_one(fused: FusedMerge, name: str, base: torch.Tensor, experts) -> torch.Tensor:
-    out = torch.empty_like(base)
-    overflowed = fused(name, base, experts, out)
-    if overflowed:  # refused, with the reference engine's words for the cause
-        raise_overflow(name, base, experts, int(overflowed))
-    return out
+    return fused.takes(name, base.dtype) and all(t.device.type == "cpu" and t.is_contiguous() for t in (base, *experts))

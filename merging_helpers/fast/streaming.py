@@ -74,7 +74,7 @@ from ..recipes import merge_tensor, model_thresholds
 from .output_path import check_output_path, recover_leftovers
 from .reader import CheckpointFolder, ShortFileError
 from .writer import ShardedSafetensorsWriter
-from .fused import KERNELS, FusedMerge, fused_supported, kernel_for, raise_overflow
+from .fused import KERNELS, FusedMerge, fused_supported, kernel_for
 from .input_guard import InputGuard
 
 __all__ = ["merge_folders", "RunOptions", "validate_folders", "fused_supported", "KERNELS"]
@@ -492,12 +492,9 @@ class _Executor:
         dtype = config.output_dtype(b.dtype)
         if not dtype.is_floating_point:
             return b  # integer buffers (e.g. position_ids) are copied from the base
-        if self.fused is not None and dtype == b.dtype and self.fused.takes(name, dtype):
+        if self.fused is not None and self.fused.takes(name, b.dtype):
             out = self.pool.get(b.numel() * b.element_size()).view(dtype).view(b.shape)
-            overflowed = self.fused(name, b, ex, out)
-            if overflowed:  # refused, with the reference engine's words for the cause
-                raise_overflow(name, b, ex, int(overflowed))
-            return out
+            return self.fused.merge_into(name, b, ex, out)
         if self.chunkable and b.dim() >= 1 and b.numel() > self.run.chunk_elems:
             out = self.pool.get(b.numel() * dtype.itemsize).view(dtype).view(b.shape)
             for r0, r1 in _row_chunks(tuple(b.shape), self.run.chunk_elems):
