@@ -68,7 +68,7 @@ The wings stay flat modules rather than folders: every chapter imports them by t
 The 0.2 aliases ``merging_helpers.streaming`` / ``checkpoints`` are gone (CHANGELOG.md).
 """
 
-__version__ = "0.3.4"
+__version__ = "0.3.5"
 
 WINGS = {
     "engine": ("partitions", "rng", "selection", "drop", "rescale", "consensus", "methods", "config", "options",

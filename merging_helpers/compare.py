@@ -210,12 +210,21 @@ def apl_contender(scorer, base, experts: Mapping, few_shot: Mapping, importance:
 APL_VARIANTS = (("gradient", "TA", "layer"), ("causal", "TA", "layer"), ("gradient", "MI-TA", "layer"))
 
 
-def apl_contenders(scorer, base, experts: Mapping, few_shot: Mapping, variants=APL_VARIANTS) -> list[Contender]:
+def apl_contenders(scorer, base, experts: Mapping, few_shot: Mapping, variants=APL_VARIANTS,
+                   shared: Importances | None = None) -> list[Contender]:
     """APL contenders, one per (importance, weighting, level) of ``variants``, on importances computed
-    once for all of them (:class:`Importances`); by default chapter 8's three: gradient on TA, causal
-    on TA, gradient on MI-TA, at the layer level."""
+    once for all of them (:class:`Importances`; ``shared``: a store the chapter has already read some
+    importances from, e.g. to plot them); by default chapter 8's three: gradient on TA, causal on TA,
+    gradient on MI-TA, at the layer level."""
     levels = [lv for i, w, level in variants if i == "gradient" for lv in _apl_levels(w, level)]
-    shared = Importances(scorer, base, experts, few_shot, levels)
+    if shared is None:
+        shared = Importances(scorer, base, experts, few_shot, levels)
+    elif any(a is not b for a, b in zip((shared.scorer, shared.base, shared.experts, shared.few_shot),
+                                        (scorer, base, experts, few_shot))):
+        raise ValueError("apl_contenders: the shared importances were computed for another scorer, base, experts "
+                         "or few-shot sets than these")
+    else:  # an expert not yet computed gets every level in one backward pass
+        shared.gradient_levels = tuple(dict.fromkeys((*shared.gradient_levels, *levels)))
     return [apl_contender(scorer, base, experts, few_shot, i, w, level, shared) for i, w, level in variants]
 
 

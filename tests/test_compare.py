@@ -316,3 +316,38 @@ def test_apl_contenders_share_one_gradient_per_expert_and_each_trace_once(family
             assert torch.equal(torch.as_tensor(a.state["weights"]), torch.as_tensor(b.state["weights"]))
         merged_a, merged_b = a.merge(deltas[:2], 0.3, 1), b.merge(deltas[:2], 0.3, 1)
         assert all(torch.equal(merged_a[n], merged_b[n]) for n in merged_a)
+
+
+def test_apl_contenders_read_a_store_the_chapter_has_used(family, monkeypatch):
+    """Importances read before the contenders exist (8b's plots) are not computed again, and an
+    expert not read yet gets every level the contenders need in one backward pass."""
+    from merging_helpers import apl, taylor
+    base, deltas = family
+    experts = {t: {n: base[n] + d[n] if n in d else base[n] for n in base} for t, d in zip(("x", "y"), deltas)}
+    shots = {t: [("text", 0)] * 5 for t in experts}
+    calls = []
+
+    def importance(t, level):
+        parts = apl.groups(experts[t], level)
+        return apl.Importance(t, level, list(parts), -torch.arange(1.0, len(parts) + 1, dtype=torch.float64), 1.0, 1.0)
+
+    def fake_gradient(scorer, base, expert, t, examples, levels):
+        calls.append(("gradient", t, tuple(levels)))
+        return {level: importance(t, level) for level in levels}
+
+    def fake_trace(scorer, base, expert, t, examples, level):
+        calls.append(("causal", t, level))
+        return importance(t, level)
+
+    monkeypatch.setattr(taylor, "gradient_importances", fake_gradient)
+    monkeypatch.setattr(apl, "trace", fake_trace)
+    store = compare.Importances(None, base, experts, shots)
+    store.of("causal", "x", ("layer",))
+    store.of("gradient", "x", ("layer",))
+    variants = (("causal", "TA", "layer"), ("gradient", "TA", "hidden"))
+    for contender in compare.apl_contenders(None, base, experts, shots, variants, shared=store):
+        contender.prepare()
+    assert calls == [("causal", "x", "layer"), ("gradient", "x", ("layer",)), ("causal", "y", "layer"),
+                     ("gradient", "x", ("layer", "hidden")), ("gradient", "y", ("layer", "hidden"))]
+    with pytest.raises(ValueError, match="another scorer, base, experts"):
+        compare.apl_contenders(None, base, dict(experts), shots, variants, shared=store)
