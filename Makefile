@@ -32,7 +32,9 @@ zoo: $(STAMP)
 book: $(STAMP)
 	@# every tier the chapters load in the full mode (chapter 8b's full language-model tier instead of its quick one)
 	$(MAKE) zoo TIERS=book
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/jupyter-book build . --warningiserror --keep-going
+	@# every chapter executed by nbclient, two at a time on one thread each (a chapter that reads others' full
+	@# records after them), then jupyter-book renders the executed copies (merging_helpers/book_build.py)
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m merging_helpers.book_build --lanes $(or $(LANES),2)
 	@# the build's full records into the package (merging_helpers/records/), and the reader's edition the
 	@# Colab badges open (book/reader/) written from them: both committed, checked for staleness by make test
 	$(BIN)/python -m merging_helpers.reader_edition --ship book book/reader

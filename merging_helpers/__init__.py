@@ -41,6 +41,10 @@ modules on disk and ``_toc.yml``:
 * ``results``    – chapter 8: every chapter's glued numbers, kept on disk for chapter 8
 * ``reader_edition`` – chapter 8: the chapters with their prose rendered from those numbers, for plain
   Jupyter and Colab (no glue roles, answers folded)
+* ``lanes``      – chapter 8: work run a few items at a time, each after what it waits for (the chapters
+  in ``make test`` and ``make book``)
+* ``book_build`` – chapter 8: how ``make book`` runs the chapters that write those records (in lanes),
+  then renders them
 * ``verdicts``   – chapter 8: the papers' claims as data, and the rule that reads each verdict
 * ``compare``    – chapter 8: every method on one protocol (equal budgets, λ tuned on validation, seeds, cost)
 * ``llm``        – chapter 8 (8b, "Merging a language model"): SmolLM2-135M from its GGUF file, its tasks as
@@ -77,5 +81,5 @@ WINGS = {
     "fast": ("fast", "mergekit_yaml"),
     "book": ("notebook", "results", "verdicts", "reader_edition", "compare", "sweeps", "ablations", "explorer",
              "apl_explorer", "rms_explorer", "grading", "zoo", "tasks", "evaluation", "paired", "bench", "llm",
-             "llm_evaluator"),
+             "llm_evaluator", "lanes", "book_build"),
 }

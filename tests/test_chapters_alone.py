@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from merging_helpers import lanes
 from conftest import CHAPTER_LANES, CHAPTER_TEST
 
 BOOK = Path(__file__).resolve().parent.parent / "book"
@@ -72,58 +73,23 @@ def run_alone(chapter: Path, folder: Path, threads: int | None, started,
     return subprocess.CompletedProcess(command, process.returncode, out, err), time.perf_counter() - start
 
 
-class Lanes:
-    """``chapters`` run ``LANES`` at a time in background threads: each lane takes the first chapter,
-    in the book's order, whose :data:`WAITS_FOR` among them have finished; :meth:`result` waits for one."""
+class Lanes(lanes.Lanes):
+    """``chapters`` run ``LANES`` at a time (:class:`merging_helpers.lanes.Lanes`), each alone from the
+    reader's venv (:func:`run_alone`) in a folder of its own, after the chapters of :data:`WAITS_FOR`."""
 
     def __init__(self, chapters, folder_for):
-        self.pending, self.folder_for = list(chapters), folder_for
-        self.unfinished = {c.stem for c in self.pending}
-        self.runs: dict = {}
+        self.folder_for = folder_for
         self.processes: set = set()  # the chapters' processes running now
-        self.changed = threading.Condition()
         self.environ = dict(os.environ)  # taken now, before any unit test changes it for a while
-        for _ in range(min(LANES, len(self.pending))):
-            threading.Thread(target=self._lane, daemon=True).start()
+        super().__init__(chapters, self._run_alone, WAITS_FOR, LANES)
 
-    def _take(self):
-        with self.changed:
-            while self.pending:
-                ready = [c for c in self.pending if not WAITS_FOR.get(c.stem, set()) & self.unfinished]
-                if ready:
-                    self.pending.remove(ready[0])
-                    return ready[0]
-                self.changed.wait()
-            return None
-
-    def _lane(self):
-        while (chapter := self._take()) is not None:
-            try:
-                run = run_alone(chapter, self.folder_for(chapter.stem), 1 if LANES > 1 else None, self.processes.add,
-                                self.environ)
-            except Exception as error:  # noqa: BLE001 - the chapter's test reports it
-                run = error
-            with self.changed:
-                self.runs[chapter.stem] = run
-                self.unfinished.discard(chapter.stem)
-                self.changed.notify_all()
-
-    def result(self, stem: str):
-        with self.changed:
-            self.changed.wait_for(lambda: stem in self.runs)
-            run = self.runs[stem]
-        if isinstance(run, Exception):
-            raise run
-        return run
-
-    def finish(self) -> None:
-        with self.changed:
-            self.changed.wait_for(lambda: not self.unfinished)
+    def _run_alone(self, chapter):
+        return run_alone(chapter, self.folder_for(chapter.stem), 1 if LANES > 1 else None, self.processes.add,
+                         self.environ)
 
     def stop(self) -> None:
         """No chapter starts any more, and those running are ended (a session that stops early)."""
-        with self.changed:
-            self.pending.clear()
+        super().stop()
         for process in list(self.processes):
             if process.poll() is None:
                 process.terminate()
