@@ -1,7 +1,7 @@
-"""How ``make book`` runs the chapters whose records chapter 8 reads (book infrastructure): each executed top to bottom by nbclient
-in a kernel of its own, two at a time on one thread each (:mod:`merging_helpers.lanes`), a chapter
-that reads the full records of others after them; then jupyter-book renders the executed copies
-without running anything again.
+"""How ``make book`` runs the chapters whose records chapter 8 reads (book infrastructure): each
+executed top to bottom by nbclient in a kernel of its own, two at a time on one thread each
+(:mod:`merging_helpers.lanes`), a chapter that reads the full records of others after them; then
+jupyter-book renders the executed copies without running anything again.
 
 ``jupyter-book build`` executes the chapters one after another on every core; on a 2-core machine
 two one-thread chapters at a time get more done, and the book's cold build has a time budget
@@ -105,8 +105,11 @@ def stage(root: Path) -> Path:
     shutil.copytree(root / "book", out / "book", ignore=shutil.ignore_patterns("reader", ".ipynb_checkpoints"))
     for executed in sorted((root / EXECUTED / "book").glob("*.ipynb")):
         shutil.copy2(executed, out / "book" / executed.name)
-    config = (root / "_config.yml").read_text()
-    (out / "_config.yml").write_text(re.sub(r"execute_notebooks: \w+", "execute_notebooks: \"off\"", config))
+    config = re.sub(r"execute_notebooks: \w+", "execute_notebooks: \"off\"", (root / "_config.yml").read_text())
+    # the chapters' own Python warnings (e.g. "the traced model is at chance") are stderr in the executed
+    # copies: the pages drop them (stderr_output: remove-warn) without failing the build on them
+    config = config.replace("suppress_warnings: [", 'suppress_warnings: ["mystnb.stderr", ', 1)
+    (out / "_config.yml").write_text(config)
     shutil.copy2(root / "_toc.yml", out / "_toc.yml")
     return out
 

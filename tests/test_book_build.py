@@ -7,7 +7,8 @@ import pytest
 
 from merging_helpers import book_build
 
-CONFIG = "title: t\nexecute:\n  execute_notebooks: force       # every build runs every chapter\n  timeout: 77\n"
+CONFIG = ("title: t\nexecute:\n  execute_notebooks: force       # every build runs every chapter\n  timeout: 77\n"
+          "sphinx:\n  config:\n    suppress_warnings: [\"image.nonlocal_uri\"]\n")
 
 
 def notebook(path: Path, *sources: str) -> Path:
@@ -49,6 +50,7 @@ def test_the_stage_holds_the_executed_chapters_with_execution_off_and_no_reader_
     staged = book_build.stage(root)
     assert 'execute_notebooks: "off"' in (staged / "_config.yml").read_text()
     assert "timeout: 77" in (staged / "_config.yml").read_text()
+    assert 'suppress_warnings: ["mystnb.stderr", "image.nonlocal_uri"]' in (staged / "_config.yml").read_text()
     assert (staged / "book" / "01_a.ipynb").read_text() == executed.read_text()
     assert (staged / "_toc.yml").exists() and (staged / "book" / "intro.md").exists()
     assert not (staged / "book" / "reader").exists()
