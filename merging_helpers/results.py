@@ -233,7 +233,7 @@ def load_or_run(chapters, mode: str, book_dir=None, progress: bool = True) -> di
 
 # modules that keep records, draw widgets, grade or translate configs: no merge or score reads them
 BOOKKEEPING = ("results.py", "verdicts.py", "notebook.py", "mergekit_yaml.py", "explorer.py", "apl_explorer.py",
-               "rms_explorer.py", "grading.py")
+               "rms_explorer.py", "grading.py", "lanes.py", "book_build.py")  # lanes, book_build: how chapters are run
 
 
 _package_fingerprint: str | None = None
