@@ -29,14 +29,14 @@ from .lanes import Lanes
 STAGE, EXECUTED = Path("_build/stage"), Path("_build/executed")
 
 
-def waits_for(stems) -> dict[str, set[str]]:
-    """What each chapter waits for in the full mode: chapters 8 and 8b read the full records of the
-    chapters before chapter 8 (in ``make book``, the ones this build writes), chapter 9 times merges
-    in the folder chapter 7 uses."""
+def waits_for(stems, full: bool = True) -> dict[str, set[str]]:
+    """What each chapter waits for: chapter 8 reads the records of the chapters before it, chapter 9
+    times merges in the folder chapter 7 uses; in the full mode (``make book``) chapter 8b too reads
+    the full records this build writes (in the quick mode it reads the shipped ones) (chapter 8)."""
     stems = set(stems)
     before_8 = {s for s in stems if s < "08_side_by_side"}
-    return {"08_side_by_side": before_8, "08b_language_model": before_8,
-            "09_merging_at_scale": {"07_rms_adaptive"} & stems}
+    waits = {"08_side_by_side": before_8, "09_merging_at_scale": {"07_rms_adaptive"} & stems}
+    return waits | {"08b_language_model": before_8} if full else waits
 
 
 def execute_one(notebook: Path, out: Path, timeout: int) -> None:
@@ -97,6 +97,15 @@ def execute_book(root: Path, lanes: int = 2) -> dict[str, float]:
     return {stem: seconds for stem, (_, seconds, _) in outcomes.items()}
 
 
+def config_without_execution(config: str, suppressed=()) -> str:
+    """The text of the book's ``_config.yml`` with execution off and the warning kinds ``suppressed``
+    added to Sphinx's ``suppress_warnings`` (chapter 8)."""
+    if "execute_notebooks:" not in config or (suppressed and "suppress_warnings: [" not in config):
+        raise ValueError("_config.yml: expected `execute_notebooks:` and `suppress_warnings: [` (sphinx: config:)")
+    config = re.sub(r"execute_notebooks: \w+", 'execute_notebooks: "off"', config)
+    return config.replace("suppress_warnings: [", "suppress_warnings: [" + "".join(f'"{w}", ' for w in suppressed), 1)
+
+
 def stage(root: Path) -> Path:
     """``root/_build/stage``: the book's sources (``_config.yml`` with execution off, ``_toc.yml``,
     ``book/`` but its reader's edition) with the executed chapters in place of the sources (chapter 8)."""
@@ -105,11 +114,9 @@ def stage(root: Path) -> Path:
     shutil.copytree(root / "book", out / "book", ignore=shutil.ignore_patterns("reader", ".ipynb_checkpoints"))
     for executed in sorted((root / EXECUTED / "book").glob("*.ipynb")):
         shutil.copy2(executed, out / "book" / executed.name)
-    config = re.sub(r"execute_notebooks: \w+", "execute_notebooks: \"off\"", (root / "_config.yml").read_text())
     # the chapters' own Python warnings (e.g. "the traced model is at chance") are stderr in the executed
     # copies: the pages drop them (stderr_output: remove-warn) without failing the build on them
-    config = config.replace("suppress_warnings: [", 'suppress_warnings: ["mystnb.stderr", ', 1)
-    (out / "_config.yml").write_text(config)
+    (out / "_config.yml").write_text(config_without_execution((root / "_config.yml").read_text(), ("mystnb.stderr",)))
     shutil.copy2(root / "_toc.yml", out / "_toc.yml")
     return out
 

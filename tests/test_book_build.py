@@ -69,3 +69,13 @@ def test_every_chapter_is_executed_into_the_build_and_a_failing_one_is_named(tmp
     bad = (root / "_build" / "executed" / "book" / "02_bad.ipynb").read_text()
     assert "broken cell" in bad  # the failed copy is written, with its traceback
     assert "outputs\": []" in (root / "book" / "01_ok.ipynb").read_text()
+
+
+def test_a_config_without_what_the_stage_rewrites_is_refused():
+    with pytest.raises(ValueError, match="suppress_warnings"):
+        book_build.config_without_execution("execute:\n  execute_notebooks: force\n", ("mystnb.stderr",))
+    assert 'execute_notebooks: "off"' in book_build.config_without_execution("execute:\n  execute_notebooks: force\n")
+
+
+def test_in_the_quick_mode_8b_waits_for_nothing():
+    assert "08b_language_model" not in book_build.waits_for(["07_rms_adaptive", "08b_language_model"], full=False)

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from merging_helpers.book_build import config_without_execution
+
 pytestmark = pytest.mark.slow  # minutes in all: `pytest -m 'not slow'` leaves it out
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -113,10 +115,8 @@ def problems(html_dir: Path, tmp: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def html_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("book")
-    config = (ROOT / "_config.yml").read_text()
-    config = re.sub(r"execute_notebooks: \w+", 'execute_notebooks: "off"', config)
     # unexecuted chapters have no glued values: their {glue} references are left empty here
-    config = config.replace('suppress_warnings: [', 'suppress_warnings: ["mystnb.glue", "mystnb.glue_ref", ')
+    config = config_without_execution((ROOT / "_config.yml").read_text(), ("mystnb.glue", "mystnb.glue_ref"))
     config = config.replace(": book/_ext", f": {ROOT / 'book' / '_ext'}")  # the local extensions' folder
     (out / "_config.yml").write_text(config)
     exe = Path(sys.executable).parent / "jupyter-book"

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from merging_helpers import lanes
+from merging_helpers import book_build, lanes
 from conftest import CHAPTER_LANES, CHAPTER_TEST
 
 BOOK = Path(__file__).resolve().parent.parent / "book"
@@ -44,8 +44,7 @@ def pytest_collection_modifyitems(items):
 '''
 
 LANES = max(1, int(os.environ.get("MERGING_BOOK_CHAPTER_LANES", "2")))
-WAITS_FOR = {"08_side_by_side": {c.stem for c in CHAPTERS if c.stem < "08_side_by_side"},
-             "09_merging_at_scale": {"07_rms_adaptive"}}
+WAITS_FOR = book_build.waits_for((c.stem for c in CHAPTERS), full=False)
 
 needs_reader = pytest.mark.skipif(READER_PYTHON is None,
                                   reason="the chapters run from a reader's install: `make test` builds it (make reader)")
