@@ -50,6 +50,7 @@ modules on disk and ``_toc.yml``:
 * ``llm``        – chapter 8 (8b, "Merging a language model"): SmolLM2-135M from its GGUF file, its tasks as
   chat prompts, scoring by the answer token, full and LoRA fine-tunes (the language-model tier)
 * ``llm_evaluator`` – chapter 8 (8b): the language-model tier read as chapter 8's protocol and APL read a zoo
+* ``llm_tail``   – chapter 8 (8b): APL's corrupted runs of the language model from the corrupted block on
 * ``mergekit_yaml`` – chapter 8 (appendix "Merging at scale"): our merge configs as mergekit YAML, and back
 * ``fast``       – chapter 8 (appendix "Merging at scale"): the fast tier, streaming merges of
   HF folders, the fused path and its compiled kernel; it imports the reference, never the other way round
@@ -72,7 +73,7 @@ The wings stay flat modules rather than folders: every chapter imports them by t
 The 0.2 aliases ``merging_helpers.streaming`` / ``checkpoints`` are gone (CHANGELOG.md).
 """
 
-__version__ = "0.3.5"
+__version__ = "0.3.6"
 
 WINGS = {
     "engine": ("partitions", "rng", "selection", "drop", "rescale", "consensus", "methods", "config", "options",
@@ -81,5 +82,5 @@ WINGS = {
     "fast": ("fast", "mergekit_yaml"),
     "book": ("notebook", "results", "verdicts", "reader_edition", "compare", "sweeps", "ablations", "explorer",
              "apl_explorer", "rms_explorer", "grading", "zoo", "tasks", "evaluation", "paired", "bench", "llm",
-             "llm_evaluator", "lanes", "book_build"),
+             "llm_evaluator", "llm_tail", "lanes", "book_build"),
 }

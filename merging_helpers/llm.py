@@ -242,6 +242,19 @@ def shared_prefix(prompts: list[list[int]]) -> int:
     return n
 
 
+def continuing(batch, prefix, n: int) -> dict:
+    """``batch`` (left-padded prompts without their shared ``n``-token prefix) as the continuation of
+    the prefix's keys and values ``prefix`` (None: ``batch`` as it is) (chapter 8b)."""
+    if prefix is None:
+        return batch
+    rows = len(batch["input_ids"])
+    past = copy.deepcopy(prefix)
+    past.batch_repeat_interleave(rows)
+    ones = torch.ones(rows, n, dtype=torch.long, device=batch["input_ids"].device)
+    return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"] + n, "past_key_values": past,
+            "attention_mask": torch.cat([ones, batch["attention_mask"]], 1)}
+
+
 def prompt_logits(model, prompts: list[list[int]], pad_id: int, batch_size: int = 32, reuse_prefix: bool = True):
     """``(indices, logits)`` batches of the vocabulary logits at each prompt's last position (on the
     CPU, wherever the model runs), the prompts taken shortest first (less padding). ``reuse_prefix``: the tokens all prompts share
@@ -256,13 +269,7 @@ def prompt_logits(model, prompts: list[list[int]], pad_id: int, batch_size: int 
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
         batch = {k: v.to(device) for k, v in left_padded([prompts[i][n:] for i in rows], pad_id).items()}
-        if prefix is not None:
-            past = copy.deepcopy(prefix)
-            past.batch_repeat_interleave(len(rows))
-            batch = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"] + n, "past_key_values": past,
-                     "attention_mask": torch.cat([torch.ones(len(rows), n, dtype=torch.long, device=device),
-                                                batch["attention_mask"]], 1)}
-        hidden = inner.model(**batch).last_hidden_state[:, -1]
+        hidden = inner.model(**continuing(batch, prefix, n)).last_hidden_state[:, -1]
         yield rows, inner.lm_head(hidden).float().cpu()
 
 
@@ -270,11 +277,16 @@ def prompt_logits(model, prompts: list[list[int]], pad_id: int, batch_size: int 
 def score(model, tokenizer, task: Task, examples, batch_size: int = 32, max_text_tokens: int = 32) -> Scores:
     """Score ``model`` on ``examples`` (text, label) of ``task`` (a chapter's table, chapter 8)."""
     examples = list(examples)
-    answers = torch.tensor(answer_tokens(tokenizer, task))
-    labels = torch.tensor([y for _, y in examples])
     prompts = prompt_ids(tokenizer, task, [t for t, _ in examples], max_text_tokens)
-    right, p_true = [False] * len(examples), [0.0] * len(examples)
-    for rows, logits in prompt_logits(model, prompts, tokenizer.pad_token_id, batch_size):
+    return scores_of(prompt_logits(model, prompts, tokenizer.pad_token_id, batch_size), answer_tokens(tokenizer, task),
+                     [y for _, y in examples])
+
+
+def scores_of(logit_batches, answers: list[int], labels: list[int]) -> Scores:
+    """:class:`Scores` from ``(rows, vocabulary logits)`` batches covering every example once (chapter 8b)."""
+    answers, labels = torch.tensor(answers), torch.tensor(labels)
+    right, p_true = [False] * len(labels), [0.0] * len(labels)
+    for rows, logits in logit_batches:
         y = labels[rows]
         for i, p, r in zip(rows, logits.softmax(-1)[torch.arange(len(rows)), answers[y]].tolist(),
                            (logits[:, answers].argmax(-1) == y).tolist()):

@@ -25,7 +25,8 @@ import torch
 
 from .metrics import check_finite_gradient
 from .llm import (LLMTier, Scorer, answer_tokens, exact_match, generate, last_logits, left_padded, prompt_ids,
-                  prompt_logits, score)
+                  prompt_logits, score, scores_of)
+from .llm_tail import first_block, logits_from_block, record_block_inputs
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,8 @@ class LLMEvaluator:
     """Scores state dicts of the tier's model on its tasks, as chapter 8's evaluator does the
     encoder's (chapter 8b). ``tasks``: the tasks scored (default: the experts' and the held-out one);
     ``device``: where the model runs (default: the GPU when there is one)."""
+
+    from_block = True  # APL's corrupted runs start at the first block they change (False: the whole model)
 
     def __init__(self, tier: LLMTier, sizes: Sizes = Sizes(), tasks: Sequence[str] | None = None,
                  batch_size: int = 32, device=None):
@@ -130,12 +133,24 @@ class LLMEvaluator:
     def true_label_probabilities(self, params, variants: Sequence[Mapping], task: str, examples, head=None,
                                  chunk=None) -> torch.Tensor:
         """P_t of each variant of ``params`` (``variants[k]`` replaces some tensors), one at a time, each
-        swapped into the loaded ``params`` (:meth:`merging_helpers.llm.Scorer.swapped`)."""
+        swapped into the loaded ``params`` (:meth:`merging_helpers.llm.Scorer.swapped`). A variant that
+        changes blocks only runs from the first block it changes (:mod:`merging_helpers.llm_tail`;
+        ``from_block = False``: the whole model, the readable path)."""
+        examples = list(examples)
         self._no_head(head)
+        model, blocks = self.scorer.model, self.scorer.model.config.num_hidden_layers
+        starts = [first_block(v, blocks) for v in variants]
+        clean = None
+        if self.from_block and any(starts):  # a run from block 0 saves nothing: the whole model runs
+            self._load(params)
+            clean = record_block_inputs(model, self._prompts(task, examples), self.scorer.tokenizer.pad_token_id,
+                                        self.scorer.batch_size)
+            answers, labels = answer_tokens(self.scorer.tokenizer, self.zoo.tasks[task]), [y for _, y in examples]
         out = []
-        for variant in variants:
+        for variant, start in zip(variants, starts):
             with self.scorer.swapped(params, variant):
-                out.append(self._p_true(task, examples))
+                out.append(scores_of(logits_from_block(model, clean, start), answers, labels).p_true if clean and start
+                           else self._p_true(task, examples))
         return torch.tensor(out, dtype=torch.float64)
 
     @torch.no_grad()

