@@ -205,6 +205,11 @@ def left_padded(prompts: list[list[int]], pad_id: int) -> dict[str, torch.Tensor
     return {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(1) - 1).clamp(min=0)}
 
 
+def unwrapped(model):
+    """The causal LM itself: a peft model's wrapped model, any other model as it is (chapter 8b)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def model_device(model) -> torch.device:
     """Where ``model``'s weights are: every batch is moved there (chapter 8b)."""
     return next(model.parameters()).device
@@ -214,7 +219,7 @@ def last_logits(model, batch) -> torch.Tensor:
     """The vocabulary logits at the last position of every prompt, on the model's device: the blocks
     run on the whole prompt, the LM head on one position (not on every position, as ``model(...)``
     would); a peft model is read through the model it wraps (chapter 8)."""
-    model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    model = unwrapped(model)
     device = model_device(model)
     hidden = model.model(**{k: v.to(device) for k, v in batch.items()}).last_hidden_state[:, -1]
     return model.lm_head(hidden).float()
@@ -242,25 +247,32 @@ def shared_prefix(prompts: list[list[int]]) -> int:
     return n
 
 
+def repeated(prefix, rows: int):
+    """A copy of the prefix's keys and values ``prefix`` (one row), repeated for a batch of ``rows``
+    prompts (chapter 8b)."""
+    past = copy.deepcopy(prefix)
+    past.batch_repeat_interleave(rows)
+    return past
+
+
 def continuing(batch, prefix, n: int) -> dict:
     """``batch`` (left-padded prompts without their shared ``n``-token prefix) as the continuation of
     the prefix's keys and values ``prefix`` (None: ``batch`` as it is) (chapter 8b)."""
     if prefix is None:
         return batch
     rows = len(batch["input_ids"])
-    past = copy.deepcopy(prefix)
-    past.batch_repeat_interleave(rows)
+    past = repeated(prefix, rows)
     ones = torch.ones(rows, n, dtype=torch.long, device=batch["input_ids"].device)
     return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"] + n, "past_key_values": past,
             "attention_mask": torch.cat([ones, batch["attention_mask"]], 1)}
 
 
-def prompt_logits(model, prompts: list[list[int]], pad_id: int, batch_size: int = 32, reuse_prefix: bool = True):
-    """``(indices, logits)`` batches of the vocabulary logits at each prompt's last position (on the
-    CPU, wherever the model runs), the prompts taken shortest first (less padding). ``reuse_prefix``: the tokens all prompts share
-    run once, and every batch continues from their keys and values (the same logits as running
-    each prompt whole, to float rounding; on the tier's tasks they are half of every prompt) (chapter 8b)."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+def prefixed_runs(model, prompts: list[list[int]], pad_id: int, batch_size: int = 32, reuse_prefix: bool = True):
+    """The model's blocks on ``prompts`` in batches, shortest first (less padding); ``reuse_prefix``: the
+    tokens all prompts share run once, and every batch continues from their keys and values. Yields
+    ``(rows, batch, hidden)``: the prompts' indices, their own tokens left-padded (on the model's
+    device, positions counted from the end of the prefix) and the last block's hidden states (chapter 8b)."""
+    inner = unwrapped(model)
     device = model_device(inner)
     n = shared_prefix(prompts) if reuse_prefix else 0
     prefix = (inner.model(input_ids=torch.tensor([prompts[0][:n]], device=device), use_cache=True).past_key_values
@@ -269,8 +281,17 @@ def prompt_logits(model, prompts: list[list[int]], pad_id: int, batch_size: int 
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
         batch = {k: v.to(device) for k, v in left_padded([prompts[i][n:] for i in rows], pad_id).items()}
-        hidden = inner.model(**continuing(batch, prefix, n)).last_hidden_state[:, -1]
-        yield rows, inner.lm_head(hidden).float().cpu()
+        yield rows, batch, inner.model(**continuing(batch, prefix, n)).last_hidden_state
+
+
+def prompt_logits(model, prompts: list[list[int]], pad_id: int, batch_size: int = 32, reuse_prefix: bool = True):
+    """``(indices, logits)`` batches of the vocabulary logits at each prompt's last position (on the
+    CPU, wherever the model runs), the prompts taken shortest first (less padding). ``reuse_prefix``: the tokens all prompts share
+    run once, and every batch continues from their keys and values (the same logits as running
+    each prompt whole, to float rounding; on the tier's tasks they are half of every prompt) (chapter 8b)."""
+    head = unwrapped(model).lm_head
+    for rows, _, hidden in prefixed_runs(model, prompts, pad_id, batch_size, reuse_prefix):
+        yield rows, head(hidden[:, -1]).float().cpu()
 
 
 @torch.no_grad()

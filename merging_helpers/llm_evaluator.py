@@ -149,7 +149,8 @@ class LLMEvaluator:
         out = []
         for variant, start in zip(variants, starts):
             with self.scorer.swapped(params, variant):
-                out.append(scores_of(logits_from_block(model, clean, start), answers, labels).p_true if clean and start
+                fast = clean is not None and start
+                out.append(scores_of(logits_from_block(model, clean, start), answers, labels).p_true if fast
                            else self._p_true(task, examples))
         return torch.tensor(out, dtype=torch.float64)
 

@@ -14,12 +14,11 @@ the same logits (to float rounding).
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
 
-from .llm import continuing, left_padded, model_device, shared_prefix
+from .llm import prefixed_runs, repeated, shared_prefix, unwrapped
 
 
 @dataclass
@@ -33,31 +32,22 @@ class BlockInputs:
 
 
 def _blocks(model):
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = unwrapped(model)
     return inner, inner.model.layers
 
 
 @torch.no_grad()
 def record_block_inputs(model, prompts: list[list[int]], pad_id: int, batch_size: int = 32) -> BlockInputs:
     """The hidden state entering each block of the model as it is loaded, for every prompt (chapter 8b)."""
-    inner, layers = _blocks(model)
-    device = model_device(inner)
-    seen: list = []
+    _, layers = _blocks(model)
+    n, seen, prefix_states, batches = shared_prefix(prompts), [], None, []
     hooks = [layer.register_forward_pre_hook(lambda _, args: seen.append(args[0])) for layer in layers]
-    try:
-        n = shared_prefix(prompts)
-        prefix = None
-        if n:
-            prefix = inner.model(input_ids=torch.tensor([prompts[0][:n]], device=device), use_cache=True).past_key_values
-        prefix_states, seen[:] = list(seen), []
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        batches = []
-        for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
-            batch = {k: v.to(device) for k, v in left_padded([prompts[i][n:] for i in rows], pad_id).items()}
-            inner.model(**continuing(batch, prefix, n))
-            batches.append((rows, batch["attention_mask"], batch["position_ids"] + n, list(seen)))
-            seen[:] = []
+    try:  # the prefix's blocks run before the first batch's
+        for rows, batch, _ in prefixed_runs(model, prompts, pad_id, batch_size):
+            if prefix_states is None:
+                prefix_states = seen[:-len(layers)]
+            batches.append((rows, batch["attention_mask"], batch["position_ids"] + n, seen[-len(layers):]))
+            seen.clear()
     finally:
         for hook in hooks:
             hook.remove()
@@ -96,10 +86,7 @@ def logits_from_block(model, clean: BlockInputs, start: int):
         positions = torch.arange(clean.n, device=clean.prefix[start].device)[None]
         _run(inner, tail, clean.prefix[start], positions, None, prefix)
     for rows, attention_mask, positions, states in clean.batches:
-        cache = None
-        if prefix is not None:
-            cache = copy.deepcopy(prefix)
-            cache.batch_repeat_interleave(len(rows))
+        cache = None if prefix is None else repeated(prefix, len(rows))
         mask = _mask(attention_mask, clean.n)
         hidden = _run(inner, tail, states[start], positions, mask, cache)
         yield rows, inner.lm_head(inner.model.norm(hidden[:, -1])).float().cpu()

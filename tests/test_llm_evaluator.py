@@ -131,4 +131,3 @@ def test_every_method_of_chapter_8_runs_on_the_tier_through_its_protocol(tier, e
                       compare.apl_contender(evaluator, base, experts, shots, "gradient", "TA", "hidden")):
         outcome = compare.tune_and_test(evaluator, base, deltas, contender, 0.5, lambdas=(1.0,), seeds=(0, 1))
         assert len(outcome.test_per_seed) == 2 and set(outcome.shares) == {"compare", "sign"}
-
