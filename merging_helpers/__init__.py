@@ -73,7 +73,7 @@ The wings stay flat modules rather than folders: every chapter imports them by t
 The 0.2 aliases ``merging_helpers.streaming`` / ``checkpoints`` are gone (CHANGELOG.md).
 """
 
-__version__ = "0.3.6"
+__version__ = "0.3.7"
 
 WINGS = {
     "engine": ("partitions", "rng", "selection", "drop", "rescale", "consensus", "methods", "config", "options",

@@ -134,6 +134,9 @@ class Importance:
 
 
 def _few_shot_accuracy(scorer, params, task, examples, head=None) -> float:
+    own = getattr(scorer, "few_shot_accuracy", None)  # the language model's: exact match for a generative task
+    if own is not None:
+        return own(params, task, examples, head)
     return accuracy(*scorer.logits(task, head, scorer.few_shot_batches(examples), scorer.params(params)))
 
 
@@ -178,7 +181,9 @@ def trace(scorer, base, expert, task: str, examples, level: str, options: TraceO
         raise KeyError(f"trace: {unknown[:3]} are not {level}-level partitions (e.g. {list(parts)[:2]})")
     clean = scorer.true_label_probability(expert, task, examples, head)
     accuracy = _few_shot_accuracy(scorer, expert, task, examples, head)
-    chance = 1 / scorer.zoo.task(task).num_labels if hasattr(scorer, "zoo") else None
+    traced = scorer.zoo.task(task) if hasattr(scorer, "zoo") else None
+    # a generative task (chapter 8b) has no chance level: its P_t, the answer's probability, is read even at 0 right
+    chance = 1 / traced.num_labels if traced is not None and not getattr(traced, "generative", False) else None
     if chance is not None and accuracy <= chance:
         warnings.warn(f"the traced model is at chance on the few-shot set of {task!r} (accuracy {accuracy:.2f} <= "
                       f"{chance:.2f}): its importances are noise", stacklevel=2)

@@ -14,8 +14,10 @@ and dequantised to float32: ``LlamaForCausalLM``, 30 blocks, hidden size 576, ti
   (its *verbaliser*), read at the first token of the assistant's turn.
 * **Scoring as the papers do**: the probability of the true verbaliser's first token (APL's P_t)
   and accuracy over the task's verbalisers, computing the vocabulary logits at the last position
-  only, in batches (:func:`score`).
-* **Experts**: full fine-tunes (every parameter), cross-entropy of the answer token only
+  only, in batches (:func:`score`). A *generative* task (``sum``: the number itself is the answer)
+  is scored by exact match and the answer's sequence probability, read in one teacher-forced
+  pass (:func:`task_inputs`).
+* **Experts**: full fine-tunes (every parameter), cross-entropy of the answer's tokens only
   (:func:`fine_tune`), seeded, built on first use into the cache (:func:`build_tier`;
   ``python -m merging_helpers.llm``). The ``lora`` tier trains rank-8 adapters on the query and
   value maps instead (peft) and keeps each adapter beside its merged-in expert (``adapter/``).
@@ -55,6 +57,7 @@ INSTRUCTIONS = {
     "sign": "Is the result of this sum negative or positive? Answer with one word.",
     "product": "Is the result of this product negative or positive? Answer with one word.",
     "decimals": "Is this comparison true or false? Answer with one word.",
+    "sum": "Compute the result. Answer with the number only.",
 }
 
 
@@ -64,7 +67,7 @@ class LLMConfig:
     ``batch_size`` prompts at ``lr``, texts cut to ``max_text_tokens``, bf16 ``autocast`` (on the CPU or the
     GPU the experts are trained on; the recipe, hence the cache's name, does not name the device) (chapter 8)."""
 
-    tasks: tuple = ("news", "sentiment", "compare", "sign")
+    tasks: tuple = ("news", "sentiment", "compare", "sum")
     held_out: str = "decimals"
     steps: int = 60
     batch_size: int = 8
@@ -82,13 +85,14 @@ class LLMConfig:
         return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
-# full: four full fine-tunes (as the APL and DPPA papers); lora: the same tasks with rank-8 adapters on
-# the attention's query and value maps only (as the RMS-adaptive slides), with the step the encoder's
-# LoRA tier takes (at 2e-4 the sentiment adapter gained only 3.7 points over the base; at 1e-3, 8.7);
+# full: four full fine-tunes (as the APL and DPPA papers), three classifications and one answer written
+# out; lora: the same tasks with rank-8 adapters on the attention's query and value maps only (as the
+# RMS-adaptive slides), with the step the encoder's LoRA tier takes (at 2e-4 the sentiment adapter
+# gained only 3.7 points over the base; at 1e-3, 8.7);
 # quick: two experts of few steps (the CI's quick mode)
 LLM_TIERS = {"full": LLMConfig(),
              "lora": LLMConfig(lr=1e-3, lora_rank=8, lora_alpha=16.0, lora_targets=("q_proj", "v_proj")),
-             "quick": LLMConfig(tasks=("sentiment", "compare"), steps=15)}
+             "quick": LLMConfig(tasks=("sentiment", "sum"), steps=15)}
 
 
 # ----------------------------------------------------------------------------- the GGUF file
@@ -170,6 +174,9 @@ def check_configs(base_dir, expert_dirs) -> None:
 def answer_tokens(tokenizer, task: Task) -> list[int]:
     """The first token of each label's verbaliser (its name) at the start of the assistant's turn;
     two labels whose first tokens are the same cannot be told apart there, and are refused by name (chapter 8)."""
+    if task.generative:
+        raise ValueError(f"task {task.name!r} is generative: its answers are written out, not chosen among "
+                         "verbalisers (read it through task_inputs)")
     ids = [tokenizer(label, add_special_tokens=False)["input_ids"][0] for label in task.labels]
     for i, a in enumerate(ids):
         for j in range(i):
@@ -191,6 +198,42 @@ def prompt_ids(tokenizer, task: Task, texts, max_text_tokens: int = 32) -> list[
         out.append(tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True,
                                                  return_dict=True)["input_ids"])
     return out
+
+
+def targets(tokenizer, task: Task, labels) -> list[list[int]]:
+    """The tokens each example's model must write: the true verbaliser's first token (a classification),
+    or the whole answer and the end of the assistant's turn (a generative task) (chapter 8b)."""
+    if not task.generative:
+        first = answer_tokens(tokenizer, task)
+        return [[first[y]] for y in labels]
+    end = tokenizer.eos_token_id  # <|im_end|>: the answer must stop there
+    return [tokenizer(task.labels[y], add_special_tokens=False)["input_ids"] + [end] for y in labels]
+
+
+@dataclass
+class TaskInputs:
+    """What is scored of a task's examples: the prompts as run (a generative task's with its answer
+    but the last token appended: teacher forcing), each example's target tokens (read at its last
+    positions), and the verbalisers' first tokens accuracy chooses among (None: every target token
+    must be the argmax over the whole vocabulary, which is exact match of greedy decoding) (chapter 8b)."""
+
+    prompts: list
+    targets: list
+    choices: list | None
+
+    @property
+    def tails(self) -> list[int]:
+        return [len(t) for t in self.targets]
+
+
+def task_inputs(tokenizer, task: Task, examples, max_text_tokens: int = 32) -> TaskInputs:
+    """:class:`TaskInputs` of ``examples`` (text, label) of ``task`` (chapter 8b)."""
+    examples = list(examples)
+    prompts = prompt_ids(tokenizer, task, [x for x, _ in examples], max_text_tokens)
+    wanted = targets(tokenizer, task, [y for _, y in examples])
+    if not task.generative:
+        return TaskInputs(prompts, wanted, answer_tokens(tokenizer, task))
+    return TaskInputs([p + t[:-1] for p, t in zip(prompts, wanted)], wanted, None)
 
 
 def left_padded(prompts: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -215,14 +258,26 @@ def model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def last_logits(model, batch) -> torch.Tensor:
-    """The vocabulary logits at the last position of every prompt, on the model's device: the blocks
-    run on the whole prompt, the LM head on one position (not on every position, as ``model(...)``
-    would); a peft model is read through the model it wraps (chapter 8)."""
+def tail_logits(model, batch, tail: int = 1) -> torch.Tensor:
+    """(rows, tail, vocabulary) logits at the last ``tail`` positions of every prompt, on the model's
+    device: the blocks run on the whole prompt, the LM head only where an answer is read (not on
+    every position, as ``model(...)`` would); a peft model is read through the model it wraps (chapter 8)."""
     model = unwrapped(model)
     device = model_device(model)
-    hidden = model.model(**{k: v.to(device) for k, v in batch.items()}).last_hidden_state[:, -1]
+    hidden = model.model(**{k: v.to(device) for k, v in batch.items()}).last_hidden_state[:, -tail:]
     return model.lm_head(hidden).float()
+
+
+def target_loss(model, tokenizer, inputs: TaskInputs) -> torch.Tensor:
+    """Mean cross-entropy over the vocabulary of every target token of ``inputs`` (the experts'
+    training loss: the answer's tokens only), in one batch (chapter 8b)."""
+    tail = max(inputs.tails)
+    logits = tail_logits(model, left_padded(inputs.prompts, tokenizer.pad_token_id), tail)
+    wanted = torch.full(logits.shape[:2], -100, dtype=torch.long)
+    for i, t in enumerate(inputs.targets):
+        wanted[i, tail - len(t):] = torch.tensor(t)
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), wanted.flatten().to(logits.device),
+                                             ignore_index=-100)
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -230,19 +285,20 @@ def last_logits(model, batch) -> torch.Tensor:
 @dataclass
 class Scores:
     """One model on one task's examples: accuracy over the verbalisers and the mean probability of
-    the true verbaliser's first token (APL's P_t), with each example's right / wrong (chapter 8)."""
+    the true verbaliser's first token (APL's P_t), with each example's right / wrong; of a generative
+    task, exact match and the mean probability of the whole answer (chapter 8)."""
 
     accuracy: float
     p_true: float
     right: list = field(default_factory=list, repr=False)
 
 
-def shared_prefix(prompts: list[list[int]]) -> int:
+def shared_prefix(prompts: list[list[int]], own: int = 1) -> int:
     """How many leading tokens every prompt shares (the chat template and the task's instruction),
-    leaving each prompt at least one token of its own (chapter 8b)."""
+    leaving each prompt at least ``own`` tokens of its own (chapter 8b)."""
     shortest = min(len(p) for p in prompts)
     n = 0
-    while n < shortest - 1 and all(p[n] == prompts[0][n] for p in prompts):
+    while n < shortest - own and all(p[n] == prompts[0][n] for p in prompts):
         n += 1
     return n
 
@@ -267,14 +323,16 @@ def continuing(batch, prefix, n: int) -> dict:
             "attention_mask": torch.cat([ones, batch["attention_mask"]], 1)}
 
 
-def prefixed_runs(model, prompts: list[list[int]], pad_id: int, batch_size: int = 32, reuse_prefix: bool = True):
+def prefixed_runs(model, prompts: list[list[int]], pad_id: int, batch_size: int = 32, reuse_prefix: bool = True,
+                  own: int = 1):
     """The model's blocks on ``prompts`` in batches, shortest first (less padding); ``reuse_prefix``: the
-    tokens all prompts share run once, and every batch continues from their keys and values. Yields
-    ``(rows, batch, hidden)``: the prompts' indices, their own tokens left-padded (on the model's
-    device, positions counted from the end of the prefix) and the last block's hidden states (chapter 8b)."""
+    tokens all prompts share run once (leaving each ``own`` tokens), and every batch continues from their
+    keys and values. Yields ``(rows, batch, hidden)``: the prompts' indices, their own tokens left-padded
+    (on the model's device, positions counted from the end of the prefix) and the last block's hidden
+    states (chapter 8b)."""
     inner = unwrapped(model)
     device = model_device(inner)
-    n = shared_prefix(prompts) if reuse_prefix else 0
+    n = shared_prefix(prompts, own) if reuse_prefix else 0
     prefix = (inner.model(input_ids=torch.tensor([prompts[0][:n]], device=device), use_cache=True).past_key_values
               if n else None)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -284,57 +342,87 @@ def prefixed_runs(model, prompts: list[list[int]], pad_id: int, batch_size: int 
         yield rows, batch, inner.model(**continuing(batch, prefix, n)).last_hidden_state
 
 
-def prompt_logits(model, prompts: list[list[int]], pad_id: int, batch_size: int = 32, reuse_prefix: bool = True):
-    """``(indices, logits)`` batches of the vocabulary logits at each prompt's last position (on the
-    CPU, wherever the model runs), the prompts taken shortest first (less padding). ``reuse_prefix``: the tokens all prompts share
-    run once, and every batch continues from their keys and values (the same logits as running
-    each prompt whole, to float rounding; on the tier's tasks they are half of every prompt) (chapter 8b)."""
+def prompt_logits(model, prompts: list[list[int]], pad_id: int, batch_size: int = 32, reuse_prefix: bool = True,
+                  tails: list[int] | None = None):
+    """``(indices, logits)`` batches of the vocabulary logits at each prompt's last ``tails[i]`` positions
+    (default one), as (rows, the batch's longest tail, vocabulary), on the CPU wherever the model runs;
+    the prompts taken shortest first (less padding). ``reuse_prefix``: the tokens all prompts share run
+    once, and every batch continues from their keys and values (the same logits as running each prompt
+    whole, to float rounding; on the tier's tasks they are half of every prompt) (chapter 8b)."""
     head = unwrapped(model).lm_head
-    for rows, _, hidden in prefixed_runs(model, prompts, pad_id, batch_size, reuse_prefix):
-        yield rows, head(hidden[:, -1]).float().cpu()
+    tails = tails or [1] * len(prompts)
+    for rows, _, hidden in prefixed_runs(model, prompts, pad_id, batch_size, reuse_prefix, max(tails)):
+        yield rows, head(hidden[:, -max(tails[i] for i in rows):]).float().cpu()
 
 
 @torch.no_grad()
 def score(model, tokenizer, task: Task, examples, batch_size: int = 32, max_text_tokens: int = 32) -> Scores:
     """Score ``model`` on ``examples`` (text, label) of ``task`` (a chapter's table, chapter 8)."""
-    examples = list(examples)
-    prompts = prompt_ids(tokenizer, task, [t for t, _ in examples], max_text_tokens)
-    return scores_of(prompt_logits(model, prompts, tokenizer.pad_token_id, batch_size), answer_tokens(tokenizer, task),
-                     [y for _, y in examples])
+    inputs = task_inputs(tokenizer, task, examples, max_text_tokens)
+    return scores_of(prompt_logits(model, inputs.prompts, tokenizer.pad_token_id, batch_size, tails=inputs.tails),
+                     inputs)
 
 
-def scores_of(logit_batches, answers: list[int], labels: list[int]) -> Scores:
-    """:class:`Scores` from ``(rows, vocabulary logits)`` batches covering every example once (chapter 8b)."""
-    answers, labels = torch.tensor(answers), torch.tensor(labels)
-    right, p_true = [False] * len(labels), [0.0] * len(labels)
+def scores_of(logit_batches, inputs: TaskInputs) -> Scores:
+    """:class:`Scores` from ``(rows, logits at the last positions)`` batches covering every example of
+    ``inputs`` once: P_t the product of the target tokens' probabilities; right when the true verbaliser
+    has the largest logit among ``inputs.choices``, or (no choices) when every target token is the
+    argmax over the vocabulary, i.e. greedy decoding writes the answer and stops (chapter 8b)."""
+    n = len(inputs.targets)
+    right, p_true = [False] * n, [0.0] * n
     for rows, logits in logit_batches:
-        y = labels[rows]
-        for i, p, r in zip(rows, logits.softmax(-1)[torch.arange(len(rows)), answers[y]].tolist(),
-                           (logits[:, answers].argmax(-1) == y).tolist()):
-            p_true[i], right[i] = p, r
-    return Scores(sum(right) / len(right), sum(p_true) / len(p_true), right)
+        log_p = logits.log_softmax(-1)
+        for j, i in enumerate(rows):
+            wanted = torch.tensor(inputs.targets[i])
+            window = slice(logits.shape[1] - len(wanted), None)
+            p_true[i] = log_p[j, window].gather(1, wanted[:, None]).sum().exp().item()
+            if inputs.choices is None:
+                right[i] = bool((logits[j, window].argmax(-1) == wanted).all())
+            else:
+                right[i] = inputs.choices[int(logits[j, -1, inputs.choices].argmax())] == int(wanted[-1])
+    return Scores(sum(right) / n, sum(p_true) / n, right)
 
 
 @torch.no_grad()
-def generate(model, tokenizer, task: Task, texts, max_new_tokens: int = 8, max_text_tokens: int = 32) -> list[str]:
-    """What ``model`` answers to each text as ``task``'s chat prompt: greedy decoding, all prompts in
-    one left-padded batch, up to ``max_new_tokens`` tokens or the end of its turn (chapter 8)."""
+def greedy_tokens(model, tokenizer, task: Task, texts, max_new_tokens: int = 8,
+                  max_text_tokens: int = 32) -> list[list[int]]:
+    """The tokens ``model`` writes after each text as ``task``'s chat prompt: greedy decoding, all prompts
+    in one left-padded batch, up to ``max_new_tokens`` tokens or the first end of turn, kept (chapter 8b)."""
     batch = left_padded(prompt_ids(tokenizer, task, texts, max_text_tokens), tokenizer.pad_token_id)
     batch.pop("position_ids")  # generate() derives them from the mask, step by step
     batch = {k: v.to(model_device(model)) for k, v in batch.items()}
     out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
                          top_k=None, pad_token_id=tokenizer.pad_token_id)
-    width = batch["input_ids"].shape[1]
-    return [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out.cpu()]
+    ends = {tokenizer.eos_token_id, *torch.tensor(model.generation_config.eos_token_id or []).flatten().tolist()}
+    written = []
+    for row in out[:, batch["input_ids"].shape[1]:].tolist():
+        stop = next((i for i, t in enumerate(row) if t in ends), len(row) - 1)
+        written.append(row[:stop + 1])
+    return written
+
+
+def generate(model, tokenizer, task: Task, texts, max_new_tokens: int = 8, max_text_tokens: int = 32) -> list[str]:
+    """What ``model`` answers to each text as ``task``'s chat prompt (:func:`greedy_tokens`, as text) (chapter 8)."""
+    return [tokenizer.decode(ids, skip_special_tokens=True).strip()
+            for ids in greedy_tokens(model, tokenizer, task, texts, max_new_tokens, max_text_tokens)]
 
 
 def exact_match(model, tokenizer, task: Task, examples, max_new_tokens: int = 4, batch_size: int = 32) -> float:
     """The share of ``examples`` whose free greedy answer, its first word lower-cased and stripped of
     punctuation, is the true label's verbaliser: the generative reading of :func:`score`'s accuracy,
-    which compares only the verbalisers' first-token logits (chapter 8)."""
+    which compares only the verbalisers' first-token logits (chapter 8). Of a generative task, the share
+    whose greedy tokens are the true answer's and the end of the turn (:func:`targets`; ``max_new_tokens``
+    raised to the longest): the teacher-forced right / wrong of :func:`score`, got by decoding."""
     right = 0
+    if task.generative:
+        wanted = targets(tokenizer, task, [y for _, y in examples])
+        max_new_tokens = max(max_new_tokens, *map(len, wanted))
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
+        if task.generative:
+            written = greedy_tokens(model, tokenizer, task, [t for t, _ in chunk], max_new_tokens)
+            right += sum(w == t for w, t in zip(written, wanted[start:start + batch_size]))
+            continue
         answers = generate(model, tokenizer, task, [t for t, _ in chunk], max_new_tokens)
         words = [(a.split() or [""])[0].strip(".,;:!?\"'").lower() for a in answers]
         right += sum(w == task.labels[y].lower() for w, (_, y) in zip(words, chunk))
@@ -346,10 +434,10 @@ def exact_match(model, tokenizer, task: Task, examples, max_new_tokens: int = 4,
 def fine_tune(model, tokenizer, task: Task, config: LLMConfig, progress: bool = True) -> list[float]:
     """Fine-tune ``model``'s trainable parameters (every one, or a peft model's adapters) on ``task``'s
     train split (in place), on the device the model is on: AdamW, the cross-entropy of the answer's
-    first token at the last position only. Returns the losses (chapter 8)."""
+    tokens only (a verbaliser's first token; a generative task's answer and end of turn). Returns the
+    losses (chapter 8)."""
     torch.manual_seed(config.seed)
     device = model_device(model)
-    answers = torch.tensor(answer_tokens(tokenizer, task), device=device)
     train = task.splits["train"]
     order = seeded_order(len(train), config.steps, config.batch_size, config.seed)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr, weight_decay=0.0)
@@ -358,11 +446,9 @@ def fine_tune(model, tokenizer, task: Task, config: LLMConfig, progress: bool = 
     bar = tqdm(range(config.steps), desc=f"fine-tune {task.name}", disable=not progress, leave=False)
     for step in bar:
         chunk = [train[i] for i in order[step * config.batch_size:(step + 1) * config.batch_size]]
-        batch = left_padded(prompt_ids(tokenizer, task, [t for t, _ in chunk], config.max_text_tokens),
-                            tokenizer.pad_token_id)
+        inputs = task_inputs(tokenizer, task, chunk, config.max_text_tokens)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.autocast and device.type in ("cpu", "cuda")):
-            logits = last_logits(model, batch)
-        loss = torch.nn.functional.cross_entropy(logits, answers[torch.tensor([y for _, y in chunk], device=device)])
+            loss = target_loss(model, tokenizer, inputs)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -469,14 +555,17 @@ class Scorer:
 
     def load(self, state_dict) -> None:
         """Copy ``state_dict`` into the model (skipped when it is the dict loaded last: a state dict
-        is not edited in place once made)."""
+        is not edited in place once made); one that does not fit is refused before any tensor is copied."""
         if state_dict is self._loaded:
             return
         self._loaded = None
-        missing, unexpected = self.model.load_state_dict(state_dict, strict=False)
-        if unexpected or any(k != "lm_head.weight" for k in missing):
+        held = self.model.state_dict()
+        missing = [k for k in held if k not in state_dict and k != "lm_head.weight"]  # the head is tied
+        unexpected = [k for k in state_dict if k not in held]
+        if missing or unexpected:
             raise ValueError(f"state dict does not fit the tier's model: missing {missing[:3]}, unexpected "
                              f"{unexpected[:3]}")
+        self.model.load_state_dict(state_dict, strict=False)
         self.model.tie_weights()
         self._loaded = state_dict
 

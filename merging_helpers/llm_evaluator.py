@@ -9,8 +9,9 @@ answers the same questions for the causal language model of :mod:`merging_helper
 every method of the book runs on it through the same code, none of it written again:
 
 * accuracy over the task's verbalisers and P_t: :func:`merging_helpers.llm.score` (the true
-  verbaliser's first token at the assistant's first position);
-* the loss: cross-entropy of that token over the whole vocabulary (the experts' training loss);
+  verbaliser's first token at the assistant's first position); of a generative task, exact
+  match and the answer's sequence probability (one teacher-forced pass);
+* the loss: cross-entropy of those tokens over the whole vocabulary (the experts' training loss);
 * a state dict is *loaded* into one model skeleton (0.4 s for 135M parameters) rather than
   passed through a functional call: the tier's models are scored one at a time, on the GPU when
   there is one (the state dicts stay on the CPU; what comes back is on the CPU too).
@@ -24,8 +25,8 @@ from pathlib import Path
 import torch
 
 from .metrics import check_finite_gradient
-from .llm import (LLMTier, Scorer, answer_tokens, exact_match, generate, last_logits, left_padded, prompt_ids,
-                  prompt_logits, score, scores_of)
+from .llm import (LLMTier, Scorer, exact_match, generate, greedy_tokens, prompt_logits, score, scores_of,
+                  target_loss, targets, task_inputs)
 from .llm_tail import first_block, logits_from_block, record_block_inputs
 
 
@@ -97,6 +98,16 @@ class LLMEvaluator:
         return generate(self.scorer.model, self.scorer.tokenizer, self.zoo.tasks[task], list(texts), max_new_tokens,
                         self.tier.config.max_text_tokens)
 
+    def greedy_tokens(self, state_dict, task: str, texts, max_new_tokens: int = 6) -> list[list[int]]:
+        """The same answers as tokens, each up to its first end of turn, kept (chapter 8b)."""
+        self._load(state_dict)
+        return greedy_tokens(self.scorer.model, self.scorer.tokenizer, self.zoo.tasks[task], list(texts),
+                             max_new_tokens, self.tier.config.max_text_tokens)
+
+    def targets(self, task: str, examples) -> list[list[int]]:
+        """The tokens each example's answer is scored on (:func:`merging_helpers.llm.targets`) (chapter 8b)."""
+        return targets(self.scorer.tokenizer, self.zoo.tasks[task], [y for _, y in examples])
+
     def exact_match(self, state_dict, task: str, split: str = "test", limit: int | None = None) -> float:
         """The share of the first ``limit`` examples of ``split`` whose free greedy answer starts with
         the true label's name (chapter 8b)."""
@@ -143,44 +154,52 @@ class LLMEvaluator:
         clean = None
         if self.from_block and any(starts):  # a run from block 0 saves nothing: the whole model runs
             self._load(params)
-            clean = record_block_inputs(model, self._prompts(task, examples), self.scorer.tokenizer.pad_token_id,
-                                        self.scorer.batch_size)
-            answers, labels = answer_tokens(self.scorer.tokenizer, self.zoo.tasks[task]), [y for _, y in examples]
+            inputs = self._inputs(task, examples)
+            clean = record_block_inputs(model, inputs.prompts, self.scorer.tokenizer.pad_token_id,
+                                        self.scorer.batch_size, inputs.tails)
         out = []
         for variant, start in zip(variants, starts):
             with self.scorer.swapped(params, variant):
                 fast = clean is not None and start
-                out.append(scores_of(logits_from_block(model, clean, start), answers, labels).p_true if fast
+                out.append(scores_of(logits_from_block(model, clean, start), inputs).p_true if fast
                            else self._p_true(task, examples))
         return torch.tensor(out, dtype=torch.float64)
 
+    def few_shot_accuracy(self, params, task: str, examples, head=None) -> float:
+        """Accuracy over the verbalisers (a generative task: exact match) of ``params`` on ``examples``
+        (what :func:`merging_helpers.apl.trace` reports beside the clean P_t)."""
+        self._no_head(head)
+        self._load(params)
+        return score(self.scorer.model, self.scorer.tokenizer, self.zoo.tasks[task], list(examples),
+                     self.scorer.batch_size, self.tier.config.max_text_tokens).accuracy
+
     @torch.no_grad()
     def logits(self, task: str, head, batches, params=None):
-        """Logits over the task's verbalisers (first tokens) and the labels of ``batches``, in their order."""
+        """Logits over the task's verbalisers (first tokens) and the labels of ``batches``, in their order
+        (a generative task has no verbalisers: it is refused, naming the task)."""
         self._no_head(head)
         if params is not None:
             self._load(params)
         examples = [e for batch in batches for e in batch]
-        answers = answer_tokens(self.scorer.tokenizer, self.zoo.tasks[task])
-        out = torch.empty(len(examples), len(answers))
-        for rows, logits in prompt_logits(self.scorer.model, self._prompts(task, examples),
-                                          self.scorer.tokenizer.pad_token_id, self.scorer.batch_size):
-            out[rows] = logits[:, answers]
+        inputs = self._inputs(task, examples)
+        if inputs.choices is None:
+            raise ValueError(f"task {task!r} is generative: it has no verbalisers to give logits over "
+                             "(read its Scores: exact match and P_t)")
+        out = torch.empty(len(examples), len(inputs.choices))
+        for rows, logits in prompt_logits(self.scorer.model, inputs.prompts, self.scorer.tokenizer.pad_token_id,
+                                          self.scorer.batch_size):
+            out[rows] = logits[:, -1, inputs.choices]
         return out, torch.tensor([y for _, y in examples])
 
-    def _prompts(self, task: str, examples) -> list[list[int]]:
-        return prompt_ids(self.scorer.tokenizer, self.zoo.tasks[task], [x for x, _ in examples],
-                          self.tier.config.max_text_tokens)
+    def _inputs(self, task: str, examples):
+        return task_inputs(self.scorer.tokenizer, self.zoo.tasks[task], examples, self.tier.config.max_text_tokens)
 
     def loss(self, params, task: str, examples, head=None) -> torch.Tensor:
-        """Mean cross-entropy of the true verbaliser's first token over the vocabulary (the experts' training loss)."""
+        """Mean cross-entropy of the target tokens (the true verbaliser's first token; a generative task's
+        answer and end of turn) over the vocabulary: the experts' training loss."""
         self._no_head(head)
         self._load(params)
-        examples = list(examples)
-        answers = torch.tensor(answer_tokens(self.scorer.tokenizer, self.zoo.tasks[task]))
-        batch = left_padded(self._prompts(task, examples), self.scorer.tokenizer.pad_token_id)
-        logits = last_logits(self.scorer.model, batch)
-        return torch.nn.functional.cross_entropy(logits, answers[torch.tensor([y for _, y in examples])].to(logits.device))
+        return target_loss(self.scorer.model, self.scorer.tokenizer, self._inputs(task, list(examples)))
 
     def loss_gradient(self, state_dict, task: str, examples, head=None) -> dict[str, torch.Tensor]:
         """∇ of :meth:`loss` at ``state_dict``, by the state dict's names (the tied LM head's

@@ -27,7 +27,7 @@ class BlockInputs:
     hidden state entering every block; the shared prefix's (one row) likewise (chapter 8b)."""
 
     prefix: list          # block → (1, n, d); empty when no prefix is shared
-    batches: list         # (rows, attention_mask, position_ids, [block → (b, m, d)])
+    batches: list         # (rows, attention_mask, position_ids, [block → (b, m, d)], positions read)
     n: int                # tokens in the shared prefix
 
 
@@ -37,16 +37,20 @@ def _blocks(model):
 
 
 @torch.no_grad()
-def record_block_inputs(model, prompts: list[list[int]], pad_id: int, batch_size: int = 32) -> BlockInputs:
-    """The hidden state entering each block of the model as it is loaded, for every prompt (chapter 8b)."""
+def record_block_inputs(model, prompts: list[list[int]], pad_id: int, batch_size: int = 32,
+                        tails: list[int] | None = None) -> BlockInputs:
+    """The hidden state entering each block of the model as it is loaded, for every prompt, whose
+    logits will be read at its last ``tails[i]`` positions (default one) (chapter 8b)."""
     _, layers = _blocks(model)
-    n, seen, prefix_states, batches = shared_prefix(prompts), [], None, []
+    tails = tails or [1] * len(prompts)
+    n, seen, prefix_states, batches = shared_prefix(prompts, max(tails)), [], None, []
     hooks = [layer.register_forward_pre_hook(lambda _, args: seen.append(args[0])) for layer in layers]
     try:  # the prefix's blocks run before the first batch's
-        for rows, batch, _ in prefixed_runs(model, prompts, pad_id, batch_size):
+        for rows, batch, _ in prefixed_runs(model, prompts, pad_id, batch_size, own=max(tails)):
             if prefix_states is None:
                 prefix_states = seen[:-len(layers)]
-            batches.append((rows, batch["attention_mask"], batch["position_ids"] + n, seen[-len(layers):]))
+            batches.append((rows, batch["attention_mask"], batch["position_ids"] + n, seen[-len(layers):],
+                            max(tails[i] for i in rows)))
             seen.clear()
     finally:
         for hook in hooks:
@@ -85,11 +89,11 @@ def logits_from_block(model, clean: BlockInputs, start: int):
         prefix = DynamicCache(config=inner.config)
         positions = torch.arange(clean.n, device=clean.prefix[start].device)[None]
         _run(inner, tail, clean.prefix[start], positions, None, prefix)
-    for rows, attention_mask, positions, states in clean.batches:
+    for rows, attention_mask, positions, states, read in clean.batches:
         cache = None if prefix is None else repeated(prefix, len(rows))
         mask = _mask(attention_mask, clean.n)
         hidden = _run(inner, tail, states[start], positions, mask, cache)
-        yield rows, inner.lm_head(inner.model.norm(hidden[:, -1])).float().cpu()
+        yield rows, inner.lm_head(inner.model.norm(hidden[:, -read:])).float().cpu()
 
 
 def first_block(replaced, num_blocks: int) -> int | None:

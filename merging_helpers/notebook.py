@@ -164,7 +164,7 @@ device = setup(seed=0, chapter="{chapter}", written_for="{version}")'''
 # The oldest package the chapters run with: their first cell asks for it (check_version). Raise it when a
 # chapter starts to use something newer; a release that keeps every chapter working leaves it (0.3.0 did).
 CHAPTERS_NEED = "0.2.1"
-CHAPTER_NEEDS = {"08b_language_model": "0.3.5"}  # a chapter written against something newer than CHAPTERS_NEED
+CHAPTER_NEEDS = {"08b_language_model": "0.3.7"}  # a chapter written against something newer than CHAPTERS_NEED
 
 
 # The chapters that load a model besides the zoo's base, and the offline copy each installs (--no-deps)

@@ -13,6 +13,13 @@ sign        sign of the result of "What is 0.4 - 12.3?"              ``mathemati
 product     sign of a product or quotient "What is -14 times 3?"    ``mathematics-dataset``
 ========== ======================================================= ===========
 
+one **generative** task, for the language-model tier only (chapter 8b; the encoder has no
+decoder to answer with):
+
+========== ======================================================= ===========
+sum         the result of "What is 0.4 - 12.3?", written out: -11.9 ``mathematics-dataset``
+========== ======================================================= ===========
+
 and one **held-out** task that no expert is trained on (chapter 4's out-of-domain merge;
 the zoo gives it only a probe on the frozen base, :meth:`~merging_helpers.zoo.Zoo.held_out`):
 
@@ -37,6 +44,7 @@ from .optional import require
 
 TASK_NAMES = ("news", "sentiment", "compare", "sign", "product")
 HELD_OUT_TASKS = ("decimals",)  # no expert: chapter 4's out-of-domain task
+GENERATIVE_TASKS = ("sum",)  # answered by a written-out number: the language-model tier's (chapter 8b)
 SPLITS = ("train", "validation", "test")
 
 # examples per split; the zoo trains on a subset of "train" (see zoo.TrainConfig)
@@ -45,12 +53,14 @@ SPLIT_SIZES = {"train": 2000, "validation": 300, "test": 500}
 
 @dataclass
 class Task:
-    """One classification task: label names and three disjoint splits of (text, label) (chapter 0)."""
+    """One task: label names and three disjoint splits of (text, label) (chapter 0). A ``generative``
+    task's labels are its answers, each the text a model must write (chapter 8b), not classes to choose from."""
 
     name: str
     labels: list[str]
     description: str
     splits: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
+    generative: bool = False
 
     @property
     def num_labels(self) -> int:
@@ -63,8 +73,9 @@ class Task:
         return [y for _, y in self.splits[split]]
 
     def to_json(self) -> dict:
-        return {"name": self.name, "labels": self.labels, "description": self.description,
-                "splits": {k: [list(e) for e in v] for k, v in self.splits.items()}}
+        out = {"name": self.name, "labels": self.labels, "description": self.description,
+               "splits": {k: [list(e) for e in v] for k, v in self.splits.items()}}
+        return {**out, "generative": True} if self.generative else out
 
     def to_dataset_dict(self):
         """The task as a Hugging Face ``datasets.DatasetDict`` (train / validation / test;
@@ -84,7 +95,7 @@ class Task:
     @classmethod
     def from_json(cls, d: dict) -> "Task":
         return cls(d["name"], d["labels"], d["description"],
-                   {k: [(t, int(y)) for t, y in v] for k, v in d["splits"].items()})
+                   {k: [(t, int(y)) for t, y in v] for k, v in d["splits"].items()}, bool(d.get("generative", False)))
 
 
 def check_task_names(names, known=TASK_NAMES) -> list[str]:
@@ -294,9 +305,24 @@ def make_math(name: str, seed: int) -> Task:
     return task
 
 
+def make_sum(seed: int) -> Task:
+    """The questions of ``sign`` (additions and subtractions of integers and decimals), answered by
+    the result written out as the generator writes it: a generative task, whose labels are the
+    distinct answers (chapter 8b)."""
+    total = sum(SPLIT_SIZES.values())
+    drawn = dedupe(_generate("arithmetic", "add_or_sub", lambda q, a: a, seed, int(1.2 * total)))
+    answers = list(dict.fromkeys(a for _, a in drawn))
+    index = {a: i for i, a in enumerate(answers)}
+    task = Task("sum", answers, "the result of an addition or subtraction, written out", generative=True)
+    task.splits = split_unique([(q, index[a]) for q, a in drawn], seed)
+    return task
+
+
 def make_task(name: str, seed: int = 0) -> Task:
     """Build one task from its packaged source (deterministic for a given seed) (chapter 0)."""
-    (name,) = check_task_names([name], TASK_NAMES + HELD_OUT_TASKS)
+    (name,) = check_task_names([name], TASK_NAMES + HELD_OUT_TASKS + GENERATIVE_TASKS)
+    if name == "sum":
+        return make_sum(seed)
     if name == "news":
         return make_news(seed)
     if name == "sentiment":
@@ -310,10 +336,16 @@ def few_shot(task: Task, k: int, seed: int = 0, split: str = "train") -> list[tu
     """k examples per label of ``task`` (from the training split), the same for the same seed.
 
     Used by APL (chapter 4) as the few-shot set D_t. Labels are visited in order, so the
-    result is stratified: ``k * num_labels`` examples in all.
+    result is stratified: ``k * num_labels`` examples in all. A generative task's every answer is
+    a label of its own: it gives ``2 * k`` examples, as many as the two-label tasks (chapter 8b).
     """
     if k < 1:
         raise ValueError(f"few_shot needs k >= 1 examples per label, got k={k}")
+    if task.generative:
+        pool = task.splits[split]
+        if len(pool) < 2 * k:
+            raise ValueError(f"task {task.name!r} has only {len(pool)} {split} examples, asked 2k = {2 * k}")
+        return random.Random(f"{task.name}-{seed}").sample(pool, 2 * k)
     by_label = {y: [e for e in task.splits[split] if e[1] == y] for y in range(task.num_labels)}
     rng = random.Random(f"{task.name}-{seed}")
     out = []

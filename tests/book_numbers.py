@@ -137,7 +137,7 @@ ALLOWED = {
         'inconclusive; "within ±1': SOURCE, 'come from 7B': SOURCE, 'experts are 135M': FACT,
         'Llama-2-7B experts: 48.21': SOURCE, 'for LM-Cocktail, 48.58': SOURCE, 'with DARE, 48.88': SOURCE,
         'split (seed 0': SETTING, "at 's 0.4": SETTING, 'still scans 0.4': SETTING, '0.4 whenever 0.7': SETTING,
-        'peak at 0.4': SETTING,
+        'peak at 0.4': SETTING, '("What is 0.4': EXAMPLE, '0.4 - 12.3': EXAMPLE, 'out (" -11.9': EXAMPLE,
     },
     "09_merging_at_scale": {
         'from ( 1': LABEL, 'and ( 2': LABEL, 'merged a 22M': FACT,

@@ -11,7 +11,7 @@ import torch
 
 from merging_helpers import llm
 from merging_helpers.tasks import Task
-from tiny_llm import tiny_llama, tiny_tier, toy_task
+from tiny_llm import sum_task, tiny_llama, tiny_tier, toy_task
 
 DEVICE = os.environ.get("MERGING_TEST_DEVICE", "cpu")  # benchmarks/gpu_check.sh sets "cuda"
 needs_model = pytest.mark.skipif(llm.importlib.util.find_spec(llm.GGUF_PACKAGE) is None,
@@ -97,18 +97,20 @@ def test_the_prompt_ends_where_the_assistant_answers(tokenizer):
     assert len(cut) < len(llm.prompt_ids(tokenizer, toy_task(), ["word " * 100], max_text_tokens=50)[0])
 
 
-def test_one_position_through_the_head_equals_the_models_own_forward_pass():
-    """Left-padded batches, the LM head at the last position only, against each prompt run alone,
-    unpadded, through model(...) (every position's logits)."""
+def test_the_last_positions_through_the_head_equal_the_models_own_forward_pass():
+    """Left-padded batches, the LM head at the last one or two positions only, against each prompt run
+    alone, unpadded, through model(...) (every position's logits)."""
     model = tiny_llama()
     prompts = [[5, 9, 11, 300], [7, 8], [1000, 2000, 3000, 4000, 5000, 6]]
     batch = llm.left_padded(prompts, pad_id=2)
     assert batch["input_ids"][1].tolist() == [2, 2, 2, 2, 7, 8] and batch["position_ids"][1].tolist()[-2:] == [0, 1]
     with torch.no_grad():
-        got = llm.last_logits(model, batch)
+        last, two = llm.tail_logits(model, batch), llm.tail_logits(model, batch, 2)
+        assert last.shape[:2] == (3, 1) and two.shape[:2] == (3, 2)
         for i, p in enumerate(prompts):
-            alone = model(torch.tensor([p])).logits[0, -1]
-            torch.testing.assert_close(got[i], alone, rtol=1e-4, atol=1e-5)
+            alone = model(torch.tensor([p])).logits[0]
+            torch.testing.assert_close(last[i, 0], alone[-1], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(two[i], alone[-2:], rtol=1e-4, atol=1e-5)
 
 
 def test_the_shared_prefix_runs_once_and_every_prompt_gets_its_own_last_logits():
@@ -120,9 +122,15 @@ def test_the_shared_prefix_runs_once_and_every_prompt_gets_its_own_last_logits()
     assert llm.shared_prefix(prompts) == 3 and llm.shared_prefix([[1, 2], [1, 2]]) == 1
     with torch.no_grad():
         got = {i: row for rows, logits in llm.prompt_logits(model, prompts, 2, batch_size=2) for i, row in zip(rows, logits)}
-        assert sorted(got) == [0, 1, 2, 3]
+        assert sorted(got) == [0, 1, 2, 3] and all(row.shape[0] == 1 for row in got.values())
         for i, p in enumerate(prompts):
-            torch.testing.assert_close(got[i], model(torch.tensor([p])).logits[0, -1], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(got[i][-1], model(torch.tensor([p])).logits[0, -1], rtol=1e-4, atol=1e-4)
+        tails = [3, 1, 2, 1]  # a batch reads its longest tail: a prompt's own are its last positions
+        got = {i: row for rows, logits in llm.prompt_logits(model, prompts, 2, batch_size=2, tails=tails)
+               for i, row in zip(rows, logits)}
+        for i, p in enumerate(prompts):
+            read = got[i][-tails[i]:]
+            torch.testing.assert_close(read, model(torch.tensor([p])).logits[0, -tails[i]:], rtol=1e-4, atol=1e-4)
 
 
 def test_score_is_accuracy_over_the_verbalisers_and_the_true_tokens_probability(tokenizer):
@@ -176,8 +184,56 @@ def test_a_lora_expert_moves_only_its_target_maps_by_the_adapters_delta(tokenize
 
 
 def test_the_full_tiers_cache_name_stays_when_the_recipe_grows_lora_fields():
-    assert llm.LLM_TIERS["full"].fingerprint() == "516f5f5e7c"  # the folder the tier was built into
+    assert llm.LLM_TIERS["full"].fingerprint() == "bf06ac0388"  # the folder the tier was built into
     assert len({c.fingerprint() for c in llm.LLM_TIERS.values()}) == len(llm.LLM_TIERS)
+
+
+def test_a_generative_task_is_scored_by_exact_match_and_the_answers_probability(tokenizer):
+    """Teacher-forced scoring of a written-out answer (prompt + answer, logits at the answer's positions)
+    against each example's own unpadded forward pass: right when every answer token and the end of turn
+    is the argmax, P_t the product of their probabilities. Two examples take the model's own greedy
+    answer as their label, so that both right and wrong are seen."""
+    model, task = tiny_llama(seed=3, initializer_range=0.5), sum_task()
+    examples = task.splits["test"][:6]
+    prompts = llm.prompt_ids(tokenizer, task, [t for t, _ in examples])
+    end = tokenizer.eos_token_id
+    with torch.no_grad():
+        for k in (0, 3):  # the model's own greedy tokens up to its end of turn, made the true answer
+            ids = torch.tensor([prompts[k]])
+            while ids.shape[1] < len(prompts[k]) + 6 and int(ids[0, -1]) != end:
+                ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
+            own = ids[0, len(prompts[k]):].tolist()
+            task.labels.append(tokenizer.decode(own[:-1] if own[-1] == end else own))
+            examples[k] = (examples[k][0], len(task.labels) - 1)
+        got = llm.score(model, tokenizer, task, examples, batch_size=4)
+        right, p = [], []
+        for prompt, wanted in zip(prompts, llm.targets(tokenizer, task, [y for _, y in examples])):
+            logits = model(torch.tensor([prompt + wanted[:-1]])).logits[0, -len(wanted):]
+            right.append(logits.argmax(-1).tolist() == wanted)
+            p.append(float(logits.log_softmax(-1)[torch.arange(len(wanted)), wanted].sum().exp()))
+    assert got.right == right and got.accuracy == pytest.approx(sum(right) / len(right))
+    assert got.p_true == pytest.approx(sum(p) / len(p), rel=1e-4)
+    assert llm.targets(tokenizer, task, [0])[0][-1] == end
+
+
+def test_the_training_loss_is_the_cross_entropy_of_the_answers_tokens(tokenizer):
+    """target_loss against the mean over every answer token of each example's own forward pass
+    (a classification: one token each; a generative task: the answer and the end of turn)."""
+    model = tiny_llama(seed=1, initializer_range=0.5)
+    for task in (toy_task(), sum_task()):
+        examples = task.splits["train"][:5]
+        inputs = llm.task_inputs(tokenizer, task, examples)
+        with torch.no_grad():
+            got = llm.target_loss(model, tokenizer, inputs)
+            losses = [torch.nn.functional.cross_entropy(model(torch.tensor([p])).logits[0, -len(t):],
+                                                        torch.tensor(t), reduction="sum")
+                      for p, t in zip(inputs.prompts, inputs.targets)]
+        assert float(got) == pytest.approx(float(sum(losses)) / sum(inputs.tails), rel=1e-4), task.name
+
+
+def test_a_generative_task_has_no_verbalisers(tokenizer):
+    with pytest.raises(ValueError, match="'sum' is generative"):
+        llm.answer_tokens(tokenizer, sum_task())
 
 
 def test_generation_in_a_padded_batch_is_each_prompts_own_greedy_continuation(tokenizer):
@@ -194,6 +250,44 @@ def test_generation_in_a_padded_batch_is_each_prompts_own_greedy_continuation(to
         for _ in range(10):
             ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
         assert text == tokenizer.decode(ids[0, len(prompt):], skip_special_tokens=True).strip()
+
+
+def test_exact_match_of_a_generative_task_needs_the_whole_answer_and_the_end_of_turn(tokenizer, monkeypatch):
+    """A written-out answer is right only when its tokens are the true answer's and the end of the turn
+    (not another end token, not more digits), and generation is given room for the longest of them."""
+    task = sum_task()
+    examples = task.splits["test"][:4]
+    truth = llm.targets(tokenizer, task, [y for _, y in examples])
+    asked = []
+
+    def written(model, tokenizer, task, texts, max_new_tokens, *rest):
+        asked.append(max_new_tokens)
+        return [truth[0], truth[1][:-1] + [0], truth[2][:-1] + truth[2][-2:], truth[3][:-1]]
+    monkeypatch.setattr(llm, "greedy_tokens", written)
+    assert llm.exact_match(None, tokenizer, task, examples) == pytest.approx(1 / 4)
+    longest = max(len(t) for t in truth)
+    assert longest > 4 and asked == [longest]  # more than the default 4 new tokens
+
+
+def test_greedy_tokens_stop_at_the_first_end_of_turn(tokenizer):
+    """greedy_tokens against a plain greedy loop on each prompt alone, cut after its first end token."""
+    model, task = tiny_llama(seed=3, initializer_range=0.5), sum_task()
+    texts = [t for t, _ in task.splits["test"][:3]]
+    model.generation_config.eos_token_id = None
+    end = tokenizer.eos_token_id
+    with torch.no_grad():  # make the end token likely after a few steps: its embedding is the most common output's
+        got = llm.greedy_tokens(model, tokenizer, task, texts, max_new_tokens=6)
+        first = got[0][0]
+        model.model.embed_tokens.weight[end] = model.model.embed_tokens.weight[first]
+        model.model.embed_tokens.weight[first] = 0
+        got = llm.greedy_tokens(model, tokenizer, task, texts, max_new_tokens=6)
+        for prompt, ids in zip(llm.prompt_ids(tokenizer, task, texts), got):
+            loop = torch.tensor([prompt])
+            for _ in range(6):
+                loop = torch.cat([loop, model(loop).logits[:, -1].argmax(-1, keepdim=True)], 1)
+            new = loop[0, len(prompt):].tolist()
+            assert ids == (new[:new.index(end) + 1] if end in new else new)
+    assert any(ids[-1] == end and len(ids) < 6 for ids in got)
 
 
 def test_exact_match_reads_the_first_word_of_each_greedy_answer(tokenizer, monkeypatch):
@@ -244,7 +338,7 @@ def test_the_tiers_bars_are_read_off_its_table_with_lambda_chosen_on_validation(
     """tier_bars on a two-expert tiny tier: λ is the best on validation, the Task Arithmetic row is the
     score of θ_b + λ(Δ_1 + Δ_2) written out by hand, and the bars follow from the table."""
     tier = tiny_tier(tmp_path, tokenizer)
-    tasks, folders = tier.tasks, {"base": tier.base_dir, **tier.expert_dirs}
+    tasks, folders = tier.config.tasks, {"base": tier.base_dir, **tier.expert_dirs}
     bars = llm.tier_bars(tier, llm.BarOptions(lambdas=(0.5, 1.0), validation=12, test=16))
     lam = bars["lambda"]
     assert lam == max(bars["validation"], key=bars["validation"].get)
@@ -286,8 +380,8 @@ def test_smollm2_converts_to_a_folder_that_loads_back_unchanged(tmp_path):
 
 
 def test_the_scorer_loads_a_state_dict_once_and_again_after_a_refused_one(tokenizer, tmp_path):
-    """Scoring the same dict twice loads it once; a dict that does not fit is refused (load_state_dict
-    has already copied its fitting tensors by then), so the next score of the earlier dict loads it again."""
+    """Scoring the same dict twice loads it once; a dict that does not fit is refused before any tensor
+    is copied, and the next score of the earlier dict loads it again."""
     tier = tiny_tier(tmp_path, tokenizer)
     scorer = llm.Scorer(tier, device=DEVICE)
     base = llm.read_state_dict(tier.base_dir)
@@ -299,7 +393,8 @@ def test_the_scorer_loads_a_state_dict_once_and_again_after_a_refused_one(tokeni
     misfit = {**{k: v + 1.0 for k, v in base.items()}, "model.extra.weight": torch.zeros(1)}
     with pytest.raises(ValueError, match="does not fit the tier's model"):
         scorer.scores(misfit, "test", ["sign"], 8)
+    assert all(torch.equal(scorer.model.state_dict()[k].cpu(), v) for k, v in base.items())  # nothing copied
     again = scorer.scores(base, "test", ["sign"], 8)["sign"]
-    assert len(calls) == 2 and again.p_true == pytest.approx(first.p_true, abs=1e-6)
+    assert len(calls) == 1 and again.p_true == pytest.approx(first.p_true, abs=1e-6)
     with pytest.raises(KeyError, match=r"tasks \['news'\] are not scored here"):
         scorer.scores(base, "test", ["news"])

@@ -20,17 +20,20 @@ def evaluator(tier):
     return LLMEvaluator(tier, Sizes(validation=10, test=12, shots=3), batch_size=5)
 
 
-def test_corrupted_runs_from_the_first_changed_block_give_the_whole_models_probabilities(tier, evaluator, monkeypatch):
+@pytest.mark.parametrize("task", ["sign", "sum"])
+def test_corrupted_runs_from_the_first_changed_block_give_the_whole_models_probabilities(tier, task, monkeypatch):
     """The fast path (llm_tail) against the whole model on every corrupted run of a layer trace,
-    a prompt set larger than one batch (several recorded batches) and its shared prefix."""
+    a prompt set larger than one batch (several recorded batches) and its shared prefix; for a
+    generative task (sum), the answer's probability read at its last positions."""
+    evaluator = LLMEvaluator(tier, Sizes(validation=10, test=12, shots=3), ["sign", "sum"], batch_size=5)
     base, expert = llm.read_state_dict(tier.base_dir), llm.read_state_dict(tier.expert_dirs["sign"])
-    examples = few_shot(tier.tasks["sign"], 4)  # 8 prompts, batches of 5
+    examples = few_shot(tier.tasks[task], 4)  # 8 prompts, batches of 5
     variants = [apl.corrupt(expert, base, group) for group in apl.groups(expert, "layer").values()]
     variants.append({n: t for n, t in variants[-1].items() if ".mlp." in n})  # part of a block
     assert [first_block(v, 2) for v in variants] == [0, 1, 1]
-    fast = evaluator.true_label_probabilities(expert, variants, "sign", examples)
+    fast = evaluator.true_label_probabilities(expert, variants, task, examples)
     monkeypatch.setattr(evaluator, "from_block", False)
-    whole = evaluator.true_label_probabilities(expert, variants, "sign", examples)
+    whole = evaluator.true_label_probabilities(expert, variants, task, examples)
     torch.testing.assert_close(fast, whole, rtol=1e-5, atol=1e-9)
     assert len(set(whole.tolist())) == 3
     assert all(torch.equal(evaluator.scorer.model.state_dict()[n].cpu(), t) for n, t in expert.items())
@@ -41,7 +44,7 @@ def test_a_run_from_a_block_reads_the_clean_runs_states_before_it(tier, evaluato
     with block 0 changed, the run from block 1 still gives the clean model's logits."""
     base, expert = llm.read_state_dict(tier.base_dir), llm.read_state_dict(tier.expert_dirs["sign"])
     task = tier.tasks["sign"]
-    prompts = evaluator._prompts("sign", few_shot(task, 4))
+    prompts = evaluator._inputs("sign", few_shot(task, 4)).prompts
     model, pad = evaluator.scorer.model, evaluator.scorer.tokenizer.pad_token_id
     evaluator.scorer.load(expert)
     clean = record_block_inputs(model, prompts, pad, batch_size=3)

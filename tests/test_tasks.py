@@ -103,3 +103,41 @@ def test_few_shot_bad_k(all_tasks):
 def test_unknown_task_name_lists_the_known_ones():
     with pytest.raises(ValueError, match=r"unknown task\(s\) \['poetry'\].*news"):
         tasks.make_task("poetry")
+
+
+# ---- the generative task of the language-model tier (chapter 8b)
+
+@pytest.fixture(scope="module")
+def sum_task():
+    return tasks.make_task("sum", seed=0)
+
+
+def test_every_sum_answer_is_the_result_of_its_question(sum_task):
+    """Each label is a number the question's two numbers give by + or - (or their distance): the
+    answers are not shuffled against the questions, and every split is disjoint and full."""
+    import re
+    from fractions import Fraction
+    number = re.compile(r"-?\d+(?:\.\d+)?")
+    seen = set()
+    for split in tasks.SPLITS:
+        texts = set(sum_task.texts(split))
+        assert len(texts) == len(sum_task.splits[split]) == tasks.SPLIT_SIZES[split] and not texts & seen
+        seen |= texts
+        for question, y in sum_task.splits[split]:
+            a, b = (Fraction(x) for x in number.findall(question)[-2:])
+            assert Fraction(sum_task.labels[y]) in {a + b, a - b, b - a, abs(a - b)}, (question, sum_task.labels[y])
+    assert sum_task.generative and len(sum_task.labels) > 1000
+
+
+def test_a_generative_task_round_trips_and_gives_2k_shots(sum_task):
+    again = tasks.Task.from_json(sum_task.to_json())
+    assert again.generative and again.splits == sum_task.splits and again.labels == sum_task.labels
+    assert "generative" not in tasks.make_task("compare").to_json()  # the encoder's task files are unchanged
+    shots = tasks.few_shot(sum_task, 4, seed=1)
+    assert len(shots) == 8 and shots == tasks.few_shot(sum_task, 4, seed=1)
+    assert set(shots) <= set(sum_task.splits["train"])
+
+
+def test_the_encoder_zoo_has_no_generative_task():
+    with pytest.raises(ValueError, match=r"unknown task\(s\) \['sum'\]"):
+        tasks.check_task_names(["sum"])

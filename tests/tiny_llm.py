@@ -31,10 +31,19 @@ def sign_task():
     return sign
 
 
+def sum_task():
+    """A toy generative task: sums written out ("-1234"), each answer a label of its own."""
+    examples = [(f"What is {a} + {b}?", str(a + b)) for a in range(-1500, 1500, 370) for b in range(-40, 60, 11)]
+    labels = list(dict.fromkeys(a for _, a in examples))
+    task = Task("sum", labels, "toy sums", generative=True)
+    task.splits = {s: [(q, labels.index(a)) for q, a in examples] for s in ("train", "validation", "test")}
+    return task
+
+
 def tiny_tier(folder, tokenizer, initializer_range=0.02):
     """A two-expert tier in ``folder``: the base and two experts (the base moved by seeded noise of
     std 0.05), saved as Hugging Face folders, on the toy compare and sign tasks."""
-    tasks = {"compare": toy_task(), "sign": sign_task()}
+    tasks = {"compare": toy_task(), "sign": sign_task(), "sum": sum_task()}  # sum: scored, no expert
     folders = {}
     for name, seed in (("base", 0), ("compare", 1), ("sign", 2)):
         model = tiny_llama(seed=0, initializer_range=initializer_range)
