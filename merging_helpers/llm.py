@@ -324,22 +324,23 @@ def continuing(batch, prefix, n: int) -> dict:
 
 
 def prefixed_runs(model, prompts: list[list[int]], pad_id: int, batch_size: int = 32, reuse_prefix: bool = True,
-                  own: int = 1):
+                  tails: list[int] | None = None):
     """The model's blocks on ``prompts`` in batches, shortest first (less padding); ``reuse_prefix``: the
-    tokens all prompts share run once (leaving each ``own`` tokens), and every batch continues from their
-    keys and values. Yields ``(rows, batch, hidden)``: the prompts' indices, their own tokens left-padded
-    (on the model's device, positions counted from the end of the prefix) and the last block's hidden
-    states (chapter 8b)."""
+    tokens all prompts share run once (leaving each prompt the ``tails[i]`` last positions read of it,
+    default one), and every batch continues from their keys and values. Yields ``(rows, batch, hidden,
+    read)``: the prompts' indices, their own tokens left-padded (on the model's device, positions counted
+    from the end of the prefix), the last block's hidden states and the batch's longest tail (chapter 8b)."""
     inner = unwrapped(model)
     device = model_device(inner)
-    n = shared_prefix(prompts, own) if reuse_prefix else 0
+    tails = tails or [1] * len(prompts)
+    n = shared_prefix(prompts, max(tails)) if reuse_prefix else 0
     prefix = (inner.model(input_ids=torch.tensor([prompts[0][:n]], device=device), use_cache=True).past_key_values
               if n else None)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
         batch = {k: v.to(device) for k, v in left_padded([prompts[i][n:] for i in rows], pad_id).items()}
-        yield rows, batch, inner.model(**continuing(batch, prefix, n)).last_hidden_state
+        yield rows, batch, inner.model(**continuing(batch, prefix, n)).last_hidden_state, max(tails[i] for i in rows)
 
 
 def prompt_logits(model, prompts: list[list[int]], pad_id: int, batch_size: int = 32, reuse_prefix: bool = True,
@@ -350,9 +351,8 @@ def prompt_logits(model, prompts: list[list[int]], pad_id: int, batch_size: int 
     once, and every batch continues from their keys and values (the same logits as running each prompt
     whole, to float rounding; on the tier's tasks they are half of every prompt) (chapter 8b)."""
     head = unwrapped(model).lm_head
-    tails = tails or [1] * len(prompts)
-    for rows, _, hidden in prefixed_runs(model, prompts, pad_id, batch_size, reuse_prefix, max(tails)):
-        yield rows, head(hidden[:, -max(tails[i] for i in rows):]).float().cpu()
+    for rows, _, hidden, read in prefixed_runs(model, prompts, pad_id, batch_size, reuse_prefix, tails):
+        yield rows, head(hidden[:, -read:]).float().cpu()
 
 
 @torch.no_grad()

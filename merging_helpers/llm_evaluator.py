@@ -136,10 +136,14 @@ class LLMEvaluator:
         self._load(params)
         return self._p_true(task, examples)
 
+    def _scores(self, task: str, examples):
+        """:class:`merging_helpers.llm.Scores` of the model as it is loaded now on ``examples``."""
+        return score(self.scorer.model, self.scorer.tokenizer, self.zoo.tasks[task], list(examples),
+                     self.scorer.batch_size, self.tier.config.max_text_tokens)
+
     def _p_true(self, task: str, examples) -> float:
         """P_t of the model as it is loaded now."""
-        return score(self.scorer.model, self.scorer.tokenizer, self.zoo.tasks[task], list(examples),
-                     self.scorer.batch_size, self.tier.config.max_text_tokens).p_true
+        return self._scores(task, examples).p_true
 
     def true_label_probabilities(self, params, variants: Sequence[Mapping], task: str, examples, head=None,
                                  chunk=None) -> torch.Tensor:
@@ -170,8 +174,7 @@ class LLMEvaluator:
         (what :func:`merging_helpers.apl.trace` reports beside the clean P_t)."""
         self._no_head(head)
         self._load(params)
-        return score(self.scorer.model, self.scorer.tokenizer, self.zoo.tasks[task], list(examples),
-                     self.scorer.batch_size, self.tier.config.max_text_tokens).accuracy
+        return self._scores(task, examples).accuracy
 
     @torch.no_grad()
     def logits(self, task: str, head, batches, params=None):

@@ -42,15 +42,13 @@ def record_block_inputs(model, prompts: list[list[int]], pad_id: int, batch_size
     """The hidden state entering each block of the model as it is loaded, for every prompt, whose
     logits will be read at its last ``tails[i]`` positions (default one) (chapter 8b)."""
     _, layers = _blocks(model)
-    tails = tails or [1] * len(prompts)
-    n, seen, prefix_states, batches = shared_prefix(prompts, max(tails)), [], None, []
+    n, seen, prefix_states, batches = shared_prefix(prompts, max(tails or [1])), [], None, []
     hooks = [layer.register_forward_pre_hook(lambda _, args: seen.append(args[0])) for layer in layers]
     try:  # the prefix's blocks run before the first batch's
-        for rows, batch, _ in prefixed_runs(model, prompts, pad_id, batch_size, own=max(tails)):
+        for rows, batch, _, read in prefixed_runs(model, prompts, pad_id, batch_size, tails=tails):
             if prefix_states is None:
                 prefix_states = seen[:-len(layers)]
-            batches.append((rows, batch["attention_mask"], batch["position_ids"] + n, seen[-len(layers):],
-                            max(tails[i] for i in rows)))
+            batches.append((rows, batch["attention_mask"], batch["position_ids"] + n, seen[-len(layers):], read))
             seen.clear()
     finally:
         for hook in hooks:
